@@ -1,0 +1,122 @@
+//! Reading the texts a command works on: one positional text, or a JSONL
+//! file (`-` for stdin) whose lines are objects with a `text` string. Other
+//! fields of a line are passed through to its output line.
+
+use serde_json::{Map, Value};
+use std::io::Read;
+use std::path::Path;
+
+/// Why one input line could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error("line {line}: not valid UTF-8")]
+    InvalidUtf8 { line: usize },
+    #[error("line {line}: malformed JSON: {why}")]
+    MalformedJson { line: usize, why: String },
+    #[error("line {line}: expected a JSON object like {{\"text\": \"...\"}}")]
+    NotAnObject { line: usize },
+    #[error("line {line}: no string field `text`")]
+    MissingText { line: usize },
+}
+
+impl LineError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidUtf8 { .. } => "invalid_utf8",
+            Self::MalformedJson { .. } => "malformed_json",
+            Self::NotAnObject { .. } => "not_an_object",
+            Self::MissingText { .. } => "missing_text",
+        }
+    }
+
+    pub fn line(&self) -> usize {
+        match self {
+            Self::InvalidUtf8 { line }
+            | Self::MalformedJson { line, .. }
+            | Self::NotAnObject { line }
+            | Self::MissingText { line } => *line,
+        }
+    }
+}
+
+/// One input: its text and the other fields of its line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub line: usize,
+    pub text: String,
+    pub extra: Map<String, Value>,
+}
+
+/// Parse JSONL bytes into items, one per non-blank line, in order.
+pub fn parse_jsonl(bytes: &[u8]) -> Vec<Result<Item, LineError>> {
+    bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .filter(|(_, raw)| !raw.iter().all(u8::is_ascii_whitespace))
+        .map(|(i, raw)| parse_line(i + 1, raw))
+        .collect()
+}
+
+fn parse_line(line: usize, raw: &[u8]) -> Result<Item, LineError> {
+    let s = std::str::from_utf8(raw).map_err(|_| LineError::InvalidUtf8 { line })?;
+    let value: Value =
+        serde_json::from_str(s.trim_end_matches('\r')).map_err(|e| LineError::MalformedJson {
+            line,
+            why: e.to_string(),
+        })?;
+    let Value::Object(mut map) = value else {
+        return Err(LineError::NotAnObject { line });
+    };
+    match map.remove("text") {
+        Some(Value::String(text)) => Ok(Item {
+            line,
+            text,
+            extra: map,
+        }),
+        _ => Err(LineError::MissingText { line }),
+    }
+}
+
+/// Read a whole file, or stdin for `-`.
+pub fn read_source(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    if path == Path::new("-") {
+        std::io::stdin().lock().read_to_end(&mut buf)?;
+    } else {
+        buf = std::fs::read(path)?;
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lines_and_keeps_extra_fields() {
+        let items = parse_jsonl(b"{\"text\": \"hi\", \"id\": 7}\n\n{\"text\": \"\"}\n");
+        assert_eq!(items.len(), 2);
+        let first = items[0].as_ref().ok();
+        assert_eq!(first.map(|i| i.text.as_str()), Some("hi"));
+        assert_eq!(first.and_then(|i| i.extra.get("id")), Some(&Value::from(7)));
+        assert_eq!(items[1].as_ref().ok().map(|i| i.line), Some(3));
+    }
+
+    #[test]
+    fn reports_each_bad_line_with_its_number() {
+        let items = parse_jsonl(b"{\"text\": 1}\nnot json\n[1]\n\xff\xfe\n{\"text\":\"ok\"}");
+        let errs: Vec<_> = items.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert_eq!(
+            errs.iter()
+                .map(|e| (e.kind(), e.line()))
+                .collect::<Vec<_>>(),
+            vec![
+                ("missing_text", 1),
+                ("malformed_json", 2),
+                ("not_an_object", 3),
+                ("invalid_utf8", 4)
+            ]
+        );
+        assert!(items[4].is_ok());
+    }
+}

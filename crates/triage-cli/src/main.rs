@@ -1,0 +1,149 @@
+//! `triage`: the command-line front of the triage runtime.
+
+mod input;
+mod manifests;
+mod run;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use triage_core::Aggregation;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "triage",
+    version,
+    about = "Local specialists first, hosted LLMs only when unsure"
+)]
+struct Cli {
+    /// Device to run local models on: cpu, cuda, cuda:N or metal.
+    #[arg(long, global = true, default_value = "cpu", env = "TRIAGE_DEVICE")]
+    device: String,
+    /// CPU threads for model compute (default: all cores).
+    #[arg(long, global = true, env = "TRIAGE_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Score text with a sequence classifier; one JSON object per input.
+    Moderate {
+        #[command(flatten)]
+        io: InputArgs,
+        /// Score long texts in overlapping windows and keep each label's maximum.
+        #[arg(long)]
+        windows: bool,
+    },
+    /// Find entity spans with a token classifier; one JSON object per input.
+    Entities {
+        #[command(flatten)]
+        io: InputArgs,
+        /// How sub-word predictions merge into words: simple, first or max.
+        #[arg(long, default_value = "simple")]
+        aggregation: Aggregation,
+    },
+    /// Mean-pooled sentence embeddings from a bare encoder; one JSON object per input.
+    Embed {
+        #[command(flatten)]
+        io: InputArgs,
+        /// L2-normalise the vectors (as sentence-transformers' Normalize does).
+        #[arg(long)]
+        normalize: bool,
+    },
+    /// Download and list models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+struct InputArgs {
+    /// Model: a local folder, or org/name[@revision] on the Hugging Face hub.
+    #[arg(long)]
+    model: String,
+    /// The text to process (or use --file).
+    #[arg(conflicts_with = "file", required_unless_present = "file")]
+    text: Option<String>,
+    /// JSONL file of {"text": ...} objects (other fields are passed through); `-` for stdin.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// On a malformed line, print an error object for it and go on instead of stopping.
+    #[arg(long)]
+    keep_going: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Download a model (or every default specialist) into the Hugging Face cache.
+    Pull {
+        /// References to pull; none pulls the default specialists that come from the hub.
+        references: Vec<String>,
+    },
+    /// List the default specialists and whether each is available offline.
+    List,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    Moderate { windows: bool },
+    Entities(Aggregation),
+    Embed { normalize: bool },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    if let Some(n) = cli.threads {
+        // candle sizes its CPU kernels from RAYON_NUM_THREADS; no other thread exists yet.
+        #[expect(unsafe_code, reason = "set before any thread is spawned")]
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads.unwrap_or(2).clamp(1, 4))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
+    let device = cli.device.parse::<triage_local::DeviceSpec>()?.open()?;
+    match cli.command {
+        Command::Moderate { io, windows } => {
+            run::texts(io, Job::Moderate { windows }, &device).await
+        }
+        Command::Entities { io, aggregation } => {
+            run::texts(io, Job::Entities(aggregation), &device).await
+        }
+        Command::Embed { io, normalize } => run::texts(io, Job::Embed { normalize }, &device).await,
+        Command::Models {
+            command: ModelsCommand::List,
+        } => manifests::list().await,
+        Command::Models {
+            command: ModelsCommand::Pull { references },
+        } => manifests::pull(references).await,
+    }
+}

@@ -1,0 +1,87 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong while resolving, loading or running a local model.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("model reference `{reference}` is not valid: {why}")]
+    BadReference { reference: String, why: String },
+
+    #[error(
+        "model `{reference}` is not available offline: it is neither a local folder nor in the \
+         Hugging Face cache ({cache}). Fix: run `triage models pull {reference}` on a machine with \
+         network access, or unset HF_HUB_OFFLINE, or pass a local folder"
+    )]
+    NotCachedOffline { reference: String, cache: PathBuf },
+
+    #[error(
+        "could not download model `{reference}` from the Hugging Face hub. Fix: check the name and \
+         revision, your network and HF_TOKEN, or pass a local folder"
+    )]
+    Hub {
+        reference: String,
+        #[source]
+        source: hf_hub::HFError,
+    },
+
+    #[error("model folder {dir} has no {what}")]
+    MissingFile { dir: PathBuf, what: String },
+
+    #[error("cannot read {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path} is not a valid model config: {why}")]
+    BadConfig { path: PathBuf, why: String },
+
+    #[error(
+        "cannot load weights from {path} (corrupt, truncated or not a BERT/DistilBERT checkpoint)"
+    )]
+    Weights {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+
+    #[error("cannot load tokenizer {path}: {why}")]
+    Tokenizer { path: PathBuf, why: String },
+
+    #[error("tokenization failed: {0}")]
+    Tokenize(String),
+
+    #[error("device `{0}` is not valid: use cpu, cuda, cuda:N or metal")]
+    BadDevice(String),
+
+    #[error("device `{device}` needs triage built with the `{feature}` cargo feature")]
+    DeviceNotCompiled {
+        device: String,
+        feature: &'static str,
+    },
+
+    #[error("model `{model}` does {actual}, not {wanted}")]
+    WrongTask {
+        model: String,
+        actual: triage_core::LocalTask,
+        wanted: triage_core::LocalTask,
+    },
+
+    #[error("model computation failed")]
+    Compute(#[source] candle_core::Error),
+
+    #[error("model `{model}` is overloaded: its queue of {capacity} requests is full; retry later")]
+    Overloaded { model: String, capacity: usize },
+
+    #[error("model `{model}` worker has stopped")]
+    WorkerGone { model: String },
+}
+
+impl LocalError {
+    /// True when the caller may retry the same request later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Overloaded { .. })
+    }
+}
+
+pub type Result<T, E = LocalError> = std::result::Result<T, E>;

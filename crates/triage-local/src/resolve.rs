@@ -1,0 +1,278 @@
+//! Model resolution: a reference is either a local folder or `org/name[@revision]`
+//! on the Hugging Face hub, downloaded with `hf-hub` into the standard cache
+//! (`HF_HUB_CACHE`, else `$HF_HOME/hub`). `HF_HUB_OFFLINE=1` restricts lookups
+//! to that cache.
+
+use crate::error::{LocalError, Result};
+use std::path::{Path, PathBuf};
+
+/// Files a model folder may carry; the first group is required.
+const REQUIRED_FILES: &[&str] = &["config.json", "tokenizer.json"];
+const OPTIONAL_FILES: &[&str] = &[
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+    "calibration.json",
+];
+const WEIGHT_FILES: &[&str] = &["model.safetensors", "pytorch_model.bin"];
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRef {
+    Local(PathBuf),
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
+}
+
+impl ModelRef {
+    /// Parse a reference. Anything that exists on disk, or looks like a path
+    /// (`/`, `./`, `../`, `~`), is a folder; otherwise `org/name[@revision]`.
+    pub fn parse(reference: &str) -> Result<Self> {
+        let bad = |why: &str| LocalError::BadReference {
+            reference: reference.to_owned(),
+            why: why.to_owned(),
+        };
+        let trimmed = reference.trim();
+        if trimmed.is_empty() {
+            return Err(bad("it is empty"));
+        }
+        let path = Path::new(trimmed);
+        if path.exists()
+            || trimmed.starts_with('/')
+            || trimmed.starts_with("./")
+            || trimmed.starts_with("../")
+            || trimmed.starts_with('~')
+        {
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        let (repo, revision) = match trimmed.split_once('@') {
+            Some((repo, rev)) if !rev.is_empty() => (repo, Some(rev.to_owned())),
+            Some(_) => return Err(bad("the revision after `@` is empty")),
+            None => (trimmed, None),
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        let valid_part = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if parts.len() != 2 || !parts.iter().all(|p| valid_part(p)) {
+            return Err(bad(
+                "it is not a folder on disk and not a hub id of the form org/name[@revision]",
+            ));
+        }
+        Ok(Self::Hub {
+            repo: repo.to_owned(),
+            revision,
+        })
+    }
+}
+
+impl std::fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(p) => write!(f, "{}", p.display()),
+            Self::Hub {
+                repo,
+                revision: Some(r),
+            } => write!(f, "{repo}@{r}"),
+            Self::Hub {
+                repo,
+                revision: None,
+            } => f.write_str(repo),
+        }
+    }
+}
+
+/// True when `HF_HUB_OFFLINE` asks for cache-only lookups.
+pub fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        })
+        .unwrap_or(false)
+}
+
+/// Resolve a reference to a folder holding the model's files, downloading
+/// from the hub when needed (and allowed).
+pub async fn resolve(reference: &ModelRef) -> Result<PathBuf> {
+    match reference {
+        ModelRef::Local(dir) => check_local(dir),
+        ModelRef::Hub { repo, revision } => {
+            fetch_from_hub(repo, revision.as_deref(), hub_offline()).await
+        }
+    }
+}
+
+/// Resolve without any network request (cache or local folder only).
+pub async fn resolve_cached(reference: &ModelRef) -> Result<PathBuf> {
+    match reference {
+        ModelRef::Local(dir) => check_local(dir),
+        ModelRef::Hub { repo, revision } => fetch_from_hub(repo, revision.as_deref(), true).await,
+    }
+}
+
+fn check_local(dir: &Path) -> Result<PathBuf> {
+    if !dir.is_dir() {
+        return Err(LocalError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model folder"),
+        });
+    }
+    for f in REQUIRED_FILES {
+        if !dir.join(f).is_file() {
+            return Err(LocalError::MissingFile {
+                dir: dir.to_path_buf(),
+                what: (*f).to_owned(),
+            });
+        }
+    }
+    if !WEIGHT_FILES.iter().any(|f| dir.join(f).is_file()) {
+        return Err(LocalError::MissingFile {
+            dir: dir.to_path_buf(),
+            what: "model.safetensors or pytorch_model.bin".to_owned(),
+        });
+    }
+    Ok(dir.to_path_buf())
+}
+
+async fn fetch_from_hub(repo: &str, revision: Option<&str>, offline: bool) -> Result<PathBuf> {
+    let reference = match revision {
+        Some(r) => format!("{repo}@{r}"),
+        None => repo.to_owned(),
+    };
+    let hub_err = |source| LocalError::Hub {
+        reference: reference.clone(),
+        source,
+    };
+    let client = hf_hub::HFClient::new().map_err(hub_err)?;
+    let cache = client.cache_dir().to_path_buf();
+    let (owner, name) = hf_hub::split_id(repo);
+    let model = client.model(owner, name);
+
+    let fetch = |file: &'static str| {
+        let model = &model;
+        async move {
+            model
+                .download_file()
+                .filename(file)
+                .maybe_revision(revision.map(str::to_owned))
+                .local_files_only(offline)
+                .send()
+                .await
+        }
+    };
+    let map_missing = |e: hf_hub::HFError| match e {
+        hf_hub::HFError::LocalEntryNotFound { .. } => LocalError::NotCachedOffline {
+            reference: reference.clone(),
+            cache: cache.clone(),
+        },
+        other => LocalError::Hub {
+            reference: reference.clone(),
+            source: other,
+        },
+    };
+
+    let config = fetch("config.json").await.map_err(map_missing)?;
+    fetch("tokenizer.json").await.map_err(map_missing)?;
+    let mut have_weights = false;
+    for file in WEIGHT_FILES {
+        match fetch(file).await {
+            Ok(_) => {
+                have_weights = true;
+                break;
+            }
+            Err(
+                hf_hub::HFError::EntryNotFound { .. } | hf_hub::HFError::LocalEntryNotFound { .. },
+            ) => {}
+            Err(e) => return Err(map_missing(e)),
+        }
+    }
+    for file in OPTIONAL_FILES {
+        match fetch(file).await {
+            Ok(_)
+            | Err(
+                hf_hub::HFError::EntryNotFound { .. } | hf_hub::HFError::LocalEntryNotFound { .. },
+            ) => {}
+            Err(e) => return Err(map_missing(e)),
+        }
+    }
+    let dir = config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| LocalError::MissingFile {
+            dir: cache.clone(),
+            what: "config.json".into(),
+        })?;
+    if !have_weights {
+        return Err(if offline {
+            LocalError::NotCachedOffline { reference, cache }
+        } else {
+            LocalError::MissingFile {
+                dir,
+                what: "model.safetensors or pytorch_model.bin".into(),
+            }
+        });
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hub_ids_with_and_without_revision() -> Result<()> {
+        assert_eq!(
+            ModelRef::parse("dslim/bert-base-NER")?,
+            ModelRef::Hub {
+                repo: "dslim/bert-base-NER".into(),
+                revision: None
+            }
+        );
+        assert_eq!(
+            ModelRef::parse("org/name@abc123")?,
+            ModelRef::Hub {
+                repo: "org/name".into(),
+                revision: Some("abc123".into())
+            }
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_malformed_references() {
+        for bad in ["", "justaname", "a/b/c", "org/name@", "org/na me"] {
+            assert!(ModelRef::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn paths_are_local() -> Result<()> {
+        assert!(matches!(ModelRef::parse("./some/dir")?, ModelRef::Local(_)));
+        assert!(matches!(ModelRef::parse("/abs/dir")?, ModelRef::Local(_)));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn missing_local_folder_is_a_clear_error() {
+        let err = resolve(&ModelRef::Local("/nonexistent/triage-model".into()))
+            .await
+            .err();
+        assert!(matches!(err, Some(LocalError::Io { .. })));
+    }
+
+    #[tokio::test]
+    async fn offline_cache_miss_names_the_model_and_the_fix() {
+        let err = fetch_from_hub("nobody/no-such-model", Some("main"), true).await;
+        let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("nobody/no-such-model@main"), "{msg}");
+        assert!(msg.contains("triage models pull"), "{msg}");
+    }
+}

@@ -1,0 +1,142 @@
+//! Tokenization with the model's own `tokenizer.json`: truncation at the
+//! model's window, optional overlapping windows for long inputs, and
+//! character (not byte) offsets so spans index the caller's string the way
+//! Python's `str` does.
+
+use crate::error::{LocalError, Result};
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// One window of an encoded text.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    pub special: Vec<bool>,
+    /// Character offsets into the original text.
+    pub offsets: Vec<(usize, usize)>,
+    pub tokens: Vec<String>,
+}
+
+impl Encoded {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Tokens `range` of `self`, between the given special-token prefix and suffix.
+    fn window(&self, head: usize, range: std::ops::Range<usize>, tail: usize) -> Self {
+        let n = self.len();
+        let pick = |i: &usize| *i < head || range.contains(i) || *i >= n - tail;
+        let idx: Vec<usize> = (0..n).filter(pick).collect();
+        Self {
+            ids: idx.iter().map(|&i| self.ids[i]).collect(),
+            type_ids: idx.iter().map(|&i| self.type_ids[i]).collect(),
+            special: idx.iter().map(|&i| self.special[i]).collect(),
+            offsets: idx.iter().map(|&i| self.offsets[i]).collect(),
+            tokens: idx.iter().map(|&i| self.tokens[i].clone()).collect(),
+        }
+    }
+}
+
+/// An encoded text: its first window, and further overlapping windows when asked for.
+#[derive(Debug, Clone)]
+pub struct EncodedText {
+    pub windows: Vec<Encoded>,
+    /// True when the text did not fit in one window.
+    pub truncated: bool,
+}
+
+impl EncodedText {
+    /// Total tokens over all windows: what the batcher budgets with.
+    pub fn token_count(&self) -> usize {
+        self.windows.iter().map(Encoded::len).sum()
+    }
+}
+
+/// A tokenizer bound to a model's window length.
+#[derive(Debug, Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    pub max_length: usize,
+    /// Tokens shared by consecutive windows of a long text.
+    pub stride: usize,
+    pub unk_id: Option<u32>,
+}
+
+impl TextTokenizer {
+    /// Load `tokenizer.json`; windows of `max_length` tokens overlap by a quarter.
+    pub fn from_file(path: &Path, max_length: usize) -> Result<Self> {
+        let bad = |why: String| LocalError::Tokenizer {
+            path: path.to_path_buf(),
+            why,
+        };
+        let mut inner = Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| bad(e.to_string()))?;
+        let unk_id = inner.token_to_id("[UNK]");
+        Ok(Self {
+            inner,
+            max_length,
+            stride: max_length / 4,
+            unk_id,
+        })
+    }
+
+    /// Encode `text`: the first window (exactly what truncation at
+    /// `max_length` gives), plus the overlapping windows that cover the rest
+    /// when `all_windows` is set. Every window keeps the special tokens the
+    /// tokenizer puts around a single sequence.
+    pub fn encode(&self, text: &str, all_windows: bool) -> Result<EncodedText> {
+        let enc = self
+            .inner
+            .encode_char_offsets(text, true)
+            .map_err(|e| LocalError::Tokenize(e.to_string()))?;
+        let full = Encoded {
+            ids: enc.get_ids().to_vec(),
+            type_ids: enc.get_type_ids().to_vec(),
+            special: enc
+                .get_special_tokens_mask()
+                .iter()
+                .map(|&m| m == 1)
+                .collect(),
+            offsets: enc.get_offsets().to_vec(),
+            tokens: enc.get_tokens().to_vec(),
+        };
+        let n = full.len();
+        if n <= self.max_length {
+            return Ok(EncodedText {
+                windows: vec![full],
+                truncated: false,
+            });
+        }
+        let head = full.special.iter().take_while(|s| **s).count();
+        let tail = full.special[head..]
+            .iter()
+            .rev()
+            .take_while(|s| **s)
+            .count();
+        let body = n - head - tail;
+        let room = self.max_length.saturating_sub(head + tail).max(1);
+        let step = room.saturating_sub(self.stride).max(1);
+        let mut windows = Vec::new();
+        let mut start = 0;
+        loop {
+            let stop = (start + room).min(body);
+            windows.push(full.window(head, head + start..head + stop, tail));
+            if stop == body || !all_windows {
+                break;
+            }
+            start += step;
+        }
+        Ok(EncodedText {
+            windows,
+            truncated: true,
+        })
+    }
+}
