@@ -15,7 +15,7 @@ pub mod worker;
 pub use device::DeviceSpec;
 pub use error::{LocalError, Result};
 pub use model::{LocalModel, ModelInfo};
-pub use resolve::{ModelRef, resolve};
+pub use resolve::{HubSettings, ModelRef, resolve, resolve_with};
 pub use worker::{BatchConfig, ModelHandle};
 
 /// Resolve `reference`, load it on `device` and start its worker.

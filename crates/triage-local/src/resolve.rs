@@ -99,22 +99,51 @@ pub fn hub_offline() -> bool {
         .unwrap_or(false)
 }
 
-/// Resolve a reference to a folder holding the model's files, downloading
-/// from the hub when needed (and allowed).
-pub async fn resolve(reference: &ModelRef) -> Result<PathBuf> {
-    match reference {
-        ModelRef::Local(dir) => check_local(dir),
-        ModelRef::Hub { repo, revision } => {
-            fetch_from_hub(repo, revision.as_deref(), hub_offline()).await
+/// Where the hub is and how it may be used. The defaults come from the
+/// environment as `huggingface_hub` reads it (`HF_ENDPOINT`, `HF_HUB_CACHE`,
+/// `HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`).
+#[derive(Debug, Clone, Default)]
+pub struct HubSettings {
+    /// Base URL of the hub; `None` for `HF_ENDPOINT` or huggingface.co.
+    pub endpoint: Option<String>,
+    /// Cache folder; `None` for `HF_HUB_CACHE`, else `$HF_HOME/hub`.
+    pub cache_dir: Option<PathBuf>,
+    /// Never touch the network, only the cache.
+    pub offline: bool,
+}
+
+impl HubSettings {
+    pub fn from_env() -> Self {
+        Self {
+            offline: hub_offline(),
+            ..Self::default()
         }
     }
 }
 
+/// Resolve a reference to a folder holding the model's files, downloading
+/// from the hub when needed (and allowed by `HF_HUB_OFFLINE`).
+pub async fn resolve(reference: &ModelRef) -> Result<PathBuf> {
+    resolve_with(reference, &HubSettings::from_env()).await
+}
+
 /// Resolve without any network request (cache or local folder only).
 pub async fn resolve_cached(reference: &ModelRef) -> Result<PathBuf> {
+    resolve_with(
+        reference,
+        &HubSettings {
+            offline: true,
+            ..HubSettings::from_env()
+        },
+    )
+    .await
+}
+
+/// Resolve with explicit hub settings.
+pub async fn resolve_with(reference: &ModelRef, hub: &HubSettings) -> Result<PathBuf> {
     match reference {
         ModelRef::Local(dir) => check_local(dir),
-        ModelRef::Hub { repo, revision } => fetch_from_hub(repo, revision.as_deref(), true).await,
+        ModelRef::Hub { repo, revision } => fetch_from_hub(repo, revision.as_deref(), hub).await,
     }
 }
 
@@ -142,7 +171,8 @@ fn check_local(dir: &Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-async fn fetch_from_hub(repo: &str, revision: Option<&str>, offline: bool) -> Result<PathBuf> {
+async fn fetch_from_hub(repo: &str, revision: Option<&str>, hub: &HubSettings) -> Result<PathBuf> {
+    let offline = hub.offline;
     let reference = match revision {
         Some(r) => format!("{repo}@{r}"),
         None => repo.to_owned(),
@@ -151,7 +181,14 @@ async fn fetch_from_hub(repo: &str, revision: Option<&str>, offline: bool) -> Re
         reference: reference.clone(),
         source,
     };
-    let client = hf_hub::HFClient::new().map_err(hub_err)?;
+    let mut builder = hf_hub::HFClient::builder();
+    if let Some(endpoint) = &hub.endpoint {
+        builder = builder.endpoint(endpoint.clone());
+    }
+    if let Some(cache) = &hub.cache_dir {
+        builder = builder.cache_dir(cache.clone());
+    }
+    let client = builder.build().map_err(hub_err)?;
     let cache = client.cache_dir().to_path_buf();
     let (owner, name) = hf_hub::split_id(repo);
     let model = client.model(owner, name);
@@ -270,7 +307,13 @@ mod tests {
 
     #[tokio::test]
     async fn offline_cache_miss_names_the_model_and_the_fix() {
-        let err = fetch_from_hub("nobody/no-such-model", Some("main"), true).await;
+        let cache = std::env::temp_dir().join(format!("triage-empty-cache-{}", std::process::id()));
+        let hub = HubSettings {
+            cache_dir: Some(cache),
+            offline: true,
+            ..HubSettings::default()
+        };
+        let err = fetch_from_hub("nobody/no-such-model", Some("main"), &hub).await;
         let msg = err.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("nobody/no-such-model@main"), "{msg}");
         assert!(msg.contains("triage models pull"), "{msg}");
