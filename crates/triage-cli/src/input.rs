@@ -47,26 +47,51 @@ pub struct Item {
     pub extra: Map<String, Value>,
 }
 
+/// One JSONL line that holds a JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object {
+    /// 1-based line number in the input.
+    pub line: usize,
+    pub fields: Map<String, Value>,
+}
+
 /// Parse JSONL bytes into items, one per non-blank line, in order.
 pub fn parse_jsonl(bytes: &[u8]) -> Vec<Result<Item, LineError>> {
+    parse_objects(bytes)
+        .into_iter()
+        .map(|r| r.and_then(|o| into_item(o.line, o.fields)))
+        .collect()
+}
+
+/// Parse JSONL bytes into objects, one per non-blank line, in order.
+pub fn parse_objects(bytes: &[u8]) -> Vec<Result<Object, LineError>> {
     bytes
         .split(|&b| b == b'\n')
         .enumerate()
         .filter(|(_, raw)| !raw.iter().all(u8::is_ascii_whitespace))
-        .map(|(i, raw)| parse_line(i + 1, raw))
+        .map(|(i, raw)| {
+            parse_object(i + 1, raw).map(|fields| Object {
+                line: i + 1,
+                fields,
+            })
+        })
         .collect()
 }
 
-fn parse_line(line: usize, raw: &[u8]) -> Result<Item, LineError> {
+fn parse_object(line: usize, raw: &[u8]) -> Result<Map<String, Value>, LineError> {
     let s = std::str::from_utf8(raw).map_err(|_| LineError::InvalidUtf8 { line })?;
     let value: Value =
         serde_json::from_str(s.trim_end_matches('\r')).map_err(|e| LineError::MalformedJson {
             line,
             why: e.to_string(),
         })?;
-    let Value::Object(mut map) = value else {
-        return Err(LineError::NotAnObject { line });
-    };
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(LineError::NotAnObject { line }),
+    }
+}
+
+fn into_item(line: usize, mut map: Map<String, Value>) -> Result<Item, LineError> {
     match map.remove("text") {
         Some(Value::String(text)) => Ok(Item {
             line,

@@ -1,8 +1,10 @@
 //! `triage`: the command-line front of the triage runtime.
 
+mod eval;
 mod input;
 mod manifests;
 mod run;
+mod train;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -52,6 +54,10 @@ enum Command {
         #[arg(long)]
         normalize: bool,
     },
+    /// Fine-tune a base encoder into a classifier (HF folder out, calibrated).
+    Train(train::TrainArgs),
+    /// Score a specialist on labelled JSONL data; prints one JSON object of metrics.
+    Eval(eval::EvalArgs),
     /// Download and list models.
     Models {
         #[command(subcommand)]
@@ -138,7 +144,9 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Entities { io, aggregation } => {
             run::texts(io, Job::Entities(aggregation), &device).await
         }
+        Command::Train(args) => train::run(args).await,
         Command::Embed { io, normalize } => run::texts(io, Job::Embed { normalize }, &device).await,
+        Command::Eval(args) => eval::run(args, &device).await,
         Command::Models {
             command: ModelsCommand::List,
         } => manifests::list().await,

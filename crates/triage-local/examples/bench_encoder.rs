@@ -1,7 +1,10 @@
 //! Texts per second of one model at several batch sizes, in the same shape
 //! as scripts/bench/pytorch_bench.py so the two can be compared in one run.
 //!
-//! `cargo run --release -p triage-local --example bench_encoder -- DIR [SECONDS] [BATCHES]`
+//! `cargo run --release -p triage-local --example bench_encoder -- DIR SENTENCES [SECONDS] [BATCHES]`
+//!
+//! SENTENCES is a text file, one sentence a line (scripts/bench/sentences.txt);
+//! batches take consecutive sentences, cycling, as the PyTorch script does.
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
 use candle_core::Device;
@@ -10,22 +13,17 @@ use triage_core::LocalTask;
 use triage_local::LocalModel;
 use triage_local::tokenize::EncodedText;
 
-const SENTENCES: &[&str] = &[
-    "The committee met on Tuesday to review the quarterly budget and agreed to postpone the vote until every member had read the auditors' report in full.",
-    "I honestly cannot believe how rude the support agent was when I called about my broken order, and nobody has answered my emails since last week.",
-    "Researchers in Geneva published a study showing that the new vaccine reduced hospital admissions by nearly forty percent among older patients this winter.",
-    "Please remember to bring your laptop, the signed contract and a copy of the slides to the meeting with the Berlin team tomorrow at nine.",
-    "What a ridiculous take, you clearly have no idea what you are talking about and should stop posting nonsense on every thread you find.",
-    "The river flooded the lower streets overnight, but volunteers from the town hall had moved most families to the school gym before midnight.",
-    "Our quarterly revenue grew by twelve percent, driven mostly by the enterprise plan, while churn among small customers stayed flat at two percent.",
-    "She walked along the quiet harbour at dawn, counting the fishing boats and wondering whether her brother would return before the storm arrived.",
-];
-
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let dir = args
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("usage: bench_encoder DIR [SECONDS] [BATCHES]"))?;
+    let usage = || anyhow::anyhow!("usage: bench_encoder DIR SENTENCES [SECONDS] [BATCHES]");
+    let dir = args.next().ok_or_else(usage)?;
+    let sentences_file = args.next().ok_or_else(usage)?;
+    let sentences: Vec<String> = std::fs::read_to_string(&sentences_file)?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    anyhow::ensure!(!sentences.is_empty(), "{sentences_file} has no sentences");
     let seconds: f64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(5.0);
     let batches: Vec<usize> = args
         .next()
@@ -36,8 +34,12 @@ fn main() -> anyhow::Result<()> {
     let model = LocalModel::load(std::path::Path::new(&dir), &dir, &Device::Cpu)?;
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     for &batch in &batches {
-        let texts: Vec<&str> = SENTENCES.iter().cycle().take(batch).copied().collect();
-        let run = || -> anyhow::Result<()> {
+        let mut pos = 0usize;
+        let mut run = || -> anyhow::Result<()> {
+            let texts: Vec<&str> = (0..batch)
+                .map(|i| sentences[(pos + i) % sentences.len()].as_str())
+                .collect();
+            pos += batch;
             // Tokenization is part of the measured work, as in the PyTorch script.
             let enc: Vec<EncodedText> = texts
                 .iter()

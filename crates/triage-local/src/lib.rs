@@ -6,15 +6,17 @@
 pub mod aggregation;
 pub mod device;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod resolve;
 pub mod tokenize;
+pub mod train;
 pub mod weights;
 pub mod worker;
 
 pub use device::DeviceSpec;
 pub use error::{LocalError, Result};
-pub use model::{LocalModel, ModelInfo};
+pub use model::{Activation, LocalModel, ModelInfo};
 pub use resolve::{HubSettings, ModelRef, resolve, resolve_with};
 pub use worker::{BatchConfig, ModelHandle};
 

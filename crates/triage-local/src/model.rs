@@ -47,6 +47,8 @@ pub struct ModelInfo {
     pub max_length: usize,
     /// Temperature applied to logits before the activation (1.0 = none).
     pub temperature: f32,
+    /// For sequence classifiers: how logits become probabilities.
+    pub activation: Option<Activation>,
 }
 
 /// A loaded encoder with its head. Not `Sync`-shared across threads by
@@ -116,7 +118,7 @@ fn labels_from(cfg: &Value, path: &Path) -> Result<Vec<String>> {
 }
 
 /// Build candle's BERT config from a BERT or DistilBERT `config.json`.
-fn bert_config(cfg: &Value, family: Family, path: &Path) -> Result<bert::Config> {
+pub(crate) fn bert_config(cfg: &Value, family: Family, path: &Path) -> Result<bert::Config> {
     let bad = |why: String| LocalError::BadConfig {
         path: path.to_path_buf(),
         why,
@@ -323,6 +325,10 @@ impl LocalModel {
             .and_then(|c| c.get("temperature").and_then(Value::as_f64))
             .filter(|t| t.is_finite() && *t > 0.0)
             .unwrap_or(1.0) as f32;
+        let activation = match &head {
+            Head::Sequence { activation, .. } => Some(*activation),
+            _ => None,
+        };
         Ok(Self {
             info: ModelInfo {
                 name: name.to_owned(),
@@ -331,6 +337,7 @@ impl LocalModel {
                 labels,
                 max_length,
                 temperature,
+                activation,
             },
             tokenizer,
             encoder,

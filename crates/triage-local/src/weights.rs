@@ -144,7 +144,7 @@ impl BertView {
     }
 }
 
-fn distilbert_name(bert: &str) -> Option<String> {
+pub(crate) fn distilbert_name(bert: &str) -> Option<String> {
     if bert.starts_with("embeddings.token_type_embeddings") {
         return None;
     }

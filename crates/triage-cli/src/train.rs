@@ -1,0 +1,154 @@
+//! `triage train`: fine-tune a base encoder into a specialist.
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use triage_local::train::net::HeadKind;
+use triage_local::train::{EpochReport, Progress, TrainConfig};
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// sequence-classification or token-classification.
+    #[arg(long)]
+    task: TaskArg,
+    /// Base model: a local folder, or org/name[@revision] on the hub.
+    #[arg(long)]
+    base: String,
+    /// Training JSONL: {"text","label"} or {"tokens","tags"} (IOB2).
+    #[arg(long)]
+    train: PathBuf,
+    /// Validation JSONL, same shape; evaluated after every epoch.
+    #[arg(long)]
+    val: PathBuf,
+    /// Output folder (a Hugging Face model folder).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    epochs: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    lr: f64,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+    /// Train the top N encoder layers and the head (0: the head alone);
+    /// `all` trains every layer and the embeddings.
+    #[arg(long, default_value = "all")]
+    unfreeze_layers: String,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Class weights in the loss: auto (inverse frequency) or none.
+    #[arg(long)]
+    class_weights: Option<ClassWeights>,
+    /// Names of integer labels, in order (e.g. not-offensive,offensive).
+    #[arg(long, value_delimiter = ',')]
+    label_names: Option<Vec<String>>,
+    /// Fraction of the steps used for learning-rate warm-up.
+    #[arg(long, default_value_t = 0.1)]
+    warmup: f64,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TaskArg {
+    SequenceClassification,
+    TokenClassification,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ClassWeights {
+    Auto,
+    None,
+}
+
+struct Bars {
+    bar: Mutex<ProgressBar>,
+}
+
+impl Progress for Bars {
+    fn phase(&self, what: &str, total: usize) {
+        if let Ok(mut bar) = self.bar.lock() {
+            bar.finish_and_clear();
+            let b = ProgressBar::new(total as u64).with_message(what.to_owned());
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{msg:32} {bar:30} {pos}/{len} {per_sec} eta {eta} {prefix}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            *bar = b;
+        }
+    }
+    fn step(&self, loss: f32) {
+        if let Ok(bar) = self.bar.lock() {
+            if loss > 0.0 {
+                bar.set_prefix(format!("loss {loss:.4}"));
+            }
+            bar.inc(1);
+        }
+    }
+    fn epoch(&self, r: &EpochReport) {
+        if let Ok(bar) = self.bar.lock() {
+            bar.suspend(|| {
+                eprintln!(
+                    "epoch {}: train loss {:.4}, val metric {:.4}, val accuracy {:.4}, {:.0} s{}",
+                    r.epoch,
+                    r.train_loss,
+                    r.val_metric,
+                    r.val_accuracy,
+                    r.seconds,
+                    if r.best { " (best so far, saved)" } else { "" }
+                )
+            });
+        }
+    }
+}
+
+pub async fn run(args: TrainArgs) -> Result<ExitCode> {
+    let model_ref = triage_local::ModelRef::parse(&args.base)?;
+    let base_dir = triage_local::resolve(&model_ref)
+        .await
+        .with_context(|| format!("cannot resolve base model `{}`", args.base))?;
+    let unfreeze_layers = match args.unfreeze_layers.as_str() {
+        "all" => None,
+        n => Some(
+            n.parse::<usize>()
+                .with_context(|| format!("--unfreeze-layers takes a number or `all`, not `{n}`"))?,
+        ),
+    };
+    let task = match args.task {
+        TaskArg::SequenceClassification => HeadKind::Sequence,
+        TaskArg::TokenClassification => HeadKind::Token,
+    };
+    let cfg = TrainConfig {
+        task,
+        base_dir,
+        train: args.train,
+        val: args.val,
+        out: args.out.clone(),
+        epochs: args.epochs,
+        lr: args.lr,
+        batch: args.batch,
+        max_length: args.max_length,
+        unfreeze_layers,
+        seed: args.seed,
+        class_weights: match args.class_weights {
+            Some(ClassWeights::Auto) => true,
+            Some(ClassWeights::None) => false,
+            None => task == HeadKind::Sequence,
+        },
+        label_names: args.label_names,
+        warmup: args.warmup,
+    };
+    let bars = Bars {
+        bar: Mutex::new(ProgressBar::hidden()),
+    };
+    let report =
+        tokio::task::spawn_blocking(move || triage_local::train::train(&cfg, &bars)).await??;
+    let stdout = std::io::stdout();
+    writeln!(stdout.lock(), "{}", serde_json::to_string(&report)?)?;
+    eprintln!("model written to {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
