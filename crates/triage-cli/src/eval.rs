@@ -83,7 +83,7 @@ fn default_reference(task: EvalTask) -> Result<String> {
     manifests::all()?
         .into_iter()
         .find(|m| m.name == name)
-        .map(|m| m.reference())
+        .map(|m| m.default_reference())
         .with_context(|| format!("no default specialist for `{name}`: pass --model"))
 }
 
@@ -106,10 +106,10 @@ pub async fn run(args: EvalArgs, device: &candle_core::Device) -> Result<ExitCod
     let dir = triage_local::resolve(&ModelRef::parse(&reference)?)
         .await
         .with_context(|| format!("cannot load model `{reference}`"))?;
-    let device = device.clone();
+    let model = triage_local::load_model(&reference, device)
+        .await
+        .with_context(|| format!("cannot load model `{reference}`"))?;
     let report = tokio::task::spawn_blocking(move || -> Result<String> {
-        let model = LocalModel::load(&dir, &reference, &device)
-            .with_context(|| format!("cannot load model `{reference}`"))?;
         let wanted = args.task.local_task();
         if model.info.task != wanted {
             bail!(

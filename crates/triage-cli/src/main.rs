@@ -90,6 +90,21 @@ enum ModelsCommand {
     },
     /// List the default specialists and whether each is available offline.
     List,
+    /// Store a trained model folder as a small f16 delta over its base encoder.
+    Pack {
+        /// The trained folder (written by `triage train`).
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// The base it was trained from, as a pinned reference (org/name@revision).
+        #[arg(long)]
+        base: String,
+        /// Where to write the delta folder.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Model labels that mean "positive" for moderation and evaluation.
+        #[arg(long, value_delimiter = ',')]
+        positive_labels: Option<Vec<String>>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -147,6 +162,15 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Train(args) => train::run(args).await,
         Command::Embed { io, normalize } => run::texts(io, Job::Embed { normalize }, &device).await,
         Command::Eval(args) => eval::run(args, &device).await,
+        Command::Models {
+            command:
+                ModelsCommand::Pack {
+                    model,
+                    base,
+                    out,
+                    positive_labels,
+                },
+        } => manifests::pack(model, base, out, positive_labels).await,
         Command::Models {
             command: ModelsCommand::List,
         } => manifests::list().await,

@@ -20,16 +20,47 @@ pub struct Manifest {
     pub name: String,
     pub task: triage_core::LocalTask,
     pub description: String,
+    /// Delta folder under `models/` (trained by `scripts/train-defaults`), if any.
+    pub local: Option<String>,
+    /// The base encoder the delta applies to.
+    pub base: Option<String>,
+    /// A hub checkpoint that does the same job: the drop-in alternative.
     pub hub: String,
     pub revision: String,
     pub labels: Vec<String>,
+    pub positive_labels: Option<Vec<String>>,
     pub pypi: Option<String>,
     pub pypi_path: Option<String>,
 }
 
 impl Manifest {
+    /// The pinned hub reference.
     pub fn reference(&self) -> String {
         format!("{}@{}", self.hub, self.revision)
+    }
+
+    /// What `--model` defaults to: the committed specialist when this build
+    /// has it, else the hub checkpoint.
+    pub fn default_reference(&self) -> String {
+        match &self.local {
+            Some(local)
+                if triage_local::resolve::specialists_dir()
+                    .join(local)
+                    .join("config.json")
+                    .is_file() =>
+            {
+                local.clone()
+            }
+            _ => self.reference(),
+        }
+    }
+
+    /// What must be downloaded for the default to work.
+    pub fn download_reference(&self) -> String {
+        match (&self.local, &self.base) {
+            (Some(_), Some(base)) => base.clone(),
+            _ => self.reference(),
+        }
     }
 }
 
@@ -47,8 +78,8 @@ pub async fn list() -> Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for m in all()? {
-        let reference = m.reference();
-        let model_ref = ModelRef::parse(&reference)?;
+        let reference = m.default_reference();
+        let model_ref = ModelRef::parse(&m.download_reference())?;
         // Look in the cache only: listing never downloads.
         let status = match triage_local::resolve::resolve_cached(&model_ref).await {
             Ok(dir) => serde_json::json!({"available": true, "path": dir}),
@@ -60,6 +91,7 @@ pub async fn list() -> Result<ExitCode> {
             "task": m.task,
             "source": reference,
             "labels": m.labels,
+            "positive_labels": m.positive_labels,
             "description": m.description,
             "offline_source": m.pypi.as_ref().map(|p| serde_json::json!({"pypi": p, "path": m.pypi_path})),
             "status": status,
@@ -72,7 +104,9 @@ pub async fn list() -> Result<ExitCode> {
 /// `triage models pull [REF...]`: download into the Hugging Face cache.
 pub async fn pull(references: Vec<String>) -> Result<ExitCode> {
     let references = if references.is_empty() {
-        all()?.iter().map(Manifest::reference).collect()
+        let mut refs: Vec<String> = all()?.iter().map(Manifest::download_reference).collect();
+        refs.dedup();
+        refs
     } else {
         references
     };
@@ -109,6 +143,28 @@ pub async fn pull(references: Vec<String>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `triage models pack`: write a delta folder and print its manifest.
+pub async fn pack(
+    model: std::path::PathBuf,
+    base: String,
+    out: std::path::PathBuf,
+    positive_labels: Option<Vec<String>>,
+) -> Result<ExitCode> {
+    let base_dir = triage_local::resolve(&ModelRef::parse(&base)?)
+        .await
+        .with_context(|| format!("cannot resolve base `{base}`"))?;
+    let manifest = tokio::task::spawn_blocking(move || {
+        triage_local::delta::pack(&model, &base_dir, &base, &out, positive_labels)
+    })
+    .await??;
+    writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string(&manifest)?
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +179,19 @@ mod tests {
                 "{}",
                 m.name
             );
+            // What the default actually loads is pinned: the base of a local
+            // delta, or the hub checkpoint itself.
+            let pinned = match (&m.local, &m.base) {
+                (Some(_), Some(base)) => base.clone(),
+                (Some(_), None) => panic!("{}: a local specialist needs a base", m.name),
+                (None, _) => m.reference(),
+            };
+            let rev = pinned.rsplit_once('@').map(|(_, r)| r).unwrap_or_default();
+            assert!(
+                rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit()),
+                "{}: {pinned} is not pinned",
+                m.name
+            );
             if m.task != triage_core::LocalTask::Embedding {
                 assert!(!m.labels.is_empty(), "{} lists no labels", m.name);
             }
@@ -130,3 +199,4 @@ mod tests {
         Ok(())
     }
 }
+

@@ -4,6 +4,7 @@
 //! worker thread with a batching queue.
 
 pub mod aggregation;
+pub mod delta;
 pub mod device;
 pub mod error;
 pub mod metrics;
@@ -20,20 +21,28 @@ pub use model::{Activation, LocalModel, ModelInfo};
 pub use resolve::{HubSettings, ModelRef, resolve, resolve_with};
 pub use worker::{BatchConfig, ModelHandle};
 
+/// Resolve `reference` (and the base of a delta folder) and load it on `device`.
+pub async fn load_model(reference: &str, device: &candle_core::Device) -> Result<LocalModel> {
+    let model_ref = ModelRef::parse(reference)?;
+    let dir = resolve(&model_ref).await?;
+    let base = match delta::DeltaManifest::read(&dir)?.and_then(|m| m.base) {
+        Some(base) => Some(resolve(&ModelRef::parse(&base)?).await?),
+        None => None,
+    };
+    let device = device.clone();
+    let name = reference.to_owned();
+    tokio::task::spawn_blocking(move || {
+        LocalModel::load_with_base(&dir, base.as_deref(), &name, &device)
+    })
+    .await
+    .map_err(|e| LocalError::Compute(candle_core::Error::Msg(format!("loader panicked: {e}"))))?
+}
+
 /// Resolve `reference`, load it on `device` and start its worker.
 pub async fn start_model(
     reference: &str,
     device: &candle_core::Device,
     batching: BatchConfig,
 ) -> Result<ModelHandle> {
-    let model_ref = ModelRef::parse(reference)?;
-    let dir = resolve(&model_ref).await?;
-    let device = device.clone();
-    let name = reference.to_owned();
-    let model = tokio::task::spawn_blocking(move || LocalModel::load(&dir, &name, &device))
-        .await
-        .map_err(|e| {
-            LocalError::Compute(candle_core::Error::Msg(format!("loader panicked: {e}")))
-        })??;
-    ModelHandle::spawn(model, batching)
+    ModelHandle::spawn(load_model(reference, device).await?, batching)
 }

