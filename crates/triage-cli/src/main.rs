@@ -1,10 +1,12 @@
 //! `triage`: the command-line front of the triage runtime.
 
 mod eval;
+mod import;
 mod input;
 mod manifests;
 mod run;
 mod train;
+mod transcribe;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -54,6 +56,8 @@ enum Command {
         #[arg(long)]
         normalize: bool,
     },
+    /// Speech to text with Whisper: one JSON object per file (or srt, vtt, txt).
+    Transcribe(transcribe::TranscribeArgs),
     /// Fine-tune a base encoder into a classifier (HF folder out, calibrated).
     Train(train::TrainArgs),
     /// Score a specialist on labelled JSONL data; prints one JSON object of metrics.
@@ -104,6 +108,22 @@ enum ModelsCommand {
         /// Model labels that mean "positive" for moderation and evaluation.
         #[arg(long, value_delimiter = ',')]
         positive_labels: Option<Vec<String>>,
+    },
+    /// Convert a CTranslate2 (faster-whisper) Whisper model into whisper.cpp's
+    /// ggml file (plus config.json, tokenizer.json), offline.
+    #[command(name = "import-ct2")]
+    ImportCt2 {
+        /// The CTranslate2 model folder (model.bin, config.json, tokenizer.json).
+        dir: PathBuf,
+        /// Where to write ggml-model-f16.bin and the other files.
+        #[arg(long)]
+        out: PathBuf,
+        /// Folder with openai-whisper's mel_filters.npz and gpt2.tiktoken [default: DIR/assets].
+        #[arg(long, env = "TRIAGE_WHISPER_ASSETS")]
+        assets: Option<PathBuf>,
+        /// Also write Hugging Face model.safetensors.
+        #[arg(long)]
+        safetensors: bool,
     },
 }
 
@@ -160,6 +180,13 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
             run::texts(io, Job::Entities(aggregation), &device).await
         }
         Command::Train(args) => train::run(args).await,
+        Command::Transcribe(args) => {
+            let gpu = !matches!(
+                cli.device.parse::<triage_local::DeviceSpec>()?,
+                triage_local::DeviceSpec::Cpu
+            );
+            transcribe::run(args, cli.threads, gpu).await
+        }
         Command::Embed { io, normalize } => run::texts(io, Job::Embed { normalize }, &device).await,
         Command::Eval(args) => eval::run(args, &device).await,
         Command::Models {
@@ -177,5 +204,14 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Models {
             command: ModelsCommand::Pull { references },
         } => manifests::pull(references).await,
+        Command::Models {
+            command:
+                ModelsCommand::ImportCt2 {
+                    dir,
+                    out,
+                    assets,
+                    safetensors,
+                },
+        } => import::import_ct2(dir, out, assets, safetensors).await,
     }
 }

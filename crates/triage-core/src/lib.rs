@@ -67,6 +67,42 @@ pub struct Embedding {
     pub truncated: bool,
 }
 
+/// One timed piece of a transcript.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TranscriptSegment {
+    /// Seconds from the start of the audio.
+    pub start: f64,
+    pub end: f64,
+    pub text: String,
+    /// Mean log-probability of the segment's text tokens.
+    pub avg_logprob: f32,
+    /// The model's probability that the segment holds no speech.
+    pub no_speech_prob: f32,
+    /// Text tokens with their probabilities, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Vec<TokenProb>>,
+}
+
+/// A decoded token and its probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenProb {
+    pub text: String,
+    pub p: f32,
+}
+
+/// What speech-to-text returns for one audio file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transcript {
+    pub text: String,
+    pub language: String,
+    pub duration_s: f64,
+    /// Mean probability of the text tokens, in [0, 1]; 0 when there is no speech.
+    pub confidence: f32,
+    /// True when no speech was found (silence, or every segment judged non-speech).
+    pub no_speech: bool,
+    pub segments: Vec<TranscriptSegment>,
+}
+
 /// How sub-word predictions are merged into words, as in the `transformers`
 /// token-classification pipeline's `aggregation_strategy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

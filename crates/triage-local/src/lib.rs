@@ -10,9 +10,11 @@ pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod resolve;
+pub mod speech;
 pub mod tokenize;
 pub mod train;
 pub mod weights;
+pub mod whisper_import;
 pub mod worker;
 
 pub use device::DeviceSpec;

@@ -316,6 +316,82 @@ async fn fetch_from_hub(repo: &str, revision: Option<&str>, hub: &HubSettings) -
     Ok(dir)
 }
 
+/// Resolve a Whisper ggml model: a `.bin` file, a folder holding one
+/// (`ggml-model-f16.bin` preferred), or `org/name[@revision]#file.bin` on the
+/// hub (`ggerganov/whisper.cpp#ggml-tiny.en.bin`), looked up in the hub
+/// mirror, then the Hugging Face cache, then downloaded.
+pub async fn resolve_whisper(reference: &str) -> Result<PathBuf> {
+    let bad = |why: &str| LocalError::BadReference {
+        reference: reference.to_owned(),
+        why: why.to_owned(),
+    };
+    let path = Path::new(reference);
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        let preferred = path.join("ggml-model-f16.bin");
+        if preferred.is_file() {
+            return Ok(preferred);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|source| LocalError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("ggml") && n.ends_with(".bin"))
+            })
+            .collect();
+        found.sort();
+        return found.into_iter().next().ok_or(LocalError::MissingFile {
+            dir: path.to_path_buf(),
+            what: "a ggml Whisper model (ggml-*.bin)".into(),
+        });
+    }
+    let Some((repo_rev, file)) = reference.split_once('#') else {
+        return Err(bad(
+            "not a file or folder, and not a hub file reference org/name[@revision]#file.bin",
+        ));
+    };
+    let ModelRef::Hub { repo, revision } = ModelRef::parse(repo_rev)? else {
+        return Err(bad("the part before `#` must be a hub id"));
+    };
+    if let Some(mirror) = hub_mirror().map(|m| m.join(&repo).join(file))
+        && mirror.is_file()
+    {
+        return Ok(mirror);
+    }
+    let hub = HubSettings::from_env();
+    let client = hf_hub::HFClient::new().map_err(|source| LocalError::Hub {
+        reference: reference.to_owned(),
+        source,
+    })?;
+    let cache = client.cache_dir().to_path_buf();
+    let (owner, name) = hf_hub::split_id(&repo);
+    client
+        .model(owner, name)
+        .download_file()
+        .filename(file.to_owned())
+        .maybe_revision(revision)
+        .local_files_only(hub.offline)
+        .send()
+        .await
+        .map_err(|e| match e {
+            hf_hub::HFError::LocalEntryNotFound { .. } => LocalError::NotCachedOffline {
+                reference: reference.to_owned(),
+                cache,
+            },
+            other => LocalError::Hub {
+                reference: reference.to_owned(),
+                source: other,
+            },
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

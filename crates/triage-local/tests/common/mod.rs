@@ -56,3 +56,31 @@ pub fn assert_close(ours: &[f32], theirs: &[f32], tol: f32, what: &str) {
         );
     }
 }
+
+/// The shared development data folder (`TRIAGE_SHARED`, else `../shared`
+/// beside the repository when it exists).
+pub fn shared() -> Option<PathBuf> {
+    let p = std::env::var_os("TRIAGE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    p.join("data").is_dir().then_some(p)
+}
+
+/// Real Whisper tiny.en weights: `TRIAGE_WHISPER_MODEL`, else the shared copy.
+/// Outside CI a missing model skips the test loudly; in CI it fails.
+pub fn whisper_model() -> Option<PathBuf> {
+    let p = std::env::var_os("TRIAGE_WHISPER_MODEL")
+        .map(PathBuf::from)
+        .or_else(|| shared().map(|s| s.join("models/whisper-tiny.en/ggml-model-f16.bin")));
+    match p {
+        Some(p) if p.is_file() => Some(p),
+        other => {
+            let msg = format!(
+                "Whisper model not found ({other:?}); set TRIAGE_SHARED or TRIAGE_WHISPER_MODEL"
+            );
+            assert!(std::env::var_os("CI").is_none(), "{msg}");
+            eprintln!("SKIPPED: {msg}");
+            None
+        }
+    }
+}

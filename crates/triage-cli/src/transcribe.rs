@@ -1,0 +1,142 @@
+//! `triage transcribe`: audio files in, transcripts out (interface used by
+//! acceptance checks: `--format json` prints one JSON object per file).
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use triage_local::speech::{self, TranscribeOptions, WhisperEngine};
+
+#[derive(Debug, clap::Args)]
+pub struct TranscribeArgs {
+    /// Whisper model: a ggml file, a folder holding one, or org/name[@rev]#file.bin on the hub.
+    #[arg(long, env = "TRIAGE_WHISPER_MODEL")]
+    model: String,
+    /// Audio files (WAV, FLAC, MP3, Ogg/Vorbis, AAC/M4A, WebM).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    #[arg(long, default_value = "json")]
+    format: Format,
+    /// Language code; default: detect (multilingual models) or English.
+    #[arg(long)]
+    language: Option<String>,
+    /// Longest audio accepted, in seconds.
+    #[arg(long, default_value_t = 4.0 * 3600.0)]
+    max_duration: f64,
+    /// Files decoded at the same time (each has its own decoding state).
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Json,
+    #[value(name = "verbose_json")]
+    VerboseJson,
+    Srt,
+    Vtt,
+    Txt,
+}
+
+fn error_line(file: &str, kind: &str, message: String) -> Value {
+    json!({"file": file, "error": {"kind": kind, "message": message}})
+}
+
+pub async fn run(args: TranscribeArgs, threads: Option<usize>, gpu: bool) -> Result<ExitCode> {
+    let path = triage_local::resolve::resolve_whisper(&args.model)
+        .await
+        .with_context(|| format!("cannot resolve Whisper model `{}`", args.model))?;
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    let engine = Arc::new(
+        tokio::task::spawn_blocking(move || WhisperEngine::load(&path, threads, gpu)).await??,
+    );
+    let opts = TranscribeOptions {
+        language: args.language.clone(),
+        token_probs: args.format == Format::VerboseJson,
+    };
+    let bars = indicatif::MultiProgress::new();
+    let limit = Arc::new(tokio::sync::Semaphore::new(args.parallel.max(1)));
+    let mut tasks = Vec::new();
+    for file in args.files.clone() {
+        let (engine, opts, limit) = (engine.clone(), opts.clone(), limit.clone());
+        let bar =
+            bars.add(indicatif::ProgressBar::new(100).with_message(file.display().to_string()));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos:>3}% {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let max = args.max_duration;
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit.acquire_owned().await;
+            let name = file.display().to_string();
+            let ext = file
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase);
+            let result = tokio::task::spawn_blocking(move || {
+                let bytes = std::fs::read(&file).map_err(|e| ("io", e.to_string()))?;
+                let pcm = speech::decode(bytes, ext.as_deref(), Some(max))
+                    .map_err(|e| ("audio", e.to_string()))?;
+                let progress_bar = bar.clone();
+                let cb: Box<dyn FnMut(i32) + Send> =
+                    Box::new(move |p| progress_bar.set_position(p.clamp(0, 100) as u64));
+                let t = engine
+                    .transcribe(&pcm.samples, &opts, Some(cb))
+                    .map_err(|e| ("model", e.to_string()))?;
+                bar.finish_and_clear();
+                Ok::<_, (&str, String)>(t)
+            })
+            .await;
+            (name, result)
+        }));
+    }
+    let stdout = std::io::stdout();
+    let mut failed = false;
+    let many = args.files.len() > 1;
+    for task in tasks {
+        let (name, joined) = task.await?;
+        let result = joined
+            .map_err(|e| ("internal", e.to_string()))
+            .and_then(|r| r);
+        let mut out = stdout.lock();
+        match (result, args.format) {
+            (Ok(t), Format::Json | Format::VerboseJson) => {
+                let mut v = serde_json::to_value(&t)?;
+                if let Value::Object(map) = &mut v {
+                    map.insert("file".into(), json!(name));
+                }
+                writeln!(out, "{v}")?;
+            }
+            (Ok(t), other) => {
+                if many {
+                    writeln!(out, "# {name}")?;
+                }
+                let body = match other {
+                    Format::Srt => speech::format::srt(&t),
+                    Format::Vtt => speech::format::vtt(&t),
+                    _ => speech::format::txt(&t),
+                };
+                out.write_all(body.as_bytes())?;
+            }
+            (Err((kind, message)), Format::Json | Format::VerboseJson) => {
+                failed = true;
+                writeln!(out, "{}", error_line(&name, kind, message))?;
+            }
+            (Err((kind, message)), _) => {
+                failed = true;
+                eprintln!("error: {name}: {kind}: {message}");
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

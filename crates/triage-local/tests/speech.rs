@@ -1,0 +1,273 @@
+//! Speech-to-text with the real Whisper tiny.en weights: word error rate on
+//! the development clips, audio formats and rates, broken input, concurrency.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use triage_local::speech::{self, AudioError, TranscribeOptions, WhisperEngine};
+
+const NUMBERS: &[&str] = &[
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+];
+
+/// Lower case, no punctuation, hyphens split words, small numbers spelled out
+/// (the references are written that way).
+fn normalise(text: &str) -> Vec<String> {
+    let cleaned: String = text
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '\'' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    cleaned
+        .split_whitespace()
+        .map(|w| w.trim_matches('\'').to_owned())
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            w.parse::<usize>()
+                .ok()
+                .and_then(|n| NUMBERS.get(n))
+                .map(|s| (*s).to_owned())
+                .unwrap_or(w)
+        })
+        .collect()
+}
+
+/// Word-level edit distance.
+fn edits(reference: &[String], hypothesis: &[String]) -> usize {
+    let mut prev: Vec<usize> = (0..=hypothesis.len()).collect();
+    for (i, r) in reference.iter().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, h) in hypothesis.iter().enumerate() {
+            let sub = prev[j] + usize::from(r != h);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[hypothesis.len()]
+}
+
+fn engine() -> Option<Arc<WhisperEngine>> {
+    let model = common::whisper_model()?;
+    match WhisperEngine::load(&model, 2, false) {
+        Ok(e) => Some(Arc::new(e)),
+        Err(e) => panic!("the Whisper model must load: {e}"),
+    }
+}
+
+fn transcribe_file(engine: &WhisperEngine, path: &Path) -> anyhow::Result<triage_core::Transcript> {
+    let ext = path.extension().and_then(|e| e.to_str());
+    let pcm = speech::decode(std::fs::read(path)?, ext, Some(600.0))?;
+    Ok(engine.transcribe(&pcm.samples, &TranscribeOptions::default(), None)?)
+}
+
+#[test]
+fn word_error_rate_on_the_development_clips_is_at_most_ten_percent() -> anyhow::Result<()> {
+    let (Some(engine), Some(shared)) = (engine(), common::shared()) else {
+        return Ok(());
+    };
+    let dir = shared.join("data/speech");
+    let manifest = std::fs::read_to_string(dir.join("manifest.jsonl"))?;
+    let (mut errors, mut words, mut clips) = (0usize, 0usize, 0usize);
+    for line in manifest.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let audio = dir.join(v["audio"].as_str().unwrap_or_default());
+        let t = transcribe_file(&engine, &audio)?;
+        let reference = normalise(v["text"].as_str().unwrap_or_default());
+        let hypothesis = normalise(&t.text);
+        let e = edits(&reference, &hypothesis);
+        eprintln!(
+            "{:>3}/{:<3} {}: {}",
+            e,
+            reference.len(),
+            audio.display(),
+            t.text
+        );
+        assert!(!t.no_speech && t.confidence > 0.0 && t.confidence <= 1.0);
+        assert!(
+            t.segments
+                .iter()
+                .all(|s| s.start <= s.end && s.end <= t.duration_s + 0.01)
+        );
+        errors += e;
+        words += reference.len();
+        clips += 1;
+    }
+    let wer = errors as f64 / words.max(1) as f64;
+    eprintln!(
+        "WER {:.2}% ({errors}/{words} words, {clips} clips)",
+        wer * 100.0
+    );
+    assert_eq!(clips, 13);
+    assert!(wer <= 0.10, "WER {wer}");
+    Ok(())
+}
+
+fn write_wav(path: &Path, samples: &[f32], rate: u32, channels: u16) -> anyhow::Result<()> {
+    let spec = hound::WavSpec {
+        channels,
+        sample_rate: rate,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec)?;
+    for s in samples {
+        w.write_sample((s.clamp(-1.0, 1.0) * 32767.0) as i16)?;
+    }
+    w.finalize()?;
+    Ok(())
+}
+
+#[test]
+fn stereo_48khz_gives_the_same_words_as_the_16khz_original() -> anyhow::Result<()> {
+    let (Some(engine), Some(shared)) = (engine(), common::shared()) else {
+        return Ok(());
+    };
+    let clip = shared.join("data/speech/librivox_ss01_0880.wav");
+    let pcm = speech::decode(std::fs::read(&clip)?, Some("wav"), None)?;
+    // Linear interpolation to 48 kHz, the same signal on both channels.
+    let up: Vec<f32> = (0..pcm.samples.len() * 3)
+        .flat_map(|i| {
+            let (k, f) = (i / 3, (i % 3) as f32 / 3.0);
+            let a = pcm.samples[k];
+            let b = *pcm.samples.get(k + 1).unwrap_or(&a);
+            let v = a + (b - a) * f;
+            [v, v]
+        })
+        .collect();
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("stereo48k.wav");
+    write_wav(&path, &up, 48_000, 2)?;
+    let decoded = speech::decode(std::fs::read(&path)?, Some("wav"), None)?;
+    assert_eq!((decoded.source_rate, decoded.source_channels), (48_000, 2));
+    assert!((decoded.duration_s() - pcm.duration_s()).abs() < 0.05);
+    let original = transcribe_file(&engine, &clip)?;
+    let converted = transcribe_file(&engine, &path)?;
+    let (a, b) = (normalise(&original.text), normalise(&converted.text));
+    assert!(edits(&a, &b) <= 1, "{a:?} vs {b:?}");
+    Ok(())
+}
+
+#[test]
+fn broken_and_degenerate_audio_never_panics() -> anyhow::Result<()> {
+    let Some(engine) = engine() else {
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+
+    // Zero-length file.
+    assert!(matches!(
+        speech::decode(Vec::new(), Some("wav"), None),
+        Err(AudioError::Empty)
+    ));
+
+    // Truncated WAV header.
+    let good = tmp.path().join("good.wav");
+    write_wav(&good, &vec![0.1; 16_000], 16_000, 1)?;
+    let bytes = std::fs::read(&good)?;
+    let err = speech::decode(bytes[..20].to_vec(), Some("wav"), None).err();
+    assert!(err.is_some(), "a 20-byte WAV must be refused");
+
+    // Random bytes named .mp3.
+    let noise: Vec<u8> = (0..20_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let err = speech::decode(noise, Some("mp3"), None).err();
+    assert!(err.is_some(), "random bytes are not audio");
+    eprintln!(
+        "random .mp3: {}",
+        err.map(|e| e.to_string()).unwrap_or_default()
+    );
+
+    // 0.1 s clip: an answer, maybe empty, never an error.
+    let t = engine.transcribe(&vec![0.05; 1_600], &TranscribeOptions::default(), None)?;
+    assert!(t.duration_s < 0.2);
+
+    // Five minutes of silence: no speech, no hallucinated text.
+    let silence = tmp.path().join("silence.wav");
+    write_wav(&silence, &vec![0.0; 16_000 * 300], 16_000, 1)?;
+    let t = transcribe_file(&engine, &silence)?;
+    assert!(
+        t.no_speech && t.text.is_empty() && t.confidence == 0.0,
+        "{t:?}"
+    );
+    assert!((t.duration_s - 300.0).abs() < 0.01);
+
+    // Over the duration limit: a typed error before any decoding work.
+    let err = speech::decode(std::fs::read(&silence)?, Some("wav"), Some(60.0)).err();
+    assert!(matches!(err, Some(AudioError::TooLong { .. })), "{err:?}");
+    Ok(())
+}
+
+#[test]
+fn a_short_clip_is_not_stuck_behind_a_long_one() -> anyhow::Result<()> {
+    let (Some(engine), Some(shared)) = (engine(), common::shared()) else {
+        return Ok(());
+    };
+    let dir = shared.join("data/speech");
+    // One long file (all clips end to end) and one short clip, on two threads
+    // sharing the same loaded model.
+    let mut long = Vec::new();
+    for name in [
+        "librivox_ss01_0870.wav",
+        "librivox_ss01_0890.wav",
+        "librivox_ss01_0920.wav",
+        "librivox_ss01_0930.wav",
+    ] {
+        long.extend(speech::decode(std::fs::read(dir.join(name))?, Some("wav"), None)?.samples);
+    }
+    let short =
+        speech::decode(std::fs::read(dir.join("goforward.wav"))?, Some("wav"), None)?.samples;
+    let e2 = engine.clone();
+    let long_job = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let r = e2.transcribe(&long, &TranscribeOptions::default(), None);
+        (r, t0.elapsed())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let t0 = std::time::Instant::now();
+    let short_t = engine.transcribe(&short, &TranscribeOptions::default(), None)?;
+    let short_elapsed = t0.elapsed();
+    let (long_t, long_elapsed) = long_job
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread panicked"))?;
+    let long_t = long_t?;
+    assert!(
+        normalise(&short_t.text).contains(&"forward".to_owned()),
+        "{}",
+        short_t.text
+    );
+    assert!(long_t.text.split_whitespace().count() > 30);
+    // The short clip finished while the long one was still running.
+    assert!(
+        short_elapsed < long_elapsed,
+        "short {short_elapsed:?} vs long {long_elapsed:?}"
+    );
+    Ok(())
+}
