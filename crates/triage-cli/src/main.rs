@@ -5,6 +5,7 @@ mod import;
 mod input;
 mod manifests;
 mod run;
+mod serve;
 mod train;
 mod transcribe;
 
@@ -56,6 +57,8 @@ enum Command {
         #[arg(long)]
         normalize: bool,
     },
+    /// Serve the default specialists on a unix socket (and TCP with keys).
+    Serve(serve::ServeArgs),
     /// Speech to text with Whisper: one JSON object per file (or srt, vtt, txt).
     Transcribe(transcribe::TranscribeArgs),
     /// Fine-tune a base encoder into a classifier (HF folder out, calibrated).
@@ -180,6 +183,13 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
             run::texts(io, Job::Entities(aggregation), &device).await
         }
         Command::Train(args) => train::run(args).await,
+        Command::Serve(args) => {
+            let gpu = !matches!(
+                cli.device.parse::<triage_local::DeviceSpec>()?,
+                triage_local::DeviceSpec::Cpu
+            );
+            serve::run(args, &device, cli.threads, gpu).await
+        }
         Command::Transcribe(args) => {
             let gpu = !matches!(
                 cli.device.parse::<triage_local::DeviceSpec>()?,

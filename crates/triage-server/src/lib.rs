@@ -1,0 +1,165 @@
+//! triage's server: OpenAI-compatible routes (`/v1/moderations`,
+//! `/v1/audio/transcriptions`, `/v1/models`) served by the local specialists
+//! on a unix socket (mode 0660, peer credentials logged) and optionally on TCP
+//! with bearer keys, plus `/health`, `/ready` and Prometheus `/metrics`.
+//! SIGTERM and Ctrl-C drain in-flight requests before exit.
+
+pub mod app;
+pub mod error;
+pub mod metrics;
+
+pub use app::{ApiKey, AppState, Limits, Peer, router};
+pub use error::ApiError;
+
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(c) => Peer::Unix {
+                pid: c.pid(),
+                uid: c.uid(),
+                gid: c.gid(),
+            },
+            Err(_) => Peer::Unix {
+                pid: None,
+                uid: u32::MAX,
+                gid: u32::MAX,
+            },
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Peer::Tcp(*stream.remote_addr())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("another server is already listening on {0}")]
+    SocketInUse(PathBuf),
+    #[error("cannot listen on {what}")]
+    Bind {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "TCP needs at least one API key (set TRIAGE_API_KEYS or keys in the config): refusing to serve without auth"
+    )]
+    NoKeys,
+    #[error("nothing to listen on: give a socket path or a TCP address")]
+    NoListener,
+}
+
+/// Bind the unix socket: a stale socket file (no server behind it) is
+/// replaced, a live one is an error; the socket gets mode 0660.
+pub async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    let bind_err = |source| ServeError::Bind {
+        what: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServeError::SocketInUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(bind_err)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Resolves when SIGTERM or Ctrl-C arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+}
+
+/// Serve until a shutdown signal; in-flight requests finish first.
+pub async fn serve(
+    state: Arc<AppState>,
+    socket: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+) -> Result<(), ServeError> {
+    serve_until(state, socket, listen, shutdown_signal()).await
+}
+
+/// Serve until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve_until(
+    state: Arc<AppState>,
+    socket: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    if socket.is_none() && listen.is_none() {
+        return Err(ServeError::NoListener);
+    }
+    if listen.is_some() && state.keys.is_empty() {
+        return Err(ServeError::NoKeys);
+    }
+    let app = router(state);
+    let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut tasks = Vec::new();
+    if let Some(path) = socket.clone() {
+        let listener = bind_unix(&path).await?;
+        tracing::info!(socket = %path.display(), "listening on the unix socket");
+        let mut rx = tx.subscribe();
+        let svc = app.clone().into_make_service_with_connect_info::<Peer>();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, svc)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.recv().await;
+                })
+                .await
+        }));
+    }
+    if let Some(addr) = listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                what: addr.to_string(),
+                source,
+            })?;
+        tracing::info!(%addr, "listening on TCP");
+        let mut rx = tx.subscribe();
+        let svc = app.clone().into_make_service_with_connect_info::<Peer>();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(listener, svc)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.recv().await;
+                })
+                .await
+        }));
+    }
+    shutdown.await;
+    let _ = tx.send(());
+    for t in tasks {
+        let _ = t.await;
+    }
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}

@@ -1,0 +1,471 @@
+//! Router tests through `oneshot` (no socket), and end to end over a real
+//! unix socket and TCP.
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower::ServiceExt;
+use triage_local::{BatchConfig, LocalModel, ModelHandle};
+use triage_server::{ApiKey, AppState, Limits, Peer, router};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name)
+}
+
+fn whisper_model() -> Option<PathBuf> {
+    let shared = std::env::var_os("TRIAGE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    let p = shared.join("models/whisper-tiny.en/ggml-model-f16.bin");
+    if p.is_file() {
+        Some(p)
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "Whisper model missing at {}",
+            p.display()
+        );
+        eprintln!("SKIPPED: no Whisper model at {}", p.display());
+        None
+    }
+}
+
+fn state(batching: BatchConfig, whisper: bool) -> anyhow::Result<Arc<AppState>> {
+    let model = LocalModel::load(
+        &fixture("distilbert-seq-multilabel"),
+        "tiny-toxicity",
+        &candle_core::Device::Cpu,
+    )?;
+    let whisper = match (whisper, whisper_model()) {
+        (true, Some(p)) => Some(Arc::new(triage_local::speech::WhisperEngine::load(
+            &p, 2, false,
+        )?)),
+        _ => None,
+    };
+    let limits = Limits {
+        moderation_body_bytes: 4096,
+        ..Limits::default()
+    };
+    Ok(Arc::new(AppState {
+        moderation: Some(ModelHandle::spawn(model, batching)?),
+        category_map: BTreeMap::from([
+            ("toxic".into(), "harassment".into()),
+            ("threat".into(), "violence".into()),
+        ]),
+        flag_threshold: 0.5,
+        whisper,
+        whisper_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+        limits,
+        keys: vec![ApiKey {
+            key: "sekret".into(),
+            name: "ci".into(),
+            tasks: vec!["moderation".into()],
+        }],
+        metrics: Default::default(),
+        cpu_hour_usd: 0.04,
+    }))
+}
+
+async fn call(
+    app: axum::Router,
+    req: Request<Body>,
+) -> anyhow::Result<(StatusCode, axum::http::HeaderMap, Value)> {
+    let resp = app.oneshot(req).await?;
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    let v = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((parts.status, parts.headers, v))
+}
+
+fn post_json(uri: &str, body: &str) -> Request<Body> {
+    Request::post(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn moderation_answers_in_openai_shape_with_triage_headers() -> anyhow::Result<()> {
+    let app = router(state(BatchConfig::default(), false)?);
+    let (status, headers, v) = call(
+        app.clone(),
+        post_json(
+            "/v1/moderations",
+            r#"{"input": ["hello there", "you idiot"], "model": "omni-moderation-latest"}"#,
+        ),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(headers["x-triage-tier"], "local:tiny-toxicity");
+    assert!(headers["x-triage-cost-usd"].to_str()?.parse::<f64>()? >= 0.0);
+    let results = v["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2);
+    for r in results {
+        let scores = r["category_scores"].as_object().expect("scores");
+        assert_eq!(scores.len(), triage_server::app::OPENAI_CATEGORIES.len());
+        let harassment = scores["harassment"].as_f64().expect("harassment score");
+        assert!(
+            (harassment - r["triage"]["labels"]["toxic"].as_f64().expect("toxic")).abs() < 1e-6
+        );
+        assert_eq!(
+            r["categories"]["harassment"].as_bool(),
+            Some(harassment >= 0.5)
+        );
+        let any = r["categories"]
+            .as_object()
+            .expect("categories")
+            .values()
+            .any(|b| b == true);
+        assert_eq!(r["flagged"].as_bool(), Some(any));
+    }
+    // A single string works too.
+    let (status, _, v) = call(app, post_json("/v1/moderations", r#"{"input": "one"}"#)).await?;
+    assert_eq!(
+        (status, v["results"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(1))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_requests_get_typed_openai_errors() -> anyhow::Result<()> {
+    let app = router(state(BatchConfig::default(), false)?);
+    for (body, status, code) in [
+        ("{not json", StatusCode::BAD_REQUEST, "invalid_request"),
+        (
+            r#"{"input": 5}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            r#"{"input": []}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            r#"{"input": "x", "model": "gpt-9"}"#,
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+        ),
+    ] {
+        let (s, headers, v) = call(app.clone(), post_json("/v1/moderations", body)).await?;
+        assert_eq!(s, status, "{body}: {v}");
+        assert_eq!(v["error"]["code"], code, "{body}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        assert!(headers.contains_key("x-triage-tier"));
+    }
+    let big = format!(r#"{{"input": "{}"}}"#, "a".repeat(10_000));
+    let (s, _, v) = call(app.clone(), post_json("/v1/moderations", &big)).await?;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_eq!(v["error"]["code"], "request_too_large");
+    let (s, _, v) = call(app, Request::get("/nope").body(Body::empty())?).await?;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn tcp_peers_need_a_key_with_the_right_scope() -> anyhow::Result<()> {
+    let app = router(state(BatchConfig::default(), false)?);
+    let tcp = |req: Request<Body>| {
+        let mut req = req;
+        req.extensions_mut()
+            .insert(ConnectInfo(Peer::Tcp("127.0.0.1:9".parse().expect("addr"))));
+        req
+    };
+    let (s, _, v) = call(
+        app.clone(),
+        tcp(post_json("/v1/moderations", r#"{"input": "x"}"#)),
+    )
+    .await?;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_api_key"))
+    );
+    let mut req = tcp(post_json("/v1/moderations", r#"{"input": "x"}"#));
+    req.headers_mut()
+        .insert("authorization", "Bearer wrong".parse()?);
+    assert_eq!(call(app.clone(), req).await?.0, StatusCode::UNAUTHORIZED);
+    let mut req = tcp(post_json("/v1/moderations", r#"{"input": "x"}"#));
+    req.headers_mut()
+        .insert("authorization", "Bearer sekret".parse()?);
+    assert_eq!(call(app.clone(), req).await?.0, StatusCode::OK);
+    // The key is scoped to moderation only.
+    let mut req = tcp(Request::post("/v1/audio/transcriptions")
+        .header("content-type", "multipart/form-data; boundary=x")
+        .body(Body::from("--x--\r\n"))?);
+    req.headers_mut()
+        .insert("authorization", "Bearer sekret".parse()?);
+    assert_eq!(call(app.clone(), req).await?.0, StatusCode::FORBIDDEN);
+    // Health stays open.
+    assert_eq!(
+        call(app, tcp(Request::get("/health").body(Body::empty())?))
+            .await?
+            .0,
+        StatusCode::OK
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn overload_is_429_with_retry_after() -> anyhow::Result<()> {
+    let app = router(state(
+        BatchConfig {
+            queue_capacity: 1,
+            max_batch_size: 1,
+            ..BatchConfig::default()
+        },
+        false,
+    )?);
+    let inputs: Vec<String> = (0..40)
+        .map(|i| format!("message number {i} about words"))
+        .collect();
+    let body = json!({"input": inputs}).to_string();
+    let (mut ok, mut limited) = (0, 0);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (app, body) = (app.clone(), body.clone());
+        set.spawn(async move {
+            let req = Request::post("/v1/moderations")
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .unwrap_or_default();
+            app.oneshot(req).await
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        let resp = r??;
+        match resp.status() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(resp.headers().contains_key("retry-after"));
+                limited += 1;
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert!(
+        limited >= 1,
+        "a queue of one cannot take 64 inputs at once ({ok} ok)"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn models_health_ready_and_metrics() -> anyhow::Result<()> {
+    let app = router(state(BatchConfig::default(), false)?);
+    let (_, _, v) = call(app.clone(), Request::get("/v1/models").body(Body::empty())?).await?;
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(ids.contains(&"omni-moderation-latest") && ids.contains(&"text-moderation-latest"));
+    assert!(!ids.contains(&"whisper-1"), "no Whisper model was loaded");
+    assert_eq!(
+        call(app.clone(), Request::get("/ready").body(Body::empty())?)
+            .await?
+            .0,
+        StatusCode::OK
+    );
+    call(
+        app.clone(),
+        post_json("/v1/moderations", r#"{"input": "x"}"#),
+    )
+    .await?;
+    let (s, _, text) = call(app, Request::get("/metrics").body(Body::empty())?).await?;
+    assert_eq!(s, StatusCode::OK);
+    let text = text.as_str().unwrap_or_default().to_owned();
+    assert!(
+        text.contains(r#"triage_requests_total{route="/v1/moderations",status="200"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"triage_answers_total{task="moderation",tier="local"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("triage_request_duration_seconds_bucket"));
+    Ok(())
+}
+
+fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, Vec<u8>) {
+    let boundary = "triage-test-boundary";
+    let mut body = Vec::new();
+    for (k, v) in fields {
+        body.extend(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n")
+                .as_bytes(),
+        );
+    }
+    if let Some((name, bytes)) = file {
+        body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes());
+        body.extend(bytes);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test]
+async fn transcriptions_in_every_response_format() -> anyhow::Result<()> {
+    let st = state(BatchConfig::default(), true)?;
+    if st.whisper.is_none() {
+        return Ok(());
+    }
+    let app = router(st);
+    let clip = whisper_model()
+        .and_then(|m| {
+            m.parent()?
+                .parent()?
+                .parent()
+                .map(|s| s.join("data/speech/goforward.wav"))
+        })
+        .expect("shared folder");
+    let audio = std::fs::read(clip)?;
+    for (format, check) in [
+        ("json", "\"text\""),
+        ("text", "forward"),
+        ("srt", "00:00:00,000 --> "),
+        ("vtt", "WEBVTT"),
+        ("verbose_json", "\"segments\""),
+    ] {
+        let (ct, body) = multipart(
+            &[("model", "whisper-1"), ("response_format", format)],
+            Some(("clip.wav", &audio)),
+        );
+        let req = Request::post("/v1/audio/transcriptions")
+            .header("content-type", ct)
+            .body(Body::from(body))?;
+        let resp = app.clone().oneshot(req).await?;
+        assert_eq!(resp.status(), StatusCode::OK, "{format}");
+        assert_eq!(resp.headers()["x-triage-tier"], "local:whisper");
+        let text = String::from_utf8(resp.into_body().collect().await?.to_bytes().to_vec())?;
+        assert!(
+            text.to_lowercase().contains(check) || text.contains(check),
+            "{format}: {text}"
+        );
+    }
+    // Broken audio, a missing model field and an unknown model are 4xx in OpenAI's shape.
+    for (fields, file, status) in [
+        (
+            vec![("model", "whisper-1")],
+            Some(("x.mp3", &b"not audio at all"[..])),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            vec![],
+            Some(("clip.wav", &audio[..])),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            vec![("model", "whisper-9")],
+            Some(("clip.wav", &audio[..])),
+            StatusCode::NOT_FOUND,
+        ),
+        (vec![("model", "whisper-1")], None, StatusCode::BAD_REQUEST),
+    ] {
+        let (ct, body) = multipart(&fields, file);
+        let req = Request::post("/v1/audio/transcriptions")
+            .header("content-type", ct)
+            .body(Body::from(body))?;
+        let (s, _, v) = call(app.clone(), req).await?;
+        assert_eq!(s, status, "{v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    Ok(())
+}
+
+async fn raw_http(
+    stream: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin),
+    request: &str,
+) -> anyhow::Result<String> {
+    stream.write_all(request.as_bytes()).await?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test]
+async fn end_to_end_over_a_unix_socket_and_tcp() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("triage.sock");
+    // A stale socket file from a dead server is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock)?);
+    assert!(sock.exists());
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = tcp.local_addr()?;
+    drop(tcp);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let st = state(BatchConfig::default(), false)?;
+    let server = tokio::spawn(triage_server::serve_until(
+        st.clone(),
+        Some(sock.clone()),
+        Some(addr),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    for _ in 0..100 {
+        if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock)?.permissions().mode() & 0o777,
+        0o660
+    );
+    // A second server on the same live socket is refused.
+    let err = triage_server::bind_unix(&sock).await.err();
+    assert!(matches!(
+        err,
+        Some(triage_server::ServeError::SocketInUse(_))
+    ));
+
+    let body = r#"{"input": "hello"}"#;
+    let request = format!(
+        "POST /v1/moderations HTTP/1.1\r\nHost: triage\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut unix = tokio::net::UnixStream::connect(&sock).await?;
+    let answer = raw_http(&mut unix, &request).await?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"results\""));
+
+    let mut plain = tokio::net::TcpStream::connect(addr).await?;
+    let answer = raw_http(&mut plain, &request).await?;
+    assert!(
+        answer.starts_with("HTTP/1.1 401"),
+        "TCP without a key: {answer}"
+    );
+    let keyed = request.replace(
+        "Connection: close",
+        "Authorization: Bearer sekret\r\nConnection: close",
+    );
+    let mut plain = tokio::net::TcpStream::connect(addr).await?;
+    let answer = raw_http(&mut plain, &keyed).await?;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "TCP with a key: {answer}"
+    );
+
+    let _ = stop_tx.send(());
+    server.await??;
+    assert!(!sock.exists(), "the socket file is removed on shutdown");
+    Ok(())
+}
