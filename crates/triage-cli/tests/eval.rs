@@ -665,11 +665,19 @@ fn without_model_eval_uses_the_default_specialist() -> Result<()> {
     // names the default specialist's base and the fix.
     let out = triage_env(
         &["eval", "--task", "toxicity", "--data", &data],
-        &[("HF_HUB_CACHE", &empty), ("TRIAGE_HUB_MIRROR", &empty), ("HF_HUB_OFFLINE", "1")],
+        &[
+            ("HF_HUB_CACHE", &empty),
+            ("TRIAGE_HUB_MIRROR", &empty),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
     )?;
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("sentence-transformers/all-MiniLM-L6-v2") && err.contains("triage models pull"), "{err}");
+    assert!(
+        err.contains("sentence-transformers/all-MiniLM-L6-v2")
+            && err.contains("triage models pull"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -678,15 +686,25 @@ fn without_model_eval_uses_the_default_specialist() -> Result<()> {
 #[test]
 fn the_default_toxicity_specialist_beats_chance_on_real_tweets() -> Result<()> {
     let Some(shared) = std::env::var_os("TRIAGE_SHARED") else {
-        assert!(std::env::var_os("CI").is_none(), "CI must set TRIAGE_SHARED");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set TRIAGE_SHARED"
+        );
         eprintln!("SKIPPED: TRIAGE_SHARED not set");
         return Ok(());
     };
     let val = std::path::Path::new(&shared).join("data/toxicity/tweeteval-offensive/val.jsonl");
     let dir = tempfile::tempdir()?;
-    let head: String = std::fs::read_to_string(val)?.lines().take(300).map(|l| format!("{l}\n")).collect();
+    let head: String = std::fs::read_to_string(val)?
+        .lines()
+        .take(300)
+        .map(|l| format!("{l}\n"))
+        .collect();
     let data = write(dir.path(), "val300.jsonl", &head)?;
-    let out = triage_env(&["eval", "--task", "toxicity", "--data", &data], &[("HF_HUB_OFFLINE", "1")])?;
+    let out = triage_env(
+        &["eval", "--task", "toxicity", "--data", &data],
+        &[("HF_HUB_OFFLINE", "1")],
+    )?;
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(v["model"], "toxicity");

@@ -271,3 +271,38 @@ fn a_short_clip_is_not_stuck_behind_a_long_one() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn every_supported_container_and_codec_decodes_and_transcribes() -> anyhow::Result<()> {
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/audio");
+    let engine = engine();
+    for (file, rate, channels) in [
+        ("goforward-44k-stereo.flac", 44_100, 2),
+        ("goforward-22k.mp3", 22_050, 1),
+        ("goforward-48k-stereo.ogg", 48_000, 2),
+        ("goforward-44k.m4a", 44_100, 1),
+        ("goforward-8k.aac", 8_000, 1),
+    ] {
+        let path = dir.join(file);
+        let ext = path.extension().and_then(|e| e.to_str());
+        let pcm = speech::decode(std::fs::read(&path)?, ext, None)?;
+        assert_eq!(
+            (pcm.source_rate, pcm.source_channels),
+            (rate, channels),
+            "{file}"
+        );
+        // 2.79 s of speech; lossy codecs add priming and padding frames (raw ADTS at 8 kHz: 0.15 s).
+        assert!(
+            (pcm.duration_s() - 2.79).abs() < 0.2,
+            "{file}: {} s",
+            pcm.duration_s()
+        );
+        if let Some(engine) = &engine {
+            let t = engine.transcribe(&pcm.samples, &TranscribeOptions::default(), None)?;
+            let words = normalise(&t.text);
+            assert!(words.contains(&"forward".to_owned()), "{file}: {}", t.text);
+        }
+    }
+    Ok(())
+}
