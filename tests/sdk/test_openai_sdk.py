@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import httpx
 import openai
-import pydantic
 import pytest
 from openai import OpenAI
 from openai.types import Model, Moderation, ModerationCreateResponse
@@ -142,15 +141,11 @@ def test_moderation_list_input(client: OpenAI, server: Server):
     assert kind.category_scores.harassment < 0.2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pydantic.ValidationError,
-    reason="triage bug: moderation results lack `category_applied_input_types`, a required "
-    "field of the SDK's Moderation type (the SDK's lenient parse leaves it None)",
-)
 def test_moderation_response_validates_against_sdk_schema(client: OpenAI):
     raw = client.moderations.with_raw_response.create(model="omni-moderation-latest", input=KIND)
-    ModerationCreateResponse.model_validate(raw.http_response.json())
+    parsed = ModerationCreateResponse.model_validate(raw.http_response.json())
+    assert parsed.results[0].category_applied_input_types.harassment == ["text"]
+    assert raw.headers["x-request-id"]
 
 
 def test_moderation_raw_response_headers(client: OpenAI):

@@ -236,6 +236,11 @@ fn finish(state: &AppState, route: &str, started: Instant, mut response: Respons
         started.elapsed().as_secs_f64(),
     );
     let headers = response.headers_mut();
+    if !headers.contains_key("x-request-id")
+        && let Ok(v) = HeaderValue::from_str(&request_id("req"))
+    {
+        headers.insert("x-request-id", v);
+    }
     if !headers.contains_key("x-triage-tier") {
         headers.insert("x-triage-tier", HeaderValue::from_static("none"));
     }
@@ -409,10 +414,15 @@ async fn moderations(
             })
             .collect();
         let flagged = categories.values().any(|v| v.as_bool() == Some(true));
+        let applied: Map<String, Value> = OPENAI_CATEGORIES
+            .iter()
+            .map(|c| ((*c).to_owned(), json!(["text"])))
+            .collect();
         results.push(json!({
             "flagged": flagged,
             "categories": categories,
             "category_scores": scores,
+            "category_applied_input_types": applied,
             "triage": {"labels": extra, "truncated": c.truncated},
         }));
     }
