@@ -160,6 +160,7 @@ pub async fn run(
         limits,
         keys: keys_from_env(),
         metrics: Default::default(),
+        jobs: Default::default(),
         cpu_hour_usd: args.cpu_hour_usd,
     });
     let socket = args.socket.or_else(|| Some(default_socket()));

@@ -91,6 +91,7 @@ pub struct AppState {
     pub limits: Limits,
     pub keys: Vec<ApiKey>,
     pub metrics: Metrics,
+    pub jobs: crate::jobs::Jobs,
     /// Dollars per CPU-hour of local compute, for `x-triage-cost-usd`.
     pub cpu_hour_usd: f64,
 }
@@ -122,6 +123,13 @@ pub fn router(state: Shared) -> Router {
             "/v1/audio/transcriptions",
             post(transcriptions).layer(DefaultBodyLimit::max(audio_limit)),
         )
+        .route(
+            "/v1/jobs",
+            post(crate::jobs::submit).layer(DefaultBodyLimit::max(audio_limit)),
+        )
+        .route("/v1/jobs/{id}", get(crate::jobs::status))
+        .route("/v1/jobs/{id}/result", get(crate::jobs::result))
+        .route("/v1/jobs/{id}/events", get(crate::jobs::events))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -158,6 +166,7 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
             let task = match route.as_str() {
                 "/v1/moderations" => Some("moderation"),
                 "/v1/audio/transcriptions" => Some("transcription"),
+                r if r.starts_with("/v1/jobs") => Some("transcription"),
                 _ => None,
             };
             if let Some(task) = task

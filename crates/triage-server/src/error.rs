@@ -28,6 +28,8 @@ pub enum ApiError {
     UnsupportedMedia(String),
     #[error("{0}")]
     Unprocessable(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("the server is overloaded; retry after {retry_after_s} s")]
     Overloaded { retry_after_s: u64 },
     #[error("{0} is not ready")]
@@ -54,6 +56,7 @@ impl ApiError {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -70,6 +73,7 @@ impl ApiError {
             Self::TooLarge { .. } => ("invalid_request_error", "request_too_large"),
             Self::UnsupportedMedia(_) => ("invalid_request_error", "unsupported_media"),
             Self::Unprocessable(_) => ("invalid_request_error", "unprocessable"),
+            Self::Conflict(_) => ("invalid_request_error", "conflict"),
             Self::Overloaded { .. } => ("rate_limit_error", "overloaded"),
             Self::NotReady(_) => ("server_error", "not_ready"),
             Self::Internal(_) => ("server_error", "internal_error"),

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod error;
+pub mod jobs;
 pub mod metrics;
 
 pub use app::{ApiKey, AppState, Limits, Peer, router};

@@ -70,6 +70,7 @@ fn state(batching: BatchConfig, whisper: bool) -> anyhow::Result<Arc<AppState>> 
             tasks: vec!["moderation".into()],
         }],
         metrics: Default::default(),
+        jobs: Default::default(),
         cpu_hour_usd: 0.04,
     }))
 }
@@ -467,5 +468,89 @@ async fn end_to_end_over_a_unix_socket_and_tcp() -> anyhow::Result<()> {
     let _ = stop_tx.send(());
     server.await??;
     assert!(!sock.exists(), "the socket file is removed on shutdown");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_to_completion_without_their_client() -> anyhow::Result<()> {
+    let st = state(BatchConfig::default(), true)?;
+    if st.whisper.is_none() {
+        return Ok(());
+    }
+    let app = router(st);
+    let clip = whisper_model()
+        .and_then(|m| {
+            m.parent()?
+                .parent()?
+                .parent()
+                .map(|s| s.join("data/speech/librivox_ss01_0870.wav"))
+        })
+        .expect("shared folder");
+    let audio = std::fs::read(clip)?;
+    let (ct, body) = multipart(&[("task", "transcription")], Some(("long.wav", &audio)));
+    // The submitting request returns at once; nobody waits on the job.
+    let (s, _, v) = call(
+        app.clone(),
+        Request::post("/v1/jobs")
+            .header("content-type", ct)
+            .body(Body::from(body))?,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().expect("job id").to_owned();
+
+    let (s, _, early) = call(
+        app.clone(),
+        Request::get(format!("/v1/jobs/{id}/result")).body(Body::empty())?,
+    )
+    .await?;
+    if s != StatusCode::OK {
+        assert_eq!(s, StatusCode::CONFLICT, "{early}");
+    }
+    // Progress as server-sent events, ending with the final state.
+    let resp = app
+        .clone()
+        .oneshot(Request::get(format!("/v1/jobs/{id}/events")).body(Body::empty())?)
+        .await?;
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let events = String::from_utf8(resp.into_body().collect().await?.to_bytes().to_vec())?;
+    assert!(events.contains("event: done"), "{events}");
+    let (s, _, status) = call(
+        app.clone(),
+        Request::get(format!("/v1/jobs/{id}")).body(Body::empty())?,
+    )
+    .await?;
+    assert_eq!(
+        (s, status["status"].as_str(), status["progress"].as_u64()),
+        (StatusCode::OK, Some("succeeded"), Some(100))
+    );
+    let (s, _, result) = call(
+        app.clone(),
+        Request::get(format!("/v1/jobs/{id}/result")).body(Body::empty())?,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        result["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Dashwood")),
+        "{result}"
+    );
+
+    let (s, _, _) = call(
+        app.clone(),
+        Request::get("/v1/jobs/job-nope").body(Body::empty())?,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (ct, body) = multipart(&[], Some(("broken.mp3", b"definitely not audio")));
+    let (s, _, v) = call(
+        app,
+        Request::post("/v1/jobs")
+            .header("content-type", ct)
+            .body(Body::from(body))?,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     Ok(())
 }

@@ -1,0 +1,288 @@
+//! Jobs for long audio: submit, then poll, stream progress (server-sent
+//! events) and fetch the result. A job runs in its own task, so it finishes
+//! even when the client that submitted it has gone. Finished jobs are kept
+//! for an hour; the store is bounded.
+
+use crate::app::Shared;
+use crate::error::ApiError;
+use axum::Json;
+use axum::extract::{Multipart, Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use triage_local::speech::{self, TranscribeOptions};
+
+const KEEP_FINISHED: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone)]
+enum Status {
+    Queued,
+    Running,
+    Succeeded(Value),
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Job {
+    status: Mutex<Status>,
+    progress: AtomicU8,
+    created_at: u64,
+    finished: Mutex<Option<Instant>>,
+    changed: tokio::sync::watch::Sender<u8>,
+}
+
+impl Job {
+    fn view(&self, id: &str) -> Value {
+        let status = self
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or(Status::Failed("poisoned".into()));
+        let (name, result, error) = match status {
+            Status::Queued => ("queued", None, None),
+            Status::Running => ("running", None, None),
+            Status::Succeeded(v) => ("succeeded", Some(v), None),
+            Status::Failed(e) => ("failed", None, Some(e)),
+        };
+        json!({
+            "id": id, "object": "job", "task": "transcription", "status": name,
+            "progress": self.progress.load(Ordering::Relaxed), "created_at": self.created_at,
+            "result": result, "error": error,
+        })
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(
+            self.status.lock().map(|s| s.clone()),
+            Ok(Status::Succeeded(_) | Status::Failed(_))
+        )
+    }
+}
+
+/// The jobs of one server.
+#[derive(Debug, Default)]
+pub struct Jobs {
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+}
+
+impl Jobs {
+    fn get(&self, id: &str) -> Result<Arc<Job>, ApiError> {
+        self.jobs
+            .lock()
+            .ok()
+            .and_then(|j| j.get(id).cloned())
+            .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))
+    }
+
+    /// Drop finished jobs past their retention; refuse when still full.
+    fn insert(&self, id: String, job: Arc<Job>, capacity: usize) -> Result<(), ApiError> {
+        let mut jobs = self
+            .jobs
+            .lock()
+            .map_err(|_| ApiError::Internal("job store poisoned".into()))?;
+        jobs.retain(|_, j| {
+            j.finished
+                .lock()
+                .ok()
+                .and_then(|f| *f)
+                .is_none_or(|t| t.elapsed() < KEEP_FINISHED)
+        });
+        if jobs.len() >= capacity {
+            return Err(ApiError::Overloaded { retry_after_s: 30 });
+        }
+        jobs.insert(id, job);
+        Ok(())
+    }
+}
+
+/// `POST /v1/jobs`: multipart like `/v1/audio/transcriptions`; answers 202.
+pub async fn submit(
+    State(state): State<Shared>,
+    mut form: Multipart,
+) -> Result<Response, ApiError> {
+    let engine = state
+        .whisper
+        .clone()
+        .ok_or_else(|| ApiError::NotReady("transcription".into()))?;
+    let (mut file, mut language) = (None, None);
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| ApiError::bad(format!("malformed multipart body: {e}"), None))?
+    {
+        match field.name().unwrap_or_default() {
+            "file" => {
+                let name = field.file_name().map(str::to_owned);
+                let bytes = field
+                    .bytes()
+                    .await
+                    .map_err(|e| ApiError::bad(format!("cannot read `file`: {e}"), Some("file")))?;
+                file = Some((name, bytes.to_vec()));
+            }
+            "task" => {
+                let task = field.text().await.unwrap_or_default();
+                if task != "transcription" {
+                    return Err(ApiError::bad(
+                        format!("task `{task}` is not served (transcription)"),
+                        Some("task"),
+                    ));
+                }
+            }
+            "language" => {
+                language = Some(field.text().await.unwrap_or_default()).filter(|l| !l.is_empty())
+            }
+            _ => {}
+        }
+    }
+    let (name, bytes) = file.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
+    let ext = name
+        .as_deref()
+        .and_then(|n| n.rsplit_once('.'))
+        .map(|(_, e)| e.to_ascii_lowercase());
+    // Decode now so a broken file is a 400 for the submitter, not a failed job.
+    let max = state.limits.max_audio_s;
+    let pcm = tokio::task::spawn_blocking(move || speech::decode(bytes, ext.as_deref(), Some(max)))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::bad(format!("the audio file cannot be used: {e}"), Some("file")))?;
+
+    let id = format!(
+        "job-{:x}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let (changed, _) = tokio::sync::watch::channel(0u8);
+    let job = Arc::new(Job {
+        status: Mutex::new(Status::Queued),
+        progress: AtomicU8::new(0),
+        created_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        finished: Mutex::new(None),
+        changed,
+    });
+    state.jobs.insert(id.clone(), job.clone(), 1000)?;
+    let slots = state.whisper_slots.clone();
+    let metrics_state = state.clone();
+    tokio::spawn(async move {
+        let Ok(permit) = slots.acquire_owned().await else {
+            return;
+        };
+        if let Ok(mut s) = job.status.lock() {
+            *s = Status::Running;
+        }
+        job.changed.send_replace(0);
+        let progress_job = job.clone();
+        let started = Instant::now();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let cb: Box<dyn FnMut(i32) + Send> = Box::new(move |p| {
+                let p = p.clamp(0, 100) as u8;
+                progress_job.progress.store(p, Ordering::Relaxed);
+                progress_job.changed.send_replace(p);
+            });
+            engine.transcribe(
+                &pcm.samples,
+                &TranscribeOptions {
+                    language,
+                    token_probs: false,
+                },
+                Some(cb),
+            )
+        })
+        .await;
+        let status = match outcome {
+            Ok(Ok(t)) => {
+                let usd = started.elapsed().as_secs_f64() / 3600.0 * metrics_state.cpu_hour_usd;
+                metrics_state
+                    .metrics
+                    .answered("transcription", "local", usd);
+                job.progress.store(100, Ordering::Relaxed);
+                Status::Succeeded(serde_json::to_value(&t).unwrap_or(Value::Null))
+            }
+            Ok(Err(e)) => Status::Failed(e.to_string()),
+            Err(e) => Status::Failed(format!("the job stopped: {e}")),
+        };
+        if let Ok(mut s) = job.status.lock() {
+            *s = status;
+        }
+        if let Ok(mut f) = job.finished.lock() {
+            *f = Some(Instant::now());
+        }
+        job.changed.send_replace(100);
+    });
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(json!({"id": id, "object": "job", "status": "queued"})),
+    )
+        .into_response())
+}
+
+/// `GET /v1/jobs/{id}`.
+pub async fn status(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.jobs.get(&id)?.view(&id)))
+}
+
+/// `GET /v1/jobs/{id}/result`: the transcript, or 409 while the job runs.
+pub async fn result(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = state.jobs.get(&id)?;
+    let status = job
+        .status
+        .lock()
+        .map(|s| s.clone())
+        .map_err(|_| ApiError::Internal("poisoned".into()))?;
+    match status {
+        Status::Succeeded(v) => Ok(Json(v)),
+        Status::Failed(e) => Err(ApiError::Unprocessable(format!("job `{id}` failed: {e}"))),
+        _ => Err(ApiError::Conflict(format!(
+            "job `{id}` has not finished; poll /v1/jobs/{id} or stream /v1/jobs/{id}/events"
+        ))),
+    }
+}
+
+/// `GET /v1/jobs/{id}/events`: server-sent events with the job's state on
+/// every change, ending after the final state.
+pub async fn events(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = state.jobs.get(&id)?;
+    let rx = job.changed.subscribe();
+    let stream = futures_util::stream::unfold(
+        (job, rx, id, false),
+        |(job, mut rx, id, sent_final)| async move {
+            if sent_final {
+                return None;
+            }
+            let done = job.is_done();
+            let event = Event::default()
+                .event(if done { "done" } else { "progress" })
+                .json_data(job.view(&id))
+                .ok()?;
+            if !done {
+                // Wait for the next change (or a timeout, to re-send state).
+                let _ = tokio::time::timeout(Duration::from_secs(15), rx.changed()).await;
+            }
+            Some((
+                Ok::<_, std::convert::Infallible>(event),
+                (job, rx, id, done),
+            ))
+        },
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
