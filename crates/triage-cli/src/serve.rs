@@ -55,41 +55,53 @@ fn default_socket() -> PathBuf {
     base.join("triage").join("triage.sock")
 }
 
-/// `TRIAGE_API_KEYS`: comma-separated `key` or `name:key` or `name:key:task+task`.
-fn keys_from_env() -> Vec<ApiKey> {
-    std::env::var("TRIAGE_API_KEYS")
+/// `TRIAGE_API_KEYS`: comma-separated `key`, `name:key`, `name:key:task+task`
+/// or `name:key:task+task:rpm` (an empty task list allows every task).
+fn keys_from_env() -> Result<Vec<ApiKey>> {
+    let mut keys = Vec::new();
+    for (i, entry) in std::env::var("TRIAGE_API_KEYS")
         .unwrap_or_default()
         .split(',')
         .map(str::trim)
-        .filter(|s| !s.is_empty())
         .enumerate()
-        .map(|(i, entry)| {
-            let parts: Vec<&str> = entry.split(':').collect();
-            match parts.as_slice() {
-                [key] => ApiKey {
-                    key: (*key).to_owned(),
-                    name: format!("key{i}"),
-                    tasks: vec![],
-                },
-                [name, key] => ApiKey {
-                    key: (*key).to_owned(),
-                    name: (*name).to_owned(),
-                    tasks: vec![],
-                },
-                [name, key, tasks, ..] => ApiKey {
-                    key: (*key).to_owned(),
-                    name: (*name).to_owned(),
-                    tasks: tasks.split('+').map(str::to_owned).collect(),
-                },
-                [] => ApiKey {
-                    key: String::new(),
-                    name: String::new(),
-                    tasks: vec![],
-                },
-            }
-        })
-        .filter(|k| !k.key.is_empty())
-        .collect()
+    {
+        if entry.is_empty() {
+            continue;
+        }
+        let parts: Vec<&str> = entry.split(':').collect();
+        let (name, key) = match parts.as_slice() {
+            [key] => (format!("key{i}"), *key),
+            [name, key, ..] => ((*name).to_owned(), *key),
+            [] => continue,
+        };
+        let tasks = parts
+            .get(2)
+            .map(|t| {
+                t.split('+')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rpm = parts
+            .get(3)
+            .map(|r| {
+                r.parse::<u32>().with_context(|| {
+                    format!("TRIAGE_API_KEYS: `{r}` is not a requests-per-minute number")
+                })
+            })
+            .transpose()?;
+        if key.is_empty() {
+            bail!("TRIAGE_API_KEYS entry {} has an empty key", i + 1);
+        }
+        keys.push(ApiKey {
+            key: key.to_owned(),
+            name,
+            tasks,
+            rpm,
+        });
+    }
+    Ok(keys)
 }
 
 pub async fn run(
@@ -158,9 +170,10 @@ pub async fn run(
         whisper,
         whisper_slots: Arc::new(tokio::sync::Semaphore::new(limits.audio_parallel)),
         limits,
-        keys: keys_from_env(),
+        keys: keys_from_env()?,
         metrics: Default::default(),
         jobs: Default::default(),
+        rate_limits: Default::default(),
         cpu_hour_usd: args.cpu_hour_usd,
     });
     let socket = args.socket.or_else(|| Some(default_socket()));

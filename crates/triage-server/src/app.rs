@@ -53,6 +53,35 @@ pub struct ApiKey {
     pub key: String,
     pub name: String,
     pub tasks: Vec<String>,
+    /// Requests per minute this key may make (token bucket); `None`: unlimited.
+    pub rpm: Option<u32>,
+}
+
+/// Per-key token buckets.
+#[derive(Debug, Default)]
+pub struct RateLimits {
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimits {
+    /// Take one request from `key`'s bucket; `Err(seconds)` until the next one.
+    pub fn take(&self, key: &str, rpm: u32) -> Result<(), u64> {
+        let capacity = f64::from(rpm.max(1));
+        let per_second = capacity / 60.0;
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let (tokens, at) = buckets.entry(key.to_owned()).or_insert((capacity, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(capacity);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / per_second).ceil() as u64)
+        }
+    }
 }
 
 /// Limits on what a request may ask for.
@@ -92,6 +121,7 @@ pub struct AppState {
     pub keys: Vec<ApiKey>,
     pub metrics: Metrics,
     pub jobs: crate::jobs::Jobs,
+    pub rate_limits: RateLimits,
     /// Dollars per CPU-hour of local compute, for `x-triage-cost-usd`.
     pub cpu_hour_usd: f64,
 }
@@ -178,6 +208,16 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
                     &route,
                     started,
                     ApiError::Forbidden(task.to_owned()).into_response(),
+                );
+            }
+            if let Some(rpm) = key.rpm
+                && let Err(retry_after_s) = state.rate_limits.take(&key.name, rpm)
+            {
+                return finish(
+                    &state,
+                    &route,
+                    started,
+                    ApiError::Overloaded { retry_after_s }.into_response(),
                 );
             }
             tracing::debug!(%addr, key = %key.name, %route, "request");

@@ -64,13 +64,23 @@ fn state(batching: BatchConfig, whisper: bool) -> anyhow::Result<Arc<AppState>> 
         whisper,
         whisper_slots: Arc::new(tokio::sync::Semaphore::new(1)),
         limits,
-        keys: vec![ApiKey {
-            key: "sekret".into(),
-            name: "ci".into(),
-            tasks: vec!["moderation".into()],
-        }],
+        keys: vec![
+            ApiKey {
+                key: "sekret".into(),
+                name: "ci".into(),
+                tasks: vec!["moderation".into()],
+                rpm: None,
+            },
+            ApiKey {
+                key: "slow".into(),
+                name: "slow".into(),
+                tasks: vec![],
+                rpm: Some(3),
+            },
+        ],
         metrics: Default::default(),
         jobs: Default::default(),
+        rate_limits: Default::default(),
         cpu_hour_usd: 0.04,
     }))
 }
@@ -213,6 +223,27 @@ async fn tcp_peers_need_a_key_with_the_right_scope() -> anyhow::Result<()> {
     req.headers_mut()
         .insert("authorization", "Bearer sekret".parse()?);
     assert_eq!(call(app.clone(), req).await?.0, StatusCode::FORBIDDEN);
+    // A key limited to 3 requests a minute gets 429 with Retry-After on the fourth.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let mut req = tcp(post_json("/v1/moderations", r#"{"input": "x"}"#));
+        req.headers_mut()
+            .insert("authorization", "Bearer slow".parse()?);
+        let resp = app.clone().oneshot(req).await?;
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert!(resp.headers()["retry-after"].to_str()?.parse::<u64>()? >= 1);
+        }
+        statuses.push(resp.status());
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
     // Health stays open.
     assert_eq!(
         call(app, tcp(Request::get("/health").body(Body::empty())?))
