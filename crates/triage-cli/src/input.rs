@@ -144,4 +144,46 @@ mod tests {
         );
         assert!(items[4].is_ok());
     }
+
+    /// Random bytes and mutated JSONL never panic, and every non-blank line
+    /// gets exactly one result, numbered in order.
+    #[test]
+    fn random_input_never_panics_and_keeps_line_numbers() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let seed = br#"{"text": "hello \u00e9 world", "id": 1, "nested": {"a": [1, 2.5, null]}}"#;
+        for round in 0..2000 {
+            let mut bytes: Vec<u8> = if round % 2 == 0 {
+                (0..(next() % 200)).map(|_| (next() & 0xff) as u8).collect()
+            } else {
+                let mut b = seed.to_vec();
+                for _ in 0..(1 + next() % 4) {
+                    let i = (next() as usize) % b.len();
+                    b[i] = (next() & 0xff) as u8;
+                }
+                b
+            };
+            bytes.extend(b"\n{\"text\": \"tail\"}\n");
+            let items = parse_jsonl(&bytes);
+            let expected = bytes
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+                .count();
+            assert_eq!(items.len(), expected, "round {round}");
+            let lines: Vec<usize> = items
+                .iter()
+                .map(|r| r.as_ref().map(|i| i.line).unwrap_or_else(LineError::line))
+                .collect();
+            assert!(
+                lines.windows(2).all(|w| w[0] < w[1]),
+                "round {round}: {lines:?}"
+            );
+            assert!(matches!(items.last(), Some(Ok(item)) if item.text == "tail"));
+        }
+    }
 }
