@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use triage_core::LocalTask;
 use triage_local::metrics::{self, LabelStats, SelectivePoint};
-use triage_local::tokenize::Encoded;
+use triage_local::tokenize::{Encoded, first_subtokens, join_words};
 use triage_local::{Activation, LocalModel, ModelRef};
 
 /// What `triage eval` measures.
@@ -458,45 +458,6 @@ fn eval_toxicity(
 
 // ---------------------------------------------------------------- ner
 
-/// Join words with single spaces; returns the text and each word's
-/// character span `start..end`.
-fn join_words(tokens: &[String]) -> (String, Vec<(usize, usize)>) {
-    let mut text = String::new();
-    let mut spans = Vec::with_capacity(tokens.len());
-    let mut at = 0;
-    for (i, t) in tokens.iter().enumerate() {
-        if i > 0 {
-            text.push(' ');
-            at += 1;
-        }
-        text.push_str(t);
-        let len = t.chars().count();
-        spans.push((at, at + len));
-        at += len;
-    }
-    (text, spans)
-}
-
-/// For each word, the index of its first sub-token in `window`; `None` for
-/// words the window does not reach (truncation) or the tokenizer dropped.
-fn first_subtokens(window: &Encoded, spans: &[(usize, usize)]) -> Vec<Option<usize>> {
-    let mut first = vec![None; spans.len()];
-    for (i, &(start, _)) in window.offsets.iter().enumerate() {
-        if window.special[i] {
-            continue;
-        }
-        // The word whose span holds the sub-token's first character.
-        let w = spans.partition_point(|&(s, _)| s <= start);
-        if let Some(w) = w.checked_sub(1)
-            && start < spans[w].1
-            && first[w].is_none()
-        {
-            first[w] = Some(i);
-        }
-    }
-    first
-}
-
 /// A model label as an IOB tag: `O`, `B-X` and `I-X` stay; a bare `X` is
 /// read as inside an `X` chunk (IO tagging).
 fn as_iob(label: &str) -> String {
@@ -679,25 +640,6 @@ fn selective_svg(points: &[SelectivePoint], title: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn words_map_to_their_first_sub_token() {
-        let tokens: Vec<String> = ["Zürich", "is", "big"].map(String::from).to_vec();
-        let (text, spans) = join_words(&tokens);
-        assert_eq!(text, "Zürich is big");
-        assert_eq!(spans, [(0, 6), (7, 9), (10, 13)]);
-        // [CLS] Zü ##rich is [SEP]: "big" fell past the window.
-        let window = Encoded {
-            ids: vec![0; 5],
-            type_ids: vec![0; 5],
-            special: vec![true, false, false, false, true],
-            offsets: vec![(0, 0), (0, 2), (2, 6), (7, 9), (0, 0)],
-            tokens: ["[CLS]", "Zü", "##rich", "is", "[SEP]"]
-                .map(String::from)
-                .to_vec(),
-        };
-        assert_eq!(first_subtokens(&window, &spans), [Some(1), Some(3), None]);
-    }
 
     #[test]
     fn positive_probability_sums_softmax_and_maxes_sigmoid() {

@@ -140,3 +140,72 @@ impl TextTokenizer {
         })
     }
 }
+
+/// Join pre-split words with single spaces; returns the text and each word's
+/// character span `start..end`.
+pub fn join_words(words: &[String]) -> (String, Vec<(usize, usize)>) {
+    let mut text = String::new();
+    let mut spans = Vec::with_capacity(words.len());
+    let mut at = 0;
+    for (i, w) in words.iter().enumerate() {
+        if i > 0 {
+            text.push(' ');
+            at += 1;
+        }
+        text.push_str(w);
+        let len = w.chars().count();
+        spans.push((at, at + len));
+        at += len;
+    }
+    (text, spans)
+}
+
+/// For each word, the index of its first sub-token in `window`; `None` for
+/// words the window does not reach (truncation) or the tokenizer dropped.
+pub fn first_subtokens(window: &Encoded, spans: &[(usize, usize)]) -> Vec<Option<usize>> {
+    let mut first = vec![None; spans.len()];
+    for (i, &(start, end)) in window.offsets.iter().enumerate() {
+        if window.special[i] || end <= start {
+            continue;
+        }
+        // The word whose span holds the sub-token's first character.
+        let w = spans.partition_point(|&(s, _)| s <= start);
+        if let Some(w) = w.checked_sub(1)
+            && start < spans[w].1
+            && first[w].is_none()
+        {
+            first[w] = Some(i);
+        }
+    }
+    first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(special: Vec<bool>, offsets: Vec<(usize, usize)>, tokens: &[&str]) -> Encoded {
+        Encoded {
+            ids: vec![0; tokens.len()],
+            type_ids: vec![0; tokens.len()],
+            special,
+            offsets,
+            tokens: tokens.iter().map(|t| (*t).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn words_map_to_their_first_sub_token() {
+        let words: Vec<String> = ["Zürich", "is", "big"].map(String::from).to_vec();
+        let (text, spans) = join_words(&words);
+        assert_eq!(text, "Zürich is big");
+        assert_eq!(spans, [(0, 6), (7, 9), (10, 13)]);
+        // [CLS] Zü ##rich is [SEP]: "big" fell past the window.
+        let w = window(
+            vec![true, false, false, false, true],
+            vec![(0, 0), (0, 2), (2, 6), (7, 9), (0, 0)],
+            &["[CLS]", "Zü", "##rich", "is", "[SEP]"],
+        );
+        assert_eq!(first_subtokens(&w, &spans), [Some(1), Some(3), None]);
+    }
+}

@@ -486,6 +486,47 @@ async fn moderations(
     ))
 }
 
+/// The fields of an audio upload (`/v1/audio/transcriptions`, `/v1/jobs`).
+#[derive(Debug, Default)]
+pub(crate) struct AudioForm {
+    /// File name (for its extension) and bytes.
+    pub file: Option<(Option<String>, Vec<u8>)>,
+    pub model: Option<String>,
+    pub format: Option<String>,
+    pub language: Option<String>,
+    pub task: Option<String>,
+}
+
+pub(crate) async fn read_audio_form(form: &mut Multipart) -> Result<AudioForm, ApiError> {
+    let mut out = AudioForm::default();
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| ApiError::bad(format!("malformed multipart body: {e}"), None))?
+    {
+        let name = field.name().unwrap_or_default().to_owned();
+        if name == "file" {
+            let file_name = field.file_name().map(str::to_owned);
+            let bytes = field
+                .bytes()
+                .await
+                .map_err(|e| ApiError::bad(format!("cannot read `file`: {e}"), Some("file")))?;
+            out.file = Some((file_name, bytes.to_vec()));
+            continue;
+        }
+        let text = field.text().await.unwrap_or_default();
+        let text = Some(text).filter(|t| !t.is_empty());
+        match name.as_str() {
+            "model" => out.model = text,
+            "response_format" => out.format = text,
+            "language" => out.language = text,
+            "task" => out.task = text,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 async fn transcriptions(
     State(state): State<Shared>,
     mut form: Multipart,
@@ -494,29 +535,14 @@ async fn transcriptions(
         .whisper
         .clone()
         .ok_or_else(|| ApiError::NotReady("transcription".into()))?;
-    let (mut file, mut model, mut format, mut language) = (None, None, "json".to_owned(), None);
-    while let Some(field) = form
-        .next_field()
-        .await
-        .map_err(|e| ApiError::bad(format!("malformed multipart body: {e}"), None))?
-    {
-        match field.name().unwrap_or_default() {
-            "file" => {
-                let name = field.file_name().map(str::to_owned);
-                let bytes = field
-                    .bytes()
-                    .await
-                    .map_err(|e| ApiError::bad(format!("cannot read `file`: {e}"), Some("file")))?;
-                file = Some((name, bytes.to_vec()));
-            }
-            "model" => model = Some(field.text().await.unwrap_or_default()),
-            "response_format" => format = field.text().await.unwrap_or_default(),
-            "language" => {
-                language = Some(field.text().await.unwrap_or_default()).filter(|l| !l.is_empty())
-            }
-            _ => {}
-        }
-    }
+    let AudioForm {
+        file,
+        model,
+        format,
+        language,
+        ..
+    } = read_audio_form(&mut form).await?;
+    let format = format.unwrap_or_else(|| "json".to_owned());
     let model = model.ok_or_else(|| ApiError::bad("`model` is required", Some("model")))?;
     if !TRANSCRIPTION_MODELS.contains(&model.as_str()) {
         return Err(ApiError::UnknownModel(model));

@@ -108,35 +108,17 @@ pub async fn submit(
         .whisper
         .clone()
         .ok_or_else(|| ApiError::NotReady("transcription".into()))?;
-    let (mut file, mut language) = (None, None);
-    while let Some(field) = form
-        .next_field()
-        .await
-        .map_err(|e| ApiError::bad(format!("malformed multipart body: {e}"), None))?
-    {
-        match field.name().unwrap_or_default() {
-            "file" => {
-                let name = field.file_name().map(str::to_owned);
-                let bytes = field
-                    .bytes()
-                    .await
-                    .map_err(|e| ApiError::bad(format!("cannot read `file`: {e}"), Some("file")))?;
-                file = Some((name, bytes.to_vec()));
-            }
-            "task" => {
-                let task = field.text().await.unwrap_or_default();
-                if task != "transcription" {
-                    return Err(ApiError::bad(
-                        format!("task `{task}` is not served (transcription)"),
-                        Some("task"),
-                    ));
-                }
-            }
-            "language" => {
-                language = Some(field.text().await.unwrap_or_default()).filter(|l| !l.is_empty())
-            }
-            _ => {}
-        }
+    let crate::app::AudioForm {
+        file,
+        language,
+        task,
+        ..
+    } = crate::app::read_audio_form(&mut form).await?;
+    if let Some(task) = task.filter(|t| t != "transcription") {
+        return Err(ApiError::bad(
+            format!("task `{task}` is not served (transcription)"),
+            Some("task"),
+        ));
     }
     let (name, bytes) = file.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
     let ext = name

@@ -1,7 +1,7 @@
 //! Training data: JSONL read, checked and tokenized before any training starts.
 
 use super::TrainError;
-use crate::tokenize::TextTokenizer;
+use crate::tokenize::{TextTokenizer, first_subtokens, join_words};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -217,46 +217,6 @@ fn token_fields(
     Ok((tokens, tags))
 }
 
-/// Join words with spaces and remember each word's character span.
-pub fn join_words(words: &[String]) -> (String, Vec<(usize, usize)>) {
-    let mut text = String::new();
-    let mut spans = Vec::with_capacity(words.len());
-    let mut pos = 0;
-    for (i, w) in words.iter().enumerate() {
-        if i > 0 {
-            text.push(' ');
-            pos += 1;
-        }
-        let n = w.chars().count();
-        spans.push((pos, pos + n));
-        text.push_str(w);
-        pos += n;
-    }
-    (text, spans)
-}
-
-/// For each word, the first token whose span starts inside it.
-pub fn first_tokens(
-    spans: &[(usize, usize)],
-    offsets: &[(usize, usize)],
-    special: &[bool],
-) -> Vec<Option<usize>> {
-    let mut first = vec![None; spans.len()];
-    let mut w = 0;
-    for (t, &(start, end)) in offsets.iter().enumerate() {
-        if special[t] || end <= start {
-            continue;
-        }
-        while w < spans.len() && spans[w].1 <= start {
-            w += 1;
-        }
-        if w < spans.len() && spans[w].0 <= start && first[w].is_none() {
-            first[w] = Some(t);
-        }
-    }
-    first
-}
-
 pub fn load_tokens(
     path: &Path,
     labels: &[String],
@@ -269,7 +229,7 @@ pub fn load_tokens(
             let (text, spans) = join_words(&words);
             let enc = tok.encode(&text, false).map_err(TrainError::Local)?;
             let w = &enc.windows[0];
-            let word_tokens = first_tokens(&spans, &w.offsets, &w.special);
+            let word_tokens = first_subtokens(w, &spans);
             let mut token_labels = vec![None; w.len()];
             for (wi, t) in word_tokens.iter().enumerate() {
                 if let Some(t) = t {
@@ -293,32 +253,4 @@ pub fn load_tokens(
             })
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn words_map_to_their_first_token() {
-        let words: Vec<String> = ["EU", "rejects", "German"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let (text, spans) = join_words(&words);
-        assert_eq!(text, "EU rejects German");
-        assert_eq!(spans, vec![(0, 2), (3, 10), (11, 17)]);
-        // [CLS] eu re ##jects german [SEP]
-        let offsets = [(0, 0), (0, 2), (3, 5), (5, 10), (11, 17), (0, 0)];
-        let special = [true, false, false, false, false, true];
-        assert_eq!(
-            first_tokens(&spans, &offsets, &special),
-            vec![Some(1), Some(2), Some(4)]
-        );
-        // Truncated after "re": the last word has no token.
-        assert_eq!(
-            first_tokens(&spans, &offsets[..3], &special[..3]),
-            vec![Some(1), Some(2), None]
-        );
-    }
 }
