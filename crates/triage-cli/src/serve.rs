@@ -173,6 +173,7 @@ pub async fn run(
         keys: keys_from_env()?,
         metrics: Default::default(),
         jobs: Default::default(),
+        audio_waiting: Default::default(),
         rate_limits: Default::default(),
         cpu_hour_usd: args.cpu_hour_usd,
     });

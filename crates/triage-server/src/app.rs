@@ -117,6 +117,8 @@ pub struct AppState {
     pub flag_threshold: f32,
     pub whisper: Option<Arc<WhisperEngine>>,
     pub whisper_slots: Arc<tokio::sync::Semaphore>,
+    /// Transcription requests admitted (running or waiting for a slot).
+    pub audio_waiting: std::sync::atomic::AtomicUsize,
     pub limits: Limits,
     pub keys: Vec<ApiKey>,
     pub metrics: Metrics,
@@ -497,6 +499,30 @@ pub(crate) struct AudioForm {
     pub task: Option<String>,
 }
 
+impl AudioForm {
+    /// The uploaded bytes and the file name's extension, lower case.
+    pub(crate) fn required_file(
+        file: Option<(Option<String>, Vec<u8>)>,
+    ) -> Result<(Vec<u8>, Option<String>), ApiError> {
+        let (name, bytes) =
+            file.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
+        let ext = name
+            .as_deref()
+            .and_then(|n| n.rsplit_once('.'))
+            .map(|(_, e)| e.to_ascii_lowercase());
+        Ok((bytes, ext))
+    }
+}
+
+/// Counts a request as waiting for transcription until it is dropped.
+struct WaitingGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub(crate) async fn read_audio_form(form: &mut Multipart) -> Result<AudioForm, ApiError> {
     let mut out = AudioForm::default();
     while let Some(field) = form
@@ -553,19 +579,12 @@ async fn transcriptions(
             Some("response_format"),
         ));
     }
-    let (name, bytes) = file.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
-    let ext = name
-        .as_deref()
-        .and_then(|n| n.rsplit_once('.'))
-        .map(|(_, e)| e.to_ascii_lowercase());
-    // Bounded waiting: past the queue, refuse rather than wait without end.
-    let waiting = state.limits.audio_parallel + state.limits.audio_queue;
-    if state
-        .limits
-        .audio_parallel
-        .saturating_sub(state.whisper_slots.available_permits())
-        >= waiting
-    {
+    let (bytes, ext) = AudioForm::required_file(file)?;
+    // Bounded waiting: past `audio_parallel + audio_queue` requests, refuse at
+    // once rather than queue without end.
+    let admitted = state.audio_waiting.fetch_add(1, Ordering::AcqRel);
+    let _admission = WaitingGuard(&state.audio_waiting);
+    if admitted >= state.limits.audio_parallel + state.limits.audio_queue {
         return Err(ApiError::Overloaded { retry_after_s: 5 });
     }
     let permit = match tokio::time::timeout(

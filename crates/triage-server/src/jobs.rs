@@ -120,11 +120,7 @@ pub async fn submit(
             Some("task"),
         ));
     }
-    let (name, bytes) = file.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
-    let ext = name
-        .as_deref()
-        .and_then(|n| n.rsplit_once('.'))
-        .map(|(_, e)| e.to_ascii_lowercase());
+    let (bytes, ext) = crate::app::AudioForm::required_file(file)?;
     // Decode now so a broken file is a 400 for the submitter, not a failed job.
     let max = state.limits.max_audio_s;
     let pcm = tokio::task::spawn_blocking(move || speech::decode(bytes, ext.as_deref(), Some(max)))

@@ -39,6 +39,21 @@ fn whisper_model() -> Option<PathBuf> {
 }
 
 fn state(batching: BatchConfig, whisper: bool) -> anyhow::Result<Arc<AppState>> {
+    state_with(
+        batching,
+        whisper,
+        Limits {
+            moderation_body_bytes: 4096,
+            ..Limits::default()
+        },
+    )
+}
+
+fn state_with(
+    batching: BatchConfig,
+    whisper: bool,
+    limits: Limits,
+) -> anyhow::Result<Arc<AppState>> {
     let model = LocalModel::load(
         &fixture("distilbert-seq-multilabel"),
         "tiny-toxicity",
@@ -50,10 +65,6 @@ fn state(batching: BatchConfig, whisper: bool) -> anyhow::Result<Arc<AppState>> 
         )?)),
         _ => None,
     };
-    let limits = Limits {
-        moderation_body_bytes: 4096,
-        ..Limits::default()
-    };
     Ok(Arc::new(AppState {
         moderation: Some(ModelHandle::spawn(model, batching)?),
         category_map: BTreeMap::from([
@@ -62,7 +73,7 @@ fn state(batching: BatchConfig, whisper: bool) -> anyhow::Result<Arc<AppState>> 
         ]),
         flag_threshold: 0.5,
         whisper,
-        whisper_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+        whisper_slots: Arc::new(tokio::sync::Semaphore::new(limits.audio_parallel)),
         limits,
         keys: vec![
             ApiKey {
@@ -80,6 +91,7 @@ fn state(batching: BatchConfig, whisper: bool) -> anyhow::Result<Arc<AppState>> 
         ],
         metrics: Default::default(),
         jobs: Default::default(),
+        audio_waiting: Default::default(),
         rate_limits: Default::default(),
         cpu_hour_usd: 0.04,
     }))
@@ -583,5 +595,58 @@ async fn jobs_run_to_completion_without_their_client() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcriptions_past_the_queue_are_refused_at_once() -> anyhow::Result<()> {
+    let limits = Limits {
+        audio_parallel: 1,
+        audio_queue: 1,
+        ..Limits::default()
+    };
+    let st = state_with(BatchConfig::default(), true, limits)?;
+    if st.whisper.is_none() {
+        return Ok(());
+    }
+    let app = router(st);
+    let clip = whisper_model()
+        .and_then(|m| {
+            m.parent()?
+                .parent()?
+                .parent()
+                .map(|s| s.join("data/speech/goforward.wav"))
+        })
+        .expect("shared folder");
+    let audio = std::fs::read(clip)?;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (ct, body) = multipart(&[("model", "whisper-1")], Some(("clip.wav", &audio)));
+        let app = app.clone();
+        set.spawn(async move {
+            let req = Request::post("/v1/audio/transcriptions")
+                .header("content-type", ct)
+                .body(Body::from(body))
+                .unwrap_or_default();
+            app.oneshot(req)
+                .await
+                .map(|r| (r.status(), r.headers().contains_key("retry-after")))
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let (status, retry_after) = r??;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert!(retry_after);
+        }
+        statuses.push(status);
+    }
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    // One runs, one waits, the other two are refused without waiting.
+    assert_eq!((ok, refused), (2, 2), "{statuses:?}");
     Ok(())
 }
