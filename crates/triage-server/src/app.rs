@@ -136,6 +136,15 @@ impl std::fmt::Debug for AppState {
     }
 }
 
+impl AppState {
+    /// The Whisper engine, or 503 when this server has none.
+    pub(crate) fn whisper_engine(&self) -> Result<Arc<WhisperEngine>, ApiError> {
+        self.whisper
+            .clone()
+            .ok_or_else(|| ApiError::NotReady("transcription".into()))
+    }
+}
+
 pub type Shared = Arc<AppState>;
 
 /// Build the router.
@@ -557,10 +566,7 @@ async fn transcriptions(
     State(state): State<Shared>,
     mut form: Multipart,
 ) -> Result<Response, ApiError> {
-    let engine = state
-        .whisper
-        .clone()
-        .ok_or_else(|| ApiError::NotReady("transcription".into()))?;
+    let engine = state.whisper_engine()?;
     let AudioForm {
         file,
         model,

@@ -104,10 +104,7 @@ pub async fn submit(
     State(state): State<Shared>,
     mut form: Multipart,
 ) -> Result<Response, ApiError> {
-    let engine = state
-        .whisper
-        .clone()
-        .ok_or_else(|| ApiError::NotReady("transcription".into()))?;
+    let engine = state.whisper_engine()?;
     let crate::app::AudioForm {
         file,
         language,

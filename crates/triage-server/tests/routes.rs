@@ -20,11 +20,14 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn whisper_model() -> Option<PathBuf> {
-    let shared = std::env::var_os("TRIAGE_SHARED")
+fn shared_dir() -> PathBuf {
+    std::env::var_os("TRIAGE_SHARED")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    let p = shared.join("models/whisper-tiny.en/ggml-model-f16.bin");
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
+}
+
+fn whisper_model() -> Option<PathBuf> {
+    let p = shared_dir().join("models/whisper-tiny.en/ggml-model-f16.bin");
     if p.is_file() {
         Some(p)
     } else {
@@ -38,15 +41,26 @@ fn whisper_model() -> Option<PathBuf> {
     }
 }
 
+/// A router with the Whisper engine and one of the shared speech clips, or
+/// `None` (test skipped) when the shared folder is absent outside CI.
+fn whisper_app(limits: Limits, clip: &str) -> anyhow::Result<Option<(axum::Router, Vec<u8>)>> {
+    let st = state_with(BatchConfig::default(), true, limits)?;
+    if st.whisper.is_none() {
+        return Ok(None);
+    }
+    let audio = std::fs::read(shared_dir().join("data/speech").join(clip))?;
+    Ok(Some((router(st), audio)))
+}
+
+fn default_limits() -> Limits {
+    Limits {
+        moderation_body_bytes: 4096,
+        ..Limits::default()
+    }
+}
+
 fn state(batching: BatchConfig, whisper: bool) -> anyhow::Result<Arc<AppState>> {
-    state_with(
-        batching,
-        whisper,
-        Limits {
-            moderation_body_bytes: 4096,
-            ..Limits::default()
-        },
-    )
+    state_with(batching, whisper, default_limits())
 }
 
 fn state_with(
@@ -366,20 +380,9 @@ fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, V
 
 #[tokio::test]
 async fn transcriptions_in_every_response_format() -> anyhow::Result<()> {
-    let st = state(BatchConfig::default(), true)?;
-    if st.whisper.is_none() {
+    let Some((app, audio)) = whisper_app(default_limits(), "goforward.wav")? else {
         return Ok(());
-    }
-    let app = router(st);
-    let clip = whisper_model()
-        .and_then(|m| {
-            m.parent()?
-                .parent()?
-                .parent()
-                .map(|s| s.join("data/speech/goforward.wav"))
-        })
-        .expect("shared folder");
-    let audio = std::fs::read(clip)?;
+    };
     for (format, check) in [
         ("json", "\"text\""),
         ("text", "forward"),
@@ -516,20 +519,9 @@ async fn end_to_end_over_a_unix_socket_and_tcp() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_to_completion_without_their_client() -> anyhow::Result<()> {
-    let st = state(BatchConfig::default(), true)?;
-    if st.whisper.is_none() {
+    let Some((app, audio)) = whisper_app(default_limits(), "librivox_ss01_0870.wav")? else {
         return Ok(());
-    }
-    let app = router(st);
-    let clip = whisper_model()
-        .and_then(|m| {
-            m.parent()?
-                .parent()?
-                .parent()
-                .map(|s| s.join("data/speech/librivox_ss01_0870.wav"))
-        })
-        .expect("shared folder");
-    let audio = std::fs::read(clip)?;
+    };
     let (ct, body) = multipart(&[("task", "transcription")], Some(("long.wav", &audio)));
     // The submitting request returns at once; nobody waits on the job.
     let (s, _, v) = call(
@@ -605,20 +597,9 @@ async fn transcriptions_past_the_queue_are_refused_at_once() -> anyhow::Result<(
         audio_queue: 1,
         ..Limits::default()
     };
-    let st = state_with(BatchConfig::default(), true, limits)?;
-    if st.whisper.is_none() {
+    let Some((app, audio)) = whisper_app(limits, "goforward.wav")? else {
         return Ok(());
-    }
-    let app = router(st);
-    let clip = whisper_model()
-        .and_then(|m| {
-            m.parent()?
-                .parent()?
-                .parent()
-                .map(|s| s.join("data/speech/goforward.wav"))
-        })
-        .expect("shared folder");
-    let audio = std::fs::read(clip)?;
+    };
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..4 {
         let (ct, body) = multipart(&[("model", "whisper-1")], Some(("clip.wav", &audio)));
