@@ -2,6 +2,9 @@
 //! answers (label scores, entity spans, embeddings) and the errors that describe
 //! bad input. Nothing here knows about candle, HTTP or configuration files.
 
+pub mod llm;
+pub mod trace;
+
 use serde::{Deserialize, Serialize};
 
 /// Scores for every label of a sequence classifier, in the model's label order.
