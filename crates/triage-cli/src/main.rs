@@ -1,5 +1,6 @@
 //! `triage`: the command-line front of the triage runtime.
 
+mod engine_cmds;
 mod eval;
 mod import;
 mod input;
@@ -65,6 +66,15 @@ enum Command {
     Train(train::TrainArgs),
     /// Score a specialist on labelled JSONL data; prints one JSON object of metrics.
     Eval(eval::EvalArgs),
+    /// Run a configured task on one input; prints {"answer", "trace"} as JSON.
+    Execute(engine_cmds::ExecuteArgs),
+    /// Validate a config file.
+    Config {
+        #[command(subcommand)]
+        command: engine_cmds::ConfigCommand,
+    },
+    /// Summarise the cost ledger: dollars per task, tier or model, and savings.
+    Costs(engine_cmds::CostsArgs),
     /// Download and list models.
     Models {
         #[command(subcommand)]
@@ -183,6 +193,9 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
             run::texts(io, Job::Entities(aggregation), &device).await
         }
         Command::Train(args) => train::run(args).await,
+        Command::Execute(args) => engine_cmds::execute(args).await,
+        Command::Config { command } => engine_cmds::config(command),
+        Command::Costs(args) => engine_cmds::costs(args).await,
         Command::Serve(args) => {
             let gpu = !matches!(
                 cli.device.parse::<triage_local::DeviceSpec>()?,

@@ -54,6 +54,9 @@ impl Trace {
 
     /// The tier whose answer was used (the last accepted one).
     pub fn answered_by(&self) -> Option<&TierTrace> {
-        self.tiers.iter().rev().find(|t| t.decision == Decision::Accepted)
+        self.tiers
+            .iter()
+            .rev()
+            .find(|t| t.decision == Decision::Accepted)
     }
 }

@@ -1,0 +1,279 @@
+//! The TOML file as written: serde structs with `deny_unknown_fields`, no
+//! validation. `super::validate` turns them into the typed runtime config.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use std::path::PathBuf;
+use triage_cloud::ProviderKind;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub ledger: RawLedger,
+    #[serde(default)]
+    pub retry: RawRetry,
+    /// Price entries, as in a price-table file (`[[price]]`).
+    #[serde(default)]
+    pub price: Vec<toml::Table>,
+    /// `$ per CPU-hour / GPU-hour` for local tiers.
+    #[serde(default)]
+    pub compute: Option<toml::Table>,
+    /// A price-table file to load as well (relative to this config file).
+    #[serde(default)]
+    pub prices_file: Option<PathBuf>,
+    #[serde(default)]
+    pub local: IndexMap<String, RawLocal>,
+    #[serde(default)]
+    pub providers: IndexMap<String, RawProvider>,
+    #[serde(default)]
+    pub tasks: IndexMap<String, RawTask>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub socket: Option<PathBuf>,
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub keys: Vec<RawKey>,
+    /// Which task answers `/v1/moderations`, `/v1/audio/transcriptions` and
+    /// `/v1/chat/completions` (and OpenAI's model names for them).
+    pub moderation_task: Option<String>,
+    pub transcription_task: Option<String>,
+    pub chat_task: Option<String>,
+    /// Specialist label → OpenAI moderation category (`offensive = "harassment"`).
+    #[serde(default)]
+    pub categories: IndexMap<String, String>,
+    pub max_audio_seconds: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub name: String,
+    /// Environment variable that holds the key.
+    pub key_env: String,
+    #[serde(default)]
+    pub tasks: Vec<String>,
+    pub requests_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLedger {
+    /// `sqlite://path.db` (default: the data directory) or `postgres://...`.
+    pub url: Option<String>,
+    /// Turn the ledger off entirely.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub max_attempts: Option<u32>,
+    pub base_delay_ms: Option<u64>,
+    pub max_delay_ms: Option<u64>,
+    pub deadline_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLocal {
+    /// A default specialist name (`toxicity`, `ner`), `org/name[@rev]` on the
+    /// hub, or a local folder; for Whisper, a ggml file or `org/name#file.bin`.
+    pub model: String,
+    /// `classifier`, `tagger` or `whisper` (default: from the model).
+    pub kind: Option<String>,
+    /// `cpu` (default), `cuda`, `cuda:N`, `metal`.
+    pub device: Option<String>,
+    /// Model labels that mean "positive" for moderation.
+    pub positive_labels: Option<Vec<String>>,
+    /// Whisper decoding threads.
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub kind: ProviderKind,
+    pub base_url: Option<String>,
+    pub api_key_env: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    pub breaker_failures: Option<u32>,
+    pub breaker_open_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "strategy", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawTask {
+    Cascade(RawCascade),
+    Router(RawRouter),
+    Pipeline(RawPipeline),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCascade {
+    pub description: Option<String>,
+    /// `moderation` (labels with scores) or `chat` (free text).
+    pub kind: String,
+    /// Moderation labels the task answers (e.g. `["toxic"]`).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Label → a sentence the LLM tiers are shown.
+    #[serde(default)]
+    pub label_descriptions: IndexMap<String, String>,
+    /// A label is flagged at or above this probability.
+    pub threshold: Option<f64>,
+    #[serde(default)]
+    pub redact: Vec<String>,
+    /// Fraction of accepted items also sent to the next tier to measure agreement.
+    pub shadow: Option<f64>,
+    pub system_prompt: Option<String>,
+    pub tiers: Vec<RawTier>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub name: String,
+    /// A `[local.NAME]` specialist.
+    pub local: Option<String>,
+    /// A `[providers.NAME]` entry and its model.
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// For provider tiers: `moderation` (hosted moderation endpoint) or
+    /// `chat` (an LLM; default).
+    pub operation: Option<String>,
+    /// Accept when every label's probability is ≥ hi or ≤ lo.
+    pub hi: Option<f64>,
+    pub lo: Option<f64>,
+    /// Tier label/category → task label (`harassment = "toxic"`).
+    #[serde(default)]
+    pub map: IndexMap<String, String>,
+    pub timeout_ms: Option<u64>,
+    pub max_tokens: Option<u32>,
+    /// Further targets tried by the gateway if this tier's provider fails.
+    #[serde(default)]
+    pub fallback: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    pub provider: String,
+    pub model: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouter {
+    pub description: Option<String>,
+    #[serde(default)]
+    pub redact: Vec<String>,
+    pub intent: RawIntent,
+    #[serde(default)]
+    pub extract: Vec<RawExtract>,
+    pub retrieve: Option<RawRetrieve>,
+    pub routes: IndexMap<String, RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIntent {
+    /// `rules`, `local` (a classifier whose labels are routes) or `llm`.
+    pub kind: String,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+    pub local: Option<String>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    /// Route used when no rule matches (or the classifier is unsure).
+    pub default: String,
+    /// `local`: below this probability the default route is used.
+    pub min_score: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub route: String,
+    /// Any of these words/phrases (case-insensitive).
+    #[serde(default)]
+    pub any: Vec<String>,
+    /// Or a regular expression.
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExtract {
+    pub field: String,
+    /// A regex; the first capture group (or the whole match) is the value.
+    pub regex: Option<String>,
+    /// Or a `[local.NAME]` NER tagger and the entity type to collect.
+    pub ner: Option<String>,
+    pub entity: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetrieve {
+    /// `sqlite://path` (relative to the config file) or `postgres://...`.
+    pub database: String,
+    /// SQL with `:field` parameters, bound from extracted fields.
+    pub query: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// `template` (plain logic, no model) or `model`.
+    pub handler: String,
+    pub template: Option<String>,
+    /// Fields the template needs; when one is missing, `otherwise` answers.
+    #[serde(default)]
+    pub requires: Vec<String>,
+    pub otherwise: Option<String>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub system_prompt: Option<String>,
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub fallback: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    pub description: Option<String>,
+    #[serde(default)]
+    pub redact: Vec<String>,
+    pub stages: Vec<RawStage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStage {
+    pub name: String,
+    /// `transcribe`, `summarize`, `entities`, `action_items`.
+    pub kind: String,
+    pub local: Option<String>,
+    /// `summarize`: tiers tried in order (a cascade).
+    #[serde(default)]
+    pub tiers: Vec<RawTarget>,
+    /// `summarize`: use the first tier only when the transcript's confidence
+    /// is at least this; otherwise start at the second.
+    pub min_transcript_confidence: Option<f64>,
+    pub system_prompt: Option<String>,
+    pub max_tokens: Option<u32>,
+    /// `entities`: the entity types kept (default PER, ORG).
+    #[serde(default)]
+    pub entities: Vec<String>,
+}

@@ -1,0 +1,360 @@
+//! [`Engine::execute`]: run one task's strategy on one input and return the
+//! answer with its trace. The engine owns the loaded specialists, the gateway
+//! to the hosted providers and the ledger; a config reload builds a new one
+//! while requests in flight finish on the old.
+
+use crate::config::{Config, Strategy, Task};
+use crate::error::EngineError;
+use crate::ledger::{AttemptRecord, Ledger, RequestRecord};
+use crate::redact::{self, Restorer};
+use crate::specialists::{Specialist, Specialists};
+use crate::strategy;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use triage_cloud::gateway::{AttemptSink, CallContext, Gateway};
+use triage_core::llm::ChatRequest;
+use triage_core::trace::{Decision, TierTrace, Trace};
+
+/// What a task is run on.
+#[derive(Debug, Clone)]
+pub enum Input {
+    Text(String),
+    Audio {
+        bytes: Vec<u8>,
+        file_name: Option<String>,
+    },
+    /// A full chat request (for chat cascades and `/v1/chat/completions`).
+    Chat(ChatRequest),
+}
+
+impl Input {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Input::Text(_) => "text",
+            Input::Audio { .. } => "audio",
+            Input::Chat(_) => "chat",
+        }
+    }
+}
+
+/// Per-call changes to a task's configured behaviour.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    /// Start the cascade at this tier (skip the cheaper ones).
+    #[serde(default)]
+    pub start_tier: Option<String>,
+    /// Use only these tiers (by name), in their configured order.
+    #[serde(default)]
+    pub tiers: Option<Vec<String>>,
+    /// Replace every non-final tier's acceptance band.
+    #[serde(default)]
+    pub hi: Option<f64>,
+    #[serde(default)]
+    pub lo: Option<f64>,
+    /// Replace the shadow sampling fraction.
+    #[serde(default)]
+    pub shadow: Option<f64>,
+    /// Use this request id (default: generated).
+    #[serde(default)]
+    pub request_id: Option<String>,
+    /// Force a router's route.
+    #[serde(default)]
+    pub route: Option<String>,
+}
+
+impl Overrides {
+    pub fn validate(&self) -> Result<(), EngineError> {
+        for (name, v) in [("hi", self.hi), ("lo", self.lo), ("shadow", self.shadow)] {
+            if let Some(v) = v {
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(EngineError::Override(format!(
+                        "{name} = {v} is outside 0..1"
+                    )));
+                }
+            }
+        }
+        if let (Some(hi), Some(lo)) = (self.hi, self.lo) {
+            if lo > hi {
+                return Err(EngineError::Override(format!(
+                    "lo = {lo} is above hi = {hi}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The answer and how it was reached (shape used by acceptance checks).
+#[derive(Debug, Clone, Serialize)]
+pub struct Execution {
+    pub answer: serde_json::Value,
+    pub trace: Trace,
+    pub request_id: String,
+}
+
+/// Everything a strategy needs while it runs one request.
+#[derive(Debug)]
+pub struct Run<'a> {
+    pub engine: &'a Engine,
+    pub task: &'a Task,
+    pub request_id: String,
+    pub overrides: &'a Overrides,
+    pub trace: Trace,
+}
+
+impl Run<'_> {
+    pub fn ctx(&self, tier: &str) -> CallContext {
+        CallContext {
+            request_id: self.request_id.clone(),
+            task: self.task.name.clone(),
+            tier: tier.to_owned(),
+        }
+    }
+
+    /// Dollars for `elapsed` of local compute on this specialist's device.
+    pub fn compute_cost(&self, specialist: &Specialist, elapsed: Duration) -> f64 {
+        self.engine
+            .config
+            .prices
+            .compute_cost(elapsed, specialist.on_gpu())
+    }
+
+    /// Record a local tier's run in the ledger and the trace.
+    #[allow(clippy::too_many_arguments)]
+    pub fn local_step(
+        &mut self,
+        tier: &str,
+        model: &str,
+        operation: &str,
+        specialist: &Specialist,
+        elapsed: Duration,
+        decision: Decision,
+        reason: String,
+        score: Option<f64>,
+        error: Option<String>,
+    ) {
+        let cost = self.compute_cost(specialist, elapsed);
+        if let Some(ledger) = &self.engine.ledger {
+            ledger.record(AttemptRecord::local(
+                &self.request_id,
+                &self.task.name,
+                tier,
+                model,
+                operation,
+                elapsed,
+                cost,
+                error,
+            ));
+        }
+        self.trace.push(TierTrace {
+            tier: tier.into(),
+            model: model.into(),
+            decision,
+            reason,
+            score,
+            latency_ms: ms(elapsed),
+            cost_usd: cost,
+        });
+    }
+
+    /// Redact `text` for a cloud tier with the task's rules; the restorer puts
+    /// the originals back into the answer.
+    pub async fn redact(&mut self, text: &str) -> Result<(String, Restorer), EngineError> {
+        let r = &self.task.redaction;
+        if r.is_empty() {
+            return Ok((text.to_owned(), Restorer::default()));
+        }
+        let mut spans = redact::regex_spans(r, text);
+        if let Some(name) = &r.ner_specialist {
+            let specialist = self.engine.specialists.get(name)?;
+            if let Specialist::Tagger { handle, .. } = specialist {
+                let started = Instant::now();
+                let tagged = handle
+                    .tag(text, triage_core::Aggregation::Simple)
+                    .await
+                    .map_err(|source| EngineError::Local {
+                        name: name.clone(),
+                        source,
+                    })?;
+                let to_byte = char_to_byte(text);
+                for e in tagged
+                    .entities
+                    .iter()
+                    .filter(|e| r.ner_types.contains(&e.label))
+                {
+                    if let (Some(&s), Some(&en)) = (to_byte.get(e.start), to_byte.get(e.end)) {
+                        spans.push(redact::Span {
+                            start: s,
+                            end: en,
+                            kind: e.label.clone(),
+                        });
+                    }
+                }
+                let found = spans.len();
+                self.local_step(
+                    "redact",
+                    &format!("local/{name}"),
+                    "tag",
+                    specialist,
+                    started.elapsed(),
+                    Decision::Ran,
+                    format!("{found} span(s) redacted"),
+                    None,
+                    None,
+                );
+            }
+        }
+        Ok(redact::apply(text, spans))
+    }
+}
+
+/// Byte offset of every char index (plus one past the end).
+pub(crate) fn char_to_byte(text: &str) -> Vec<usize> {
+    let mut v: Vec<usize> = text.char_indices().map(|(b, _)| b).collect();
+    v.push(text.len());
+    v
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A loaded configuration, ready to execute tasks.
+#[derive(Debug)]
+pub struct Engine {
+    pub config: Arc<Config>,
+    pub specialists: Specialists,
+    pub gateway: Gateway,
+    pub ledger: Option<Ledger>,
+    counter: AtomicU64,
+}
+
+impl Engine {
+    /// Load the specialists, open the ledger and build the gateway.
+    pub async fn new(config: Config) -> Result<Self, EngineError> {
+        let specialists = Specialists::load(&config.local).await?;
+        Self::with_specialists(config, specialists).await
+    }
+
+    /// Build an engine that shares already-loaded specialists (config reload
+    /// where the `[local]` tables did not change).
+    pub async fn with_specialists(
+        config: Config,
+        specialists: Specialists,
+    ) -> Result<Self, EngineError> {
+        let ledger = match &config.ledger_url {
+            Some(url) => Some(Ledger::open(url).await?),
+            None => None,
+        };
+        let sink = ledger.clone().map(|l| Arc::new(l) as Arc<dyn AttemptSink>);
+        let gateway = Gateway::new(
+            config.providers.values().cloned().collect(),
+            config.prices.clone(),
+            config.retry.clone(),
+            sink,
+        );
+        Ok(Self {
+            config: Arc::new(config),
+            specialists,
+            gateway,
+            ledger,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn task(&self, name: &str) -> Result<&Task, EngineError> {
+        self.config
+            .tasks
+            .get(name)
+            .ok_or_else(|| EngineError::UnknownTask {
+                name: name.to_owned(),
+                known: self
+                    .config
+                    .tasks
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    fn new_request_id(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let t = crate::ledger::millis(std::time::SystemTime::now());
+        format!("req-{t:x}-{}-{n}", std::process::id())
+    }
+
+    /// Run `task` on `input`. The trace lists every tier that ran; the ledger
+    /// gets one row per attempt and one per request.
+    pub async fn execute(
+        &self,
+        task: &str,
+        input: Input,
+        overrides: &Overrides,
+    ) -> Result<Execution, EngineError> {
+        overrides.validate()?;
+        let task = self.task(task)?;
+        let request_id = overrides
+            .request_id
+            .clone()
+            .unwrap_or_else(|| self.new_request_id());
+        let started = Instant::now();
+        let mut run = Run {
+            engine: self,
+            task,
+            request_id: request_id.clone(),
+            overrides,
+            trace: Trace::default(),
+        };
+        let result = match &task.strategy {
+            Strategy::Cascade(c) => strategy::cascade::run(&mut run, c, input).await,
+            Strategy::Router(r) => strategy::router::run(&mut run, r, input).await,
+            Strategy::Pipeline(p) => strategy::pipeline::run(&mut run, p, input).await,
+        };
+        let mut trace = run.trace;
+        let (outcome, answered_by, model) = match (&result, trace.answered_by()) {
+            (Ok(_), Some(t)) => ("answered", t.tier.clone(), t.model.clone()),
+            (Ok(_), None) => ("answered", String::new(), String::new()),
+            (Err(_), _) => ("failed", String::new(), String::new()),
+        };
+        let answer = result?;
+        trace.all_llm_cost_usd = strategy::all_llm_cost(self, task, &input_stats(&answer), &trace);
+        if let Some(ledger) = &self.ledger {
+            ledger.record_request(RequestRecord {
+                request_id: request_id.clone(),
+                task: task.name.clone(),
+                answered_by,
+                model,
+                outcome: outcome.into(),
+                latency_ms: ms(started.elapsed()),
+                cost_usd: trace.cost_usd,
+                all_llm_cost_usd: trace.all_llm_cost_usd,
+            });
+        }
+        Ok(Execution {
+            answer: answer.value,
+            trace,
+            request_id,
+        })
+    }
+}
+
+/// What a strategy returns: the answer plus the sizes the counterfactual
+/// all-LLM cost is estimated from.
+#[derive(Debug, Clone)]
+pub struct Answered {
+    pub value: serde_json::Value,
+    /// Characters the strongest model would have read.
+    pub input_chars: usize,
+    /// Tokens it would have written (measured where an LLM answered).
+    pub output_tokens: u64,
+    /// Audio it would have had transcribed by a hosted model.
+    pub audio_seconds: f64,
+}
+
+fn input_stats(a: &Answered) -> Answered {
+    a.clone()
+}

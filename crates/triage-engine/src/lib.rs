@@ -1,0 +1,17 @@
+//! The strategies engine: one TOML config declares local specialists, hosted
+//! providers, prices and named tasks; [`Engine::execute`] runs a task's
+//! cascade, router or pipeline and returns the answer with a trace of every
+//! tier and its cost. The ledger keeps one row per attempt.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod ledger;
+pub mod redact;
+pub mod specialists;
+pub mod strategy;
+
+pub use config::{Config, ConfigError};
+pub use engine::{Engine, Execution, Input, Overrides};
+pub use error::EngineError;
+pub use ledger::{GroupBy, Ledger};

@@ -1,0 +1,135 @@
+//! The local specialists a config declares, loaded once and shared by every
+//! task: classifiers and taggers on their worker threads, Whisper with its
+//! pool of decoding states.
+
+use crate::config::{LocalKind, LocalSpec};
+use crate::error::EngineError;
+use indexmap::IndexMap;
+use std::sync::Arc;
+use triage_local::speech::WhisperEngine;
+use triage_local::{BatchConfig, ModelHandle, ModelRef};
+
+#[derive(Debug, Clone)]
+pub enum Specialist {
+    Classifier {
+        handle: ModelHandle,
+        /// Labels that mean "positive" (toxic) when the tier has no `map`.
+        positive_labels: Vec<String>,
+        gpu: bool,
+    },
+    Tagger {
+        handle: ModelHandle,
+        gpu: bool,
+    },
+    Whisper {
+        engine: Arc<WhisperEngine>,
+        gpu: bool,
+    },
+}
+
+impl Specialist {
+    pub fn on_gpu(&self) -> bool {
+        match self {
+            Specialist::Classifier { gpu, .. }
+            | Specialist::Tagger { gpu, .. }
+            | Specialist::Whisper { gpu, .. } => *gpu,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Specialists {
+    pub map: IndexMap<String, Specialist>,
+}
+
+impl Specialists {
+    /// Load every declared specialist (hub, hub mirror or local folder).
+    pub async fn load(local: &IndexMap<String, LocalSpec>) -> Result<Self, EngineError> {
+        let mut map = IndexMap::new();
+        for (name, spec) in local {
+            let err = |source: triage_local::LocalError| EngineError::LoadSpecialist {
+                name: name.clone(),
+                model: spec.model.clone(),
+                why: source.to_string(),
+            };
+            let gpu = !matches!(spec.device, triage_local::DeviceSpec::Cpu);
+            let specialist = match spec.kind {
+                LocalKind::Classifier | LocalKind::Tagger => {
+                    let device = spec.device.open().map_err(err)?;
+                    let handle =
+                        triage_local::start_model(&spec.model, &device, BatchConfig::default())
+                            .await
+                            .map_err(err)?;
+                    if spec.kind == LocalKind::Classifier {
+                        let positive_labels = match &spec.positive_labels {
+                            Some(p) => p.clone(),
+                            None => positive_labels_of(&spec.model, &handle.info().labels).await,
+                        };
+                        Specialist::Classifier {
+                            handle,
+                            positive_labels,
+                            gpu,
+                        }
+                    } else {
+                        Specialist::Tagger { handle, gpu }
+                    }
+                }
+                LocalKind::Whisper => {
+                    let path = triage_local::resolve::resolve_whisper(&spec.model)
+                        .await
+                        .map_err(err)?;
+                    let threads = spec.threads.unwrap_or_else(|| {
+                        std::thread::available_parallelism()
+                            .map(|n| n.get())
+                            .unwrap_or(2)
+                    });
+                    let engine = tokio::task::spawn_blocking(move || {
+                        WhisperEngine::load(&path, threads, gpu)
+                    })
+                    .await
+                    .map_err(|e| EngineError::LoadSpecialist {
+                        name: name.clone(),
+                        model: spec.model.clone(),
+                        why: e.to_string(),
+                    })?
+                    .map_err(|e| EngineError::LoadSpecialist {
+                        name: name.clone(),
+                        model: spec.model.clone(),
+                        why: e.to_string(),
+                    })?;
+                    Specialist::Whisper {
+                        engine: Arc::new(engine),
+                        gpu,
+                    }
+                }
+            };
+            map.insert(name.clone(), specialist);
+        }
+        Ok(Self { map })
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Specialist, EngineError> {
+        self.map
+            .get(name)
+            .ok_or_else(|| EngineError::UnknownSpecialist(name.to_owned()))
+    }
+}
+
+/// The model's own `positive_labels` (from its `triage.json`), else, for a
+/// two-label model, the second label (the Hugging Face convention
+/// `LABEL_1` = positive), else every label.
+async fn positive_labels_of(model: &str, labels: &[String]) -> Vec<String> {
+    if let Ok(reference) = ModelRef::parse(model) {
+        if let Ok(dir) = triage_local::resolve::resolve_cached(&reference).await {
+            if let Ok(Some(m)) = triage_local::delta::DeltaManifest::read(&dir) {
+                if let Some(p) = m.positive_labels {
+                    return p;
+                }
+            }
+        }
+    }
+    if labels.len() == 2 {
+        return vec![labels[1].clone()];
+    }
+    labels.to_vec()
+}
