@@ -316,12 +316,17 @@ impl Engine {
         };
         let mut trace = run.trace;
         let (outcome, answered_by, model) = match (&result, trace.answered_by()) {
-            (Ok(_), Some(t)) => ("answered", t.tier.clone(), t.model.clone()),
+            (Ok(a), Some(t)) => (
+                if a.value.get("refusal").is_some() { "refused" } else { "answered" },
+                t.tier.clone(),
+                t.model.clone(),
+            ),
             (Ok(_), None) => ("answered", String::new(), String::new()),
             (Err(_), _) => ("failed", String::new(), String::new()),
         };
-        let answer = result?;
-        trace.all_llm_cost_usd = strategy::all_llm_cost(self, task, &input_stats(&answer), &trace);
+        if let Ok(a) = &result {
+            trace.all_llm_cost_usd = strategy::all_llm_cost(self, task, a, &trace);
+        }
         if let Some(ledger) = &self.ledger {
             ledger.record_request(RequestRecord {
                 request_id: request_id.clone(),
@@ -334,6 +339,7 @@ impl Engine {
                 all_llm_cost_usd: trace.all_llm_cost_usd,
             });
         }
+        let answer = result?;
         Ok(Execution {
             answer: answer.value,
             trace,
@@ -353,8 +359,4 @@ pub struct Answered {
     pub output_tokens: u64,
     /// Audio it would have had transcribed by a hosted model.
     pub audio_seconds: f64,
-}
-
-fn input_stats(a: &Answered) -> Answered {
-    a.clone()
 }

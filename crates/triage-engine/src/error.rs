@@ -21,17 +21,17 @@ pub enum EngineError {
         model: String,
         why: String,
     },
-    #[error("local specialist `{name}` failed: {source}")]
+    #[error("local specialist `{name}` failed")]
     Local {
         name: String,
         #[source]
         source: triage_local::LocalError,
     },
-    #[error("the audio could not be read: {0}")]
+    #[error("the audio could not be read")]
     Audio(#[from] triage_local::speech::AudioError),
-    #[error("transcription failed: {0}")]
+    #[error("transcription failed")]
     Speech(#[from] triage_local::speech::SpeechError),
-    #[error("every hosted model for tier `{tier}` failed: {source}")]
+    #[error("every hosted model for tier `{tier}` failed")]
     Cloud {
         tier: String,
         #[source]
@@ -41,13 +41,13 @@ pub enum EngineError {
     Timeout { tier: String, ms: u64 },
     #[error("tier `{tier}` answered something unusable: {why}")]
     BadAnswer { tier: String, why: String },
-    #[error("retrieval query failed: {0}")]
+    #[error("retrieval query failed")]
     Retrieval(#[source] sqlx::Error),
     #[error("route `{route}` cannot answer: {why}")]
     Route { route: String, why: String },
     #[error("invalid override: {0}")]
     Override(String),
-    #[error("ledger: {0}")]
+    #[error("ledger")]
     Ledger(#[from] crate::ledger::LedgerError),
     #[error("internal error: {0}")]
     Internal(String),
@@ -75,4 +75,20 @@ impl EngineError {
             }
         )
     }
+}
+
+/// The error and its causes on one line (`a: b: c`), for logs, traces and
+/// API error messages.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = s.source();
+    }
+    out
 }

@@ -68,7 +68,7 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
         let (verdict, cost) = match tier_verdict(run, c, tier, &text, chat_request.as_ref()).await {
             Ok(v) => v,
             Err(e) => {
-                let reason = format!("error: {}", e.0);
+                let reason = format!("error: {}", crate::error::chain(&e.0));
                 if !matches!(tier.kind, TierKind::Local { .. }) {
                     // Hosted attempts are in the ledger through the gateway;
                     // the trace still gets the tier.
@@ -206,7 +206,7 @@ async fn tier_verdict(
                         &specialist,
                         started.elapsed(),
                         Decision::Failed,
-                        format!("error: {e}"),
+                        format!("error: {}", crate::error::chain(&e)),
                         None,
                         Some(e.to_string()),
                     );
@@ -220,7 +220,7 @@ async fn tier_verdict(
                         &specialist,
                         started.elapsed(),
                         Decision::Failed,
-                        format!("error: {e}"),
+                        format!("error: {}", crate::error::chain(&e)),
                         None,
                         Some(e.to_string()),
                     );

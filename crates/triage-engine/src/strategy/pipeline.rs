@@ -126,7 +126,7 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                             &stage.name,
                             first_model,
                             Decision::Failed,
-                            format!("error: {e}"),
+                            format!("error: {}", crate::error::chain(&e)),
                             None,
                             elapsed,
                             cost_usd,

@@ -171,7 +171,7 @@ pub async fn run(run: &mut Run<'_>, r: &Router, input: Input) -> Result<Answered
                             &tier,
                             model,
                             Decision::Failed,
-                            format!("error: {e}"),
+                            format!("error: {}", crate::error::chain(&e)),
                             None,
                             elapsed,
                             cost_usd,
