@@ -175,6 +175,19 @@ fn overloaded() -> Reply {
     )
 }
 
+/// An Anthropic messages answer.
+fn anthropic_ok(text: &str) -> Reply {
+    json(
+        200,
+        serde_json::json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test",
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": 800, "cache_read_input_tokens": 200, "output_tokens": 500},
+        }),
+    )
+}
+
 fn delta(text: &str) -> String {
     serde_json::json!({"object": "chat.completion.chunk",
         "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]})
@@ -861,6 +874,57 @@ async fn overloaded_529_is_retried() {
         other => panic!("{other:?}"),
     }
     h.check(&out, &[hits(&a)], 0);
+}
+
+#[tokio::test]
+async fn anthropic_529_overloaded_is_retried_then_falls_back_across_wire_formats() {
+    let a = FaultServer::start("claude", vec![overloaded(), anthropic_ok("hi from claude")])
+        .await
+        .unwrap();
+    let mut anthropic = a.settings();
+    anthropic.config.kind = ProviderKind::Anthropic;
+    anthropic.config.api_key = Some(triage_cloud::SecretString::new("sk-ant-test"));
+    let h = harness(vec![anthropic.clone()], policy());
+    let out = h
+        .gateway
+        .chat(&ctx(), &targets(&[("claude", "model-a")]), &request())
+        .await;
+    assert_eq!(text(&out), "hi from claude");
+    assert_eq!(
+        failed_kinds(&out.attempts),
+        [Some(ErrorKind::Overloaded), None]
+    );
+    // Anthropic's input_tokens exclude cache reads; ours include them.
+    assert_eq!(out.attempts[1].usage.input_tokens, 1000);
+    assert!((out.attempts[1].cost_usd - 0.0019).abs() < 1e-12);
+    h.check(&out, &[hits(&a)], 0);
+
+    // Overloaded on every attempt: on to an OpenAI-compatible server.
+    let a2 = FaultServer::start("claude", vec![overloaded(), overloaded(), overloaded()])
+        .await
+        .unwrap();
+    let b = FaultServer::start("secondary", vec![ok("from b")])
+        .await
+        .unwrap();
+    anthropic.config.base_url = a2.base_url.clone();
+    let h = harness(vec![anthropic, b.settings()], policy());
+    let out = h
+        .gateway
+        .chat(
+            &ctx(),
+            &targets(&[("claude", "model-a"), ("secondary", "model-b")]),
+            &request(),
+        )
+        .await;
+    assert_eq!(text(&out), "from b");
+    assert_eq!(
+        failed_kinds(&out.attempts),
+        [Some(ErrorKind::Overloaded); 3]
+            .into_iter()
+            .chain([None])
+            .collect::<Vec<_>>()
+    );
+    h.check(&out, &[hits(&a2), hits(&b)], 0);
 }
 
 #[tokio::test]
