@@ -128,27 +128,27 @@ fn since_ms(since: &str) -> Result<i64> {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
     let s = since.trim();
-    if let Some((num, unit)) = s.char_indices().last().map(|(i, c)| (&s[..i], c)) {
-        if let Ok(n) = num.parse::<i64>() {
-            let secs = match unit {
-                's' => Some(n),
-                'm' => Some(n * 60),
-                'h' => Some(n * 3600),
-                'd' => Some(n * 86_400),
-                _ => None,
-            };
-            if let Some(secs) = secs {
-                return Ok(now - secs * 1000);
-            }
+    if let Some((num, unit)) = s.char_indices().last().map(|(i, c)| (&s[..i], c))
+        && let Ok(n) = num.parse::<i64>()
+    {
+        let secs = match unit {
+            's' => Some(n),
+            'm' => Some(n * 60),
+            'h' => Some(n * 3600),
+            'd' => Some(n * 86_400),
+            _ => None,
+        };
+        if let Some(secs) = secs {
+            return Ok(now - secs * 1000);
         }
     }
     let parts: Vec<&str> = s.split('-').collect();
-    if let [y, m, d] = parts.as_slice() {
-        if let (Ok(y), Ok(m), Ok(d)) = (y.parse::<i64>(), m.parse::<i64>(), d.parse::<i64>()) {
-            if (1..=12).contains(&m) && (1..=31).contains(&d) {
-                return Ok(days_from_civil(y, m, d) * 86_400_000);
-            }
-        }
+    if let [y, m, d] = parts.as_slice()
+        && let (Ok(y), Ok(m), Ok(d)) = (y.parse::<i64>(), m.parse::<i64>(), d.parse::<i64>())
+        && (1..=12).contains(&m)
+        && (1..=31).contains(&d)
+    {
+        return Ok(days_from_civil(y, m, d) * 86_400_000);
     }
     bail!("--since `{since}`: give a duration such as 30m, 24h or 7d, or a date YYYY-MM-DD")
 }

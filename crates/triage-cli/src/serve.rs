@@ -1,5 +1,6 @@
 //! `triage serve`: the default specialists (moderation and transcription,
-//! local tier) behind OpenAI-compatible routes on a unix socket and TCP.
+//! local tier), or with `--config` the config's tasks through the strategies
+//! engine, behind OpenAI-compatible routes on a unix socket and TCP.
 
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeMap;
@@ -15,13 +16,15 @@ pub const DEFAULT_WHISPER: &str = "ggerganov/whisper.cpp#ggml-tiny.en.bin";
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Task configuration (TOML). Needs the strategies engine, which is not built yet.
+    /// Task configuration (TOML): serve its tasks through the strategies
+    /// engine; SIGHUP reloads it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Unix socket path (interface used by acceptance checks).
+    /// Unix socket path (interface used by acceptance checks); overrides `server.socket`.
     #[arg(long, env = "TRIAGE_SOCKET")]
     socket: Option<PathBuf>,
-    /// Also listen on TCP, HOST:PORT; needs API keys (TRIAGE_API_KEYS).
+    /// Also listen on TCP, HOST:PORT; needs API keys (TRIAGE_API_KEYS or the
+    /// config's `server.keys`); overrides `server.listen`.
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// Moderation model (default: the toxicity specialist).
@@ -110,12 +113,8 @@ pub async fn run(
     threads: Option<usize>,
     gpu: bool,
 ) -> Result<ExitCode> {
-    if let Some(config) = &args.config {
-        bail!(
-            "--config {} needs the strategies engine (cascade, router, pipeline), which this build does not have yet; \
-             without --config, triage serve runs the default specialists",
-            config.display()
-        );
+    if let Some(config) = args.config.clone() {
+        return run_config(args, &config).await;
     }
     let category_map: BTreeMap<String, String> = args
         .category_map
@@ -176,6 +175,7 @@ pub async fn run(
         audio_waiting: Default::default(),
         rate_limits: Default::default(),
         cpu_hour_usd: args.cpu_hour_usd,
+        engine: Default::default(),
     });
     let socket = args.socket.or_else(|| Some(default_socket()));
     if let Some(s) = &socket {
@@ -185,5 +185,62 @@ pub async fn run(
         eprintln!("triage: serving on http://{a} (bearer keys required)");
     }
     triage_server::serve(state, socket, args.listen).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `triage serve --config FILE`: the config's tasks through the engine.
+async fn run_config(args: ServeArgs, path: &std::path::Path) -> Result<ExitCode> {
+    let config = triage_engine::Config::load(path)?;
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+        eprintln!("warning: {w}");
+    }
+    let socket = args
+        .socket
+        .clone()
+        .or_else(|| config.server.socket.clone())
+        .or_else(|| Some(default_socket()));
+    let listen = match (&args.listen, &config.server.listen) {
+        (Some(a), _) => Some(*a),
+        (None, Some(l)) => Some(
+            l.parse::<SocketAddr>()
+                .with_context(|| format!("server.listen `{l}` is not HOST:PORT"))?,
+        ),
+        (None, None) => None,
+    };
+    let limits = Limits {
+        max_audio_s: config.server.max_audio_seconds.unwrap_or(args.max_audio_s),
+        ..Limits::default()
+    };
+    let cpu_hour_usd = config.prices.compute().cpu_hour_usd;
+    let engine = triage_engine::Engine::new(config)
+        .await
+        .with_context(|| format!("cannot start the engine for {}", path.display()))?;
+    let state = Arc::new(AppState {
+        moderation: None,
+        category_map: BTreeMap::new(),
+        flag_threshold: args.flag_threshold,
+        whisper: None,
+        whisper_slots: Arc::new(tokio::sync::Semaphore::new(limits.audio_parallel)),
+        limits,
+        keys: keys_from_env()?,
+        metrics: Default::default(),
+        jobs: Default::default(),
+        audio_waiting: Default::default(),
+        rate_limits: Default::default(),
+        cpu_hour_usd,
+        engine: triage_server::EngineSlot::new(engine),
+    });
+    if let Some(s) = &socket {
+        eprintln!(
+            "triage: serving {} on unix socket {}",
+            path.display(),
+            s.display()
+        );
+    }
+    if let Some(a) = &listen {
+        eprintln!("triage: serving on http://{a} (bearer keys required)");
+    }
+    triage_server::serve(state, socket, listen).await?;
     Ok(ExitCode::SUCCESS)
 }

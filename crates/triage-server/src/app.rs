@@ -1,5 +1,6 @@
 //! The router and its handlers: OpenAI-compatible moderation and
-//! transcription served by the local specialists, models, health, readiness
+//! transcription served by the local specialists (or, with a config, by the
+//! engine's tasks: see [`crate::engine_routes`]), models, health, readiness
 //! and metrics.
 
 use crate::error::ApiError;
@@ -126,6 +127,9 @@ pub struct AppState {
     pub rate_limits: RateLimits,
     /// Dollars per CPU-hour of local compute, for `x-triage-cost-usd`.
     pub cpu_hour_usd: f64,
+    /// The strategies engine when serving a config (`triage serve --config`);
+    /// empty for the default specialists. A reload swaps it.
+    pub engine: crate::reload::EngineSlot,
 }
 
 impl std::fmt::Debug for AppState {
@@ -137,11 +141,71 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// The Whisper engine, or 503 when this server has none.
+    /// The Whisper engine (with a config: the transcription task's, else the
+    /// first Whisper specialist), or 503 when this server has none.
     pub(crate) fn whisper_engine(&self) -> Result<Arc<WhisperEngine>, ApiError> {
+        if let Some(engine) = self.engine.current() {
+            return crate::engine_routes::whisper_of(&engine)
+                .ok_or_else(|| ApiError::NotReady("transcription".into()));
+        }
         self.whisper
             .clone()
             .ok_or_else(|| ApiError::NotReady("transcription".into()))
+    }
+
+    /// Longest audio accepted: the config's `server.max_audio_seconds`, else the limit.
+    pub(crate) fn max_audio_s(&self) -> f64 {
+        self.engine
+            .current()
+            .and_then(|e| e.config.server.max_audio_seconds)
+            .unwrap_or(self.limits.max_audio_s)
+    }
+
+    /// The bearer key `given` names: from `TRIAGE_API_KEYS`, or from the
+    /// current config's `server.keys` (whose values come from the environment).
+    pub fn find_key(&self, given: &str) -> Option<ApiKey> {
+        if let Some(k) = self.keys.iter().find(|k| k.key == given) {
+            return Some(k.clone());
+        }
+        let engine = self.engine.current()?;
+        engine
+            .config
+            .server
+            .keys
+            .iter()
+            .find(|k| k.key.as_ref().is_some_and(|v| v.expose() == given))
+            .map(|k| ApiKey {
+                key: given.to_owned(),
+                name: k.name.clone(),
+                tasks: k.tasks.clone(),
+                rpm: k.requests_per_minute,
+            })
+    }
+
+    /// Whether any bearer key can be used (TCP refuses to start without one).
+    pub fn has_keys(&self) -> bool {
+        !self.keys.is_empty()
+            || self
+                .engine
+                .current()
+                .is_some_and(|e| e.config.server.keys.iter().any(|k| k.key.is_some()))
+    }
+}
+
+/// The key a TCP caller authenticated with; `None` on the unix socket, where
+/// the peer's credentials are logged instead.
+#[derive(Debug, Clone, Default)]
+pub struct Caller(pub Option<ApiKey>);
+
+impl Caller {
+    /// 403 unless this caller's key may use `task`.
+    pub fn authorize(&self, task: &str) -> Result<(), ApiError> {
+        match &self.0 {
+            Some(key) if !key.tasks.is_empty() && !key.tasks.iter().any(|t| t == task) => {
+                Err(ApiError::Forbidden(format!("task `{task}`")))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -168,6 +232,15 @@ pub fn router(state: Shared) -> Router {
             "/v1/jobs",
             post(crate::jobs::submit).layer(DefaultBodyLimit::max(audio_limit)),
         )
+        .route(
+            "/v1/chat/completions",
+            post(crate::engine_routes::chat_completions)
+                .layer(DefaultBodyLimit::max(moderation_limit)),
+        )
+        .route(
+            "/v1/execute",
+            post(crate::engine_routes::execute).layer(DefaultBodyLimit::max(audio_limit)),
+        )
         .route("/v1/jobs/{id}", get(crate::jobs::status))
         .route("/v1/jobs/{id}/result", get(crate::jobs::result))
         .route("/v1/jobs/{id}/events", get(crate::jobs::events))
@@ -178,8 +251,9 @@ pub fn router(state: Shared) -> Router {
 
 /// Auth for TCP peers, peer logging, metrics, and the JSON error shape for
 /// rejections that axum produces itself (body too large, bad JSON).
-async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Response {
+async fn observe(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
+    let mut caller = Caller(None);
     let route = req.uri().path().to_owned();
     let peer = req
         .extensions()
@@ -194,7 +268,7 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(str::trim);
-            let key = given.and_then(|g| state.keys.iter().find(|k| k.key == g));
+            let key = given.and_then(|g| state.find_key(g));
             let Some(key) = key else {
                 tracing::info!(%addr, %route, "rejected: no valid key");
                 return finish(
@@ -210,7 +284,10 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
                 r if r.starts_with("/v1/jobs") => Some("transcription"),
                 _ => None,
             };
+            // With a config, handlers check the scope against the task they
+            // resolve (a request's `model` may name any configured task).
             if let Some(task) = task
+                && state.engine.current().is_none()
                 && !key.tasks.is_empty()
                 && !key.tasks.iter().any(|t| t == task)
             {
@@ -232,10 +309,12 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
                 );
             }
             tracing::debug!(%addr, key = %key.name, %route, "request");
+            caller = Caller(Some(key));
         }
     } else if let Some(Peer::Unix { pid, uid, gid }) = &peer {
         tracing::debug!(?pid, uid, gid, %route, "request on the unix socket");
     }
+    req.extensions_mut().insert(caller);
     state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let response = next.run(req).await;
     state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -284,6 +363,9 @@ fn finish(state: &AppState, route: &str, started: Instant, mut response: Respons
         "/v1/models",
         "/v1/moderations",
         "/v1/audio/transcriptions",
+        "/v1/chat/completions",
+        "/v1/execute",
+        "/v1/jobs",
     ];
     let label = if known.contains(&route) {
         route
@@ -310,7 +392,7 @@ fn finish(state: &AppState, route: &str, started: Instant, mut response: Respons
     response
 }
 
-fn tagged(mut response: Response, tier: &str, usd: f64) -> Response {
+pub(crate) fn tagged(mut response: Response, tier: &str, usd: f64) -> Response {
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(tier) {
         h.insert("x-triage-tier", v);
@@ -326,6 +408,14 @@ async fn health() -> Json<Value> {
 }
 
 async fn ready(State(state): State<Shared>) -> Result<Json<Value>, ApiError> {
+    if let Some(engine) = state.engine.current() {
+        return Ok(Json(json!({
+            "status": "ready",
+            "tasks": engine.config.tasks.keys().collect::<Vec<_>>(),
+            "specialists": engine.specialists.map.keys().collect::<Vec<_>>(),
+            "transcription": crate::engine_routes::whisper_of(&engine).is_some(),
+        })));
+    }
     if state.moderation.is_none() && state.whisper.is_none() {
         return Err(ApiError::NotReady("no model".into()));
     }
@@ -344,15 +434,18 @@ async fn metrics(State(state): State<Shared>) -> Response {
         .into_response()
 }
 
-const MODERATION_MODELS: &[&str] = &[
+pub(crate) const MODERATION_MODELS: &[&str] = &[
     "omni-moderation-latest",
     "text-moderation-latest",
     "text-moderation-stable",
     "toxicity",
 ];
-const TRANSCRIPTION_MODELS: &[&str] = &["whisper-1", "whisper"];
+pub(crate) const TRANSCRIPTION_MODELS: &[&str] = &["whisper-1", "whisper"];
 
 async fn models(State(state): State<Shared>) -> Json<Value> {
+    if let Some(engine) = state.engine.current() {
+        return Json(crate::engine_routes::models(&engine));
+    }
     let mut data = Vec::new();
     if state.moderation.is_some() {
         data.extend(
@@ -378,7 +471,7 @@ struct ModerationRequest {
     model: Option<String>,
 }
 
-fn request_id(prefix: &str) -> String {
+pub(crate) fn request_id(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -388,6 +481,7 @@ fn request_id(prefix: &str) -> String {
 
 async fn moderations(
     State(state): State<Shared>,
+    axum::Extension(caller): axum::Extension<Caller>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: ModerationRequest = serde_json::from_slice(&body).map_err(|e| {
@@ -396,6 +490,11 @@ async fn moderations(
             None,
         )
     })?;
+    if let Some(engine) = state.engine.current() {
+        let inputs = moderation_inputs(req.input, state.limits.max_inputs)?;
+        return crate::engine_routes::moderations(&state, &engine, &caller, req.model, inputs)
+            .await;
+    }
     let model_name = req
         .model
         .clone()
@@ -407,7 +506,13 @@ async fn moderations(
         .moderation
         .as_ref()
         .ok_or_else(|| ApiError::NotReady("moderation".into()))?;
-    let inputs: Vec<String> = match req.input {
+    let inputs = moderation_inputs(req.input, state.limits.max_inputs)?;
+    moderate_locally(&state, handle, model_name, inputs, Instant::now()).await
+}
+
+/// `input` as a string, an array of strings, or an array of text parts.
+pub(crate) fn moderation_inputs(input: Value, max_inputs: usize) -> Result<Vec<String>, ApiError> {
+    let inputs: Vec<String> = match input {
         Value::String(s) => vec![s],
         Value::Array(items) => items
             .into_iter()
@@ -434,13 +539,23 @@ async fn moderations(
     if inputs.is_empty() {
         return Err(ApiError::bad("`input` is empty", Some("input")));
     }
-    if inputs.len() > state.limits.max_inputs {
+    if inputs.len() > max_inputs {
         return Err(ApiError::bad(
-            format!("at most {} inputs per request", state.limits.max_inputs),
+            format!("at most {max_inputs} inputs per request"),
             Some("input"),
         ));
     }
-    let started = Instant::now();
+    Ok(inputs)
+}
+
+/// The engine-less moderation path: the local model scores every input.
+async fn moderate_locally(
+    state: &AppState,
+    handle: &ModelHandle,
+    model_name: String,
+    inputs: Vec<String>,
+    started: Instant,
+) -> Result<Response, ApiError> {
     // Submit every input at once so the worker can batch them; answers keep input order.
     let pending: Vec<_> = inputs
         .into_iter()
@@ -506,6 +621,8 @@ pub(crate) struct AudioForm {
     pub format: Option<String>,
     pub language: Option<String>,
     pub task: Option<String>,
+    /// `/v1/execute`: the overrides as JSON text.
+    pub overrides: Option<String>,
 }
 
 impl AudioForm {
@@ -556,6 +673,7 @@ pub(crate) async fn read_audio_form(form: &mut Multipart) -> Result<AudioForm, A
             "response_format" => out.format = text,
             "language" => out.language = text,
             "task" => out.task = text,
+            "overrides" => out.overrides = text,
             _ => {}
         }
     }
@@ -564,8 +682,19 @@ pub(crate) async fn read_audio_form(form: &mut Multipart) -> Result<AudioForm, A
 
 async fn transcriptions(
     State(state): State<Shared>,
+    axum::Extension(caller): axum::Extension<Caller>,
     mut form: Multipart,
 ) -> Result<Response, ApiError> {
+    if let Some(engine) = state.engine.current() {
+        caller.authorize(
+            engine
+                .config
+                .server
+                .transcription_task
+                .as_deref()
+                .unwrap_or("transcription"),
+        )?;
+    }
     let engine = state.whisper_engine()?;
     let AudioForm {
         file,
@@ -602,7 +731,7 @@ async fn transcriptions(
         Ok(Ok(p)) => p,
         _ => return Err(ApiError::Overloaded { retry_after_s: 5 }),
     };
-    let max = state.limits.max_audio_s;
+    let max = state.max_audio_s();
     let verbose = format == "verbose_json";
     let started = Instant::now();
     let transcript = tokio::task::spawn_blocking(move || {

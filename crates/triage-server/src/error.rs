@@ -34,6 +34,15 @@ pub enum ApiError {
     Overloaded { retry_after_s: u64 },
     #[error("{0} is not ready")]
     NotReady(String),
+    /// A hosted provider failed (every target of the tier that had to answer).
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("{0}")]
+    GatewayTimeout(String),
+    /// Every hosted model that could answer is rate limited or shut off by
+    /// its circuit breaker for now.
+    #[error("{message}")]
+    Unavailable { message: String, retry_after_s: u64 },
     #[error("internal error")]
     Internal(String),
 }
@@ -59,6 +68,9 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -76,6 +88,9 @@ impl ApiError {
             Self::Conflict(_) => ("invalid_request_error", "conflict"),
             Self::Overloaded { .. } => ("rate_limit_error", "overloaded"),
             Self::NotReady(_) => ("server_error", "not_ready"),
+            Self::BadGateway(_) => ("server_error", "provider_error"),
+            Self::GatewayTimeout(_) => ("server_error", "timeout"),
+            Self::Unavailable { .. } => ("server_error", "provider_unavailable"),
             Self::Internal(_) => ("server_error", "internal_error"),
         }
     }
@@ -94,7 +109,9 @@ impl IntoResponse for ApiError {
         let body = json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}});
         let mut response = (self.status(), axum::Json(body)).into_response();
         let retry_after = match &self {
-            Self::Overloaded { retry_after_s } => Some(*retry_after_s),
+            Self::Overloaded { retry_after_s } | Self::Unavailable { retry_after_s, .. } => {
+                Some(*retry_after_s)
+            }
             Self::NotReady(_) => Some(1),
             _ => None,
         };
@@ -112,6 +129,46 @@ impl From<triage_local::LocalError> for ApiError {
         match e {
             triage_local::LocalError::Overloaded { .. } => Self::Overloaded { retry_after_s: 1 },
             other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Client errors are 400 (an unknown task 404), overload 429 with
+/// Retry-After, hosted-provider failures 502, timeouts 504; anything else is
+/// internal: logged in full, answered opaquely.
+impl From<triage_engine::EngineError> for ApiError {
+    fn from(e: triage_engine::EngineError) -> Self {
+        use triage_engine::EngineError;
+        let message = triage_engine::error::chain(&e);
+        match &e {
+            EngineError::UnknownTask { .. } => Self::NotFound(message),
+            _ if e.is_overloaded() => Self::Overloaded { retry_after_s: 1 },
+            _ if e.is_client_error() => Self::bad(message, None),
+            EngineError::Timeout { .. } => Self::GatewayTimeout(message),
+            EngineError::Cloud { source, .. } => {
+                use triage_cloud::ErrorKind as K;
+                let last = source.last();
+                match last.map(|l| l.kind) {
+                    Some(
+                        K::RateLimited
+                        | K::LocalRateLimit
+                        | K::CircuitOpen
+                        | K::Overloaded
+                        | K::Unavailable,
+                    ) => Self::Unavailable {
+                        message,
+                        retry_after_s: last
+                            .and_then(|l| l.retry_after)
+                            .map_or(5, |d| d.as_secs().max(1)),
+                    },
+                    Some(K::Timeout | K::GatewayTimeout | K::Deadline) => {
+                        Self::GatewayTimeout(message)
+                    }
+                    _ => Self::BadGateway(message),
+                }
+            }
+            EngineError::BadAnswer { .. } => Self::BadGateway(message),
+            _ => Self::Internal(message),
         }
     }
 }

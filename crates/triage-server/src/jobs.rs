@@ -1,5 +1,7 @@
-//! Jobs for long audio: submit, then poll, stream progress (server-sent
-//! events) and fetch the result. A job runs in its own task, so it finishes
+//! Jobs for long audio and pipelines: submit, then poll, stream progress
+//! (server-sent events) and fetch the result. Without a `task` field a job
+//! transcribes; with one (and a config) it runs that engine task, and its
+//! result is `{"answer", "trace"}`. A job runs in its own task, so it finishes
 //! even when the client that submitted it has gone. Finished jobs are kept
 //! for an hour; the store is bounded.
 
@@ -28,6 +30,7 @@ enum Status {
 
 #[derive(Debug)]
 struct Job {
+    task: String,
     status: Mutex<Status>,
     progress: AtomicU8,
     created_at: u64,
@@ -49,7 +52,7 @@ impl Job {
             Status::Failed(e) => ("failed", None, Some(e)),
         };
         json!({
-            "id": id, "object": "job", "task": "transcription", "status": name,
+            "id": id, "object": "job", "task": self.task, "status": name,
             "progress": self.progress.load(Ordering::Relaxed), "created_at": self.created_at,
             "result": result, "error": error,
         })
@@ -102,48 +105,49 @@ impl Jobs {
 /// `POST /v1/jobs`: multipart like `/v1/audio/transcriptions`; answers 202.
 pub async fn submit(
     State(state): State<Shared>,
+    axum::Extension(caller): axum::Extension<crate::app::Caller>,
     mut form: Multipart,
 ) -> Result<Response, ApiError> {
-    let engine = state.whisper_engine()?;
     let crate::app::AudioForm {
         file,
         language,
         task,
         ..
     } = crate::app::read_audio_form(&mut form).await?;
+    let config_engine = state.engine.current();
+    if let (Some(engine), Some(name)) = (&config_engine, task.as_deref())
+        && name != "transcription"
+        && engine.config.tasks.contains_key(name)
+    {
+        caller.authorize(name)?;
+        return submit_task(&state, engine.clone(), name, file);
+    }
     if let Some(task) = task.filter(|t| t != "transcription") {
         return Err(ApiError::bad(
             format!("task `{task}` is not served (transcription)"),
             Some("task"),
         ));
     }
+    if let Some(engine) = &config_engine {
+        caller.authorize(
+            engine
+                .config
+                .server
+                .transcription_task
+                .as_deref()
+                .unwrap_or("transcription"),
+        )?;
+    }
+    let engine = state.whisper_engine()?;
     let (bytes, ext) = crate::app::AudioForm::required_file(file)?;
     // Decode now so a broken file is a 400 for the submitter, not a failed job.
-    let max = state.limits.max_audio_s;
+    let max = state.max_audio_s();
     let pcm = tokio::task::spawn_blocking(move || speech::decode(bytes, ext.as_deref(), Some(max)))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::bad(format!("the audio file cannot be used: {e}"), Some("file")))?;
 
-    let id = format!(
-        "job-{:x}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    );
-    let (changed, _) = tokio::sync::watch::channel(0u8);
-    let job = Arc::new(Job {
-        status: Mutex::new(Status::Queued),
-        progress: AtomicU8::new(0),
-        created_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        finished: Mutex::new(None),
-        changed,
-    });
-    state.jobs.insert(id.clone(), job.clone(), 1000)?;
+    let (id, job) = new_job(&state, "transcription")?;
     let slots = state.whisper_slots.clone();
     let metrics_state = state.clone();
     tokio::spawn(async move {
@@ -185,19 +189,96 @@ pub async fn submit(
             Ok(Err(e)) => Status::Failed(e.to_string()),
             Err(e) => Status::Failed(format!("the job stopped: {e}")),
         };
-        if let Ok(mut s) = job.status.lock() {
+        job.finish(status);
+    });
+    Ok(accepted(&id))
+}
+
+impl Job {
+    fn finish(&self, status: Status) {
+        if let Ok(mut s) = self.status.lock() {
             *s = status;
         }
-        if let Ok(mut f) = job.finished.lock() {
+        if let Ok(mut f) = self.finished.lock() {
             *f = Some(Instant::now());
         }
-        job.changed.send_replace(100);
-    });
-    Ok((
+        self.changed.send_replace(100);
+    }
+}
+
+fn accepted(id: &str) -> Response {
+    (
         axum::http::StatusCode::ACCEPTED,
         Json(json!({"id": id, "object": "job", "status": "queued"})),
     )
-        .into_response())
+        .into_response()
+}
+
+/// A queued job for `task`, stored (or 429 when the store is full).
+fn new_job(state: &Shared, task: &str) -> Result<(String, Arc<Job>), ApiError> {
+    let id = format!(
+        "job-{:x}",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
+    let (changed, _) = tokio::sync::watch::channel(0u8);
+    let job = Arc::new(Job {
+        task: task.to_owned(),
+        status: Mutex::new(Status::Queued),
+        progress: AtomicU8::new(0),
+        created_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        finished: Mutex::new(None),
+        changed,
+    });
+    state.jobs.insert(id.clone(), job.clone(), 1000)?;
+    Ok((id, job))
+}
+
+/// A job that runs engine task `task` on the uploaded file: audio for tasks
+/// that start by transcribing, UTF-8 text otherwise. It runs on the engine
+/// current at submission, even if the config is reloaded meanwhile.
+fn submit_task(
+    state: &Shared,
+    engine: Arc<triage_engine::Engine>,
+    task: &str,
+    file: Option<(Option<String>, Vec<u8>)>,
+) -> Result<Response, ApiError> {
+    let (file_name, bytes) =
+        file.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
+    let takes_audio = engine.task(task).map(|t| t.takes_audio()).unwrap_or(false);
+    let input = if takes_audio {
+        triage_engine::Input::Audio { bytes, file_name }
+    } else {
+        triage_engine::Input::Text(String::from_utf8(bytes).map_err(|_| {
+            ApiError::bad(
+                format!("task `{task}` takes text: `file` must be UTF-8"),
+                Some("file"),
+            )
+        })?)
+    };
+    let (id, job) = new_job(state, task)?;
+    let state = state.clone();
+    let task = task.to_owned();
+    tokio::spawn(async move {
+        if let Ok(mut s) = job.status.lock() {
+            *s = Status::Running;
+        }
+        job.changed.send_replace(0);
+        let status = match crate::engine_routes::run_job(&state, &engine, &task, input).await {
+            Ok(v) => {
+                job.progress.store(100, Ordering::Relaxed);
+                Status::Succeeded(v)
+            }
+            Err(e) => Status::Failed(e),
+        };
+        job.finish(status);
+    });
+    Ok(accepted(&id))
 }
 
 /// `GET /v1/jobs/{id}`.

@@ -1,16 +1,21 @@
 //! triage's server: OpenAI-compatible routes (`/v1/moderations`,
-//! `/v1/audio/transcriptions`, `/v1/models`) served by the local specialists
-//! on a unix socket (mode 0660, peer credentials logged) and optionally on TCP
-//! with bearer keys, plus `/health`, `/ready` and Prometheus `/metrics`.
-//! SIGTERM and Ctrl-C drain in-flight requests before exit.
+//! `/v1/audio/transcriptions`, `/v1/chat/completions`, `/v1/models`) and the
+//! native `/v1/execute` and `/v1/jobs`, served by the local specialists or by
+//! a config's tasks through the strategies engine, on a unix socket (mode
+//! 0660, peer credentials logged) and optionally on TCP with bearer keys, plus
+//! `/health`, `/ready` and Prometheus `/metrics`. SIGTERM and Ctrl-C drain
+//! in-flight requests before exit; SIGHUP reloads the config.
 
 pub mod app;
+pub mod engine_routes;
 pub mod error;
 pub mod jobs;
 pub mod metrics;
+pub mod reload;
 
-pub use app::{ApiKey, AppState, Limits, Peer, router};
+pub use app::{ApiKey, AppState, Caller, Limits, Peer, router};
 pub use error::ApiError;
+pub use reload::{EngineSlot, ReloadError, Reloaded};
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
@@ -117,9 +122,10 @@ pub async fn serve_until(
     if socket.is_none() && listen.is_none() {
         return Err(ServeError::NoListener);
     }
-    if listen.is_some() && state.keys.is_empty() {
+    if listen.is_some() && !state.has_keys() {
         return Err(ServeError::NoKeys);
     }
+    let hangup_state = state.clone();
     let app = router(state);
     let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut tasks = Vec::new();
@@ -154,7 +160,13 @@ pub async fn serve_until(
                 .await
         }));
     }
+    let hangup = hangup_state
+        .config_path()
+        .map(|path| tokio::spawn(reload::reload_on_hangup(hangup_state.clone(), path)));
     shutdown.await;
+    if let Some(h) = hangup {
+        h.abort();
+    }
     let _ = tx.send(());
     for t in tasks {
         let _ = t.await;

@@ -108,6 +108,7 @@ fn state_with(
         audio_waiting: Default::default(),
         rate_limits: Default::default(),
         cpu_hour_usd: 0.04,
+        engine: Default::default(),
     }))
 }
 

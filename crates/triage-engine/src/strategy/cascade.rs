@@ -13,7 +13,9 @@ use crate::specialists::Specialist;
 use indexmap::IndexMap;
 use serde_json::json;
 use std::time::Instant;
-use triage_core::llm::{Answer, ChatRequest, JsonSchema, Message, ModerationRequest, Role};
+use triage_core::llm::{
+    Answer, ChatRequest, FinishReason, JsonSchema, Message, ModerationRequest, Role, Usage,
+};
 use triage_core::trace::Decision;
 
 /// One tier's verdict before the band is applied.
@@ -23,7 +25,10 @@ enum Verdict {
     Text {
         text: String,
         confidence: Option<f64>,
-        output_tokens: u64,
+        /// The answering call's tokens (for `/v1/chat/completions` usage).
+        usage: Usage,
+        /// OpenAI's name for why generation stopped (`stop`, `length`, ...).
+        finish_reason: String,
     },
     Refusal(String),
 }
@@ -361,11 +366,18 @@ async fn tier_verdict(
                             l.iter().map(|t| f64::from(t.logprob)).sum::<f64>() / l.len() as f64;
                         mean.exp()
                     });
+                    let finish_reason = match &resp.finish_reason {
+                        FinishReason::Stop => "stop".to_owned(),
+                        FinishReason::Length => "length".to_owned(),
+                        FinishReason::ContentFilter => "content_filter".to_owned(),
+                        FinishReason::Other(o) => o.clone(),
+                    };
                     Ok((
                         Verdict::Text {
                             text: restorer.restore(&text_answer),
                             confidence,
-                            output_tokens: resp.usage.output_tokens,
+                            usage: resp.usage,
+                            finish_reason,
                         },
                         cost_usd,
                     ))
@@ -525,11 +537,17 @@ fn answer(c: &Cascade, verdict: &Verdict, text: &str) -> Answered {
         Verdict::Text {
             text: answer_text,
             confidence,
-            output_tokens,
+            usage,
+            finish_reason,
         } => Answered {
-            value: json!({ "text": answer_text, "confidence": confidence }),
+            value: json!({
+                "text": answer_text,
+                "confidence": confidence,
+                "usage": usage,
+                "finish_reason": finish_reason,
+            }),
             input_chars: text.chars().count(),
-            output_tokens: *output_tokens,
+            output_tokens: usage.output_tokens,
             audio_seconds: 0.0,
         },
     }

@@ -1,0 +1,132 @@
+//! The engine a config-driven server answers with, and its reload (SIGHUP).
+//! Each request clones the current `Arc<Engine>` when it starts, so requests
+//! in flight finish on the engine they started with while new ones get the
+//! reloaded one. A config that does not parse or validate is logged and the
+//! old engine stays.
+
+use crate::app::AppState;
+use indexmap::IndexMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use triage_engine::config::LocalSpec;
+use triage_engine::{Config, ConfigError, Engine, EngineError};
+
+/// The current engine, if the server runs one.
+#[derive(Default)]
+pub struct EngineSlot(RwLock<Option<Arc<Engine>>>);
+
+impl std::fmt::Debug for EngineSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tasks = self
+            .current()
+            .map(|e| e.config.tasks.keys().cloned().collect::<Vec<_>>());
+        f.debug_tuple("EngineSlot").field(&tasks).finish()
+    }
+}
+
+impl EngineSlot {
+    pub fn new(engine: Engine) -> Self {
+        Self(RwLock::new(Some(Arc::new(engine))))
+    }
+
+    /// The engine to run one request on (a clone of the `Arc`: a reload
+    /// during the request does not affect it).
+    pub fn current(&self) -> Option<Arc<Engine>> {
+        // A poisoned lock still holds a valid `Arc`: a panic cannot leave it half-written.
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn replace(&self, engine: Arc<Engine>) {
+        match self.0.write() {
+            Ok(mut g) => *g = Some(engine),
+            Err(p) => *p.into_inner() = Some(engine),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the new config is not usable; still serving the old one")]
+    Config(#[source] ConfigError),
+    #[error("the new config's engine cannot start; still serving the old one")]
+    Engine(#[source] EngineError),
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The `[local]` tables were unchanged, so the loaded models were kept.
+    pub reused_specialists: bool,
+}
+
+/// Whether two `[local]` tables would load the same models.
+fn same_locals(a: &IndexMap<String, LocalSpec>, b: &IndexMap<String, LocalSpec>) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b.iter()).all(|((na, sa), (nb, sb))| {
+            na == nb
+                && sa.model == sb.model
+                && sa.kind == sb.kind
+                && sa.device == sb.device
+                && sa.positive_labels == sb.positive_labels
+                && sa.threads == sb.threads
+        })
+}
+
+impl AppState {
+    /// Load `path`, validate it and swap the engine. The specialists are
+    /// reused when the `[local]` tables did not change; otherwise the new ones
+    /// load before the swap, so requests never wait on a half-built engine.
+    /// On error the current engine stays.
+    pub async fn reload(&self, path: &Path) -> Result<Reloaded, ReloadError> {
+        let config = Config::load(path).map_err(ReloadError::Config)?;
+        for w in &config.warnings {
+            tracing::warn!("{w}");
+        }
+        let old = self.engine.current();
+        let reuse = old
+            .as_ref()
+            .filter(|o| same_locals(&o.config.local, &config.local))
+            .map(|o| o.specialists.clone());
+        let reused_specialists = reuse.is_some();
+        let engine = match reuse {
+            Some(specialists) => Engine::with_specialists(config, specialists).await,
+            None => Engine::new(config).await,
+        }
+        .map_err(ReloadError::Engine)?;
+        if let (Some(old), Some(new)) = (&old, &engine.config.server.socket)
+            && old.config.server.socket.as_ref() != Some(new)
+        {
+            tracing::warn!("server.socket changed: it takes effect at the next start");
+        }
+        self.engine.replace(Arc::new(engine));
+        tracing::info!(
+            config = %path.display(),
+            reused_specialists,
+            "config reloaded"
+        );
+        Ok(Reloaded { reused_specialists })
+    }
+
+    /// The config file the current engine came from.
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.engine.current().and_then(|e| e.config.path.clone())
+    }
+}
+
+/// Reload the config on every SIGHUP, forever (the caller aborts the task at
+/// shutdown). Errors are logged with their causes; the old engine stays.
+pub async fn reload_on_hangup(state: Arc<AppState>, path: PathBuf) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: config reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+        if let Err(e) = state.reload(&path).await {
+            tracing::error!(error = %triage_engine::error::chain(&e), "config reload failed");
+        }
+    }
+}
