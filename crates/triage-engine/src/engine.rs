@@ -68,20 +68,20 @@ pub struct Overrides {
 impl Overrides {
     pub fn validate(&self) -> Result<(), EngineError> {
         for (name, v) in [("hi", self.hi), ("lo", self.lo), ("shadow", self.shadow)] {
-            if let Some(v) = v {
-                if !(0.0..=1.0).contains(&v) {
-                    return Err(EngineError::Override(format!(
-                        "{name} = {v} is outside 0..1"
-                    )));
-                }
-            }
-        }
-        if let (Some(hi), Some(lo)) = (self.hi, self.lo) {
-            if lo > hi {
+            if let Some(v) = v
+                && !(0.0..=1.0).contains(&v)
+            {
                 return Err(EngineError::Override(format!(
-                    "lo = {lo} is above hi = {hi}"
+                    "{name} = {v} is outside 0..1"
                 )));
             }
+        }
+        if let (Some(hi), Some(lo)) = (self.hi, self.lo)
+            && lo > hi
+        {
+            return Err(EngineError::Override(format!(
+                "lo = {lo} is above hi = {hi}"
+            )));
         }
         Ok(())
     }
@@ -253,7 +253,7 @@ impl Engine {
         let gateway = Gateway::new(
             config.providers.values().cloned().collect(),
             config.prices.clone(),
-            config.retry.clone(),
+            config.retry,
             sink,
         );
         Ok(Self {
@@ -317,7 +317,11 @@ impl Engine {
         let mut trace = run.trace;
         let (outcome, answered_by, model) = match (&result, trace.answered_by()) {
             (Ok(a), Some(t)) => (
-                if a.value.get("refusal").is_some() { "refused" } else { "answered" },
+                if a.value.get("refusal").is_some() {
+                    "refused"
+                } else {
+                    "answered"
+                },
                 t.tier.clone(),
                 t.model.clone(),
             ),

@@ -149,6 +149,7 @@ impl AttemptRecord {
     }
 
     /// A local tier's run (no tokens; priced by compute time).
+    #[allow(clippy::too_many_arguments)]
     pub fn local(
         request_id: &str,
         task: &str,
@@ -283,16 +284,15 @@ impl Ledger {
         let sqlite = url.starts_with("sqlite:");
         let connect_url = if let Some(path) = url.strip_prefix("sqlite://") {
             let file = path.split('?').next().unwrap_or(path);
-            if file != ":memory:" {
-                if let Some(dir) = Path::new(file)
+            if file != ":memory:"
+                && let Some(dir) = Path::new(file)
                     .parent()
                     .filter(|d| !d.as_os_str().is_empty())
-                {
-                    std::fs::create_dir_all(dir).map_err(|source| LedgerError::Folder {
-                        path: dir.display().to_string(),
-                        source,
-                    })?;
-                }
+            {
+                std::fs::create_dir_all(dir).map_err(|source| LedgerError::Folder {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
             }
             if path.contains('?') {
                 url.to_owned()

@@ -33,10 +33,10 @@ impl Redaction {
                         ["ner", sp, ty] => (*sp, *ty),
                         _ => return Err(format!("unknown redaction `{other}`")),
                     };
-                    if let Some(existing) = &r.ner_specialist {
-                        if existing != specialist {
-                            return Err("all ner: redactions must use the same specialist".into());
-                        }
+                    if let Some(existing) = &r.ner_specialist
+                        && existing != specialist
+                    {
+                        return Err("all ner: redactions must use the same specialist".into());
                     }
                     r.ner_specialist = Some(specialist.to_owned());
                     r.ner_types.push(ty.to_owned());
@@ -78,7 +78,7 @@ fn luhn(digits: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// A span to replace: byte offsets into the text and its kind.
@@ -116,40 +116,40 @@ impl Restorer {
 /// Find the regex spans `r` asks for in `text`.
 pub fn regex_spans(r: &Redaction, text: &str) -> Vec<Span> {
     let mut spans = Vec::new();
-    if r.email {
-        if let Some(re) = EMAIL.as_ref() {
-            spans.extend(re.find_iter(text).map(|m| Span {
-                start: m.start(),
-                end: m.end(),
-                kind: "EMAIL".into(),
-            }));
-        }
+    if r.email
+        && let Some(re) = EMAIL.as_ref()
+    {
+        spans.extend(re.find_iter(text).map(|m| Span {
+            start: m.start(),
+            end: m.end(),
+            kind: "EMAIL".into(),
+        }));
     }
-    if r.card {
-        if let Some(re) = CARD.as_ref() {
-            spans.extend(
-                re.find_iter(text)
-                    .filter(|m| luhn(m.as_str()))
-                    .map(|m| Span {
-                        start: m.start(),
-                        end: m.end(),
-                        kind: "CARD".into(),
-                    }),
-            );
-        }
+    if r.card
+        && let Some(re) = CARD.as_ref()
+    {
+        spans.extend(
+            re.find_iter(text)
+                .filter(|m| luhn(m.as_str()))
+                .map(|m| Span {
+                    start: m.start(),
+                    end: m.end(),
+                    kind: "CARD".into(),
+                }),
+        );
     }
-    if r.phone {
-        if let Some(re) = PHONE.as_ref() {
-            spans.extend(
-                re.find_iter(text)
-                    .filter(|m| m.as_str().chars().filter(char::is_ascii_digit).count() >= 8)
-                    .map(|m| Span {
-                        start: m.start(),
-                        end: m.end(),
-                        kind: "PHONE".into(),
-                    }),
-            );
-        }
+    if r.phone
+        && let Some(re) = PHONE.as_ref()
+    {
+        spans.extend(
+            re.find_iter(text)
+                .filter(|m| m.as_str().chars().filter(char::is_ascii_digit).count() >= 8)
+                .map(|m| Span {
+                    start: m.start(),
+                    end: m.end(),
+                    kind: "PHONE".into(),
+                }),
+        );
     }
     spans
 }

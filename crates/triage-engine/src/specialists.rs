@@ -119,14 +119,12 @@ impl Specialists {
 /// two-label model, the second label (the Hugging Face convention
 /// `LABEL_1` = positive), else every label.
 async fn positive_labels_of(model: &str, labels: &[String]) -> Vec<String> {
-    if let Ok(reference) = ModelRef::parse(model) {
-        if let Ok(dir) = triage_local::resolve::resolve_cached(&reference).await {
-            if let Ok(Some(m)) = triage_local::delta::DeltaManifest::read(&dir) {
-                if let Some(p) = m.positive_labels {
-                    return p;
-                }
-            }
-        }
+    if let Ok(reference) = ModelRef::parse(model)
+        && let Ok(dir) = triage_local::resolve::resolve_cached(&reference).await
+        && let Ok(Some(m)) = triage_local::delta::DeltaManifest::read(&dir)
+        && let Some(p) = m.positive_labels
+    {
+        return p;
     }
     if labels.len() == 2 {
         return vec![labels[1].clone()];

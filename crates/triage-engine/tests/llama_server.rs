@@ -3,6 +3,8 @@
 //! with the SQLite ledger as the attempt sink. SmolLM2 is often wrong on
 //! facts, so these tests check shapes, constrained output and accounting.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use futures_util::StreamExt;

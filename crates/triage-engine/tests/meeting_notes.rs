@@ -2,6 +2,8 @@
 //! ../shared), the real NER specialist, llama-server (SmolLM2) for the
 //! summary and OpenAI's wire format served locally for the escalated one.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use support::llama::LlamaServer;

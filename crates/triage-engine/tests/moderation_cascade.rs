@@ -2,6 +2,8 @@
 //! specialist, OpenAI's moderation and chat endpoints served locally in their
 //! wire format, and the SQLite ledger.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use support::openai::{FakeOpenAi, Reply};
@@ -100,7 +102,6 @@ async fn uncertain_item_is_answered_by_hosted_moderation_with_pii_redacted() {
         "{sent}"
     );
     assert_eq!(seen.moderations[0]["model"], "omni-moderation-latest");
-    drop(seen);
     assert_costs_add_up(&e.trace);
     let ledger = engine.ledger.as_ref().unwrap();
     ledger.flush().await.unwrap();
@@ -154,7 +155,6 @@ async fn still_uncertain_goes_to_the_llm_through_a_json_schema_and_is_priced() {
         serde_json::json!(["toxic"])
     );
     assert!(!body.to_string().contains("fan@example.com"));
-    drop(seen);
     // gpt-4o-mini from examples/prices.toml: $0.15 / $0.60 per million tokens.
     let expected = 120.0 * 0.15 / 1e6 + 8.0 * 0.60 / 1e6;
     let llm = &e.trace.tiers[2];

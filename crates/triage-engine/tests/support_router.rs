@@ -2,6 +2,8 @@
 //! a real SQLite order table, llama.cpp's `llama-server` (SmolLM2) as the
 //! cheap model and OpenAI's wire format served locally as the strong one.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use support::llama::LlamaServer;
@@ -176,7 +178,6 @@ async fn missing_order_number_falls_to_the_strong_model() {
     let seen = s.fake.seen();
     assert_eq!(seen.chats[0]["model"], "gpt-4o");
     assert!(!seen.chats[0].to_string().contains("jo@example.org"));
-    drop(seen);
     // gpt-4o: $2.50 / $10.00 per million tokens.
     let expected = 80.0 * 2.5 / 1e6 + 9.0 * 10.0 / 1e6;
     assert!((e.trace.answered_by().unwrap().cost_usd - expected).abs() < 1e-12);

@@ -313,11 +313,11 @@ impl Config {
             base_dir: base_dir.to_path_buf(),
         };
         let config = v.config(raw);
-        if v.problems.is_empty() {
-            if let Some(mut config) = config {
-                config.warnings = v.warnings;
-                return Ok(config);
-            }
+        if v.problems.is_empty()
+            && let Some(mut config) = config
+        {
+            config.warnings = v.warnings;
+            return Ok(config);
         }
         Err(ConfigError::Invalid {
             path: origin.to_owned(),
@@ -773,10 +773,10 @@ impl Validator {
         };
         let redaction = match Redaction::parse(redact_spec) {
             Ok(mut r) => {
-                if let Some(ner) = r.ner_specialist.clone() {
-                    if !self.specialist(&format!("{key}.redact"), &ner, LocalKind::Tagger, local) {
-                        r.ner_specialist = None;
-                    }
+                if let Some(ner) = r.ner_specialist.clone()
+                    && !self.specialist(&format!("{key}.redact"), &ner, LocalKind::Tagger, local)
+                {
+                    r.ner_specialist = None;
                 }
                 r
             }
@@ -1174,14 +1174,14 @@ impl Validator {
                     continue;
                 }
             };
-            if let Some(o) = &route.otherwise {
-                if !r.routes.contains_key(o) {
-                    self.problem(
-                        format!("{rk}.otherwise"),
-                        format!("`{o}` is not a route"),
-                        "name another route",
-                    );
-                }
+            if let Some(o) = &route.otherwise
+                && !r.routes.contains_key(o)
+            {
+                self.problem(
+                    format!("{rk}.otherwise"),
+                    format!("`{o}` is not a route"),
+                    "name another route",
+                );
             }
             routes.insert(
                 name.clone(),
@@ -1302,11 +1302,10 @@ impl Validator {
                 }
             };
             // A transcript is text as well; audio is only good for transcribe.
-            let fits = match (needs, have) {
-                (Value::Audio, Value::Audio) => true,
-                (Value::Text, Value::Text | Value::Transcript) => true,
-                _ => false,
-            };
+            let fits = matches!(
+                (needs, have),
+                (Value::Audio, Value::Audio) | (Value::Text, Value::Text | Value::Transcript)
+            );
             if !fits {
                 self.problem(
                     &sk,
@@ -1361,14 +1360,14 @@ impl Validator {
             ("transcription_task", &raw.transcription_task),
             ("chat_task", &raw.chat_task),
         ] {
-            if let Some(t) = value {
-                if !tasks.contains_key(t) {
-                    self.problem(
-                        format!("server.{field}"),
-                        format!("unknown task `{t}`"),
-                        "name a [tasks.NAME] table",
-                    );
-                }
+            if let Some(t) = value
+                && !tasks.contains_key(t)
+            {
+                self.problem(
+                    format!("server.{field}"),
+                    format!("unknown task `{t}`"),
+                    "name a [tasks.NAME] table",
+                );
             }
         }
         ServerConfig {

@@ -311,10 +311,10 @@ async fn tier_verdict(
                         messages: vec![Message::user(text)],
                         ..ChatRequest::default()
                     });
-                    if let Some(sp) = &c.system_prompt {
-                        if !req.messages.iter().any(|m| m.role == Role::System) {
-                            req.messages.insert(0, Message::system(sp.clone()));
-                        }
+                    if let Some(sp) = &c.system_prompt
+                        && !req.messages.iter().any(|m| m.role == Role::System)
+                    {
+                        req.messages.insert(0, Message::system(sp.clone()));
                     }
                     let mut restorer = crate::redact::Restorer::default();
                     for m in &mut req.messages {

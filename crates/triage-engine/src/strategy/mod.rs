@@ -73,6 +73,7 @@ pub async fn chat(
 }
 
 /// Push a hosted tier's line onto the trace.
+#[allow(clippy::too_many_arguments)]
 pub fn push_hosted(
     run: &mut Run<'_>,
     tier: &str,

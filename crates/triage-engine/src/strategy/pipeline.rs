@@ -221,16 +221,15 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
     }
     // The pipeline's answer is the whole record; the tier that "answered" is
     // the last model stage.
-    if run.trace.answered_by().is_none() {
-        if let Some(t) = run
+    if run.trace.answered_by().is_none()
+        && let Some(t) = run
             .trace
             .tiers
             .iter_mut()
             .rev()
             .find(|t| t.decision == Decision::Ran)
-        {
-            t.decision = Decision::Accepted;
-        }
+    {
+        t.decision = Decision::Accepted;
     }
     Ok(Answered {
         input_chars: text.chars().count() + 200,

@@ -392,11 +392,11 @@ async fn extract(
     for e in &r.extract {
         match e {
             Extractor::Regex { field, regex } => {
-                if let Some(caps) = regex.captures(text) {
-                    if let Some(m) = caps.get(1).or_else(|| caps.get(0)) {
-                        fields.insert(field.clone(), m.as_str().to_owned());
-                        found.push(field.clone());
-                    }
+                if let Some(caps) = regex.captures(text)
+                    && let Some(m) = caps.get(1).or_else(|| caps.get(0))
+                {
+                    fields.insert(field.clone(), m.as_str().to_owned());
+                    found.push(field.clone());
                 }
             }
             Extractor::Ner {

@@ -27,7 +27,7 @@ pub enum Reply {
     Status(u16),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Seen {
     pub moderations: Vec<Value>,
     pub chats: Vec<Value>,
@@ -64,8 +64,9 @@ impl FakeOpenAi {
         }
     }
 
-    pub fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
-        self.shared.seen.lock().unwrap()
+    /// A copy of what the server has received so far.
+    pub fn seen(&self) -> Seen {
+        self.shared.seen.lock().unwrap().clone()
     }
 }
 
