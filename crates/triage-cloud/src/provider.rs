@@ -102,22 +102,33 @@ impl Provider {
     }
 
     pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ProviderError> {
-        match self {
+        let result = match self {
             Provider::Openai(p) => p.chat(req).await,
             Provider::Anthropic(p) => p.chat(req).await,
             Provider::Gemini(p) => p.chat(req).await,
             Provider::Perspective(_) => Err(self.unsupported("chat")),
-        }
+        };
+        result.map_err(|e| scrub(e, self.config()))
     }
 
     /// Start a streamed chat. Returns once the response headers arrived and
     /// the status was a success; chunks follow on the stream.
     pub async fn chat_stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
-        match self {
+        let result = match self {
             Provider::Openai(p) => p.chat_stream(req).await,
             Provider::Anthropic(p) => p.chat_stream(req).await,
             Provider::Gemini(p) => p.chat_stream(req).await,
             Provider::Perspective(_) => Err(self.unsupported("streaming chat")),
+        };
+        let config = self.config().clone();
+        match result {
+            Ok(stream) => {
+                use futures_util::StreamExt;
+                Ok(Box::pin(
+                    stream.map(move |item| item.map_err(|e| scrub(e, &config))),
+                ))
+            }
+            Err(e) => Err(scrub(e, &config)),
         }
     }
 
@@ -125,21 +136,23 @@ impl Provider {
         &self,
         req: &ModerationRequest,
     ) -> Result<ModerationResponse, ProviderError> {
-        match self {
+        let result = match self {
             Provider::Openai(p) => p.moderate(req).await,
             Provider::Perspective(p) => p.moderate(req).await,
             Provider::Anthropic(_) | Provider::Gemini(_) => Err(self.unsupported("moderation")),
-        }
+        };
+        result.map_err(|e| scrub(e, self.config()))
     }
 
     pub async fn transcribe(
         &self,
         req: &TranscriptionRequest,
     ) -> Result<TranscriptionResponse, ProviderError> {
-        match self {
+        let result = match self {
             Provider::Openai(p) => p.transcribe(req).await,
             _ => Err(self.unsupported("audio transcription")),
-        }
+        };
+        result.map_err(|e| scrub(e, self.config()))
     }
 
     fn unsupported(&self, what: &str) -> ProviderError {
@@ -149,4 +162,17 @@ impl Provider {
             format!("{:?} providers do not offer {what}", self.config().kind),
         )
     }
+}
+
+/// Remove the provider's key from an error's message: some servers and
+/// proxies echo the credentials they were sent, and the message ends up in
+/// logs, traces and API answers.
+fn scrub(mut e: ProviderError, config: &ProviderConfig) -> ProviderError {
+    if let Some(key) = &config.api_key {
+        let key = key.expose();
+        if key.len() >= 4 && e.message.contains(key) {
+            e.message = e.message.replace(key, "[redacted]");
+        }
+    }
+    e
 }

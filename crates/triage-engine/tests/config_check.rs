@@ -1,0 +1,169 @@
+//! Config validation: the shipped examples load without API keys, and every
+//! mistake is reported with its TOML key and a fix.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use triage_engine::Config;
+use triage_engine::config::{ConfigError, Problem, bind_named};
+
+fn problems(toml: &str) -> Vec<Problem> {
+    match Config::from_toml(toml, "test.toml", Path::new("/tmp")) {
+        Err(ConfigError::Invalid { problems, .. }) => problems,
+        Err(e) => panic!("expected validation problems, got {e}"),
+        Ok(_) => panic!("expected validation problems, got a valid config"),
+    }
+}
+
+fn keys(toml: &str) -> Vec<String> {
+    problems(toml).into_iter().map(|p| p.key).collect()
+}
+
+#[test]
+fn shipped_examples_load_without_any_key() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    for name in [
+        "moderation.toml",
+        "support-router.toml",
+        "meeting-notes.toml",
+    ] {
+        let config = Config::load(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!config.tasks.is_empty(), "{name}");
+        if std::env::var_os("OPENAI_API_KEY").is_none() {
+            assert!(
+                config.warnings.iter().any(|w| w.contains("OPENAI_API_KEY")),
+                "{name}: {:?}",
+                config.warnings
+            );
+        }
+    }
+}
+
+const PROVIDER: &str =
+    "[providers.openai]\nkind = \"openai\"\napi_key_env = \"TRIAGE_TEST_NO_SUCH_KEY\"\n";
+
+#[test]
+fn unknown_names_are_reported_with_their_key_and_the_choices() {
+    let p = problems(&format!(
+        "{PROVIDER}[tasks.m]\nstrategy = \"cascade\"\nkind = \"moderation\"\nlabels = [\"toxic\"]\n\
+         [[tasks.m.tiers]]\nname = \"a\"\nlocal = \"toxicity\"\nhi = 0.9\nlo = 0.1\n\
+         [[tasks.m.tiers]]\nname = \"b\"\nprovider = \"opneai\"\nmodel = \"gpt-4o-mini\"\n"
+    ));
+    let unknown_local = p
+        .iter()
+        .find(|p| p.key == "tasks.m.tiers[0].local")
+        .unwrap();
+    assert!(
+        unknown_local.message.contains("toxicity")
+            && unknown_local.fix.contains("[local.toxicity]"),
+        "{unknown_local}"
+    );
+    let typo = p
+        .iter()
+        .find(|p| p.key == "tasks.m.tiers[1].provider")
+        .unwrap();
+    assert!(typo.fix.contains("openai"), "{typo}");
+}
+
+#[test]
+fn bands_labels_and_maps_are_checked() {
+    let base = format!("{PROVIDER}[local.tox]\nmodel = \"toxicity\"\n");
+    let k = keys(&format!(
+        "{base}[tasks.m]\nstrategy = \"cascade\"\nkind = \"moderation\"\nlabels = [\"toxic\"]\n\
+         [[tasks.m.tiers]]\nname = \"a\"\nlocal = \"tox\"\nhi = 0.2\nlo = 0.8\n\
+         [[tasks.m.tiers]]\nname = \"b\"\nprovider = \"openai\"\nmodel = \"m\"\noperation = \"moderation\"\nmap = {{ hate = \"hateful\" }}\n\
+         [[tasks.m.tiers]]\nname = \"c\"\nprovider = \"openai\"\nmodel = \"m\"\n"
+    ));
+    assert!(k.contains(&"tasks.m.tiers[0]".to_owned()), "{k:?}");
+    assert!(
+        k.contains(&"tasks.m.tiers[1]".to_owned()),
+        "a middle tier without a band: {k:?}"
+    );
+    assert!(k.contains(&"tasks.m.tiers[1].map".to_owned()), "{k:?}");
+    let none = keys(&format!(
+        "{base}[tasks.m]\nstrategy = \"cascade\"\nkind = \"moderation\"\ntiers = []\n"
+    ));
+    assert!(
+        none.contains(&"tasks.m.labels".to_owned()) && none.contains(&"tasks.m.tiers".to_owned()),
+        "{none:?}"
+    );
+}
+
+#[test]
+fn pipeline_stage_types_must_line_up() {
+    let k = keys(
+        "[local.ner]\nmodel = \"ner\"\n[local.whisper]\nmodel = \"x.bin\"\nkind = \"whisper\"\n\
+         [tasks.p]\nstrategy = \"pipeline\"\n\
+         [[tasks.p.stages]]\nname = \"e\"\nkind = \"entities\"\nlocal = \"ner\"\n\
+         [[tasks.p.stages]]\nname = \"t\"\nkind = \"transcribe\"\nlocal = \"whisper\"\n\
+         [[tasks.p.stages]]\nname = \"x\"\nkind = \"dance\"\n",
+    );
+    assert!(
+        k.contains(&"tasks.p.stages[1]".to_owned()),
+        "audio after text: {k:?}"
+    );
+    assert!(k.contains(&"tasks.p.stages[2].kind".to_owned()), "{k:?}");
+}
+
+#[test]
+fn router_parameters_must_be_extracted_fields() {
+    let p = problems(
+        "[tasks.r]\nstrategy = \"router\"\n\
+         [tasks.r.intent]\nkind = \"rules\"\ndefault = \"faq\"\nrules = [{ route = \"refund\", any = [\"refund\"] }]\n\
+         [[tasks.r.extract]]\nfield = \"order_id\"\nregex = \"#(\\\\d+)\"\n\
+         [tasks.r.retrieve]\ndatabase = \"sqlite://orders.db\"\nquery = \"SELECT * FROM orders WHERE id = :order AND x::text = 'a'\"\n\
+         [tasks.r.routes.faq]\nhandler = \"template\"\ntemplate = \"See our FAQ.\"\n",
+    );
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    assert!(keys.contains(&"tasks.r.retrieve.query"), "{p:?}");
+    assert!(keys.contains(&"tasks.r.intent.rules[0].route"), "{p:?}");
+}
+
+#[test]
+fn unknown_fields_and_bad_toml_are_parse_errors() {
+    let e = Config::from_toml(
+        "[tasks.m]\nstrategy = \"cascade\"\nkinds = \"x\"\n",
+        "t.toml",
+        Path::new("."),
+    )
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::Parse { .. }));
+    let chain = triage_engine::error::chain(&e);
+    assert!(chain.contains("kinds"), "{chain}");
+    let e = Config::from_toml("[tasks.m\n", "t.toml", Path::new(".")).unwrap_err();
+    assert!(matches!(e, ConfigError::Parse { .. }));
+    let e = Config::from_toml(
+        "[tasks.m]\nstrategy = \"carousel\"\n",
+        "t.toml",
+        Path::new("."),
+    )
+    .unwrap_err();
+    assert!(triage_engine::error::chain(&e).contains("carousel"));
+}
+
+#[test]
+fn named_parameters_become_numbered_ones() {
+    let (q, names) = bind_named(
+        "SELECT a FROM t WHERE id = :order_id AND b = :x OR id = :order_id AND c::text = 'y'",
+    );
+    assert_eq!(
+        q,
+        "SELECT a FROM t WHERE id = $1 AND b = $2 OR id = $1 AND c::text = 'y'"
+    );
+    assert_eq!(names, vec!["order_id", "x"]);
+}
+
+#[test]
+fn a_provider_needs_its_key_variable_named_and_a_url() {
+    let k = keys(
+        "[providers.a]\nkind = \"anthropic\"\n[providers.b]\nkind = \"openai_compatible\"\n[providers.c]\nkind = \"openai_compatible\"\nbase_url = \"ftp://x\"\n",
+    );
+    assert_eq!(
+        k,
+        vec![
+            "providers.a.api_key_env",
+            "providers.b.base_url",
+            "providers.c.base_url"
+        ]
+    );
+}
