@@ -12,7 +12,10 @@ impl SecretString {
 
     /// Read the key from an environment variable; `None` when unset or empty.
     pub fn from_env(var: &str) -> Option<Self> {
-        std::env::var(var).ok().filter(|v| !v.trim().is_empty()).map(Self)
+        std::env::var(var)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(Self)
     }
 
     /// The key itself, for the one place that puts it on the wire.
