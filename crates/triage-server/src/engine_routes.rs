@@ -443,7 +443,7 @@ pub async fn chat_completions(
             Value::Null,
         )),
         (None, Some(text)) => {
-            for piece in pieces(text, 64) {
+            for piece in pieces(text, 24) {
                 events.push(chunk(
                     choice(json!({"content": piece}), Value::Null),
                     Value::Null,
