@@ -97,3 +97,92 @@ fn sigterm_drains_the_request_in_flight() -> anyhow::Result<()> {
     assert!(!sock.exists(), "the socket file is removed on shutdown");
     Ok(())
 }
+
+/// A config with one router task answered by a template (no model), so the
+/// process starts at once.
+fn greeting_config(greeting: &str) -> String {
+    format!(
+        r#"
+[ledger]
+disabled = true
+
+[tasks.greet]
+strategy = "router"
+
+[tasks.greet.intent]
+kind = "rules"
+default = "hello"
+rules = []
+
+[tasks.greet.routes.hello]
+handler = "template"
+template = "{greeting}"
+"#
+    )
+}
+
+fn execute_greet(sock: &std::path::Path) -> std::io::Result<String> {
+    let body = r#"{"task": "greet", "input": "hi"}"#;
+    let request = format!(
+        "POST /v1/execute HTTP/1.1\r\nHost: t\r\nConnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    http(sock, request.as_bytes())
+}
+
+/// Poll until `execute_greet` answers with `want`, or fail after 20 s.
+fn wait_for_answer(sock: &std::path::Path, want: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = execute_greet(sock).unwrap_or_default();
+        if out.contains(want) {
+            return Ok(out);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no `{want}` in: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn serve_config_answers_execute_and_reloads_on_sighup() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("c.sock");
+    let config = dir.path().join("triage.toml");
+    std::fs::write(&config, greeting_config("first answer"))?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_triage"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = (|| -> anyhow::Result<()> {
+        let out = wait_for_answer(&sock, "first answer")?;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.contains("\"trace\""), "{out}");
+        let hup = |pid: u32| {
+            Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+        };
+        std::fs::write(&config, greeting_config("second answer"))?;
+        assert!(hup(child.id())?.success());
+        wait_for_answer(&sock, "second answer")?;
+        // A broken file is refused; the running config stays.
+        std::fs::write(&config, "[tasks.greet\n")?;
+        assert!(hup(child.id())?.success());
+        std::thread::sleep(Duration::from_millis(500));
+        wait_for_answer(&sock, "second answer")?;
+        anyhow::ensure!(child.try_wait()?.is_none(), "the server exited");
+        Ok(())
+    })();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait()?;
+    result?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
