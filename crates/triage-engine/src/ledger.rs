@@ -414,7 +414,7 @@ impl Ledger {
 
     pub async fn shadow_count(&self, task: &str) -> Result<(i64, i64), LedgerError> {
         let row =
-            sqlx::query("SELECT COUNT(*), COALESCE(SUM(agree), 0) FROM shadow WHERE task = $1")
+            sqlx::query("SELECT COUNT(*), CAST(COALESCE(SUM(agree), 0) AS BIGINT) FROM shadow WHERE task = $1")
                 .bind(task)
                 .fetch_one(&self.pool)
                 .await?;
@@ -434,8 +434,8 @@ impl Ledger {
         };
         // The column names come from `GroupBy`, never from the caller.
         let attempts = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {attempt_col}, COUNT(*), SUM(CASE WHEN outcome = 'failed' THEN 1 ELSE 0 END),
-                    SUM(input_tokens), SUM(output_tokens), SUM(cost_usd), AVG(latency_ms)
+            "SELECT {attempt_col}, COUNT(*), CAST(SUM(CASE WHEN outcome = 'failed' THEN 1 ELSE 0 END) AS BIGINT),
+                    CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(output_tokens) AS BIGINT), SUM(cost_usd), AVG(latency_ms)
              FROM attempts WHERE ts_ms >= $1 GROUP BY {attempt_col} ORDER BY {attempt_col}"
         )))
         .bind(since_ms)

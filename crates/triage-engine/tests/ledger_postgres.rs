@@ -1,0 +1,83 @@
+//! The ledger on PostgreSQL (the `postgres` feature), as several stateless
+//! replicas would share it. `scripts/test` starts a throwaway server
+//! (`scripts/test-postgres`) and exports `TRIAGE_TEST_POSTGRES_URL`.
+#![cfg(feature = "postgres")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use sqlx::Executor;
+use triage_engine::ledger::{AttemptRecord, GroupBy, Ledger, RequestRecord};
+
+/// A fresh database on the test server, so parallel tests do not meet.
+async fn fresh_database() -> String {
+    let url = std::env::var("TRIAGE_TEST_POSTGRES_URL").expect(
+        "TRIAGE_TEST_POSTGRES_URL is not set: run `eval \"$(scripts/test-postgres start)\"` (scripts/test does)",
+    );
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&url).await.unwrap();
+    let name = format!("triage_test_{}_{}", std::process::id(), rand_suffix());
+    admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
+    admin.close().await;
+    let (base, _) = url.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+}
+
+fn attempt(request_id: &str, tier: &str, outcome: &str, cost: f64) -> AttemptRecord {
+    AttemptRecord {
+        request_id: request_id.into(),
+        task: "moderation".into(),
+        tier: tier.into(),
+        provider: "openai".into(),
+        model: "gpt-4o-mini".into(),
+        operation: "chat".into(),
+        ts_ms: 1_700_000_000_000,
+        input_tokens: 120,
+        output_tokens: 8,
+        cached_input_tokens: 0,
+        reasoning_tokens: 0,
+        audio_seconds: 0.0,
+        latency_ms: 20.0,
+        cost_usd: cost,
+        outcome: outcome.into(),
+        error: (outcome == "failed").then(|| "Unavailable (HTTP 503)".into()),
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_share_one_ledger() {
+    let url = fresh_database().await;
+    let a = Ledger::open(&url).await.unwrap();
+    // The second replica finds the schema in place and migrates nothing twice.
+    let b = Ledger::open(&url).await.unwrap();
+    a.record(attempt("r-a", "llm", "failed", 0.0));
+    a.record(attempt("r-a", "llm", "answered", 0.0000228));
+    b.record(attempt("r-b", "local", "answered", 0.0000004));
+    for (ledger, id, tier, cost) in [(&a, "r-a", "llm", 0.0000228), (&b, "r-b", "local", 0.0000004)] {
+        ledger.record_request(RequestRecord {
+            request_id: id.into(),
+            task: "moderation".into(),
+            answered_by: tier.into(),
+            model: "m".into(),
+            outcome: "answered".into(),
+            latency_ms: 30.0,
+            cost_usd: cost,
+            all_llm_cost_usd: 0.00002,
+        });
+    }
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    // Either replica reads what both wrote.
+    let rows = b.attempts("r-a").await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.outcome.as_str()).collect::<Vec<_>>(), vec!["failed", "answered"]);
+    assert_eq!(rows[1], attempt("r-a", "llm", "answered", 0.0000228));
+    let by_task = a.summary(0, GroupBy::Task).await.unwrap();
+    assert_eq!(by_task.len(), 1);
+    let m = &by_task[0];
+    assert_eq!((m.requests, m.attempts, m.failed_attempts, m.input_tokens), (2, 3, 1, 360));
+    assert!((m.cost_usd - 0.0000232).abs() < 1e-12);
+    let by_tier = a.summary(0, GroupBy::Tier).await.unwrap();
+    assert_eq!(by_tier.iter().map(|r| (r.key.as_str(), r.requests)).collect::<Vec<_>>(), vec![("llm", 1), ("local", 1)]);
+}
