@@ -413,11 +413,12 @@ impl Ledger {
     }
 
     pub async fn shadow_count(&self, task: &str) -> Result<(i64, i64), LedgerError> {
-        let row =
-            sqlx::query("SELECT COUNT(*), CAST(COALESCE(SUM(agree), 0) AS BIGINT) FROM shadow WHERE task = $1")
-                .bind(task)
-                .fetch_one(&self.pool)
-                .await?;
+        let row = sqlx::query(
+            "SELECT COUNT(*), CAST(COALESCE(SUM(agree), 0) AS BIGINT) FROM shadow WHERE task = $1",
+        )
+        .bind(task)
+        .fetch_one(&self.pool)
+        .await?;
         Ok((row.try_get(0)?, row.try_get(1)?))
     }
 

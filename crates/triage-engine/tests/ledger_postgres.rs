@@ -15,14 +15,21 @@ async fn fresh_database() -> String {
     sqlx::any::install_default_drivers();
     let admin = sqlx::AnyPool::connect(&url).await.unwrap();
     let name = format!("triage_test_{}_{}", std::process::id(), rand_suffix());
-    admin.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .unwrap();
     admin.close().await;
     let (base, _) = url.rsplit_once('/').unwrap();
     format!("{base}/{name}")
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 % 1_000_000_007
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        % 1_000_000_007
 }
 
 fn attempt(request_id: &str, tier: &str, outcome: &str, cost: f64) -> AttemptRecord {
@@ -55,7 +62,10 @@ async fn two_replicas_share_one_ledger() {
     a.record(attempt("r-a", "llm", "failed", 0.0));
     a.record(attempt("r-a", "llm", "answered", 0.0000228));
     b.record(attempt("r-b", "local", "answered", 0.0000004));
-    for (ledger, id, tier, cost) in [(&a, "r-a", "llm", 0.0000228), (&b, "r-b", "local", 0.0000004)] {
+    for (ledger, id, tier, cost) in [
+        (&a, "r-a", "llm", 0.0000228),
+        (&b, "r-b", "local", 0.0000004),
+    ] {
         ledger.record_request(RequestRecord {
             request_id: id.into(),
             task: "moderation".into(),
@@ -71,13 +81,25 @@ async fn two_replicas_share_one_ledger() {
     b.flush().await.unwrap();
     // Either replica reads what both wrote.
     let rows = b.attempts("r-a").await.unwrap();
-    assert_eq!(rows.iter().map(|r| r.outcome.as_str()).collect::<Vec<_>>(), vec!["failed", "answered"]);
+    assert_eq!(
+        rows.iter().map(|r| r.outcome.as_str()).collect::<Vec<_>>(),
+        vec!["failed", "answered"]
+    );
     assert_eq!(rows[1], attempt("r-a", "llm", "answered", 0.0000228));
     let by_task = a.summary(0, GroupBy::Task).await.unwrap();
     assert_eq!(by_task.len(), 1);
     let m = &by_task[0];
-    assert_eq!((m.requests, m.attempts, m.failed_attempts, m.input_tokens), (2, 3, 1, 360));
+    assert_eq!(
+        (m.requests, m.attempts, m.failed_attempts, m.input_tokens),
+        (2, 3, 1, 360)
+    );
     assert!((m.cost_usd - 0.0000232).abs() < 1e-12);
     let by_tier = a.summary(0, GroupBy::Tier).await.unwrap();
-    assert_eq!(by_tier.iter().map(|r| (r.key.as_str(), r.requests)).collect::<Vec<_>>(), vec![("llm", 1), ("local", 1)]);
+    assert_eq!(
+        by_tier
+            .iter()
+            .map(|r| (r.key.as_str(), r.requests))
+            .collect::<Vec<_>>(),
+        vec![("llm", 1), ("local", 1)]
+    );
 }
