@@ -911,7 +911,14 @@ impl Validator {
             };
             let band = match (t.hi, t.lo) {
                 (None, None) if i == last => None,
-                (None, None) if kind == CascadeKind::Chat => Some((0.0, 0.0)),
+                (None, None) if kind == CascadeKind::Chat => {
+                    self.problem(
+                        &tk,
+                        "a chat tier before the last needs hi",
+                        "add hi = 0.8 (accept when the answer's mean token probability is ≥ hi)",
+                    );
+                    None
+                }
                 (None, None) => {
                     self.problem(
                         &tk,
