@@ -164,6 +164,16 @@ pub fn apply(text: &str, mut spans: Vec<Span>) -> (String, Restorer) {
             && text.is_char_boundary(s.end)
     });
     spans.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
+    // Overlapping spans merge into one (kind of the first): skipping the
+    // second would leave the part of it outside the first in clear.
+    let mut merged: Vec<Span> = Vec::with_capacity(spans.len());
+    for s in spans {
+        match merged.last_mut() {
+            Some(last) if s.start < last.end => last.end = last.end.max(s.end),
+            _ => merged.push(s),
+        }
+    }
+    let spans = merged;
     let mut out = String::with_capacity(text.len());
     let mut restorer = Restorer::default();
     let mut counts: std::collections::HashMap<String, usize> = Default::default();
@@ -177,9 +187,18 @@ pub fn apply(text: &str, mut spans: Vec<Span>) -> (String, Restorer) {
         let placeholder = match restorer.pairs.iter().find(|(_, o)| o == original) {
             Some((p, _)) => p.clone(),
             None => {
+                // A placeholder must not already occur in the text, or
+                // restoring would turn the user's own "[EMAIL_1]" into the
+                // address.
                 let n = counts.entry(s.kind.clone()).or_insert(0);
-                *n += 1;
-                let p = format!("[{}_{}]", s.kind, n);
+                let mut p;
+                loop {
+                    *n += 1;
+                    p = format!("[{}_{}]", s.kind, n);
+                    if !text.contains(&p) {
+                        break;
+                    }
+                }
                 restorer.pairs.push((p.clone(), original.to_owned()));
                 p
             }
@@ -237,7 +256,7 @@ mod tests {
     }
 
     #[test]
-    fn overlapping_spans_keep_the_first_and_longest() {
+    fn overlapping_spans_merge() {
         let spans = vec![
             Span {
                 start: 0,
