@@ -306,3 +306,60 @@ async fn overrides_and_unknown_tasks() {
             .is_client_error()
     );
 }
+
+#[tokio::test]
+async fn shadow_sampling_sends_accepted_items_on_and_records_agreement() {
+    let dir = tempfile::tempdir().unwrap();
+    // The hosted tier agrees on the first item and disagrees on the second.
+    let fake = FakeOpenAi::start(vec![
+        Reply::Moderation(vec![("harassment", 0.97)]),
+        Reply::Moderation(vec![("harassment", 0.02)]),
+    ])
+    .await;
+    let engine = engine(&fake, &dir).await;
+    let all = Overrides {
+        shadow: Some(1.0),
+        ..Overrides::default()
+    };
+    for text_in in [
+        "you are a stupid worthless idiot",
+        "you are a stupid worthless moron",
+    ] {
+        let e = engine
+            .execute("moderation", text(text_in), &all)
+            .await
+            .unwrap();
+        // The caller's answer does not wait for the shadow call.
+        assert_eq!(
+            decisions(&e.trace),
+            vec![("local".into(), "accepted".into())]
+        );
+    }
+    let ledger = engine.ledger.as_ref().unwrap();
+    let mut counts = (0, 0);
+    for _ in 0..100 {
+        ledger.flush().await.unwrap();
+        counts = ledger.shadow_count("moderation").await.unwrap();
+        if counts.0 == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(counts, (2, 1), "two shadow checks, one agreeing");
+    assert_eq!(fake.seen().moderations.len(), 2);
+    // Without the override (2% sampling) nothing is usually sent; with 0 never.
+    let none = Overrides {
+        shadow: Some(0.0),
+        ..Overrides::default()
+    };
+    engine
+        .execute(
+            "moderation",
+            text("you are a stupid worthless idiot"),
+            &none,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(fake.seen().moderations.len(), 2);
+}
