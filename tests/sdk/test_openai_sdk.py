@@ -258,8 +258,8 @@ def test_unknown_transcription_model(client: OpenAI, server: Server):
     assert caught.value.code == "model_not_found"
 
 
-def test_chat_completions_not_served_yet(client: OpenAI):
-    """Documents a gap: /v1/chat/completions is not served. Flips when chat lands."""
+def test_chat_completions_need_a_config(client: OpenAI):
+    """Without `--config` there is no chat task: 404. test_chat_sdk.py covers chat with one."""
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}]
