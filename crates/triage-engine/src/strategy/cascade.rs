@@ -197,26 +197,14 @@ async fn tier_verdict(
                     }),
                 None => Ok(fut.await),
             };
+            let result = result.and_then(|r| {
+                r.map_err(|source| EngineError::Local {
+                    name: name.clone(),
+                    source,
+                })
+            });
             let classified = match result {
-                Ok(Ok(c)) => c,
-                Ok(Err(source)) => {
-                    let e = EngineError::Local {
-                        name: name.clone(),
-                        source,
-                    };
-                    run.local_step(
-                        &tier.name,
-                        &tier.model_name(),
-                        "classify",
-                        &specialist,
-                        started.elapsed(),
-                        Decision::Failed,
-                        format!("error: {}", crate::error::chain(&e)),
-                        None,
-                        Some(e.to_string()),
-                    );
-                    return Err((e, 0.0));
-                }
+                Ok(c) => c,
                 Err(e) => {
                     run.local_step(
                         &tier.name,
