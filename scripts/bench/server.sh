@@ -10,7 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds="${1:-5}"
-cargo build --release --quiet -p triage-cli -p triage-server --example load
+# Two commands: with --example, cargo would build only the example.
+cargo build --release --quiet -p triage-cli --bin triage
+cargo build --release --quiet -p triage-server --example load
 dir="$(mktemp -d)"
 sock="$dir/triage.sock"
 TRIAGE_DATA_DIR="$dir" target/release/triage serve --config scripts/bench/rule.toml --socket "$sock" >"$dir/log" 2>&1 &
