@@ -103,3 +103,45 @@ async fn two_replicas_share_one_ledger() {
         vec![("llm", 1), ("local", 1)]
     );
 }
+
+#[tokio::test]
+async fn the_router_looks_orders_up_in_postgres() {
+    use triage_engine::config::Strategy;
+    use triage_engine::{Config, Engine, Input, Overrides};
+    let url = fresh_database().await;
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    for statement in [
+        "CREATE TABLE orders (id TEXT PRIMARY KEY, status TEXT NOT NULL, carrier TEXT NOT NULL, eta TEXT NOT NULL, total REAL NOT NULL, refundable INTEGER NOT NULL)",
+        "INSERT INTO orders VALUES ('12346', 'out for delivery', 'UPS', 'today', 19.5, 0)",
+    ] {
+        pool.execute(statement).await.unwrap();
+    }
+    pool.close().await;
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut config = Config::load(&examples.join("support-router.toml")).unwrap();
+    // The ledger goes to the same server: one store for several replicas.
+    config.ledger_url = Some(url.clone());
+    let Strategy::Router(r) = &mut config.tasks.get_mut("support").unwrap().strategy else {
+        panic!()
+    };
+    r.retrieve.as_mut().unwrap().database = url.clone();
+    let engine = Engine::new(config).await.unwrap();
+    let e = engine
+        .execute(
+            "support",
+            Input::Text("Where is my order #12346?".into()),
+            &Overrides::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        e.answer["text"],
+        "Order #12346 is out for delivery with UPS; expected delivery today."
+    );
+    assert_eq!(e.answer["fields"]["total"], "19.5");
+    assert_eq!(e.answer["fields"]["refundable"], "0");
+    let ledger = engine.ledger.as_ref().unwrap();
+    ledger.flush().await.unwrap();
+    let req = ledger.request(&e.request_id).await.unwrap().unwrap();
+    assert_eq!(req.answered_by, "route:order_status");
+}

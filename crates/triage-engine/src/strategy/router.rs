@@ -505,7 +505,10 @@ async fn retrieve(
                 .try_get::<String, _>(i)
                 .ok()
                 .or_else(|| row.try_get::<i64, _>(i).ok().map(|v| v.to_string()))
-                .or_else(|| row.try_get::<f64, _>(i).ok().map(|v| v.to_string()));
+                .or_else(|| row.try_get::<i32, _>(i).ok().map(|v| v.to_string()))
+                .or_else(|| row.try_get::<f64, _>(i).ok().map(|v| v.to_string()))
+                .or_else(|| row.try_get::<f32, _>(i).ok().map(|v| v.to_string()))
+                .or_else(|| row.try_get::<bool, _>(i).ok().map(|v| v.to_string()));
             if let Some(v) = value {
                 fields.insert(col.name().to_owned(), v);
             }
