@@ -216,8 +216,16 @@ fn accepted(id: &str) -> Response {
 
 /// A queued job for `task`, stored (or 429 when the store is full).
 fn new_job(state: &Shared, task: &str) -> Result<(String, Arc<Job>), ApiError> {
+    // Time for order, plus 64 random bits (a randomly keyed hasher) so that
+    // one client cannot guess another's job.
+    let random = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0);
+        h.finish()
+    };
     let id = format!(
-        "job-{:x}",
+        "job-{:x}-{random:016x}",
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -284,17 +292,22 @@ fn submit_task(
 /// `GET /v1/jobs/{id}`.
 pub async fn status(
     State(state): State<Shared>,
+    axum::Extension(caller): axum::Extension<crate::app::Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(state.jobs.get(&id)?.view(&id)))
+    let job = state.jobs.get(&id)?;
+    caller.authorize(&job.task)?;
+    Ok(Json(job.view(&id)))
 }
 
 /// `GET /v1/jobs/{id}/result`: the transcript, or 409 while the job runs.
 pub async fn result(
     State(state): State<Shared>,
+    axum::Extension(caller): axum::Extension<crate::app::Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = state.jobs.get(&id)?;
+    caller.authorize(&job.task)?;
     let status = job
         .status
         .lock()
@@ -313,9 +326,11 @@ pub async fn result(
 /// every change, ending after the final state.
 pub async fn events(
     State(state): State<Shared>,
+    axum::Extension(caller): axum::Extension<crate::app::Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = state.jobs.get(&id)?;
+    caller.authorize(&job.task)?;
     let rx = job.changed.subscribe();
     let stream = futures_util::stream::unfold(
         (job, rx, id, false),

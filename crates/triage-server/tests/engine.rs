@@ -471,6 +471,31 @@ async fn config_keys_are_scoped_to_their_tasks_over_tcp() -> anyhow::Result<()> 
     )
     .await?;
     assert_eq!(s, StatusCode::OK);
+    // A job keeps its task's scope: a `chat` job submitted on the socket is
+    // not readable with a key scoped to moderation, by any of its routes.
+    let (content_type, body) = multipart(&[("task", "chat")], ("q.txt", b"hello"));
+    let submit = Request::post("/v1/jobs")
+        .header("content-type", content_type)
+        .body(Body::from(body))?;
+    let (s, _, v) = call(&f.app, submit).await?;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["id"].as_str().unwrap_or_default().to_owned();
+    assert!(id.len() > 24, "ids carry random bits: {id}");
+    for path in [
+        format!("/v1/jobs/{id}"),
+        format!("/v1/jobs/{id}/result"),
+        format!("/v1/jobs/{id}/events"),
+    ] {
+        let req = over_tcp(Request::get(&path).body(Body::empty())?, Some(key))?;
+        let (s, _, v) = call(&f.app, req).await?;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}: {v}");
+    }
+    let (s, _, _) = call(
+        &f.app,
+        Request::get(format!("/v1/jobs/{id}")).body(Body::empty())?,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK);
     Ok(())
 }
 
