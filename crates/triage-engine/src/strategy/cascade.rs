@@ -129,7 +129,10 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
         if decision == Decision::Accepted {
             let shadow = run.overrides.shadow.unwrap_or(c.shadow);
             if i < last && shadow > 0.0 && rand::random::<f64>() < shadow {
-                spawn_shadow(run, c, tier, tiers[i + 1].clone(), &text, &verdict);
+                // Redacted here, with the task's full rules (NER included),
+                // before anything leaves for the shadow tier.
+                let (redacted, _) = run.redact(&text).await?;
+                spawn_shadow(run, c, tier, tiers[i + 1].clone(), redacted, &verdict);
             }
             return Ok(answer(c, &verdict, &text));
         }
@@ -565,7 +568,7 @@ fn spawn_shadow(
     c: &Cascade,
     tier: &Tier,
     next: Tier,
-    text: &str,
+    redacted: String,
     verdict: &Verdict,
 ) {
     let Some(ledger) = run.engine.ledger.clone() else {
@@ -576,18 +579,14 @@ fn spawn_shadow(
     let task = run.task.name.clone();
     let tier_name = tier.name.clone();
     let c = c.clone();
-    let text = text.to_owned();
     let primary = flagged(&c, verdict);
     let primary_score = pivot_score(verdict);
-    let redaction = run.task.redaction.clone();
     tokio::spawn(async move {
         let ctx = triage_cloud::gateway::CallContext {
             request_id: request_id.clone(),
             task: task.clone(),
             tier: format!("{}(shadow)", next.name),
         };
-        let (redacted, _) =
-            crate::redact::apply(&text, crate::redact::regex_spans(&redaction, &text));
         let verdict = match &next.kind {
             TierKind::Llm { targets } => {
                 let req = moderation_request(&c, &next, &redacted);
