@@ -34,11 +34,12 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-async fn setup() -> Setup {
+/// `None` only when TRIAGE_SKIP_LLAMA=1 (the helper fails the test when the
+/// server is merely missing).
+async fn setup() -> Option<Setup> {
     let llama = tokio::task::spawn_blocking(LlamaServer::start)
         .await
-        .unwrap()
-        .expect("needs llama-server");
+        .unwrap()?;
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::open(&format!(
         "sqlite://{}",
@@ -60,12 +61,12 @@ async fn setup() -> Setup {
         RetryPolicy::default(),
         Some(Arc::new(ledger.clone()) as Arc<dyn AttemptSink>),
     );
-    Setup {
+    Some(Setup {
         gateway,
         ledger,
         _llama: llama,
         _dir: dir,
-    }
+    })
 }
 
 fn ctx(id: &str) -> CallContext {
@@ -101,7 +102,7 @@ async fn assert_one_priced_row(s: &Setup, id: &str) -> (i64, i64) {
 
 #[tokio::test]
 async fn chat_call_with_usage_in_the_ledger() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let req = ChatRequest {
         messages: vec![
             Message::system("You are a terse assistant."),
@@ -129,7 +130,7 @@ async fn chat_call_with_usage_in_the_ledger() {
 
 #[tokio::test]
 async fn json_schema_output_is_enforced() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let req = ChatRequest {
         messages: vec![Message::user(
             "Rate how toxic this is: 'you are lovely'. Answer as JSON.",
@@ -167,7 +168,7 @@ async fn json_schema_output_is_enforced() {
 
 #[tokio::test]
 async fn streamed_call_concatenates_and_records_usage_when_it_ends() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let req = ChatRequest {
         messages: vec![Message::user("Count from one to five in words.")],
         max_tokens: Some(24),
@@ -203,7 +204,7 @@ async fn streamed_call_concatenates_and_records_usage_when_it_ends() {
 
 #[tokio::test]
 async fn a_bad_request_is_a_typed_non_retryable_error() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     // llama-server answers 400 invalid_request_error for a schema it cannot
     // turn into a grammar.
     let req = ChatRequest {

@@ -46,10 +46,13 @@ fn config(dir: &tempfile::TempDir, min_confidence: f64) -> Config {
 #[tokio::test]
 async fn audio_to_transcript_summary_people_and_action_items() {
     let dir = tempfile::tempdir().unwrap();
-    let llama = tokio::task::spawn_blocking(LlamaServer::start)
+    // None only when TRIAGE_SKIP_LLAMA=1.
+    let Some(llama) = tokio::task::spawn_blocking(LlamaServer::start)
         .await
         .unwrap()
-        .expect("needs llama-server");
+    else {
+        return;
+    };
     let fake = FakeOpenAi::start(vec![]).await;
     let mut config = config(&dir, 0.0);
     point(&mut config, "openai", &fake.base_url);

@@ -36,13 +36,15 @@ struct Setup {
     _dir: tempfile::TempDir,
 }
 
-async fn setup(script: Vec<Reply>, with_llama: bool) -> Setup {
+/// `None` only when the test needs llama-server and TRIAGE_SKIP_LLAMA=1.
+async fn setup(script: Vec<Reply>, with_llama: bool) -> Option<Setup> {
     let dir = tempfile::tempdir().unwrap();
     let llama = if with_llama {
-        let l = tokio::task::spawn_blocking(LlamaServer::start)
-            .await
-            .unwrap();
-        Some(l.expect("TRIAGE_SKIP_LLAMA=1 set: this test needs llama-server"))
+        Some(
+            tokio::task::spawn_blocking(LlamaServer::start)
+                .await
+                .unwrap()?,
+        )
     } else {
         None
     };
@@ -63,17 +65,19 @@ async fn setup(script: Vec<Reply>, with_llama: bool) -> Setup {
         panic!("not a router")
     };
     r.retrieve.as_mut().unwrap().database = db;
-    Setup {
+    Some(Setup {
         engine: Engine::new(config).await.unwrap(),
         fake,
         _llama: llama,
         _dir: dir,
-    }
+    })
 }
 
 #[tokio::test]
 async fn refund_request_goes_to_the_cheap_model_with_the_order_in_context() {
-    let s = setup(vec![], true).await;
+    let Some(s) = setup(vec![], true).await else {
+        return;
+    };
     let e = s
         .engine
         .execute(
@@ -121,7 +125,7 @@ async fn refund_request_goes_to_the_cheap_model_with_the_order_in_context() {
 
 #[tokio::test]
 async fn order_status_is_answered_by_a_template_without_any_model() {
-    let s = setup(vec![], false).await;
+    let s = setup(vec![], false).await.unwrap();
     let e = s
         .engine
         .execute(
@@ -154,7 +158,8 @@ async fn missing_order_number_falls_to_the_strong_model() {
         }],
         false,
     )
-    .await;
+    .await
+    .unwrap();
     let e = s
         .engine
         .execute(
