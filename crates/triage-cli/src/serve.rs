@@ -241,6 +241,10 @@ async fn run_config(args: ServeArgs, path: &std::path::Path) -> Result<ExitCode>
     if let Some(a) = &listen {
         eprintln!("triage: serving on http://{a} (bearer keys required)");
     }
-    triage_server::serve(state, socket, listen).await?;
+    triage_server::serve(state.clone(), socket, listen).await?;
+    // Requests have drained; write what the ledger still holds before exiting.
+    if let Some(ledger) = state.engine.current().and_then(|e| e.ledger.clone()) {
+        ledger.flush().await?;
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -533,6 +533,9 @@ async fn migrate(pool: &AnyPool) -> Result<(), LedgerError> {
 
 /// Most records written in one transaction.
 const BATCH: usize = 512;
+/// How long the first record of a batch waits for company; records sent
+/// before a process exits are written by [`Ledger::flush`].
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 async fn writer(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Msg>) {
     // Attempt sequence numbers per request, so the key is unique and ordered.
@@ -541,6 +544,12 @@ async fn writer(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Msg>) {
         // Everything already queued goes into one transaction: one commit
         // (one fsync) per batch instead of one per row keeps the ledger off
         // the request path's CPU budget under load.
+        // Give a trickle of requests a moment to join the batch: one
+        // transaction per request costs the model workers CPU at low
+        // concurrency. A flush is written at once.
+        if !matches!(first, Msg::Flush(_)) {
+            tokio::time::sleep(BATCH_WAIT).await;
+        }
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match rx.try_recv() {
