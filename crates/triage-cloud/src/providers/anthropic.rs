@@ -55,10 +55,7 @@ impl Anthropic {
     pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ProviderError> {
         let request = self.post(&MessagesBody::new(req, false))?;
         let response = send(self.name(), request, self.config.timeout, map_error).await?;
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| super::transport_error(self.name(), e))?;
+        let bytes = super::read_bytes(self.name(), response).await?;
         parse_message(self.name(), &bytes)
     }
 

@@ -68,10 +68,7 @@ impl Gemini {
     pub async fn chat(&self, req: &ChatRequest) -> Result<ChatResponse, ProviderError> {
         let request = self.post(req, "generateContent")?;
         let response = send(self.name(), request, self.config.timeout, map_error).await?;
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| super::transport_error(self.name(), e))?;
+        let bytes = super::read_bytes(self.name(), response).await?;
         parse_generate(self.name(), &req.model, &bytes)
     }
 

@@ -115,15 +115,23 @@ async fn check_status(
     Err(map_error(provider, status.as_u16(), &headers, &body))
 }
 
+/// Read a 2xx body; a connection lost while reading is a transport error.
+pub(crate) async fn read_bytes(
+    provider: &str,
+    response: reqwest::Response,
+) -> Result<bytes::Bytes, ProviderError> {
+    response
+        .bytes()
+        .await
+        .map_err(|e| transport_error(provider, e))
+}
+
 /// Read a 2xx body and decode it; anything undecodable is `Malformed`.
 pub(crate) async fn read_json<T: DeserializeOwned>(
     provider: &str,
     response: reqwest::Response,
 ) -> Result<T, ProviderError> {
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| transport_error(provider, e))?;
+    let bytes = read_bytes(provider, response).await?;
     decode(provider, &bytes)
 }
 

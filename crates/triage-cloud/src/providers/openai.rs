@@ -54,10 +54,7 @@ impl OpenAi {
         let body = ChatBody::new(req, self.config.kind, false);
         let request = self.post("/chat/completions")?.json(&body);
         let response = send(self.name(), request, self.config.timeout, map_error).await?;
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| super::transport_error(self.name(), e))?;
+        let bytes = super::read_bytes(self.name(), response).await?;
         parse_chat(self.name(), &req.model, &bytes)
     }
 
