@@ -134,13 +134,20 @@ pub async fn run(run: &mut Run<'_>, r: &Router, input: Input) -> Result<Answered
                 system_prompt,
                 max_tokens,
             } => {
-                let (redacted, restorer) = run.redact(&text).await?;
-                let mut context = String::new();
+                let mut raw_context = String::new();
                 for (k, v) in &fields {
-                    let (rv, rs) = run.redact(v).await?;
-                    let _ = rs;
-                    context.push_str(&format!("{k}: {rv}\n"));
+                    raw_context.push_str(&format!("{k}: {v}\n"));
                 }
+                // One pass over message and context: one NER run, and one
+                // placeholder numbering, so a placeholder the model copies
+                // from either is restored to the right original.
+                let (joined, restorer) = run
+                    .redact(&format!("{text}{CONTEXT_SEPARATOR}{raw_context}"))
+                    .await?;
+                let (redacted, context) = joined
+                    .split_once(CONTEXT_SEPARATOR)
+                    .map(|(t, c)| (t.to_owned(), c.to_owned()))
+                    .unwrap_or((joined.clone(), String::new()));
                 let mut system = system_prompt.clone().unwrap_or_else(|| {
                     "You are a helpful customer-support assistant. Answer briefly and use the context.".into()
                 });
@@ -208,6 +215,10 @@ pub async fn run(run: &mut Run<'_>, r: &Router, input: Input) -> Result<Answered
         }
     }
 }
+
+/// Between the message and the context while they are redacted together: a
+/// control character no redaction pattern or entity span includes.
+const CONTEXT_SEPARATOR: &str = "\n\u{1e}\n";
 
 fn context_chars(fields: &IndexMap<String, String>) -> usize {
     fields
