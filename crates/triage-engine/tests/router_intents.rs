@@ -161,3 +161,51 @@ template = "We will get back to you."
     assert_eq!(e.answer["route"], "billing");
     assert_eq!(fake.seen().chats.len(), 2);
 }
+
+#[tokio::test]
+async fn message_and_context_share_one_placeholder_numbering() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeOpenAi::start(vec![Reply::Chat {
+        content: "We will write to [EMAIL_2].".into(),
+        prompt_tokens: 30,
+        completion_tokens: 6,
+    }])
+    .await;
+    let toml = format!(
+        r#"
+[providers.openai]
+kind = "openai"
+api_key_env = "TRIAGE_TEST_UNSET_KEY"
+base_url = "{url}"
+[tasks.desk]
+strategy = "router"
+redact = ["email"]
+[tasks.desk.intent]
+kind = "rules"
+default = "help"
+[[tasks.desk.extract]]
+field = "contact"
+regex = "reply to (\\S+@\\S+)"
+[tasks.desk.routes.help]
+handler = "model"
+provider = "openai"
+model = "gpt-4o-mini"
+"#,
+        url = fake.base_url
+    );
+    let mut c = config(&toml, &dir);
+    point(&mut c, "openai", &fake.base_url);
+    let engine = Engine::new(c).await.unwrap();
+    let text = "I am a@example.com but please reply to b@example.org";
+    let e = engine
+        .execute("desk", Input::Text(text.into()), &Overrides::default())
+        .await
+        .unwrap();
+    let body = fake.seen().chats[0].to_string();
+    assert!(!body.contains("@example"), "{body}");
+    assert!(
+        body.contains("contact: [EMAIL_2]"),
+        "the context uses the message's numbering: {body}"
+    );
+    assert_eq!(e.answer["text"], "We will write to b@example.org.");
+}
