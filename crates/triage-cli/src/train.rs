@@ -5,7 +5,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use triage_local::train::net::HeadKind;
 use triage_local::train::{EpochReport, Progress, TrainConfig};
 
@@ -49,6 +50,9 @@ pub struct TrainArgs {
     /// Fraction of the steps used for learning-rate warm-up.
     #[arg(long, default_value_t = 0.1)]
     warmup: f64,
+    /// Dropout probability in the trained layers and the head (0 turns it off).
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f32,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -65,9 +69,13 @@ enum ClassWeights {
 
 struct Bars {
     bar: Mutex<ProgressBar>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Progress for Bars {
+    fn cancelled(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
     fn phase(&self, what: &str, total: usize) {
         if let Ok(mut bar) = self.bar.lock() {
             bar.finish_and_clear();
@@ -141,14 +149,59 @@ pub async fn run(args: TrainArgs) -> Result<ExitCode> {
         },
         label_names: args.label_names,
         warmup: args.warmup,
+        dropout: args.dropout,
     };
+    if !(0.0..1.0).contains(&cfg.dropout) {
+        anyhow::bail!("--dropout must be in [0, 1), not {}", cfg.dropout);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = tokio::spawn(stop_on_signal(stop.clone()));
     let bars = Bars {
         bar: Mutex::new(ProgressBar::hidden()),
+        stop,
     };
     let report =
         tokio::task::spawn_blocking(move || triage_local::train::train(&cfg, &bars)).await??;
+    watcher.abort();
     let stdout = std::io::stdout();
     writeln!(stdout.lock(), "{}", serde_json::to_string(&report)?)?;
+    if report.interrupted {
+        eprintln!(
+            "interrupted: {} keeps epoch {} (the best that finished)",
+            args.out.display(),
+            report.best_epoch
+        );
+        return Ok(ExitCode::from(130));
+    }
     eprintln!("model written to {}", args.out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first Ctrl-C (or SIGTERM) asks training to stop after the current
+/// batch, so no checkpoint is cut half-written; a second one exits at once
+/// (every file is still replaced atomically).
+async fn stop_on_signal(stop: Arc<AtomicBool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        seen += 1;
+        if seen > 1 {
+            eprintln!("interrupted again: exiting now");
+            std::process::exit(130);
+        }
+        stop.store(true, Ordering::Relaxed);
+        eprintln!(
+            "stopping after this batch; the best checkpoint so far is kept (Ctrl-C again to quit now)"
+        );
+    }
 }

@@ -46,13 +46,13 @@ fn main() -> anyhow::Result<()> {
         let mask = Tensor::ones((batch, seq), DType::U32, &dev)?;
         let types = Tensor::zeros((batch, seq), DType::U32, &dev)?;
         let t = Instant::now();
-        let x = net.frozen_prefix(&ids, &types, &mask)?;
+        let x = net.frozen_prefix(&ids, &types, &mask, None)?;
         println!(
             "unfreeze {unfreeze}: prefix {:.3} s",
             t.elapsed().as_secs_f64()
         );
         let t = Instant::now();
-        let logits = net.trained_suffix(&x, &mask)?;
+        let logits = net.trained_suffix(&x, &mask, None)?;
         println!(
             "unfreeze {unfreeze}: suffix forward {:.3} s",
             t.elapsed().as_secs_f64()

@@ -62,6 +62,7 @@ fn config(task: HeadKind, base: &str, train: PathBuf, val: PathBuf, out: PathBuf
         class_weights: true,
         label_names: Some(vec!["ok".into(), "toxic".into()]),
         warmup: 0.1,
+        dropout: 0.1,
     }
 }
 
@@ -311,4 +312,79 @@ fn train_error(cfg: &TrainConfig) -> String {
         Ok(_) => "trained without error".into(),
         Err(e) => e.to_string(),
     }
+}
+
+/// Stops training once `after` epochs have been reported, as Ctrl-C does.
+struct StopAfter {
+    after: usize,
+    seen: std::cell::Cell<usize>,
+    polls: std::cell::Cell<usize>,
+}
+
+impl triage_local::train::Progress for StopAfter {
+    fn epoch(&self, _report: &triage_local::train::EpochReport) {
+        self.seen.set(self.seen.get() + 1);
+    }
+    fn cancelled(&self) -> bool {
+        self.polls.set(self.polls.get() + 1);
+        self.seen.get() >= self.after
+    }
+}
+
+#[test]
+fn a_stop_keeps_the_best_finished_epoch_intact() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let train_file = sequence_data(tmp.path(), 160, 0)?;
+    let val_file = sequence_data(tmp.path(), 60, 1)?;
+    let out = tmp.path().join("model");
+    let mut cfg = config(
+        HeadKind::Sequence,
+        "bert-seq-single",
+        train_file,
+        val_file,
+        out.clone(),
+    );
+    cfg.epochs = 50;
+
+    // Stopped after the first epoch: one epoch reported, its checkpoint saved
+    // and loadable, the report says it was interrupted.
+    let stop = StopAfter {
+        after: 1,
+        seen: 0.into(),
+        polls: 0.into(),
+    };
+    let report = train(&cfg, &stop)?;
+    assert!(report.interrupted);
+    assert_eq!(report.epochs.len(), 1, "{:?}", report.epochs);
+    assert_eq!(report.best_epoch, 1);
+    // Polled before every batch of epoch 1 and once in epoch 2 (160 / 8 = 20 batches).
+    assert_eq!(stop.polls.get(), 21);
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training.json"))?)?;
+    assert_eq!(saved["interrupted"], true);
+    assert_eq!(saved["best_epoch"], 1);
+    let model = LocalModel::load(&out, "stopped", &Device::Cpu)?;
+    assert_eq!(model.info.labels, ["ok", "toxic"]);
+    assert!((model.info.temperature - report.calibration.temperature).abs() < 1e-6);
+
+    // Stopped before any epoch finished: a typed error, and no weights written.
+    let empty = tmp.path().join("never");
+    let stop = StopAfter {
+        after: 0,
+        seen: 0.into(),
+        polls: 0.into(),
+    };
+    let err = train(
+        &TrainConfig {
+            out: empty.clone(),
+            ..cfg
+        },
+        &stop,
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(err.contains("interrupted before the first epoch"), "{err}");
+    assert!(!empty.join("model.safetensors").exists());
+    Ok(())
 }

@@ -19,7 +19,7 @@ use crate::weights::{Checkpoint, Family};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
 use data::Example;
-use net::{HeadKind, NetSpec, SplitMix64, TrainableNet};
+use net::{Dropout, HeadKind, NetSpec, SplitMix64, TrainableNet};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,6 +52,8 @@ pub enum TrainError {
     Local(#[from] LocalError),
     #[error("training computation failed")]
     Compute(#[from] candle_core::Error),
+    #[error("interrupted before the first epoch finished: no checkpoint was written")]
+    Interrupted,
 }
 
 /// Everything `triage train` takes.
@@ -76,6 +78,8 @@ pub struct TrainConfig {
     pub label_names: Option<Vec<String>>,
     /// Fraction of steps spent warming the learning rate up.
     pub warmup: f64,
+    /// Dropout probability in the trained part of the net (BERT trains with 0.1).
+    pub dropout: f32,
 }
 
 /// How an epoch went.
@@ -100,6 +104,9 @@ pub struct TrainReport {
     pub val_examples: usize,
     pub trained_parameters: usize,
     pub seconds: f32,
+    /// Stopped early by the caller ([`Progress::cancelled`]); the folder holds
+    /// the best epoch that finished.
+    pub interrupted: bool,
 }
 
 /// Progress callbacks, so the CLI can draw bars without this crate knowing.
@@ -107,6 +114,11 @@ pub trait Progress {
     fn phase(&self, _what: &str, _total: usize) {}
     fn step(&self, _loss: f32) {}
     fn epoch(&self, _report: &EpochReport) {}
+    /// Polled between batches: `true` stops training after the current batch,
+    /// keeping the best checkpoint written so far (Ctrl-C in the CLI).
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// No progress output.
@@ -327,7 +339,7 @@ pub fn train(cfg: &TrainConfig, progress: &dyn Progress) -> Result<TrainReport, 
         for chunk in examples.chunks(64) {
             let refs: Vec<&Example> = chunk.iter().collect();
             let (ids, types, mask) = id_batch(&refs, &device)?;
-            let hidden = net.frozen_prefix(&ids, &types, &mask)?;
+            let hidden = net.frozen_prefix(&ids, &types, &mask, None)?;
             for (i, e) in chunk.iter().enumerate() {
                 out.push(hidden.get(i)?.narrow(0, 0, e.len())?.contiguous()?);
                 progress.step(0.0);
@@ -340,17 +352,18 @@ pub fn train(cfg: &TrainConfig, progress: &dyn Progress) -> Result<TrainReport, 
 
     let forward = |idx: &[usize],
                    examples: &[Example],
-                   cached: &[Tensor]|
+                   cached: &[Tensor],
+                   dropout: Option<&Dropout>|
      -> candle_core::Result<(Tensor, Vec<Option<usize>>)> {
         let refs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
         let (hidden, mask) = if net.train_embeddings {
             let (ids, types, mask) = id_batch(&refs, &device)?;
-            (net.frozen_prefix(&ids, &types, &mask)?, mask)
+            (net.frozen_prefix(&ids, &types, &mask, dropout)?, mask)
         } else {
             let items: Vec<&Tensor> = idx.iter().map(|&i| &cached[i]).collect();
             pad_cached(&items, &device)?
         };
-        let logits = net.trained_suffix(&hidden, &mask)?;
+        let logits = net.trained_suffix(&hidden, &mask, dropout)?;
         match cfg.task {
             HeadKind::Sequence => Ok((logits, refs.iter().map(|e| e.label).collect())),
             HeadKind::Token => {
@@ -389,18 +402,27 @@ pub fn train(cfg: &TrainConfig, progress: &dyn Progress) -> Result<TrainReport, 
     )?;
 
     let mut rng = SplitMix64(cfg.seed);
+    let dropout = Dropout::new(cfg.dropout, cfg.seed);
+    let mut interrupted = false;
     let lens: Vec<usize> = train_ex.iter().map(Example::len).collect();
     let mut order: Vec<usize> = (0..train_ex.len()).collect();
     let mut step = 0usize;
     let mut reports = Vec::new();
     let mut best: Option<(f32, usize, calibrate::Calibration)> = None;
     for epoch in 1..=cfg.epochs {
+        if interrupted {
+            break;
+        }
         let t0 = Instant::now();
         progress.phase(&format!("epoch {epoch}/{}", cfg.epochs), steps_per_epoch);
         let (mut loss_sum, mut loss_n) = (0f64, 0usize);
         for batch in batches(&mut order, &lens, cfg.batch, &mut rng) {
+            if progress.cancelled() {
+                interrupted = true;
+                break;
+            }
             opt.set_learning_rate(lr_at(step));
-            let (logits, targets) = forward(&batch, &train_ex, &train_cache)?;
+            let (logits, targets) = forward(&batch, &train_ex, &train_cache, dropout.as_ref())?;
             let (onehot, weight_sum) = weighted_targets(&targets, &weights, n_labels, &device)?;
             if weight_sum <= 0.0 {
                 step += 1;
@@ -415,6 +437,10 @@ pub fn train(cfg: &TrainConfig, progress: &dyn Progress) -> Result<TrainReport, 
             step += 1;
             progress.step(l);
         }
+        if interrupted {
+            // A half-trained epoch is not evaluated: the best finished one stays.
+            break;
+        }
 
         // Validation: logits for every target, metric, calibration.
         let (val_logits, val_targets) = {
@@ -422,7 +448,7 @@ pub fn train(cfg: &TrainConfig, progress: &dyn Progress) -> Result<TrainReport, 
             let mut all_targets = Vec::new();
             let idx: Vec<usize> = (0..val_ex.len()).collect();
             for chunk in idx.chunks(64) {
-                let (logits, targets) = forward(chunk, &val_ex, &val_cache)?;
+                let (logits, targets) = forward(chunk, &val_ex, &val_cache, None)?;
                 all_logits.extend(logits.detach().to_vec2::<f32>()?);
                 all_targets.extend(targets);
             }
@@ -466,8 +492,13 @@ pub fn train(cfg: &TrainConfig, progress: &dyn Progress) -> Result<TrainReport, 
         progress.epoch(&report);
         reports.push(report);
     }
-    let (_, best_epoch, calibration) =
-        best.ok_or_else(|| TrainError::Options("no epoch ran".into()))?;
+    let Some((_, best_epoch, calibration)) = best else {
+        return Err(if interrupted {
+            TrainError::Interrupted
+        } else {
+            TrainError::Options("no epoch ran".into())
+        });
+    };
     let report = TrainReport {
         labels,
         epochs: reports,
@@ -477,6 +508,7 @@ pub fn train(cfg: &TrainConfig, progress: &dyn Progress) -> Result<TrainReport, 
         val_examples: val_ex.len(),
         trained_parameters,
         seconds: started.elapsed().as_secs_f32(),
+        interrupted,
     };
     write_atomic(
         &cfg.out.join("training.json"),

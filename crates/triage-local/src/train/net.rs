@@ -8,6 +8,7 @@ use crate::weights::{BertView, Checkpoint, Family};
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_transformers::models::bert;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 /// What the head predicts.
@@ -95,6 +96,52 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
+/// Inverted dropout with masks drawn from a seeded generator, so a training
+/// run is reproducible (candle's own dropout draws from an unseeded one).
+/// Only training passes get one; evaluation runs the net as inference does.
+#[derive(Debug)]
+pub struct Dropout {
+    p: f32,
+    rng: RefCell<SplitMix64>,
+}
+
+impl Dropout {
+    /// `None` when `p` is 0: nothing to drop.
+    pub fn new(p: f32, seed: u64) -> Option<Self> {
+        (p > 0.0 && p < 1.0).then(|| Self {
+            p,
+            rng: RefCell::new(SplitMix64(seed ^ 0xD80F_0C7A_11E5_5EED)),
+        })
+    }
+
+    /// Zero each element with probability `p`, scale the rest by 1/(1-p).
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.elem_count();
+        let keep = 1.0 / (1.0 - self.p);
+        let threshold = (f64::from(self.p) * (1u64 << 24) as f64) as u64;
+        let mask: Vec<f32> = {
+            let mut rng = self.rng.borrow_mut();
+            (0..n)
+                .map(|_| {
+                    if rng.next_u64() >> 40 < threshold {
+                        0.0
+                    } else {
+                        keep
+                    }
+                })
+                .collect()
+        };
+        x * Tensor::from_vec(mask, x.dims(), x.device())?
+    }
+}
+
+fn drop_opt(x: Tensor, dropout: Option<&Dropout>) -> Result<Tensor> {
+    match dropout {
+        Some(d) => d.apply(&x),
+        None => Ok(x),
+    }
+}
+
 impl Layer {
     fn forward(
         &self,
@@ -102,6 +149,7 @@ impl Layer {
         mask_bias: &Tensor,
         heads: usize,
         act: bert::HiddenAct,
+        dropout: Option<&Dropout>,
     ) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let d = h / heads;
@@ -112,18 +160,19 @@ impl Layer {
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask_bias)?;
-        let probs = softmax_last(&scores)?;
+        let probs = drop_opt(softmax_last(&scores)?, dropout)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
         let a = self
             .attn_norm
-            .forward(&(self.attn_out.forward(&ctx)? + x)?)?;
+            .forward(&(drop_opt(self.attn_out.forward(&ctx)?, dropout)? + x)?)?;
         let i = self.inter.forward(&a)?;
         let i = match act {
             bert::HiddenAct::Gelu => i.gelu_erf()?,
             bert::HiddenAct::GeluApproximate => i.gelu()?,
             bert::HiddenAct::Relu => i.relu()?,
         };
-        self.out_norm.forward(&(self.out.forward(&i)? + a)?)
+        self.out_norm
+            .forward(&(drop_opt(self.out.forward(&i)?, dropout)? + a)?)
     }
 }
 
@@ -381,8 +430,15 @@ impl TrainableNet {
         (m.ones_like()? - m)? * f64::from(f32::MIN)
     }
 
-    /// Embeddings and the frozen bottom layers: no gradient, so its output can be cached.
-    pub fn frozen_prefix(&self, ids: &Tensor, types: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Embeddings and the frozen bottom layers: no gradient, so its output can
+    /// be cached. `dropout` only reaches the embeddings, and only when they train.
+    pub fn frozen_prefix(
+        &self,
+        ids: &Tensor,
+        types: &Tensor,
+        mask: &Tensor,
+        dropout: Option<&Dropout>,
+    ) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let h = self.word.dim(1)?;
         let lookup = |table: &Var, idx: &Tensor| -> Result<Tensor> {
@@ -396,12 +452,15 @@ impl TrainableNet {
             .broadcast_add(&self.position.as_tensor().embedding(&positions)?)?
             .broadcast_add(&lookup(&self.token_type, types)?)?;
         let mut x = self.emb_norm.forward(&emb)?;
-        if !self.train_embeddings {
+        if self.train_embeddings {
+            x = drop_opt(x, dropout)?;
+        } else {
             x = x.detach();
         }
         let bias = Self::mask_bias(mask)?;
+        // Frozen layers run as at inference, without dropout.
         for layer in &self.layers[..self.first_trained_layer] {
-            x = layer.forward(&x, &bias, self.heads, self.act)?;
+            x = layer.forward(&x, &bias, self.heads, self.act, None)?;
         }
         if self.first_trained_layer > 0 && !self.train_embeddings {
             x = x.detach();
@@ -410,15 +469,22 @@ impl TrainableNet {
     }
 
     /// The trained top layers and the head: logits of shape (batch, labels)
-    /// for sequence heads, (batch, seq, labels) for token heads.
-    pub fn trained_suffix(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// for sequence heads, (batch, seq, labels) for token heads. With
+    /// `dropout`, as BERT trains: on attention probabilities, on each
+    /// sub-layer's output before its residual, and on the classifier's input.
+    pub fn trained_suffix(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        dropout: Option<&Dropout>,
+    ) -> Result<Tensor> {
         let bias = Self::mask_bias(mask)?;
         let mut x = x.clone();
         for layer in &self.layers[self.first_trained_layer..] {
-            x = layer.forward(&x, &bias, self.heads, self.act)?;
+            x = layer.forward(&x, &bias, self.heads, self.act, dropout)?;
         }
         match self.kind {
-            HeadKind::Token => self.classifier.forward(&x),
+            HeadKind::Token => self.classifier.forward(&drop_opt(x, dropout)?),
             HeadKind::Sequence => {
                 let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
                 let pooled = match (&self.pooler, &self.pre_classifier) {
@@ -426,7 +492,7 @@ impl TrainableNet {
                     (None, Some(p)) => p.forward(&cls)?.relu()?,
                     (None, None) => cls,
                 };
-                self.classifier.forward(&pooled)
+                self.classifier.forward(&drop_opt(pooled, dropout)?)
             }
         }
     }
