@@ -1,7 +1,7 @@
 //! `triage eval`: score a specialist on a labelled JSONL file and print one
 //! JSON object of metrics. Toxicity maps the model's labels onto the data's
 //! binary label and adds confidence metrics (selective accuracy, ECE, an
-//! optional SVG curve); NER scores entities the way seqeval does.
+//! optional SVG or PNG curve); NER scores entities the way seqeval does.
 //!
 //! The model runs here, in one blocking task, rather than behind the batching
 //! worker: NER needs per-token probabilities, which the worker does not hand
@@ -62,7 +62,7 @@ pub struct EvalArgs {
     /// Model labels that mean 1 (toxic/offensive), comma-separated (toxicity only).
     #[arg(long, value_delimiter = ',')]
     positive_labels: Option<Vec<String>>,
-    /// Write the selective-accuracy curve to this .svg file (toxicity only).
+    /// Write the selective-accuracy curve to this .svg or .png file (toxicity only).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Inputs per forward pass.
@@ -179,9 +179,11 @@ fn check_flags(args: &EvalArgs) -> Result<()> {
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase());
         match ext.as_deref() {
-            Some("svg") => {}
-            Some("png") => bail!("PNG output is not supported, use .svg"),
-            _ => bail!("--out {}: give a file name ending in .svg", path.display()),
+            Some("svg" | "png") => {}
+            _ => bail!(
+                "--out {}: give a file name ending in .svg or .png",
+                path.display()
+            ),
         }
     }
     Ok(())
@@ -441,8 +443,16 @@ fn eval_toxicity(
             keep_end(reference, 60),
             report.n
         );
-        std::fs::write(path, selective_svg(&selective, &title))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        let svg = selective_svg(&selective, &title);
+        let png = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        let bytes = if png {
+            svg_to_png(&svg)?
+        } else {
+            svg.into_bytes()
+        };
+        std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(serde_json::to_string(&ToxicityReport {
         task: "toxicity",
@@ -554,6 +564,35 @@ fn xml_escape(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// Rasterise the curve at twice its SVG size, with DejaVu Sans compiled in
+/// so the labels render on machines without fonts.
+fn svg_to_png(svg: &str) -> Result<Vec<u8>> {
+    use resvg::{tiny_skia, usvg};
+    let mut fonts = usvg::fontdb::Database::new();
+    fonts.load_font_data(dejavu::sans::regular().to_vec());
+    fonts.set_sans_serif_family("DejaVu Sans");
+    let options = usvg::Options {
+        font_family: "DejaVu Sans".into(),
+        fontdb: std::sync::Arc::new(fonts),
+        ..Default::default()
+    };
+    let tree = usvg::Tree::from_str(svg, &options).context("drawing the curve")?;
+    let scale = 2.0;
+    let size = tree.size();
+    let mut pixmap = tiny_skia::Pixmap::new(
+        (size.width() * scale).ceil() as u32,
+        (size.height() * scale).ceil() as u32,
+    )
+    .context("allocating the PNG canvas")?;
+    pixmap.fill(tiny_skia::Color::WHITE);
+    resvg::render(
+        &tree,
+        tiny_skia::Transform::from_scale(scale, scale),
+        &mut pixmap.as_mut(),
+    );
+    pixmap.encode_png().context("encoding the PNG")
 }
 
 /// The selective-accuracy curve as a stand-alone SVG: coverage 0.5–1.0 on

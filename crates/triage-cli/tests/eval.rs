@@ -222,7 +222,40 @@ fn toxicity_on_a_sigmoid_model_matches_moderate() -> Result<()> {
         "one marker per coverage"
     );
     assert!(drawn.contains("coverage") && drawn.contains("accuracy"));
+
+    // The same curve as PNG: twice the SVG's size, and the title's text is
+    // drawn (the font is compiled in, not looked up on the machine).
+    let png = dir.path().join("curve.png");
+    let png_arg = png.to_string_lossy().into_owned();
+    let out = triage(&[
+        "eval", "--task", "toxicity", "--model", &m, "--data", &data, "--out", &png_arg,
+    ])?;
+    assert_eq!(report(&out)?["macro_f1"], ev["macro_f1"]);
+    let image = resvg::tiny_skia::Pixmap::decode_png(&std::fs::read(&png)?)?;
+    let width: f32 = attr(&drawn, "width")?;
+    let height: f32 = attr(&drawn, "height")?;
+    assert_eq!(
+        (image.width(), image.height()),
+        ((width * 2.0) as u32, (height * 2.0) as u32)
+    );
+    // Title band: rows 30..64 of the 2x image (the title's baseline is y = 28).
+    let dark_in_title = (30..64)
+        .flat_map(|y| (0..image.width()).map(move |x| (x, y)))
+        .filter(|&(x, y)| image.pixel(x, y).is_some_and(|p| p.red() < 128))
+        .count();
+    assert!(
+        dark_in_title > 200,
+        "title not drawn: {dark_in_title} dark pixels"
+    );
     Ok(())
+}
+
+/// A numeric attribute of the root `<svg>` element.
+fn attr(svg: &str, name: &str) -> Result<f32> {
+    let key = format!(" {name}=\"");
+    let start = svg.find(&key).map(|i| i + key.len()).unwrap_or_default();
+    let end = svg[start..].find('"').unwrap_or_default();
+    Ok(svg[start..start + end].parse()?)
 }
 
 #[test]
@@ -356,20 +389,9 @@ fn toxicity_refuses_bad_input_and_flags() -> Result<()> {
                 "--data".into(),
                 good.clone(),
                 "--out".into(),
-                d.join("c.png").to_string_lossy().into_owned(),
-            ],
-            "PNG output is not supported, use .svg",
-        ),
-        (
-            vec![
-                "--model".into(),
-                multi.clone(),
-                "--data".into(),
-                good.clone(),
-                "--out".into(),
                 d.join("c.pdf").to_string_lossy().into_owned(),
             ],
-            ".svg",
+            "ending in .svg or .png",
         ),
         (
             vec!["--model".into(), single, "--data".into(), good.clone()],
@@ -406,7 +428,7 @@ fn toxicity_refuses_bad_input_and_flags() -> Result<()> {
             "{args:?}: expected `{needle}` in: {err}"
         );
     }
-    assert!(!d.join("c.png").exists());
+    assert!(!d.join("c.pdf").exists());
     Ok(())
 }
 
