@@ -64,7 +64,7 @@ async fn confident_local_answer_never_leaves_the_machine() {
 
 /// A text the local model is unsure about (checked below), with an e-mail
 /// address that must not reach the hosted tiers.
-const UNSURE: &str = "that referee was blind today, write to me at fan@example.com";
+const UNSURE: &str = "that referee was blind and useless today, write to me at fan@example.com";
 
 #[tokio::test]
 async fn uncertain_item_is_answered_by_hosted_moderation_with_pii_redacted() {
