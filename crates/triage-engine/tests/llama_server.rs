@@ -5,12 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use crate::support::llama::LlamaServer;
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use support::llama::LlamaServer;
 use triage_cloud::gateway::{AttemptSink, CallContext, Gateway, ProviderSettings, Target};
 use triage_cloud::prices::PriceTable;
 use triage_cloud::retry::RetryPolicy;

@@ -4,10 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
-use support::openai::{FakeOpenAi, Reply};
-use support::*;
+use crate::support::openai::{FakeOpenAi, Reply};
+use crate::support::*;
 use triage_engine::{Engine, Input, Overrides};
 
 async fn engine(fake: &FakeOpenAi, dir: &tempfile::TempDir) -> Engine {

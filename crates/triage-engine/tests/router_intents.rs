@@ -3,10 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
-use support::openai::{FakeOpenAi, Reply};
-use support::*;
+use crate::support::openai::{FakeOpenAi, Reply};
+use crate::support::*;
 use triage_engine::{Config, Engine, Input, Overrides};
 
 fn config(toml: &str, dir: &tempfile::TempDir) -> Config {

@@ -3,15 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
+use crate::support::*;
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
-use support::*;
 use triage_cloud::SecretString;
 use triage_engine::{Engine, Input, Overrides};
 

@@ -4,11 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
-use support::llama::LlamaServer;
-use support::openai::{FakeOpenAi, Reply};
-use support::*;
+use crate::support::llama::LlamaServer;
+use crate::support::openai::{FakeOpenAi, Reply};
+use crate::support::*;
 use triage_engine::config::Strategy;
 use triage_engine::{Engine, Input, Overrides};
 

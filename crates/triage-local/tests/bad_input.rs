@@ -1,9 +1,7 @@
 //! Broken model folders and references give typed errors, never panics.
 
-mod common;
-
+use crate::common::model_dir;
 use candle_core::Device;
-use common::model_dir;
 use std::path::Path;
 use triage_local::{LocalError, LocalModel, ModelRef};
 

@@ -3,8 +3,6 @@
 //! `ETag`, `X-Repo-Commit`, 404 for absent files): files land in the standard
 //! cache layout, the model loads from there, and offline lookups use it.
 
-mod common;
-
 use candle_core::Device;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -75,7 +73,10 @@ fn fake_hub(
 
 #[tokio::test]
 async fn downloads_into_the_standard_cache_then_works_offline() -> anyhow::Result<()> {
-    let (endpoint, log) = fake_hub("triage-test/tiny-bert", common::model_dir("bert-token"))?;
+    let (endpoint, log) = fake_hub(
+        "triage-test/tiny-bert",
+        crate::common::model_dir("bert-token"),
+    )?;
     let cache = tempfile::tempdir()?;
     let online = HubSettings {
         endpoint: Some(endpoint),
@@ -105,7 +106,11 @@ async fn downloads_into_the_standard_cache_then_works_offline() -> anyhow::Resul
     );
 
     let model = LocalModel::load(&dir, "hub", &Device::Cpu)?;
-    let local = LocalModel::load(&common::model_dir("bert-token"), "local", &Device::Cpu)?;
+    let local = LocalModel::load(
+        &crate::common::model_dir("bert-token"),
+        "local",
+        &Device::Cpu,
+    )?;
     let text = "Angela Merkel visited Paris";
     let a = model.tag(
         &[(text, &model.tokenizer.encode(text, false)?)],
@@ -138,7 +143,10 @@ async fn downloads_into_the_standard_cache_then_works_offline() -> anyhow::Resul
 
 #[tokio::test]
 async fn a_repository_the_hub_does_not_have_is_a_hub_error() -> anyhow::Result<()> {
-    let (endpoint, _) = fake_hub("triage-test/tiny-bert", common::model_dir("bert-token"))?;
+    let (endpoint, _) = fake_hub(
+        "triage-test/tiny-bert",
+        crate::common::model_dir("bert-token"),
+    )?;
     let cache = tempfile::tempdir()?;
     let hub = HubSettings {
         endpoint: Some(endpoint),

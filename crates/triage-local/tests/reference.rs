@@ -1,10 +1,8 @@
 //! Our outputs against PyTorch `transformers` on the same checkpoints
 //! (fixtures written by scripts/fixtures/make_fixtures.py).
 
-mod common;
-
+use crate::common::{assert_close, f32s, model_dir, reference};
 use candle_core::Device;
-use common::{assert_close, f32s, model_dir, reference};
 use serde_json::Value;
 use triage_core::{Aggregation, LocalTask};
 use triage_local::LocalModel;
@@ -207,7 +205,7 @@ fn long_input_is_truncated_or_windowed() -> anyhow::Result<()> {
 
 #[test]
 fn minilm_mean_pooled_embeddings_match_sentence_transformers() -> anyhow::Result<()> {
-    let Some(dir) = common::minilm_dir() else {
+    let Some(dir) = crate::common::minilm_dir() else {
         return Ok(());
     };
     let model = LocalModel::load(&dir, "all-MiniLM-L6-v2", &Device::Cpu)?;

@@ -1,10 +1,8 @@
 //! The worker: batched answers equal direct ones, order is kept per caller,
 //! and a full queue answers `Overloaded` at once.
 
-mod common;
-
+use crate::common::model_dir;
 use candle_core::Device;
-use common::model_dir;
 use std::time::Duration;
 use triage_local::{BatchConfig, LocalError, LocalModel, ModelHandle};
 

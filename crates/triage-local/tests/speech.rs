@@ -1,8 +1,6 @@
 //! Speech-to-text with the real Whisper tiny.en weights: word error rate on
 //! the development clips, audio formats and rates, broken input, concurrency.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 use triage_local::speech::{self, AudioError, TranscribeOptions, WhisperEngine};
@@ -74,7 +72,7 @@ fn edits(reference: &[String], hypothesis: &[String]) -> usize {
 }
 
 fn engine() -> Option<Arc<WhisperEngine>> {
-    let model = common::whisper_model()?;
+    let model = crate::common::whisper_model()?;
     match WhisperEngine::load(&model, 2, false) {
         Ok(e) => Some(Arc::new(e)),
         Err(e) => panic!("the Whisper model must load: {e}"),
@@ -89,7 +87,7 @@ fn transcribe_file(engine: &WhisperEngine, path: &Path) -> anyhow::Result<triage
 
 #[test]
 fn word_error_rate_on_the_development_clips_is_at_most_ten_percent() -> anyhow::Result<()> {
-    let (Some(engine), Some(shared)) = (engine(), common::shared()) else {
+    let (Some(engine), Some(shared)) = (engine(), crate::common::shared()) else {
         return Ok(());
     };
     let dir = shared.join("data/speech");
@@ -146,7 +144,7 @@ fn write_wav(path: &Path, samples: &[f32], rate: u32, channels: u16) -> anyhow::
 
 #[test]
 fn stereo_48khz_gives_the_same_words_as_the_16khz_original() -> anyhow::Result<()> {
-    let (Some(engine), Some(shared)) = (engine(), common::shared()) else {
+    let (Some(engine), Some(shared)) = (engine(), crate::common::shared()) else {
         return Ok(());
     };
     let clip = shared.join("data/speech/librivox_ss01_0880.wav");
@@ -227,7 +225,7 @@ fn broken_and_degenerate_audio_never_panics() -> anyhow::Result<()> {
 
 #[test]
 fn a_short_clip_is_not_stuck_behind_a_long_one() -> anyhow::Result<()> {
-    let (Some(engine), Some(shared)) = (engine(), common::shared()) else {
+    let (Some(engine), Some(shared)) = (engine(), crate::common::shared()) else {
         return Ok(());
     };
     let dir = shared.join("data/speech");

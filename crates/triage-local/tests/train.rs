@@ -2,10 +2,8 @@
 //! inference path with the same predictions, deltas round-trip, and bad data
 //! is refused before any training.
 
-mod common;
-
+use crate::common::model_dir;
 use candle_core::Device;
-use common::model_dir;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use triage_local::LocalModel;
