@@ -87,11 +87,24 @@ pub async fn execute(args: ExecuteArgs) -> Result<ExitCode> {
         (None, None) => bail!("give --text or --file"),
     };
     let engine = Engine::new(config).await?;
-    let result = engine.execute(&args.task, input, &overrides).await;
+    let result = engine.execute_traced(&args.task, input, &overrides).await;
     if let Some(ledger) = &engine.ledger {
         ledger.flush().await?;
     }
-    let execution = result?;
+    let execution = match result {
+        Ok(e) => e,
+        Err(f) => {
+            // What ran before the failure (tiers that escalated or failed,
+            // their dollars) goes to stderr; stdout stays empty.
+            if !f.trace.tiers.is_empty() {
+                let mut stderr = std::io::stderr().lock();
+                writeln!(stderr, "trace of the failed request:")?;
+                serde_json::to_writer_pretty(&mut stderr, &f.trace)?;
+                writeln!(stderr)?;
+            }
+            return Err(f.error.into());
+        }
+    };
     let out = serde_json::json!({ "answer": execution.answer, "trace": execution.trace });
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut stdout, &out)?;

@@ -271,3 +271,50 @@ fn cuda_device_in_a_cpu_build_fails_with_the_feature_name() -> anyhow::Result<()
     assert!(String::from_utf8_lossy(&out.stderr).contains("cuda"));
     Ok(())
 }
+
+/// `triage execute` on the shipped moderation example, for a tweet the
+/// default specialist is unsure of, with no OpenAI key: the request fails
+/// naming the variable, stdout stays empty, and stderr shows what ran first
+/// (the local tier escalated, the hosted tiers failed without a request).
+#[test]
+fn a_failed_execute_shows_the_trace_of_what_ran_first() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/moderation.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_triage"))
+        .args(["execute", "--config"])
+        .arg(&config)
+        .args(["--task", "moderation", "--text"])
+        // Scored 0.689 by the default specialist: inside the 0.2-0.8 band.
+        .arg("that referee was blind and useless today, write to me at fan@example.com")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRIAGE_DATA_DIR", dir.path())
+        .env_remove("OPENAI_API_KEY")
+        .stdin(Stdio::null())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        out.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains("OPENAI_API_KEY"), "{err}");
+    let (_, rest) = err
+        .split_once("trace of the failed request:\n")
+        .ok_or_else(|| anyhow::anyhow!("no trace in: {err}"))?;
+    let trace: Value = serde_json::Deserializer::from_str(rest)
+        .into_iter::<Value>()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no JSON after the header: {err}"))??;
+    let tiers = trace["tiers"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no tiers: {trace}"))?;
+    assert_eq!(tiers[0]["tier"], "local", "{trace}");
+    assert_eq!(tiers[0]["decision"], "escalated", "{trace}");
+    assert!(tiers.len() >= 2, "{trace}");
+    assert!(
+        tiers[1..].iter().all(|t| t["decision"] == "failed"),
+        "{trace}"
+    );
+    Ok(())
+}

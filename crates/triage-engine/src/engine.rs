@@ -95,6 +95,13 @@ pub struct Execution {
     pub request_id: String,
 }
 
+/// A request that failed, and the trace of the tiers it ran first.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: EngineError,
+    pub trace: Trace,
+}
+
 /// Everything a strategy needs while it runs one request.
 #[derive(Debug)]
 pub struct Run<'a> {
@@ -295,8 +302,27 @@ impl Engine {
         input: Input,
         overrides: &Overrides,
     ) -> Result<Execution, EngineError> {
-        overrides.validate()?;
-        let task = self.task(task)?;
+        self.execute_traced(task, input, overrides)
+            .await
+            .map_err(|f| f.error)
+    }
+
+    /// [`Engine::execute`], keeping on failure the trace of the tiers that
+    /// ran before it: which escalated, which failed, what they cost.
+    pub async fn execute_traced(
+        &self,
+        task: &str,
+        input: Input,
+        overrides: &Overrides,
+    ) -> Result<Execution, Box<Failure>> {
+        let failed = |error| {
+            Box::new(Failure {
+                error,
+                trace: Trace::default(),
+            })
+        };
+        overrides.validate().map_err(failed)?;
+        let task = self.task(task).map_err(failed)?;
         let request_id = overrides
             .request_id
             .clone()
@@ -343,12 +369,14 @@ impl Engine {
                 all_llm_cost_usd: trace.all_llm_cost_usd,
             });
         }
-        let answer = result?;
-        Ok(Execution {
-            answer: answer.value,
-            trace,
-            request_id,
-        })
+        match result {
+            Ok(answer) => Ok(Execution {
+                answer: answer.value,
+                trace,
+                request_id,
+            }),
+            Err(error) => Err(Box::new(Failure { error, trace })),
+        }
     }
 }
 

@@ -16,6 +16,6 @@ pub mod specialists;
 pub mod strategy;
 
 pub use config::{Config, ConfigError};
-pub use engine::{Engine, Execution, Input, Overrides};
+pub use engine::{Engine, Execution, Failure, Input, Overrides};
 pub use error::EngineError;
 pub use ledger::{GroupBy, Ledger};

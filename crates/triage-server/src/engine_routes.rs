@@ -84,16 +84,22 @@ async fn run(
     overrides: &Overrides,
 ) -> Result<Execution, ApiError> {
     let started = Instant::now();
-    let result = engine.execute(task, input, overrides).await;
+    let result = engine.execute_traced(task, input, overrides).await;
     let seconds = started.elapsed().as_secs_f64();
-    match &result {
-        Ok(e) => state.metrics.executed(task, Some(&e.trace), true, seconds),
-        Err(e) => {
-            tracing::debug!(task, error = %triage_engine::error::chain(e), "task failed");
-            state.metrics.executed(task, None, false, seconds);
+    match result {
+        Ok(e) => {
+            state.metrics.executed(task, Some(&e.trace), true, seconds);
+            Ok(e)
+        }
+        Err(f) => {
+            let error = triage_engine::error::chain(&f.error);
+            tracing::debug!(task, %error, "task failed");
+            // A failed request still counts its escalations and the dollars
+            // its tiers spent before the failure.
+            state.metrics.executed(task, Some(&f.trace), false, seconds);
+            Err(f.error.into())
         }
     }
-    Ok(result?)
 }
 
 /// The answering tiers (distinct, in order) and the summed cost of `runs`.

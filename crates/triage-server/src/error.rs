@@ -39,6 +39,11 @@ pub enum ApiError {
     BadGateway(String),
     #[error("{0}")]
     GatewayTimeout(String),
+    /// The tier that had to answer has no usable provider on this server
+    /// (its API key is not set): nothing was sent, and retrying won't help
+    /// until an operator sets the key and reloads.
+    #[error("{0}")]
+    NotConfigured(String),
     /// Every hosted model that could answer is rate limited or shut off by
     /// its circuit breaker for now.
     #[error("{message}")]
@@ -70,6 +75,7 @@ impl ApiError {
             Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -90,6 +96,7 @@ impl ApiError {
             Self::NotReady(_) => ("server_error", "not_ready"),
             Self::BadGateway(_) => ("server_error", "provider_error"),
             Self::GatewayTimeout(_) => ("server_error", "timeout"),
+            Self::NotConfigured(_) => ("server_error", "provider_not_configured"),
             Self::Unavailable { .. } => ("server_error", "provider_unavailable"),
             Self::Internal(_) => ("server_error", "internal_error"),
         }
@@ -134,7 +141,8 @@ impl From<triage_local::LocalError> for ApiError {
 }
 
 /// Client errors are 400 (an unknown task 404), overload 429 with
-/// Retry-After, hosted-provider failures 502, timeouts 504; anything else is
+/// Retry-After, hosted-provider failures 502, timeouts 504, a provider
+/// without its API key 503 (no Retry-After: it needs an operator); anything else is
 /// internal: logged in full, answered opaquely.
 impl From<triage_engine::EngineError> for ApiError {
     fn from(e: triage_engine::EngineError) -> Self {
@@ -164,6 +172,7 @@ impl From<triage_engine::EngineError> for ApiError {
                     Some(K::Timeout | K::GatewayTimeout | K::Deadline) => {
                         Self::GatewayTimeout(message)
                     }
+                    Some(K::MissingKey) => Self::NotConfigured(message),
                     _ => Self::BadGateway(message),
                 }
             }

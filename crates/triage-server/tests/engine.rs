@@ -59,7 +59,8 @@ async fn fake_openai() -> anyhow::Result<(String, Arc<AtomicUsize>)> {
 
 /// The test config. `moderation` always escalates past the local tier (its
 /// band is all of 0..1); `moderation_local` always accepts the local answer
-/// (an empty band). `chat` first tries a provider nobody listens on.
+/// (an empty band); `moderation_down` escalates to a provider nobody listens
+/// on. `chat` first tries that provider too.
 /// Config keys read their value from the environment: `CARGO_PKG_NAME` is
 /// set by cargo for every test process, so the key is `triage-server`.
 fn config_text(base_url: &str, harassment_label: &str, with_chat: bool) -> String {
@@ -158,6 +159,39 @@ provider = "mock"
 model = "omni-moderation-latest"
 operation = "moderation"
 map = {{ harassment = "toxic" }}
+
+[tasks.moderation_down]
+strategy = "cascade"
+kind = "moderation"
+labels = ["toxic"]
+threshold = 0.5
+shadow = 0.0
+
+[[tasks.moderation_down.tiers]]
+name = "local"
+local = "toxicity"
+lo = 0.0
+hi = 1.0
+
+[[tasks.moderation_down.tiers]]
+name = "hosted"
+provider = "dead"
+model = "omni-moderation-latest"
+operation = "moderation"
+map = {{ harassment = "toxic" }}
+
+[providers.keyless]
+kind = "openai"
+api_key_env = "TRIAGE_TEST_KEY_THAT_IS_NEVER_SET"
+
+[tasks.chat_keyless]
+strategy = "cascade"
+kind = "chat"
+
+[[tasks.chat_keyless.tiers]]
+name = "llm"
+provider = "keyless"
+model = "gpt-4o-mini"
 
 [tasks.chat]
 strategy = "cascade"
@@ -409,6 +443,70 @@ async fn execute_answers_with_the_answer_and_its_trace() -> anyhow::Result<()> {
         assert_eq!(s, status, "{body}: {v}");
         assert!(v["error"]["message"].is_string(), "{v}");
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failed_request_still_counts_its_escalations_and_dollars() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let (s, _, v) = call(
+        &f.app,
+        post_json(
+            "/v1/execute",
+            &json!({"task": "moderation_down", "input": "have a nice day"}),
+        )?,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::BAD_GATEWAY, "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    let m = metrics(&f.app).await?;
+    for line in [
+        r#"triage_task_requests_total{task="moderation_down",outcome="error"} 1"#,
+        r#"triage_escalations_total{task="moderation_down",tier="local",reason="uncertain"} 1"#,
+        r#"triage_escalations_total{task="moderation_down",tier="hosted",reason="error"} 1"#,
+    ] {
+        assert!(m.contains(line), "{line} missing after {v}:\n{m}");
+    }
+    assert!(
+        !m.contains(r#"triage_answers_total{task="moderation_down""#),
+        "nobody answered: {m}"
+    );
+    // The local tier ran on the CPU before the failure: its compute is spent.
+    let local_usd: f64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"triage_cost_usd_total{task="moderation_down",tier="local"} "#)
+        })
+        .ok_or_else(|| anyhow::anyhow!("no local dollars in:\n{m}"))?
+        .parse()?;
+    assert!(local_usd > 0.0, "{local_usd}");
+    assert_eq!(
+        f.calls.load(Ordering::SeqCst),
+        0,
+        "the live mock was not asked"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_provider_without_its_key_answers_503_naming_the_variable() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let (s, h, v) = call(
+        &f.app,
+        post_json(
+            "/v1/execute",
+            &json!({"task": "chat_keyless", "input": "hi"}),
+        )?,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "provider_not_configured", "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("TRIAGE_TEST_KEY_THAT_IS_NEVER_SET"),
+        "the message names the variable: {message}"
+    );
+    assert!(h.get("retry-after").is_none(), "retrying won't help: {h:?}");
     Ok(())
 }
 
