@@ -2,8 +2,6 @@
 //! the request it sends is captured and checked field by field, and the
 //! documented success bodies, error bodies and event streams it gets back
 //! are parsed into our types. No API key ever shows in an error.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};

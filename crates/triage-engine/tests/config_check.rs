@@ -1,8 +1,6 @@
 //! Config validation: the shipped examples load without API keys, and every
 //! mistake is reported with its TOML key and a fix.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::path::Path;
 use triage_engine::Config;
 use triage_engine::config::{ConfigError, Problem, bind_named};

@@ -2,8 +2,6 @@
 //! files never panic (they load or give a keyed error), and redaction always
 //! restores exactly what it replaced. Seeds are fixed, so a failure repeats.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;

@@ -2,7 +2,6 @@
 //! replicas would share it. `scripts/test` starts a throwaway server
 //! (`scripts/test-postgres`) and exports `TRIAGE_TEST_POSTGRES_URL`.
 #![cfg(feature = "postgres")]
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use sqlx::Executor;
 use triage_engine::ledger::{AttemptRecord, GroupBy, Ledger, RequestRecord};

@@ -3,8 +3,6 @@
 //! with the SQLite ledger as the attempt sink. SmolLM2 is often wrong on
 //! facts, so these tests check shapes, constrained output and accounting.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use crate::support::llama::LlamaServer;
 use futures_util::StreamExt;
 use std::sync::Arc;

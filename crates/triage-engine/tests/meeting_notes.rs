@@ -2,8 +2,6 @@
 //! ../shared), the real NER specialist, llama-server (SmolLM2) for the
 //! summary and OpenAI's wire format served locally for the escalated one.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use crate::support::llama::LlamaServer;
 use crate::support::openai::{FakeOpenAi, Reply};
 use crate::support::*;

@@ -2,8 +2,6 @@
 //! specialist, OpenAI's moderation and chat endpoints served locally in their
 //! wire format, and the SQLite ledger.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use crate::support::openai::{FakeOpenAi, Reply};
 use crate::support::*;
 use triage_engine::{Engine, Input, Overrides};

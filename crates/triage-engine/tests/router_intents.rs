@@ -1,8 +1,6 @@
 //! The router's other intent steps: a local classifier whose labels are the
 //! routes, and a cheap LLM answering through a JSON schema of the routes.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use crate::support::openai::{FakeOpenAi, Reply};
 use crate::support::*;
 use triage_engine::{Config, Engine, Input, Overrides};

@@ -1,8 +1,6 @@
 //! API keys come from the environment variables a config names and never
 //! appear in logs or errors, even when a provider echoes the key back.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use crate::support::*;
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, Uri};

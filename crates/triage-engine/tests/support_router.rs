@@ -2,8 +2,6 @@
 //! a real SQLite order table, llama.cpp's `llama-server` (SmolLM2) as the
 //! cheap model and OpenAI's wire format served locally as the strong one.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use crate::support::llama::LlamaServer;
 use crate::support::openai::{FakeOpenAi, Reply};
 use crate::support::*;
