@@ -2,8 +2,13 @@
 //! answers (label scores, entity spans, embeddings) and the errors that describe
 //! bad input. Nothing here knows about candle, HTTP or configuration files.
 
+pub mod answer;
+pub mod error_class;
 pub mod llm;
 pub mod trace;
+
+pub use answer::TaskAnswer;
+pub use error_class::ErrorClass;
 
 use serde::{Deserialize, Serialize};
 

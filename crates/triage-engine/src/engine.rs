@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use triage_cloud::gateway::{AttemptSink, CallContext, Gateway};
+use triage_core::TaskAnswer;
 use triage_core::llm::ChatRequest;
 use triage_core::trace::{Decision, TierTrace, Trace};
 
@@ -90,7 +91,7 @@ impl Overrides {
 /// The answer and how it was reached (shape used by acceptance checks).
 #[derive(Debug, Clone, Serialize)]
 pub struct Execution {
-    pub answer: serde_json::Value,
+    pub answer: TaskAnswer,
     pub trace: Trace,
     pub request_id: String,
 }
@@ -343,7 +344,7 @@ impl Engine {
         let mut trace = run.trace;
         let (outcome, answered_by, model) = match (&result, trace.answered_by()) {
             (Ok(a), Some(t)) => (
-                if a.value.get("refusal").is_some() {
+                if a.value.refusal().is_some() {
                     "refused"
                 } else {
                     "answered"
@@ -384,7 +385,7 @@ impl Engine {
 /// all-LLM cost is estimated from.
 #[derive(Debug, Clone)]
 pub struct Answered {
-    pub value: serde_json::Value,
+    pub value: TaskAnswer,
     /// Characters the strongest model would have read.
     pub input_chars: usize,
     /// Tokens it would have written (measured where an LLM answered).

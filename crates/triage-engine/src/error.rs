@@ -1,7 +1,9 @@
 //! The engine's one error type. Each variant says what a caller can do about
 //! it; the server maps them to HTTP statuses.
 
+use std::time::Duration;
 use triage_cloud::gateway::AllFailed;
+use triage_core::ErrorClass;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -15,11 +17,12 @@ pub enum EngineError {
     },
     #[error("unknown local specialist `{0}`")]
     UnknownSpecialist(String),
-    #[error("cannot load local specialist `{name}` ({model}): {why}")]
+    #[error("cannot load local specialist `{name}` ({model})")]
     LoadSpecialist {
         name: String,
         model: String,
-        why: String,
+        #[source]
+        source: LoadError,
     },
     #[error("local specialist `{name}` failed")]
     Local {
@@ -49,8 +52,26 @@ pub enum EngineError {
     Override(String),
     #[error("ledger")]
     Ledger(#[from] crate::ledger::LedgerError),
+    /// A blocking task (model load, decoding, transcription) panicked or was cancelled.
+    #[error("{what} stopped before it finished")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(&'static str),
+}
+
+/// Why a specialist could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Local(#[from] triage_local::LocalError),
+    #[error(transparent)]
+    Speech(#[from] triage_local::speech::SpeechError),
+    #[error("the loading thread stopped")]
+    Join(#[from] tokio::task::JoinError),
 }
 
 impl EngineError {
@@ -74,6 +95,43 @@ impl EngineError {
                 ..
             }
         )
+    }
+}
+
+impl EngineError {
+    /// What a caller can do about this error; the server turns it into one
+    /// HTTP status and OpenAI error code.
+    pub fn class(&self) -> ErrorClass {
+        use triage_cloud::ErrorKind as K;
+        match self {
+            EngineError::UnknownTask { .. } => ErrorClass::NotFound,
+            _ if self.is_overloaded() => ErrorClass::Overloaded {
+                retry_after: Duration::from_secs(1),
+            },
+            _ if self.is_client_error() => ErrorClass::BadInput,
+            EngineError::Timeout { .. } => ErrorClass::Timeout,
+            EngineError::Cloud { source, .. } => {
+                let last = source.last();
+                match last.map(|l| l.kind) {
+                    Some(
+                        K::RateLimited
+                        | K::LocalRateLimit
+                        | K::CircuitOpen
+                        | K::Overloaded
+                        | K::Unavailable,
+                    ) => ErrorClass::Unavailable {
+                        retry_after: last
+                            .and_then(|l| l.retry_after)
+                            .map_or(Duration::from_secs(5), |d| d.max(Duration::from_secs(1))),
+                    },
+                    Some(K::Timeout | K::GatewayTimeout | K::Deadline) => ErrorClass::Timeout,
+                    Some(K::MissingKey) => ErrorClass::NotConfigured,
+                    _ => ErrorClass::BadGateway,
+                }
+            }
+            EngineError::BadAnswer { .. } => ErrorClass::BadGateway,
+            _ => ErrorClass::Internal,
+        }
     }
 }
 

@@ -134,11 +134,11 @@ async fn the_router_looks_orders_up_in_postgres() {
         .await
         .unwrap();
     assert_eq!(
-        e.answer["text"],
+        e.answer.to_json()["text"],
         "Order #12346 is out for delivery with UPS; expected delivery today."
     );
-    assert_eq!(e.answer["fields"]["total"], "19.5");
-    assert_eq!(e.answer["fields"]["refundable"], "0");
+    assert_eq!(e.answer.to_json()["fields"]["total"], "19.5");
+    assert_eq!(e.answer.to_json()["fields"]["refundable"], "0");
     let ledger = engine.ledger.as_ref().unwrap();
     ledger.flush().await.unwrap();
     let req = ledger.request(&e.request_id).await.unwrap().unwrap();

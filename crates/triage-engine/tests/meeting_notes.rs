@@ -63,20 +63,33 @@ async fn audio_to_transcript_summary_people_and_action_items() {
         .execute("meeting_notes", clip(), &Overrides::default())
         .await
         .unwrap();
-    let transcript = e.answer["transcript"].as_str().unwrap().to_lowercase();
+    let transcript = e.answer.to_json()["transcript"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
     assert!(
         transcript.contains("dashwood") && transcript.contains("leisure"),
         "{transcript}"
     );
-    assert!(!e.answer["summary"].as_str().unwrap().trim().is_empty());
-    let people = e.answer["people"].as_array().unwrap();
+    assert!(
+        !e.answer.to_json()["summary"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .is_empty()
+    );
+    let answer = e.answer.to_json();
+    let people = answer["people"].as_array().unwrap();
     assert!(
         people
             .iter()
             .any(|p| p.as_str().unwrap().contains("Dashwood")),
         "{people:?}"
     );
-    assert!(e.answer["organisations"].is_array() && e.answer["action_items"].is_array());
+    assert!(
+        e.answer.to_json()["organisations"].is_array()
+            && e.answer.to_json()["action_items"].is_array()
+    );
     assert_eq!(
         decisions(&e.trace),
         vec![
@@ -131,7 +144,7 @@ async fn low_transcript_confidence_escalates_the_summary() {
         summary_tier.reason
     );
     assert_eq!(
-        e.answer["summary"],
+        e.answer.to_json()["summary"],
         "Mr. John Dashwood considers what he can do for them."
     );
     let expected = 60.0 * 2.5 / 1e6 + 12.0 * 10.0 / 1e6;

@@ -33,7 +33,7 @@ async fn confident_local_answer_never_leaves_the_machine() {
         decisions(&clean.trace),
         vec![("local".into(), "accepted".into())]
     );
-    assert_eq!(clean.answer["flagged"], false);
+    assert_eq!(clean.answer.to_json()["flagged"], false);
     let toxic = engine
         .execute(
             "moderation",
@@ -43,8 +43,8 @@ async fn confident_local_answer_never_leaves_the_machine() {
         .await
         .unwrap();
     assert_eq!(toxic.trace.answered_by().unwrap().tier, "local");
-    assert_eq!(toxic.answer["flagged"], true);
-    assert!(toxic.answer["labels"]["toxic"].as_f64().unwrap() >= 0.9);
+    assert_eq!(toxic.answer.to_json()["flagged"], true);
+    assert!(toxic.answer.to_json()["labels"]["toxic"].as_f64().unwrap() >= 0.9);
     assert!(fake.seen().moderations.is_empty() && fake.seen().chats.is_empty());
     for e in [&clean, &toxic] {
         assert_costs_add_up(&e.trace);
@@ -88,8 +88,8 @@ async fn uncertain_item_is_answered_by_hosted_moderation_with_pii_redacted() {
     let s = local.score.unwrap();
     assert!(s > 0.1 && s < 0.9, "{s}");
     // Only mapped categories count: violence (0.99) is not mapped to `toxic`.
-    assert!((e.answer["labels"]["toxic"].as_f64().unwrap() - 0.93).abs() < 1e-6);
-    assert_eq!(e.answer["flagged"], true);
+    assert!((e.answer.to_json()["labels"]["toxic"].as_f64().unwrap() - 0.93).abs() < 1e-6);
+    assert_eq!(e.answer.to_json()["flagged"], true);
     let seen = fake.seen();
     assert_eq!(seen.moderations.len(), 1);
     let sent = seen.moderations[0]["input"].to_string();
@@ -141,7 +141,7 @@ async fn still_uncertain_goes_to_the_llm_through_a_json_schema_and_is_priced() {
             ("llm".into(), "accepted".into())
         ]
     );
-    assert_eq!(e.answer["flagged"], false);
+    assert_eq!(e.answer.to_json()["flagged"], false);
     let seen = fake.seen();
     let body = &seen.chats[0];
     assert_eq!(body["model"], "gpt-4o-mini");

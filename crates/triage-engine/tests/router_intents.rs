@@ -50,7 +50,7 @@ requires = ["ticket"]
         )
         .await
         .unwrap();
-    assert_eq!(rude.answer["text"], "Please keep it civil.");
+    assert_eq!(rude.answer.to_json()["text"], "Please keep it civil.");
     let intent = &rude.trace.tiers[0];
     assert_eq!(
         (intent.tier.as_str(), intent.model.as_str()),
@@ -65,7 +65,10 @@ requires = ["ticket"]
         )
         .await
         .unwrap();
-    assert_eq!(polite.answer["text"], "Thanks, ticket 42 is logged.");
+    assert_eq!(
+        polite.answer.to_json()["text"],
+        "Thanks, ticket 42 is logged."
+    );
     assert_costs_add_up(&polite.trace);
     // A missing required field with no `otherwise` route is a typed error.
     let err = engine
@@ -130,7 +133,7 @@ template = "We will get back to you."
         )
         .await
         .unwrap();
-    assert_eq!(e.answer["route"], "billing");
+    assert_eq!(e.answer.to_json()["route"], "billing");
     let body = &fake.seen().chats[0];
     assert_eq!(
         body["response_format"]["json_schema"]["schema"]["properties"]["route"]["enum"],
@@ -144,7 +147,7 @@ template = "We will get back to you."
         .execute("desk", Input::Text("hello".into()), &Overrides::default())
         .await
         .unwrap();
-    assert_eq!(e.answer["route"], "other");
+    assert_eq!(e.answer.to_json()["route"], "other");
     // A forced route skips the intent step.
     let forced = Overrides {
         route: Some("billing".into()),
@@ -154,7 +157,7 @@ template = "We will get back to you."
         .execute("desk", Input::Text("hello".into()), &forced)
         .await
         .unwrap();
-    assert_eq!(e.answer["route"], "billing");
+    assert_eq!(e.answer.to_json()["route"], "billing");
     assert_eq!(fake.seen().chats.len(), 2);
 }
 
@@ -203,5 +206,8 @@ model = "gpt-4o-mini"
         body.contains("contact: [EMAIL_2]"),
         "the context uses the message's numbering: {body}"
     );
-    assert_eq!(e.answer["text"], "We will write to b@example.org.");
+    assert_eq!(
+        e.answer.to_json()["text"],
+        "We will write to b@example.org."
+    );
 }

@@ -97,11 +97,17 @@ async fn refund_request_goes_to_the_cheap_model_with_the_order_in_context() {
         "{}",
         answered.model
     );
-    assert_eq!(e.answer["route"], "refund");
-    assert_eq!(e.answer["fields"]["order_id"], "12345");
-    assert_eq!(e.answer["fields"]["status"], "delayed in transit");
-    assert_eq!(e.answer["fields"]["refundable"], "1");
-    assert!(!e.answer["text"].as_str().unwrap().trim().is_empty());
+    assert_eq!(e.answer.to_json()["route"], "refund");
+    assert_eq!(e.answer.to_json()["fields"]["order_id"], "12345");
+    assert_eq!(e.answer.to_json()["fields"]["status"], "delayed in transit");
+    assert_eq!(e.answer.to_json()["fields"]["refundable"], "1");
+    assert!(
+        !e.answer.to_json()["text"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .is_empty()
+    );
     let retrieve = e.trace.tiers.iter().find(|t| t.tier == "retrieve").unwrap();
     assert_eq!(retrieve.reason, "1 row(s)");
     // The strong model was never called.
@@ -132,7 +138,7 @@ async fn order_status_is_answered_by_a_template_without_any_model() {
         .await
         .unwrap();
     assert_eq!(
-        e.answer["text"],
+        e.answer.to_json()["text"],
         "Order #12346 is out for delivery with UPS; expected delivery today."
     );
     let answered = e.trace.answered_by().unwrap();
@@ -175,7 +181,10 @@ async fn missing_order_number_falls_to_the_strong_model() {
             ("route:general".into(), "accepted".into())
         ]
     );
-    assert_eq!(e.answer["text"], "Could you share your order number?");
+    assert_eq!(
+        e.answer.to_json()["text"],
+        "Could you share your order number?"
+    );
     let seen = s.fake.seen();
     assert_eq!(seen.chats[0]["model"], "gpt-4o");
     assert!(!seen.chats[0].to_string().contains("jo@example.org"));

@@ -13,6 +13,8 @@ use crate::specialists::Specialist;
 use indexmap::IndexMap;
 use serde_json::json;
 use std::time::Instant;
+use triage_core::TaskAnswer;
+use triage_core::answer::{ChatAnswer, RefusalAnswer, ScoresAnswer};
 use triage_core::llm::{
     Answer, ChatRequest, FinishReason, JsonSchema, Message, ModerationRequest, Role, Usage,
 };
@@ -137,7 +139,7 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
             return Ok(answer(c, &verdict, &text));
         }
     }
-    Err(last_error.unwrap_or_else(|| EngineError::Internal("the cascade has no tiers".into())))
+    Err(last_error.unwrap_or_else(|| EngineError::Internal("the cascade has no tiers")))
 }
 
 fn select_tiers(run: &Run<'_>, c: &Cascade) -> Result<Vec<Tier>, EngineError> {
@@ -242,10 +244,7 @@ async fn tier_verdict(
                 }
             }
             if c.kind == CascadeKind::Chat {
-                return Err((
-                    EngineError::Internal("local tiers cannot answer chat".into()),
-                    0.0,
-                ));
+                return Err((EngineError::Internal("local tiers cannot answer chat"), 0.0));
             }
             Ok((Verdict::Scores(scores), 0.0))
         }
@@ -503,16 +502,16 @@ fn decide(verdict: &Verdict, band: Option<(f64, f64)>) -> (Decision, String, Opt
 fn answer(c: &Cascade, verdict: &Verdict, text: &str) -> Answered {
     match verdict {
         Verdict::Scores(scores) => {
-            let flagged_labels: Vec<&String> = scores
+            let flagged_labels: Vec<String> = scores
                 .iter()
                 .filter(|(_, s)| **s >= c.threshold)
-                .map(|(l, _)| l)
+                .map(|(l, _)| l.clone())
                 .collect();
             Answered {
-                value: json!({
-                    "flagged": !flagged_labels.is_empty(),
-                    "labels": scores,
-                    "flagged_labels": flagged_labels,
+                value: TaskAnswer::Scores(ScoresAnswer {
+                    flagged: !flagged_labels.is_empty(),
+                    labels: scores.iter().map(|(l, s)| (l.clone(), *s)).collect(),
+                    flagged_labels,
                 }),
                 input_chars: text.chars().count() + 300,
                 output_tokens: 8 * c.labels.len() as u64,
@@ -520,7 +519,10 @@ fn answer(c: &Cascade, verdict: &Verdict, text: &str) -> Answered {
             }
         }
         Verdict::Refusal(reason) => Answered {
-            value: json!({ "refusal": reason, "flagged": c.kind == CascadeKind::Moderation }),
+            value: TaskAnswer::Refusal(RefusalAnswer {
+                refusal: reason.clone(),
+                flagged: c.kind == CascadeKind::Moderation,
+            }),
             input_chars: text.chars().count() + 300,
             output_tokens: 16,
             audio_seconds: 0.0,
@@ -531,11 +533,11 @@ fn answer(c: &Cascade, verdict: &Verdict, text: &str) -> Answered {
             usage,
             finish_reason,
         } => Answered {
-            value: json!({
-                "text": answer_text,
-                "confidence": confidence,
-                "usage": usage,
-                "finish_reason": finish_reason,
+            value: TaskAnswer::Chat(ChatAnswer {
+                text: answer_text.clone(),
+                confidence: *confidence,
+                usage: *usage,
+                finish_reason: finish_reason.clone(),
             }),
             input_chars: text.chars().count(),
             output_tokens: usage.output_tokens,

@@ -9,9 +9,10 @@ use crate::engine::{Answered, Input, Run};
 use crate::error::EngineError;
 use crate::specialists::Specialist;
 use regex::Regex;
-use serde_json::{Map, Value, json};
 use std::sync::LazyLock;
 use std::time::Instant;
+use triage_core::TaskAnswer;
+use triage_core::answer::{ActionItem, PipelineAnswer};
 use triage_core::llm::{Answer, ChatRequest, Message, Role};
 use triage_core::trace::Decision;
 use triage_local::speech::TranscribeOptions;
@@ -20,7 +21,7 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
     let mut text = String::new();
     let mut confidence: Option<f64> = None;
     let mut audio_seconds = 0.0;
-    let mut out = Map::new();
+    let mut out = PipelineAnswer::default();
     let mut output_tokens = 0u64;
     let mut people: Vec<String> = Vec::new();
     let mut input = Some(input);
@@ -52,7 +53,10 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                         .map_err(EngineError::from)
                 })
                 .await
-                .map_err(|e| EngineError::Internal(format!("transcription task: {e}")))??;
+                .map_err(|source| EngineError::Task {
+                    what: "transcription",
+                    source,
+                })??;
                 audio_seconds = transcript.duration_s;
                 confidence = Some(f64::from(transcript.confidence));
                 text = transcript.text.trim().to_owned();
@@ -70,9 +74,9 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                     Some(f64::from(transcript.confidence)),
                     None,
                 );
-                out.insert("transcript".into(), json!(text));
-                out.insert("transcript_confidence".into(), json!(transcript.confidence));
-                out.insert("duration_s".into(), json!(transcript.duration_s));
+                out.transcript = Some(text.clone());
+                out.transcript_confidence = Some(transcript.confidence);
+                out.duration_s = Some(transcript.duration_s);
             }
             StageKind::Summarize {
                 targets,
@@ -137,7 +141,7 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                 let summary = match &resp.answer {
                     Answer::Text { text } => restorer.restore(text.trim()),
                     Answer::Refusal { reason } => {
-                        out.insert("summary_refusal".into(), json!(reason));
+                        out.summary_refusal = Some(reason.clone());
                         String::new()
                     }
                 };
@@ -152,7 +156,7 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                     elapsed,
                     cost_usd,
                 );
-                out.insert("summary".into(), json!(summary));
+                out.summary = Some(summary);
             }
             StageKind::Entities { specialist, types } => {
                 if let Some(i) = input.take() {
@@ -170,7 +174,7 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                         name: specialist.clone(),
                         source,
                     })?;
-                let mut by_type: Map<String, Value> = Map::new();
+                let mut by_type: Vec<(String, Vec<String>)> = Vec::new();
                 for ty in types {
                     let mut seen: Vec<String> = Vec::new();
                     for e in tagged.entities.iter().filter(|e| &e.label == ty) {
@@ -182,7 +186,7 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                     if ty == "PER" {
                         people = seen.clone();
                     }
-                    by_type.insert(type_key(ty), json!(seen));
+                    by_type.push((type_key(ty), seen));
                 }
                 let n = tagged.entities.len();
                 run.local_step(
@@ -196,9 +200,7 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                     None,
                     None,
                 );
-                for (k, v) in by_type {
-                    out.insert(k, v);
-                }
+                out.entities.extend(by_type);
             }
             StageKind::ActionItems => {
                 if let Some(i) = input.take() {
@@ -215,7 +217,7 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                     latency_ms: crate::engine::ms(started.elapsed()),
                     cost_usd: 0.0,
                 });
-                out.insert("action_items".into(), json!(items));
+                out.action_items = Some(items);
             }
         }
     }
@@ -235,7 +237,7 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
         input_chars: text.chars().count() + 200,
         output_tokens: output_tokens.max(150),
         audio_seconds,
-        value: Value::Object(out),
+        value: TaskAnswer::Pipeline(out),
     })
 }
 
@@ -276,7 +278,7 @@ static COMMITMENT: LazyLock<Option<Regex>> = LazyLock::new(|| {
 
 /// Sentences that commit someone to something, with the owner where a person
 /// the NER stage found (or a first-person speaker) is named in the sentence.
-pub fn action_items(text: &str, people: &[String]) -> Vec<Value> {
+pub fn action_items(text: &str, people: &[String]) -> Vec<ActionItem> {
     let Some(re) = COMMITMENT.as_ref() else {
         return Vec::new();
     };
@@ -301,7 +303,10 @@ pub fn action_items(text: &str, people: &[String]) -> Vec<Value> {
                     || lower.starts_with("we'll"))
                 .then(|| "speaker".to_owned())
             });
-        items.push(json!({ "text": sentence, "owner": owner }));
+        items.push(ActionItem {
+            text: sentence,
+            owner,
+        });
     }
     items
 }
@@ -336,11 +341,11 @@ mod tests {
                     I'll book the room. The weather was nice.";
         let items = action_items(text, &["Maria".to_owned()]);
         assert_eq!(items.len(), 2, "{items:?}");
-        assert_eq!(items[0]["owner"], "Maria");
+        assert_eq!(items[0].owner.as_deref(), Some("Maria"));
         assert_eq!(
-            items[0]["text"],
+            items[0].text,
             "Maria will send the budget to Acme by Friday."
         );
-        assert_eq!(items[1]["owner"], "speaker");
+        assert_eq!(items[1].owner.as_deref(), Some("speaker"));
     }
 }

@@ -12,6 +12,8 @@ use serde_json::json;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AssertSqlSafe, Column, Row};
 use std::time::Instant;
+use triage_core::TaskAnswer;
+use triage_core::answer::{RouteAnswer, RouteHandler};
 use triage_core::llm::{Answer, ChatRequest, JsonSchema, Message, Role};
 use triage_core::trace::{Decision, TierTrace};
 
@@ -89,7 +91,13 @@ pub async fn run(run: &mut Run<'_>, r: &Router, input: Input) -> Result<Answered
                         cost_usd: 0.0,
                     });
                     return Ok(Answered {
-                        value: json!({ "route": route_name, "fields": fields, "text": rendered, "handler": "template" }),
+                        value: TaskAnswer::Route(RouteAnswer {
+                            route: route_name.clone(),
+                            fields: fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                            text: rendered.clone(),
+                            handler: RouteHandler::Template,
+                            refusal: None,
+                        }),
                         input_chars: text.chars().count() + context_chars(&fields),
                         output_tokens: rendered.chars().count().div_ceil(super::CHARS_PER_TOKEN)
                             as u64,
@@ -201,10 +209,13 @@ pub async fn run(run: &mut Run<'_>, r: &Router, input: Input) -> Result<Answered
                     elapsed,
                     cost_usd,
                 );
-                let mut value = json!({ "route": route_name, "fields": fields, "text": value_text, "handler": "model" });
-                if let Some(reason) = refusal {
-                    value["refusal"] = json!(reason);
-                }
+                let value = TaskAnswer::Route(RouteAnswer {
+                    route: route_name.clone(),
+                    fields: fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    text: value_text,
+                    handler: RouteHandler::Model,
+                    refusal,
+                });
                 return Ok(Answered {
                     value,
                     input_chars: text.chars().count() + context.chars().count(),
