@@ -8,14 +8,18 @@
 #![allow(clippy::result_large_err)]
 
 pub mod config;
+pub mod default_config;
 pub mod engine;
 pub mod error;
 pub mod ledger;
 pub mod redact;
 pub mod specialists;
+pub mod speech;
 pub mod strategy;
 
 pub use config::{Config, ConfigError};
 pub use engine::{Engine, Execution, Failure, Input, Overrides};
-pub use error::EngineError;
+pub use error::{EngineError, LoadError};
 pub use ledger::{GroupBy, Ledger};
+pub use speech::Transcriber;
+pub use triage_core::{ErrorClass, TaskAnswer};

@@ -7,7 +7,7 @@ use crate::error::EngineError;
 use indexmap::IndexMap;
 use std::sync::Arc;
 use triage_local::speech::WhisperEngine;
-use triage_local::{BatchConfig, ModelHandle, ModelRef};
+use triage_local::{ModelHandle, ModelRef};
 
 #[derive(Debug, Clone)]
 pub enum Specialist {
@@ -50,16 +50,15 @@ impl Specialists {
             let err = |source: triage_local::LocalError| EngineError::LoadSpecialist {
                 name: name.clone(),
                 model: spec.model.clone(),
-                why: source.to_string(),
+                source: source.into(),
             };
             let gpu = !matches!(spec.device, triage_local::DeviceSpec::Cpu);
             let specialist = match spec.kind {
                 LocalKind::Classifier | LocalKind::Tagger => {
                     let device = spec.device.open().map_err(err)?;
-                    let handle =
-                        triage_local::start_model(&spec.model, &device, BatchConfig::default())
-                            .await
-                            .map_err(err)?;
+                    let handle = triage_local::start_model(&spec.model, &device, spec.batch)
+                        .await
+                        .map_err(err)?;
                     if spec.kind == LocalKind::Classifier {
                         let positive_labels = match &spec.positive_labels {
                             Some(p) => p.clone(),
@@ -90,12 +89,12 @@ impl Specialists {
                     .map_err(|e| EngineError::LoadSpecialist {
                         name: name.clone(),
                         model: spec.model.clone(),
-                        why: e.to_string(),
+                        source: e.into(),
                     })?
                     .map_err(|e| EngineError::LoadSpecialist {
                         name: name.clone(),
                         model: spec.model.clone(),
-                        why: e.to_string(),
+                        source: e.into(),
                     })?;
                     Specialist::Whisper {
                         engine: Arc::new(engine),

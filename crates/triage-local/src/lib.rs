@@ -40,6 +40,13 @@ pub async fn load_model(reference: &str, device: &candle_core::Device) -> Result
     .map_err(|e| LocalError::Compute(candle_core::Error::Msg(format!("loader panicked: {e}"))))?
 }
 
+/// The labels of the model `reference` names, read from its config without
+/// loading its weights.
+pub async fn model_labels(reference: &str) -> Result<Vec<String>> {
+    let dir = resolve(&ModelRef::parse(reference)?).await?;
+    model::read_labels(&dir)
+}
+
 /// Resolve `reference`, load it on `device` and start its worker.
 pub async fn start_model(
     reference: &str,

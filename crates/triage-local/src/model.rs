@@ -87,6 +87,13 @@ fn usize_field(cfg: &Value, key: &str) -> Option<usize> {
         .and_then(|v| usize::try_from(v).ok())
 }
 
+/// The labels of the model in `dir` (its `config.json`'s `id2label`, in id
+/// order), without loading its weights.
+pub fn read_labels(dir: &Path) -> Result<Vec<String>> {
+    let config_path = dir.join("config.json");
+    labels_from(&read_json(&config_path)?, &config_path)
+}
+
 /// Labels in id order from `id2label`; every id from 0 to n-1 must be present.
 fn labels_from(cfg: &Value, path: &Path) -> Result<Vec<String>> {
     let bad = |why: String| LocalError::BadConfig {

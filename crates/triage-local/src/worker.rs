@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use triage_core::{Aggregation, Classification, Embedding, Tagging};
 
 /// Batching limits for one model's worker.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchConfig {
     /// Requests waiting beyond this are refused with `Overloaded`.
     pub queue_capacity: usize,

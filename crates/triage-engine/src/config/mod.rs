@@ -73,6 +73,8 @@ pub struct LocalSpec {
     pub device: triage_local::DeviceSpec,
     pub positive_labels: Option<Vec<String>>,
     pub threads: Option<usize>,
+    /// Queue and batch limits of a classifier's or tagger's worker.
+    pub batch: triage_local::BatchConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -534,6 +536,35 @@ impl Validator {
             } else {
                 l.model.clone()
             };
+            let defaults = triage_local::BatchConfig::default();
+            let mut positive = |field: &str, v: Option<usize>, default: usize| match v {
+                Some(0) => {
+                    self.problem(format!("{key}.{field}"), "is 0", "use a positive number");
+                    default
+                }
+                Some(n) => n,
+                None => default,
+            };
+            let batch = triage_local::BatchConfig {
+                queue_capacity: positive(
+                    "queue_capacity",
+                    l.queue_capacity,
+                    defaults.queue_capacity,
+                ),
+                max_batch_size: positive(
+                    "max_batch_size",
+                    l.max_batch_size,
+                    defaults.max_batch_size,
+                ),
+                max_batch_tokens: positive(
+                    "max_batch_tokens",
+                    l.max_batch_tokens,
+                    defaults.max_batch_tokens,
+                ),
+                max_wait: l
+                    .max_wait_ms
+                    .map_or(defaults.max_wait, std::time::Duration::from_millis),
+            };
             out.insert(
                 name.clone(),
                 LocalSpec {
@@ -542,6 +573,7 @@ impl Validator {
                     device,
                     positive_labels: l.positive_labels.clone(),
                     threads: l.threads,
+                    batch,
                 },
             );
         }

@@ -94,6 +94,14 @@ pub struct RawLocal {
     pub positive_labels: Option<Vec<String>>,
     /// Whisper decoding threads.
     pub threads: Option<usize>,
+    /// Requests waiting for the model beyond this are refused (429).
+    pub queue_capacity: Option<usize>,
+    /// Most texts in one forward pass.
+    pub max_batch_size: Option<usize>,
+    /// Most tokens in one forward pass.
+    pub max_batch_tokens: Option<usize>,
+    /// How long the first request of a batch may wait for company.
+    pub max_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
