@@ -1,10 +1,14 @@
 //! One error type for every route, answered in OpenAI's error shape
-//! (`{"error": {"message", "type", "param", "code"}}`) with an explicit status.
-//! Internal errors are logged in full and answered opaquely.
+//! (`{"error": {"message", "type", "param", "code"}}`). [`ApiError::status`]
+//! and [`ApiError::kind`] are the one place that maps an error to an HTTP
+//! status and an OpenAI error code; engine errors arrive with their
+//! [`ErrorClass`] and keep their cause. Internal errors are logged in full
+//! and answered opaquely.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use triage_engine::{EngineError, ErrorClass};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -34,22 +38,30 @@ pub enum ApiError {
     Overloaded { retry_after_s: u64 },
     #[error("{0} is not ready")]
     NotReady(String),
-    /// A hosted provider failed (every target of the tier that had to answer).
-    #[error("{0}")]
-    BadGateway(String),
-    #[error("{0}")]
-    GatewayTimeout(String),
-    /// The tier that had to answer has no usable provider on this server
-    /// (its API key is not set): nothing was sent, and retrying won't help
-    /// until an operator sets the key and reloads.
-    #[error("{0}")]
-    NotConfigured(String),
-    /// Every hosted model that could answer is rate limited or shut off by
-    /// its circuit breaker for now.
+    /// A request the engine could not answer; its class decides the status.
     #[error("{message}")]
-    Unavailable { message: String, retry_after_s: u64 },
+    Engine {
+        class: ErrorClass,
+        /// The error and its causes on one line.
+        message: String,
+        #[source]
+        source: Box<EngineError>,
+    },
+    /// A blocking task of the server's own stopped (a panic).
     #[error("internal error")]
-    Internal(String),
+    Task(#[source] tokio::task::JoinError),
+    #[error("internal error")]
+    Internal(&'static str),
+}
+
+impl From<EngineError> for ApiError {
+    fn from(source: EngineError) -> Self {
+        Self::Engine {
+            class: source.class(),
+            message: triage_engine::error::chain(&source),
+            source: Box::new(source),
+        }
+    }
 }
 
 impl ApiError {
@@ -61,7 +73,8 @@ impl ApiError {
         }
     }
 
-    fn status(&self) -> StatusCode {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -73,15 +86,24 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Engine { class, .. } => match class {
+                ErrorClass::NotFound => StatusCode::NOT_FOUND,
+                ErrorClass::BadInput => StatusCode::BAD_REQUEST,
+                ErrorClass::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorClass::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+                ErrorClass::Unavailable { .. } | ErrorClass::NotConfigured => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                ErrorClass::BadGateway => StatusCode::BAD_GATEWAY,
+                ErrorClass::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            Self::Task(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    fn kind(&self) -> (&'static str, &'static str) {
+    /// OpenAI's error `type` and `code`.
+    pub fn kind(&self) -> (&'static str, &'static str) {
         match self {
             Self::BadRequest { code, .. } => ("invalid_request_error", code),
             Self::Unauthorized => ("invalid_request_error", "invalid_api_key"),
@@ -94,90 +116,65 @@ impl ApiError {
             Self::Conflict(_) => ("invalid_request_error", "conflict"),
             Self::Overloaded { .. } => ("rate_limit_error", "overloaded"),
             Self::NotReady(_) => ("server_error", "not_ready"),
-            Self::BadGateway(_) => ("server_error", "provider_error"),
-            Self::GatewayTimeout(_) => ("server_error", "timeout"),
-            Self::NotConfigured(_) => ("server_error", "provider_not_configured"),
-            Self::Unavailable { .. } => ("server_error", "provider_unavailable"),
-            Self::Internal(_) => ("server_error", "internal_error"),
+            Self::Engine { class, .. } => match class {
+                ErrorClass::NotFound => ("invalid_request_error", "not_found"),
+                ErrorClass::BadInput => ("invalid_request_error", "invalid_request"),
+                ErrorClass::TooLarge => ("invalid_request_error", "request_too_large"),
+                ErrorClass::Overloaded { .. } => ("rate_limit_error", "overloaded"),
+                ErrorClass::Unavailable { .. } => ("server_error", "provider_unavailable"),
+                ErrorClass::NotConfigured => ("server_error", "provider_not_configured"),
+                ErrorClass::BadGateway => ("server_error", "provider_error"),
+                ErrorClass::Timeout => ("server_error", "timeout"),
+                ErrorClass::Internal => ("server_error", "internal_error"),
+            },
+            Self::Task(_) | Self::Internal(_) => ("server_error", "internal_error"),
+        }
+    }
+
+    /// Seconds a client should wait before retrying, where waiting helps.
+    fn retry_after_s(&self) -> Option<u64> {
+        match self {
+            Self::Overloaded { retry_after_s } => Some(*retry_after_s),
+            Self::NotReady(_) => Some(1),
+            Self::Engine {
+                class:
+                    ErrorClass::Overloaded { retry_after } | ErrorClass::Unavailable { retry_after },
+                ..
+            } => Some(retry_after.as_secs().max(1)),
+            _ => None,
+        }
+    }
+
+    /// The message a client sees: internal details stay in the log.
+    fn public_message(&self) -> String {
+        match self {
+            Self::Engine {
+                class: ErrorClass::Internal,
+                ..
+            } => "internal error".to_owned(),
+            other => other.to_string(),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let Self::Internal(detail) = &self {
-            tracing::error!(%detail, "internal error");
+        let internal = self.status() == StatusCode::INTERNAL_SERVER_ERROR;
+        if internal {
+            tracing::error!(error = %triage_engine::error::chain(&self), "internal error");
         }
         let (kind, code) = self.kind();
         let param = match &self {
             Self::BadRequest { param, .. } => *param,
             _ => None,
         };
-        let body = json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}});
+        let body = json!({"error": {"message": self.public_message(), "type": kind, "param": param, "code": code}});
         let mut response = (self.status(), axum::Json(body)).into_response();
-        let retry_after = match &self {
-            Self::Overloaded { retry_after_s } | Self::Unavailable { retry_after_s, .. } => {
-                Some(*retry_after_s)
-            }
-            Self::NotReady(_) => Some(1),
-            _ => None,
-        };
-        if let Some(secs) = retry_after
+        if let Some(secs) = self.retry_after_s()
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, v);
         }
         response
-    }
-}
-
-impl From<triage_local::LocalError> for ApiError {
-    fn from(e: triage_local::LocalError) -> Self {
-        match e {
-            triage_local::LocalError::Overloaded { .. } => Self::Overloaded { retry_after_s: 1 },
-            other => Self::Internal(other.to_string()),
-        }
-    }
-}
-
-/// Client errors are 400 (an unknown task 404), overload 429 with
-/// Retry-After, hosted-provider failures 502, timeouts 504, a provider
-/// without its API key 503 (no Retry-After: it needs an operator); anything else is
-/// internal: logged in full, answered opaquely.
-impl From<triage_engine::EngineError> for ApiError {
-    fn from(e: triage_engine::EngineError) -> Self {
-        use triage_engine::EngineError;
-        let message = triage_engine::error::chain(&e);
-        match &e {
-            EngineError::UnknownTask { .. } => Self::NotFound(message),
-            _ if e.is_overloaded() => Self::Overloaded { retry_after_s: 1 },
-            _ if e.is_client_error() => Self::bad(message, None),
-            EngineError::Timeout { .. } => Self::GatewayTimeout(message),
-            EngineError::Cloud { source, .. } => {
-                use triage_cloud::ErrorKind as K;
-                let last = source.last();
-                match last.map(|l| l.kind) {
-                    Some(
-                        K::RateLimited
-                        | K::LocalRateLimit
-                        | K::CircuitOpen
-                        | K::Overloaded
-                        | K::Unavailable,
-                    ) => Self::Unavailable {
-                        message,
-                        retry_after_s: last
-                            .and_then(|l| l.retry_after)
-                            .map_or(5, |d| d.as_secs().max(1)),
-                    },
-                    Some(K::Timeout | K::GatewayTimeout | K::Deadline) => {
-                        Self::GatewayTimeout(message)
-                    }
-                    Some(K::MissingKey) => Self::NotConfigured(message),
-                    _ => Self::BadGateway(message),
-                }
-            }
-            EngineError::BadAnswer { .. } => Self::BadGateway(message),
-            _ => Self::Internal(message),
-        }
     }
 }

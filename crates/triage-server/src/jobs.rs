@@ -5,8 +5,11 @@
 //! even when the client that submitted it has gone. Finished jobs are kept
 //! for an hour; the store is bounded.
 
-use crate::app::Shared;
 use crate::error::ApiError;
+use crate::routes::audio::{
+    AudioForm, audio_error, read_audio_form, transcriber, transcription_task,
+};
+use crate::state::Shared;
 use axum::Json;
 use axum::extract::{Multipart, Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -16,7 +19,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use triage_local::speech::{self, TranscribeOptions};
+use triage_engine::Transcriber;
+use triage_engine::speech::TranscribeOptions;
 
 const KEEP_FINISHED: Duration = Duration::from_secs(3600);
 
@@ -86,7 +90,7 @@ impl Jobs {
         let mut jobs = self
             .jobs
             .lock()
-            .map_err(|_| ApiError::Internal("job store poisoned".into()))?;
+            .map_err(|_| ApiError::Internal("job store poisoned"))?;
         jobs.retain(|_, j| {
             j.finished
                 .lock()
@@ -105,17 +109,17 @@ impl Jobs {
 /// `POST /v1/jobs`: multipart like `/v1/audio/transcriptions`; answers 202.
 pub async fn submit(
     State(state): State<Shared>,
-    axum::Extension(caller): axum::Extension<crate::app::Caller>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     mut form: Multipart,
 ) -> Result<Response, ApiError> {
-    let crate::app::AudioForm {
+    let AudioForm {
         file,
         language,
         task,
         ..
-    } = crate::app::read_audio_form(&mut form).await?;
-    let config_engine = state.engine.current();
-    if let (Some(engine), Some(name)) = (&config_engine, task.as_deref())
+    } = read_audio_form(&mut form).await?;
+    let engine = state.engine.current();
+    if let Some(name) = task.as_deref()
         && name != "transcription"
         && engine.config.tasks.contains_key(name)
     {
@@ -128,30 +132,22 @@ pub async fn submit(
             Some("task"),
         ));
     }
-    if let Some(engine) = &config_engine {
-        caller.authorize(
-            engine
-                .config
-                .server
-                .transcription_task
-                .as_deref()
-                .unwrap_or("transcription"),
-        )?;
-    }
-    let engine = state.whisper_engine()?;
-    let (bytes, ext) = crate::app::AudioForm::required_file(file)?;
+    let task = transcription_task(&state);
+    caller.authorize(&task)?;
+    let transcriber = transcriber(&state)?;
+    let (bytes, ext) = AudioForm::required_file(file)?;
     // Decode now so a broken file is a 400 for the submitter, not a failed job.
     let max = state.max_audio_s();
-    let pcm = tokio::task::spawn_blocking(move || speech::decode(bytes, ext.as_deref(), Some(max)))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::bad(format!("the audio file cannot be used: {e}"), Some("file")))?;
+    let audio = tokio::task::spawn_blocking(move || {
+        Transcriber::decode(bytes, ext.as_deref(), Some(max)).map_err(audio_error)
+    })
+    .await
+    .map_err(ApiError::Task)??;
 
-    let (id, job) = new_job(&state, "transcription")?;
-    let slots = state.whisper_slots.clone();
+    let (id, job) = new_job(&state, &task)?;
     let metrics_state = state.clone();
     tokio::spawn(async move {
-        let Ok(permit) = slots.acquire_owned().await else {
+        let Some(permit) = metrics_state.audio.job_slot().await else {
             return;
         };
         if let Ok(mut s) = job.status.lock() {
@@ -167,26 +163,24 @@ pub async fn submit(
                 progress_job.progress.store(p, Ordering::Relaxed);
                 progress_job.changed.send_replace(p);
             });
-            engine.transcribe(
-                &pcm.samples,
+            let transcript = transcriber.transcribe(
+                &audio,
                 &TranscribeOptions {
                     language,
                     token_probs: false,
                 },
                 Some(cb),
-            )
+            );
+            (transcript, transcriber.compute_cost(started.elapsed()))
         })
         .await;
         let status = match outcome {
-            Ok(Ok(t)) => {
-                let usd = started.elapsed().as_secs_f64() / 3600.0 * metrics_state.cpu_hour_usd;
-                metrics_state
-                    .metrics
-                    .answered("transcription", "local", usd);
+            Ok((Ok(t), usd)) => {
+                metrics_state.metrics.answered(&task, "local", usd);
                 job.progress.store(100, Ordering::Relaxed);
                 Status::Succeeded(serde_json::to_value(&t).unwrap_or(Value::Null))
             }
-            Ok(Err(e)) => Status::Failed(e.to_string()),
+            Ok((Err(e), _)) => Status::Failed(triage_engine::error::chain(&e)),
             Err(e) => Status::Failed(format!("the job stopped: {e}")),
         };
         job.finish(status);
@@ -216,21 +210,9 @@ fn accepted(id: &str) -> Response {
 
 /// A queued job for `task`, stored (or 429 when the store is full).
 fn new_job(state: &Shared, task: &str) -> Result<(String, Arc<Job>), ApiError> {
-    // Time for order, plus 64 random bits (a randomly keyed hasher) so that
-    // one client cannot guess another's job.
-    let random = {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(0);
-        h.finish()
-    };
-    let id = format!(
-        "job-{:x}-{random:016x}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    );
+    // UUID v7: time for order, plus 74 random bits so that one client
+    // cannot guess another's job.
+    let id = crate::auth::request_id("job");
     let (changed, _) = tokio::sync::watch::channel(0u8);
     let job = Arc::new(Job {
         task: task.to_owned(),
@@ -277,7 +259,7 @@ fn submit_task(
             *s = Status::Running;
         }
         job.changed.send_replace(0);
-        let status = match crate::engine_routes::run_job(&state, &engine, &task, input).await {
+        let status = match crate::routes::execute::run_job(&state, &engine, &task, input).await {
             Ok(v) => {
                 job.progress.store(100, Ordering::Relaxed);
                 Status::Succeeded(v)
@@ -292,7 +274,7 @@ fn submit_task(
 /// `GET /v1/jobs/{id}`.
 pub async fn status(
     State(state): State<Shared>,
-    axum::Extension(caller): axum::Extension<crate::app::Caller>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = state.jobs.get(&id)?;
@@ -303,7 +285,7 @@ pub async fn status(
 /// `GET /v1/jobs/{id}/result`: the transcript, or 409 while the job runs.
 pub async fn result(
     State(state): State<Shared>,
-    axum::Extension(caller): axum::Extension<crate::app::Caller>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = state.jobs.get(&id)?;
@@ -312,7 +294,7 @@ pub async fn result(
         .status
         .lock()
         .map(|s| s.clone())
-        .map_err(|_| ApiError::Internal("poisoned".into()))?;
+        .map_err(|_| ApiError::Internal("job state poisoned"))?;
     match status {
         Status::Succeeded(v) => Ok(Json(v)),
         Status::Failed(e) => Err(ApiError::Unprocessable(format!("job `{id}` failed: {e}"))),
@@ -326,7 +308,7 @@ pub async fn result(
 /// every change, ending after the final state.
 pub async fn events(
     State(state): State<Shared>,
-    axum::Extension(caller): axum::Extension<crate::app::Caller>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = state.jobs.get(&id)?;

@@ -1,21 +1,26 @@
 //! triage's server: OpenAI-compatible routes (`/v1/moderations`,
 //! `/v1/audio/transcriptions`, `/v1/chat/completions`, `/v1/models`) and the
-//! native `/v1/execute` and `/v1/jobs`, served by the local specialists or by
-//! a config's tasks through the strategies engine, on a unix socket (mode
+//! native `/v1/execute` and `/v1/jobs`, all answered by one strategies engine
+//! (a config's tasks, or the embedded default config), on a unix socket (mode
 //! 0660, peer credentials logged) and optionally on TCP with bearer keys, plus
 //! `/health`, `/ready` and Prometheus `/metrics`. SIGTERM and Ctrl-C drain
 //! in-flight requests before exit; SIGHUP reloads the config.
 
-pub mod app;
-pub mod engine_routes;
+pub mod auth;
 pub mod error;
 pub mod jobs;
+pub mod limits;
 pub mod metrics;
 pub mod reload;
+pub mod routes;
+pub mod state;
 
-pub use app::{ApiKey, AppState, Caller, Limits, Peer, router};
+pub use auth::Caller;
 pub use error::ApiError;
+pub use limits::Limits;
 pub use reload::{EngineSlot, ReloadError, Reloaded};
+pub use routes::router;
+pub use state::{ApiKey, AppState, Peer};
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
@@ -173,6 +178,12 @@ pub async fn serve_until(
     }
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
+    }
+    // Requests have drained; write what the ledger still holds before exiting.
+    if let Some(ledger) = &hangup_state.engine.current().ledger
+        && let Err(e) = ledger.flush().await
+    {
+        tracing::error!(error = %triage_engine::error::chain(&e), "flushing the ledger at shutdown failed");
     }
     Ok(())
 }

@@ -1,57 +1,70 @@
-//! Prometheus metrics, kept in atomics and small maps: requests by route and
-//! status, latency histograms (per route and per task), answers by tier,
-//! escalations by tier and reason, dollars by task and tier, in-flight requests.
+//! Prometheus metrics through `prometheus-client` (label values escaped by
+//! its encoder): requests by route and status, latency histograms per route
+//! and per task, answers by tier, escalations by tier and reason, dollars by
+//! task and tier, and requests in flight.
+//!
+//! Label sets are bounded: routes outside the known list count as `other`,
+//! tasks a config does not declare as [`UNKNOWN_TASK`], so a client cannot
+//! create a series per name it sends.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 use triage_core::trace::{Decision, TierTrace, Trace};
+
+/// The label every request for a task the config does not have counts under.
+pub const UNKNOWN_TASK: &str = "unknown";
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 const BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-#[derive(Debug, Default)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    n: u64,
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatus {
+    route: String,
+    status: String,
 }
 
-impl Histogram {
-    fn observe(map: &Mutex<BTreeMap<String, Histogram>>, key: &str, seconds: f64) {
-        if let Ok(mut l) = map.lock() {
-            let h = l.entry(key.to_owned()).or_insert_with(|| Histogram {
-                counts: vec![0; BUCKETS.len()],
-                ..Default::default()
-            });
-            for (i, b) in BUCKETS.iter().enumerate() {
-                if seconds <= *b {
-                    h.counts[i] += 1;
-                }
-            }
-            h.sum += seconds;
-            h.n += 1;
-        }
-    }
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
 
-    fn render(out: &mut String, name: &str, label: &str, map: &Mutex<BTreeMap<String, Histogram>>) {
-        if let Ok(l) = map.lock() {
-            for (key, h) in l.iter() {
-                for (b, c) in BUCKETS.iter().zip(&h.counts) {
-                    let _ = writeln!(out, "{name}_bucket{{{label}=\"{key}\",le=\"{b}\"}} {c}");
-                }
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{{label}=\"{key}\",le=\"+Inf\"}} {}",
-                    h.n
-                );
-                let _ = writeln!(out, "{name}_sum{{{label}=\"{key}\"}} {}", h.sum);
-                let _ = writeln!(out, "{name}_count{{{label}=\"{key}\"}} {}", h.n);
-            }
-        }
-    }
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabel {
+    task: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskOutcome {
+    task: String,
+    outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskTier {
+    task: String,
+    tier: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Escalation {
+    task: String,
+    tier: String,
+    reason: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS.iter().copied())
 }
 
 /// Why a tier passed a request on, from its trace line.
@@ -64,164 +77,224 @@ fn reason_class(t: &TierTrace) -> Option<&'static str> {
     }
 }
 
-/// All counters of one server.
-#[derive(Debug, Default)]
+/// All metrics of one server.
+#[derive(Debug)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
-    latency: Mutex<BTreeMap<String, Histogram>>,
-    answers: Mutex<BTreeMap<(String, String), u64>>,
-    /// Dollars by (task, tier).
-    dollars: Mutex<BTreeMap<(String, String), f64>>,
-    /// Engine requests by (task, outcome).
-    task_requests: Mutex<BTreeMap<(String, &'static str), u64>>,
-    task_latency: Mutex<BTreeMap<String, Histogram>>,
-    /// (task, tier, reason) → count.
-    escalations: Mutex<BTreeMap<(String, String, &'static str), u64>>,
-    pub in_flight: AtomicI64,
+    registry: Registry,
+    requests: Family<RouteStatus, Counter>,
+    latency: Histograms<RouteLabel>,
+    answers: Family<TaskTier, Counter>,
+    dollars: Family<TaskTier, Counter<f64, AtomicU64>>,
+    task_requests: Family<TaskOutcome, Counter>,
+    task_latency: Histograms<TaskLabel>,
+    escalations: Family<Escalation, Counter>,
+    in_flight: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RouteStatus, Counter>::default();
+        let latency: Histograms<RouteLabel> = Family::new_with_constructor(histogram);
+        let answers = Family::<TaskTier, Counter>::default();
+        let dollars = Family::<TaskTier, Counter<f64, AtomicU64>>::default();
+        let task_requests = Family::<TaskOutcome, Counter>::default();
+        let task_latency: Histograms<TaskLabel> = Family::new_with_constructor(histogram);
+        let escalations = Family::<Escalation, Counter>::default();
+        let in_flight = Gauge::default();
+        registry.register(
+            "triage_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "triage_request_duration_seconds",
+            "Request latency",
+            latency.clone(),
+        );
+        registry.register(
+            "triage_task_requests",
+            "Engine requests by task and outcome",
+            task_requests.clone(),
+        );
+        registry.register(
+            "triage_task_duration_seconds",
+            "Engine request latency by task",
+            task_latency.clone(),
+        );
+        registry.register(
+            "triage_answers",
+            "Answers by task and the tier that gave them",
+            answers.clone(),
+        );
+        registry.register(
+            "triage_escalations",
+            "Requests a tier passed on, by task, tier and reason (uncertain, error, timeout)",
+            escalations.clone(),
+        );
+        registry.register(
+            "triage_cost_usd",
+            "Dollars spent, by task and tier",
+            dollars.clone(),
+        );
+        registry.register(
+            "triage_in_flight_requests",
+            "Requests being served",
+            in_flight.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            answers,
+            dollars,
+            task_requests,
+            task_latency,
+            escalations,
+            in_flight,
+        }
+    }
+}
+
+/// Counts one request in flight until dropped, so a request whose client
+/// went away (its future dropped mid-way) does not leave the gauge high.
+#[derive(Debug)]
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Metrics {
+    /// One HTTP request on `route` (already reduced to a known label).
     pub fn observe(&self, route: &str, status: u16, seconds: f64) {
-        if let Ok(mut r) = self.requests.lock() {
-            *r.entry((route.to_owned(), status)).or_default() += 1;
-        }
-        Histogram::observe(&self.latency, route, seconds);
+        self.requests
+            .get_or_create(&RouteStatus {
+                route: route.to_owned(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// A request starts; it counts as in flight until the guard is dropped.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight_now(&self) -> i64 {
+        self.in_flight.get()
     }
 
     fn add_dollars(&self, task: &str, tier: &str, usd: f64) {
-        if let Ok(mut d) = self.dollars.lock() {
-            *d.entry((task.to_owned(), tier.to_owned())).or_default() += usd;
-        }
+        self.dollars
+            .get_or_create(&TaskTier {
+                task: task.to_owned(),
+                tier: tier.to_owned(),
+            })
+            .inc_by(usd);
     }
 
-    /// One engine request for `task`: its outcome and latency, the tier that
-    /// answered, every tier that escalated or failed, and each tier's dollars.
+    /// One engine request for `task` (a configured task's name, or
+    /// [`UNKNOWN_TASK`]): its outcome and latency, the tier that answered,
+    /// every tier that escalated or failed, and each tier's dollars.
     pub fn executed(&self, task: &str, trace: Option<&Trace>, ok: bool, seconds: f64) {
-        if let Ok(mut r) = self.task_requests.lock() {
-            *r.entry((task.to_owned(), if ok { "ok" } else { "error" }))
-                .or_default() += 1;
-        }
-        Histogram::observe(&self.task_latency, task, seconds);
+        self.task_requests
+            .get_or_create(&TaskOutcome {
+                task: task.to_owned(),
+                outcome: if ok { "ok" } else { "error" }.to_owned(),
+            })
+            .inc();
+        self.task_latency
+            .get_or_create(&TaskLabel {
+                task: task.to_owned(),
+            })
+            .observe(seconds);
         let Some(trace) = trace else { return };
         for t in &trace.tiers {
-            if let Some(reason) = reason_class(t)
-                && let Ok(mut e) = self.escalations.lock()
-            {
-                *e.entry((task.to_owned(), t.tier.clone(), reason))
-                    .or_default() += 1;
+            if let Some(reason) = reason_class(t) {
+                self.escalations
+                    .get_or_create(&Escalation {
+                        task: task.to_owned(),
+                        tier: t.tier.clone(),
+                        reason: reason.to_owned(),
+                    })
+                    .inc();
             }
             if t.cost_usd > 0.0 {
                 self.add_dollars(task, &t.tier, t.cost_usd);
             }
         }
-        if ok
-            && let Some(t) = trace.answered_by()
-            && let Ok(mut a) = self.answers.lock()
-        {
-            *a.entry((task.to_owned(), t.tier.clone())).or_default() += 1;
+        if ok && let Some(t) = trace.answered_by() {
+            self.answered(task, &t.tier, 0.0);
         }
     }
 
-    /// A request answered by `tier` for `task`, costing `usd`.
+    /// A request answered by `tier` for `task`, costing `usd` (for answers
+    /// that do not run a task, such as plain transcriptions).
     pub fn answered(&self, task: &str, tier: &str, usd: f64) {
-        if let Ok(mut a) = self.answers.lock() {
-            *a.entry((task.to_owned(), tier.to_owned())).or_default() += 1;
+        self.answers
+            .get_or_create(&TaskTier {
+                task: task.to_owned(),
+                tier: tier.to_owned(),
+            })
+            .inc();
+        if usd > 0.0 {
+            self.add_dollars(task, tier, usd);
         }
-        self.add_dollars(task, tier, usd);
     }
 
-    /// Prometheus text exposition format.
+    /// The OpenMetrics text exposition ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP triage_requests_total HTTP requests by route and status.\n# TYPE triage_requests_total counter"
-        );
-        if let Ok(r) = self.requests.lock() {
-            for ((route, status), n) in r.iter() {
-                let _ = writeln!(
-                    out,
-                    "triage_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-                );
-            }
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode the metrics");
         }
-        let _ = writeln!(
-            out,
-            "# HELP triage_request_duration_seconds Request latency.\n# TYPE triage_request_duration_seconds histogram"
-        );
-        Histogram::render(
-            &mut out,
-            "triage_request_duration_seconds",
-            "route",
-            &self.latency,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP triage_task_requests_total Engine requests by task and outcome.\n# TYPE triage_task_requests_total counter"
-        );
-        if let Ok(r) = self.task_requests.lock() {
-            for ((task, outcome), n) in r.iter() {
-                let _ = writeln!(
-                    out,
-                    "triage_task_requests_total{{task=\"{task}\",outcome=\"{outcome}\"}} {n}"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP triage_task_duration_seconds Engine request latency by task.\n# TYPE triage_task_duration_seconds histogram"
-        );
-        Histogram::render(
-            &mut out,
-            "triage_task_duration_seconds",
-            "task",
-            &self.task_latency,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP triage_answers_total Answers by task and the tier that gave them.\n# TYPE triage_answers_total counter"
-        );
-        if let Ok(a) = self.answers.lock() {
-            for ((task, tier), n) in a.iter() {
-                let _ = writeln!(
-                    out,
-                    "triage_answers_total{{task=\"{task}\",tier=\"{tier}\"}} {n}"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP triage_escalations_total Requests a tier passed on, by task, tier and reason (uncertain, error, timeout).\n# TYPE triage_escalations_total counter"
-        );
-        if let Ok(e) = self.escalations.lock() {
-            for ((task, tier, reason), n) in e.iter() {
-                let _ = writeln!(
-                    out,
-                    "triage_escalations_total{{task=\"{task}\",tier=\"{tier}\",reason=\"{reason}\"}} {n}"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP triage_cost_usd_total Dollars spent, by task and tier.\n# TYPE triage_cost_usd_total counter"
-        );
-        if let Ok(d) = self.dollars.lock() {
-            for ((task, tier), usd) in d.iter() {
-                let _ = writeln!(
-                    out,
-                    "triage_cost_usd_total{{task=\"{task}\",tier=\"{tier}\"}} {usd}"
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP triage_in_flight_requests Requests being served.\n# TYPE triage_in_flight_requests gauge"
-        );
-        let _ = writeln!(
-            out,
-            "triage_in_flight_requests {}",
-            self.in_flight.load(Ordering::Relaxed)
-        );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped_and_counters_named_as_before() {
+        let m = Metrics::default();
+        m.answered("mod\"eration\nx", "local", 0.5);
+        m.observe("/v1/moderations", 200, 0.01);
+        let text = m.render();
+        assert!(
+            text.contains(r#"triage_answers_total{task="mod\"eration\nx",tier="local"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"triage_requests_total{route="/v1/moderations",status="200"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"triage_cost_usd_total{task="mod\"eration\nx",tier="local"} 0.5"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_in_flight_gauge_falls_when_a_request_is_dropped() {
+        let m = Metrics::default();
+        let a = m.in_flight();
+        let b = m.in_flight();
+        assert_eq!(m.in_flight_now(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(m.in_flight_now(), 0);
+        assert!(m.render().contains("triage_in_flight_requests 0"));
     }
 }

@@ -4,34 +4,31 @@
 //! reloaded one. A config that does not parse or validate is logged and the
 //! old engine stays.
 
-use crate::app::AppState;
+use crate::state::AppState;
 use indexmap::IndexMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use triage_engine::config::LocalSpec;
 use triage_engine::{Config, ConfigError, Engine, EngineError};
 
-/// The current engine, if the server runs one.
-#[derive(Default)]
-pub struct EngineSlot(RwLock<Option<Arc<Engine>>>);
+/// The engine the server answers with; a reload swaps it.
+pub struct EngineSlot(RwLock<Arc<Engine>>);
 
 impl std::fmt::Debug for EngineSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let tasks = self
-            .current()
-            .map(|e| e.config.tasks.keys().cloned().collect::<Vec<_>>());
+        let tasks: Vec<String> = self.current().config.tasks.keys().cloned().collect();
         f.debug_tuple("EngineSlot").field(&tasks).finish()
     }
 }
 
 impl EngineSlot {
     pub fn new(engine: Engine) -> Self {
-        Self(RwLock::new(Some(Arc::new(engine))))
+        Self(RwLock::new(Arc::new(engine)))
     }
 
     /// The engine to run one request on (a clone of the `Arc`: a reload
     /// during the request does not affect it).
-    pub fn current(&self) -> Option<Arc<Engine>> {
+    pub fn current(&self) -> Arc<Engine> {
         // A poisoned lock still holds a valid `Arc`: a panic cannot leave it half-written.
         match self.0.read() {
             Ok(g) => g.clone(),
@@ -39,10 +36,11 @@ impl EngineSlot {
         }
     }
 
-    fn replace(&self, engine: Arc<Engine>) {
+    /// Swap in `engine`; returns the one it replaced.
+    fn replace(&self, engine: Arc<Engine>) -> Arc<Engine> {
         match self.0.write() {
-            Ok(mut g) => *g = Some(engine),
-            Err(p) => *p.into_inner() = Some(engine),
+            Ok(mut g) => std::mem::replace(&mut *g, engine),
+            Err(p) => std::mem::replace(&mut *p.into_inner(), engine),
         }
     }
 }
@@ -72,6 +70,7 @@ fn same_locals(a: &IndexMap<String, LocalSpec>, b: &IndexMap<String, LocalSpec>)
                 && sa.device == sb.device
                 && sa.positive_labels == sb.positive_labels
                 && sa.threads == sb.threads
+                && sa.batch == sb.batch
         })
 }
 
@@ -86,8 +85,7 @@ impl AppState {
             tracing::warn!("{w}");
         }
         let old = self.engine.current();
-        let reuse = old
-            .as_ref()
+        let reuse = Some(&old)
             .filter(|o| same_locals(&o.config.local, &config.local))
             .map(|o| o.specialists.clone());
         let reused_specialists = reuse.is_some();
@@ -96,12 +94,19 @@ impl AppState {
             None => Engine::new(config).await,
         }
         .map_err(ReloadError::Engine)?;
-        if let (Some(old), Some(new)) = (&old, &engine.config.server.socket)
+        if let Some(new) = &engine.config.server.socket
             && old.config.server.socket.as_ref() != Some(new)
         {
             tracing::warn!("server.socket changed: it takes effect at the next start");
         }
-        self.engine.replace(Arc::new(engine));
+        let replaced = self.engine.replace(Arc::new(engine));
+        // Rows the old engine's ledger still holds are written now, not lost
+        // with it when its last request finishes.
+        if let Some(ledger) = &replaced.ledger
+            && let Err(e) = ledger.flush().await
+        {
+            tracing::error!(error = %triage_engine::error::chain(&e), "flushing the old config's ledger failed");
+        }
         tracing::info!(
             config = %path.display(),
             reused_specialists,
@@ -112,7 +117,7 @@ impl AppState {
 
     /// The config file the current engine came from.
     pub fn config_path(&self) -> Option<PathBuf> {
-        self.engine.current().and_then(|e| e.config.path.clone())
+        self.engine.current().config.path.clone()
     }
 }
 

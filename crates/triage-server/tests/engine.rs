@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tower::ServiceExt;
-use triage_server::{AppState, EngineSlot, Limits, Peer, router};
+use triage_server::{AppState, Limits, Peer, router};
 
 /// Harassment score the fake moderation endpoint gives: high for insults.
 fn fake_score(text: &str) -> f64 {
@@ -228,21 +228,7 @@ async fn fixture() -> anyhow::Result<Fixture> {
     std::fs::write(&config, config_text(&base_url, "harassment", true))?;
     let engine = triage_engine::Engine::new(triage_engine::Config::load(&config)?).await?;
     let limits = Limits::default();
-    let state = Arc::new(AppState {
-        moderation: None,
-        category_map: Default::default(),
-        flag_threshold: 0.5,
-        whisper: None,
-        whisper_slots: Arc::new(tokio::sync::Semaphore::new(limits.audio_parallel)),
-        limits,
-        keys: vec![],
-        metrics: Default::default(),
-        jobs: Default::default(),
-        audio_waiting: Default::default(),
-        rate_limits: Default::default(),
-        cpu_hour_usd: 0.04,
-        engine: EngineSlot::new(engine),
-    });
+    let state = AppState::new(engine, limits, vec![]);
     Ok(Fixture {
         app: router(state.clone()),
         state,
@@ -313,7 +299,10 @@ async fn moderation_runs_the_cascade_and_maps_labels_to_openai_categories() -> a
     for (r, text) in results.iter().zip(["you are an idiot", "have a nice day"]) {
         let scores = r["category_scores"].as_object().expect("scores");
         let categories = r["categories"].as_object().expect("categories");
-        assert_eq!(scores.len(), triage_server::app::OPENAI_CATEGORIES.len());
+        assert_eq!(
+            scores.len(),
+            triage_server::routes::moderation::OPENAI_CATEGORIES.len()
+        );
         assert_eq!(categories.len(), scores.len());
         let want = fake_score(text);
         assert!(
@@ -709,7 +698,7 @@ async fn reload_swaps_the_engine_and_a_bad_config_keeps_the_old_one() -> anyhow:
     let (_, _, v) = call(&f.app, ask()?).await?;
     assert_eq!(harassment(&v), Some(0.95));
     // A request in flight holds the engine it started with.
-    let in_flight = f.state.engine.current().expect("engine");
+    let in_flight = f.state.engine.current();
 
     // toxic → hate, and no chat task: the specialists are reused.
     std::fs::write(&f.config, config_text(&f.base_url, "hate", false))?;
@@ -823,21 +812,7 @@ kind = "action_items"
     )?;
     let engine = triage_engine::Engine::new(triage_engine::Config::load(&config)?).await?;
     let limits = Limits::default();
-    let state = Arc::new(AppState {
-        moderation: None,
-        category_map: Default::default(),
-        flag_threshold: 0.5,
-        whisper: None,
-        whisper_slots: Arc::new(tokio::sync::Semaphore::new(limits.audio_parallel)),
-        limits,
-        keys: vec![],
-        metrics: Default::default(),
-        jobs: Default::default(),
-        audio_waiting: Default::default(),
-        rate_limits: Default::default(),
-        cpu_hour_usd: 0.04,
-        engine: EngineSlot::new(engine),
-    });
+    let state = AppState::new(engine, limits, vec![]);
     let app = router(state);
     let form = |fields: &[(&str, &str)], uri: &str| -> anyhow::Result<Request<Body>> {
         let (ct, body) = multipart(fields, ("clip.wav", &audio));

@@ -6,12 +6,10 @@ use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
-use triage_local::{BatchConfig, LocalModel, ModelHandle};
 use triage_server::{ApiKey, AppState, Limits, Peer, router};
 
 fn fixture(name: &str) -> PathBuf {
@@ -43,11 +41,14 @@ fn whisper_model() -> Option<PathBuf> {
 
 /// A router with the Whisper engine and one of the shared speech clips, or
 /// `None` (test skipped) when the shared folder is absent outside CI.
-fn whisper_app(limits: Limits, clip: &str) -> anyhow::Result<Option<(axum::Router, Vec<u8>)>> {
-    let st = state_with(BatchConfig::default(), true, limits)?;
-    if st.whisper.is_none() {
+async fn whisper_app(
+    limits: Limits,
+    clip: &str,
+) -> anyhow::Result<Option<(axum::Router, Vec<u8>)>> {
+    if whisper_model().is_none() {
         return Ok(None);
     }
+    let st = state_with(Batching::default(), true, limits).await?;
     let audio = std::fs::read(shared_dir().join("data/speech").join(clip))?;
     Ok(Some((router(st), audio)))
 }
@@ -59,37 +60,89 @@ fn default_limits() -> Limits {
     }
 }
 
-fn state(batching: BatchConfig, whisper: bool) -> anyhow::Result<Arc<AppState>> {
-    state_with(batching, whisper, default_limits())
+/// Queue and batch limits of the test classifier (`None`: the defaults).
+#[derive(Debug, Default, Clone, Copy)]
+struct Batching {
+    queue_capacity: Option<usize>,
+    max_batch_size: Option<usize>,
 }
 
-fn state_with(
-    batching: BatchConfig,
+async fn state(batching: Batching, whisper: bool) -> anyhow::Result<Arc<AppState>> {
+    state_with(batching, whisper, default_limits()).await
+}
+
+/// The server as `triage serve` builds it: an engine from a config whose
+/// moderation task is one local tier (the tiny multi-label fixture) and, when
+/// asked, a transcription task on the shared Whisper model.
+async fn state_with(
+    batching: Batching,
     whisper: bool,
     limits: Limits,
 ) -> anyhow::Result<Arc<AppState>> {
-    let model = LocalModel::load(
-        &fixture("distilbert-seq-multilabel"),
-        "tiny-toxicity",
-        &candle_core::Device::Cpu,
-    )?;
-    let whisper = match (whisper, whisper_model()) {
-        (true, Some(p)) => Some(Arc::new(triage_local::speech::WhisperEngine::load(
-            &p, 2, false,
-        )?)),
-        _ => None,
-    };
-    Ok(Arc::new(AppState {
-        moderation: Some(ModelHandle::spawn(model, batching)?),
-        category_map: BTreeMap::from([
-            ("toxic".into(), "harassment".into()),
-            ("threat".into(), "violence".into()),
-        ]),
-        flag_threshold: 0.5,
-        whisper,
-        whisper_slots: Arc::new(tokio::sync::Semaphore::new(limits.audio_parallel)),
+    let model = fixture("distilbert-seq-multilabel");
+    let mut config = format!(
+        r#"
+[ledger]
+disabled = true
+
+[server]
+moderation_task = "moderation"
+
+[server.categories]
+toxic = "harassment"
+threat = "violence"
+
+[local.tiny]
+model = "{}"
+kind = "classifier"
+"#,
+        model.display()
+    );
+    if let Some(n) = batching.queue_capacity {
+        config.push_str(&format!("queue_capacity = {n}\n"));
+    }
+    if let Some(n) = batching.max_batch_size {
+        config.push_str(&format!("max_batch_size = {n}\n"));
+    }
+    config.push_str(
+        r#"
+[tasks.moderation]
+strategy = "cascade"
+kind = "moderation"
+labels = ["toxic", "insult", "threat", "identity_hate"]
+threshold = 0.5
+
+[[tasks.moderation.tiers]]
+name = "local:tiny-toxicity"
+local = "tiny"
+map = { toxic = "toxic", insult = "insult", threat = "threat", identity_hate = "identity_hate" }
+"#,
+    );
+    if let (true, Some(p)) = (whisper, whisper_model()) {
+        config.push_str(&format!(
+            r#"
+[local.whisper]
+model = "{}"
+kind = "whisper"
+threads = 2
+
+[tasks.transcription]
+strategy = "pipeline"
+
+[[tasks.transcription.stages]]
+name = "transcribe"
+kind = "transcribe"
+local = "whisper"
+"#,
+            p.display()
+        ));
+    }
+    let config = triage_engine::Config::from_toml(&config, "test", std::path::Path::new("."))?;
+    let engine = triage_engine::Engine::new(config).await?;
+    Ok(AppState::new(
+        engine,
         limits,
-        keys: vec![
+        vec![
             ApiKey {
                 key: "sekret".into(),
                 name: "ci".into(),
@@ -103,13 +156,7 @@ fn state_with(
                 rpm: Some(3),
             },
         ],
-        metrics: Default::default(),
-        jobs: Default::default(),
-        audio_waiting: Default::default(),
-        rate_limits: Default::default(),
-        cpu_hour_usd: 0.04,
-        engine: Default::default(),
-    }))
+    ))
 }
 
 async fn call(
@@ -133,7 +180,7 @@ fn post_json(uri: &str, body: &str) -> Request<Body> {
 
 #[tokio::test]
 async fn moderation_answers_in_openai_shape_with_triage_headers() -> anyhow::Result<()> {
-    let app = router(state(BatchConfig::default(), false)?);
+    let app = router(state(Batching::default(), false).await?);
     let (status, headers, v) = call(
         app.clone(),
         post_json(
@@ -149,7 +196,10 @@ async fn moderation_answers_in_openai_shape_with_triage_headers() -> anyhow::Res
     assert_eq!(results.len(), 2);
     for r in results {
         let scores = r["category_scores"].as_object().expect("scores");
-        assert_eq!(scores.len(), triage_server::app::OPENAI_CATEGORIES.len());
+        assert_eq!(
+            scores.len(),
+            triage_server::routes::moderation::OPENAI_CATEGORIES.len()
+        );
         let harassment = scores["harassment"].as_f64().expect("harassment score");
         assert!(
             (harassment - r["triage"]["labels"]["toxic"].as_f64().expect("toxic")).abs() < 1e-6
@@ -176,7 +226,7 @@ async fn moderation_answers_in_openai_shape_with_triage_headers() -> anyhow::Res
 
 #[tokio::test]
 async fn bad_requests_get_typed_openai_errors() -> anyhow::Result<()> {
-    let app = router(state(BatchConfig::default(), false)?);
+    let app = router(state(Batching::default(), false).await?);
     for (body, status, code) in [
         ("{not json", StatusCode::BAD_REQUEST, "invalid_request"),
         (
@@ -219,7 +269,7 @@ async fn bad_requests_get_typed_openai_errors() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn tcp_peers_need_a_key_with_the_right_scope() -> anyhow::Result<()> {
-    let app = router(state(BatchConfig::default(), false)?);
+    let app = router(state(Batching::default(), false).await?);
     let tcp = |req: Request<Body>| {
         let mut req = req;
         req.extensions_mut()
@@ -283,14 +333,16 @@ async fn tcp_peers_need_a_key_with_the_right_scope() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn overload_is_429_with_retry_after() -> anyhow::Result<()> {
-    let app = router(state(
-        BatchConfig {
-            queue_capacity: 1,
-            max_batch_size: 1,
-            ..BatchConfig::default()
-        },
-        false,
-    )?);
+    let app = router(
+        state(
+            Batching {
+                queue_capacity: Some(1),
+                max_batch_size: Some(1),
+            },
+            false,
+        )
+        .await?,
+    );
     let inputs: Vec<String> = (0..40)
         .map(|i| format!("message number {i} about words"))
         .collect();
@@ -327,7 +379,7 @@ async fn overload_is_429_with_retry_after() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn models_health_ready_and_metrics() -> anyhow::Result<()> {
-    let app = router(state(BatchConfig::default(), false)?);
+    let app = router(state(Batching::default(), false).await?);
     let (_, _, v) = call(app.clone(), Request::get("/v1/models").body(Body::empty())?).await?;
     let ids: Vec<&str> = v["data"]
         .as_array()
@@ -354,7 +406,7 @@ async fn models_health_ready_and_metrics() -> anyhow::Result<()> {
         "{text}"
     );
     assert!(
-        text.contains(r#"triage_answers_total{task="moderation",tier="local"} 1"#),
+        text.contains(r#"triage_answers_total{task="moderation",tier="local:tiny-toxicity"} 1"#),
         "{text}"
     );
     assert!(text.contains("triage_request_duration_seconds_bucket"));
@@ -381,7 +433,7 @@ fn multipart(fields: &[(&str, &str)], file: Option<(&str, &[u8])>) -> (String, V
 
 #[tokio::test]
 async fn transcriptions_in_every_response_format() -> anyhow::Result<()> {
-    let Some((app, audio)) = whisper_app(default_limits(), "goforward.wav")? else {
+    let Some((app, audio)) = whisper_app(default_limits(), "goforward.wav").await? else {
         return Ok(());
     };
     for (format, check) in [
@@ -458,7 +510,7 @@ async fn end_to_end_over_a_unix_socket_and_tcp() -> anyhow::Result<()> {
     let addr = tcp.local_addr()?;
     drop(tcp);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let st = state(BatchConfig::default(), false)?;
+    let st = state(Batching::default(), false).await?;
     let server = tokio::spawn(triage_server::serve_until(
         st.clone(),
         Some(sock.clone()),
@@ -520,7 +572,7 @@ async fn end_to_end_over_a_unix_socket_and_tcp() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_to_completion_without_their_client() -> anyhow::Result<()> {
-    let Some((app, audio)) = whisper_app(default_limits(), "librivox_ss01_0870.wav")? else {
+    let Some((app, audio)) = whisper_app(default_limits(), "librivox_ss01_0870.wav").await? else {
         return Ok(());
     };
     let (ct, body) = multipart(&[("task", "transcription")], Some(("long.wav", &audio)));
@@ -598,7 +650,7 @@ async fn transcriptions_past_the_queue_are_refused_at_once() -> anyhow::Result<(
         audio_queue: 1,
         ..Limits::default()
     };
-    let Some((app, audio)) = whisper_app(limits, "goforward.wav")? else {
+    let Some((app, audio)) = whisper_app(limits, "goforward.wav").await? else {
         return Ok(());
     };
     let mut set = tokio::task::JoinSet::new();

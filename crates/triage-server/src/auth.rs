@@ -1,0 +1,177 @@
+//! The middleware every request passes: a request id and one tracing span,
+//! bearer-key auth and rate limits for TCP peers (the unix socket is open to
+//! whoever may use it; peer credentials are logged), metrics, and OpenAI's
+//! error shape for rejections that axum produces itself (body too large,
+//! bad JSON).
+
+use crate::error::ApiError;
+use crate::state::{ApiKey, Peer, Shared};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::time::Instant;
+use tracing::Instrument;
+
+/// The key a TCP caller authenticated with; `None` on the unix socket, where
+/// the peer's credentials are logged instead.
+#[derive(Debug, Clone, Default)]
+pub struct Caller(pub Option<ApiKey>);
+
+impl Caller {
+    /// 403 unless this caller's key may use `task`.
+    pub fn authorize(&self, task: &str) -> Result<(), ApiError> {
+        match &self.0 {
+            Some(key) if !key.tasks.is_empty() && !key.tasks.iter().any(|t| t == task) => {
+                Err(ApiError::Forbidden(format!("task `{task}`")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A new request id: a UUID v7 (time-ordered, 74 random bits) after `prefix`.
+pub fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Routes counted under their own label; anything else counts as `other`.
+const KNOWN_ROUTES: &[&str] = &[
+    "/health",
+    "/ready",
+    "/metrics",
+    "/v1/models",
+    "/v1/moderations",
+    "/v1/audio/transcriptions",
+    "/v1/chat/completions",
+    "/v1/execute",
+    "/v1/jobs",
+];
+
+/// The middleware: see the module doc.
+pub async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let id = request_id("req");
+    let route = req.uri().path().to_owned();
+    let span = tracing::info_span!("request", id = %id, method = %req.method(), route = %route);
+    let started = Instant::now();
+    let response = authorized(&state, &route, req, next)
+        .instrument(span.clone())
+        .await;
+    let label = if KNOWN_ROUTES.contains(&route.as_str()) {
+        route.as_str()
+    } else {
+        "other"
+    };
+    state.metrics.observe(
+        label,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    span.in_scope(|| tracing::debug!(status = response.status().as_u16(), "answered"));
+    finish(response, &id)
+}
+
+async fn authorized(state: &Shared, route: &str, mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Peer>>()
+        .map(|c| c.0.clone());
+    let mut caller = Caller(None);
+    match &peer {
+        Some(Peer::Tcp(addr)) if !matches!(route, "/health" | "/ready") => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            let Some(key) = given.and_then(|g| state.find_key(g)) else {
+                tracing::info!(%addr, "rejected: no valid key");
+                return ApiError::Unauthorized.into_response();
+            };
+            if let Some(rpm) = key.rpm
+                && let Err(retry_after_s) = state.rate_limits.take(&key.name, rpm)
+            {
+                return ApiError::Overloaded { retry_after_s }.into_response();
+            }
+            tracing::debug!(%addr, key = %key.name, "request");
+            caller = Caller(Some(key));
+        }
+        Some(Peer::Unix { pid, uid, gid }) => {
+            tracing::debug!(?pid, uid, gid, "request on the unix socket");
+        }
+        _ => {}
+    }
+    req.extensions_mut().insert(caller);
+    let _in_flight = state.metrics.in_flight();
+    let response = next.run(req).await;
+    shape_rejection(state, route, response).await
+}
+
+/// axum's own rejections (plain text) in OpenAI's error shape.
+async fn shape_rejection(state: &Shared, route: &str, response: Response) -> Response {
+    if is_json(&response) {
+        return response;
+    }
+    match response.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            let limit = if route.contains("audio") || route.starts_with("/v1/jobs") {
+                state.limits.audio_body_bytes
+            } else {
+                state.limits.moderation_body_bytes
+            };
+            ApiError::TooLarge { limit }.into_response()
+        }
+        s @ (StatusCode::BAD_REQUEST
+        | StatusCode::UNPROCESSABLE_ENTITY
+        | StatusCode::UNSUPPORTED_MEDIA_TYPE) => {
+            let body = axum::body::to_bytes(response.into_body(), 64 << 10)
+                .await
+                .unwrap_or_default();
+            let message = String::from_utf8_lossy(&body).into_owned();
+            match s {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMedia(message),
+                StatusCode::UNPROCESSABLE_ENTITY => ApiError::Unprocessable(message),
+                _ => ApiError::bad(message, None),
+            }
+            .into_response()
+        }
+        _ => response,
+    }
+}
+
+fn is_json(r: &Response) -> bool {
+    r.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// Every response names its request, the tier that answered and its cost.
+fn finish(mut response: Response, id: &str) -> Response {
+    let headers = response.headers_mut();
+    if !headers.contains_key("x-request-id")
+        && let Ok(v) = HeaderValue::from_str(id)
+    {
+        headers.insert("x-request-id", v);
+    }
+    if !headers.contains_key("x-triage-tier") {
+        headers.insert("x-triage-tier", HeaderValue::from_static("none"));
+    }
+    if !headers.contains_key("x-triage-cost-usd") {
+        headers.insert("x-triage-cost-usd", HeaderValue::from_static("0"));
+    }
+    response
+}
+
+/// `response` tagged with the tier that answered and what it cost.
+pub(crate) fn tagged(mut response: Response, tier: &str, usd: f64) -> Response {
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(tier) {
+        h.insert("x-triage-tier", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{usd:.9}")) {
+        h.insert("x-triage-cost-usd", v);
+    }
+    response
+}

@@ -1,0 +1,138 @@
+//! Limits on what one request may ask for and on how many wait: body sizes,
+//! inputs per request, audio length, transcription admission, and the
+//! per-key token bucket (`governor`).
+
+use crate::error::ApiError;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Limits on what a request may ask for.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub moderation_body_bytes: usize,
+    pub audio_body_bytes: usize,
+    pub max_inputs: usize,
+    pub max_audio_s: f64,
+    /// Transcriptions decoded at once; more wait, and past `audio_queue` are refused.
+    pub audio_parallel: usize,
+    pub audio_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            moderation_body_bytes: 1 << 20,
+            audio_body_bytes: 25 << 20,
+            max_inputs: 256,
+            max_audio_s: 4.0 * 3600.0,
+            audio_parallel: 2,
+            audio_queue: 16,
+        }
+    }
+}
+
+/// Per-key token buckets: a key with `rpm` requests per minute may burst
+/// `rpm` requests, then one every `60 / rpm` seconds.
+#[derive(Debug, Default)]
+pub struct RateLimits {
+    /// One limiter per (key name, rpm); as many as there are keys.
+    buckets: Mutex<HashMap<(String, u32), Arc<DefaultDirectRateLimiter>>>,
+}
+
+impl RateLimits {
+    /// Take one request from `key`'s bucket; `Err(seconds)` until the next one.
+    pub fn take(&self, key: &str, rpm: u32) -> Result<(), u64> {
+        let per_minute = NonZeroU32::new(rpm).unwrap_or(NonZeroU32::MIN);
+        let limiter = {
+            let Ok(mut buckets) = self.buckets.lock() else {
+                return Ok(());
+            };
+            buckets
+                .entry((key.to_owned(), rpm))
+                .or_insert_with(|| Arc::new(RateLimiter::direct(Quota::per_minute(per_minute))))
+                .clone()
+        };
+        limiter.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+        })
+    }
+}
+
+/// Transcription admission: `audio_parallel` decode at once, up to
+/// `audio_queue` more wait; past that a request is refused at once.
+#[derive(Debug)]
+pub struct AudioAdmission {
+    slots: Arc<tokio::sync::Semaphore>,
+    admitted: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+/// A request admitted for transcription; dropping it frees its place.
+#[derive(Debug)]
+pub struct Admitted(Arc<AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl AudioAdmission {
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.audio_parallel.max(1))),
+            admitted: Arc::new(AtomicUsize::new(0)),
+            capacity: limits.audio_parallel.max(1) + limits.audio_queue,
+        }
+    }
+
+    /// Take a place in line, or 429 when the line is full.
+    pub fn admit(&self) -> Result<Admitted, ApiError> {
+        let before = self.admitted.fetch_add(1, Ordering::AcqRel);
+        let admitted = Admitted(self.admitted.clone());
+        if before >= self.capacity {
+            return Err(ApiError::Overloaded { retry_after_s: 5 });
+        }
+        Ok(admitted)
+    }
+
+    /// Wait (bounded) for a decoding slot.
+    pub async fn slot(
+        &self,
+        wait: Duration,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        match tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(ApiError::Overloaded { retry_after_s: 5 }),
+        }
+    }
+
+    /// A slot for a job, waiting as long as it takes (jobs are bounded by the job store).
+    pub async fn job_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone().acquire_owned().await.ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_gets_its_burst_then_waits() {
+        let limits = RateLimits::default();
+        for _ in 0..3 {
+            assert_eq!(limits.take("k", 3), Ok(()));
+        }
+        // 3 per minute: the next token comes in at most 20 s.
+        let wait = limits.take("k", 3).err();
+        assert!(wait.is_some_and(|s| (1..=20).contains(&s)), "{wait:?}");
+        // Another key has its own bucket.
+        assert_eq!(limits.take("other", 3), Ok(()));
+    }
+}

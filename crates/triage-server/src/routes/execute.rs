@@ -1,0 +1,125 @@
+//! `POST /v1/execute`: `{"task", "input", "overrides"}` (or, for audio
+//! tasks, multipart with `task`, `file` and an optional `overrides` JSON
+//! field) → `{"answer", "trace"}`, as `triage execute` prints.
+
+use super::audio::{AudioForm, read_audio_form};
+use super::chat::WireChatRequest;
+use super::{run, tier_and_cost};
+use crate::auth::{Caller, tagged};
+use crate::error::ApiError;
+use crate::state::Shared;
+use axum::Json;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use triage_engine::{Input, Overrides};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExecuteRequest {
+    task: String,
+    /// Text, or a chat request (`{"messages": [...]}`).
+    input: Value,
+    #[serde(default)]
+    overrides: Option<Overrides>,
+}
+
+/// `POST /v1/execute`.
+pub async fn execute(State(state): State<Shared>, req: Request) -> Result<Response, ApiError> {
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or_default();
+    let engine = state.engine.current();
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let (task, input, overrides) = if multipart {
+        let mut form = Multipart::from_request(req, &state)
+            .await
+            .map_err(|e| ApiError::bad(e.body_text(), None))?;
+        let AudioForm {
+            file,
+            task,
+            overrides,
+            ..
+        } = read_audio_form(&mut form).await?;
+        let task = task.ok_or_else(|| ApiError::bad("`task` is required", Some("task")))?;
+        let (name, bytes) =
+            file.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
+        let overrides = match overrides {
+            Some(o) => serde_json::from_str(&o).map_err(|e| {
+                ApiError::bad(format!("`overrides` is not valid: {e}"), Some("overrides"))
+            })?,
+            None => Overrides::default(),
+        };
+        (
+            task,
+            Input::Audio {
+                bytes,
+                file_name: name,
+            },
+            overrides,
+        )
+    } else {
+        let bytes = axum::body::Bytes::from_request(req, &state)
+            .await
+            .map_err(|e| ApiError::bad(e.body_text(), None))?;
+        let r: ExecuteRequest = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad(
+                format!("the body is not a valid execute request: {e}"),
+                None,
+            )
+        })?;
+        let input = match r.input {
+            Value::String(s) => Input::Text(s),
+            v @ Value::Object(_) => {
+                let chat: WireChatRequest = serde_json::from_value(v).map_err(|e| {
+                    ApiError::bad(
+                        format!("`input` must be text or a chat request with `messages`: {e}"),
+                        Some("input"),
+                    )
+                })?;
+                Input::Chat(chat.into_chat()?)
+            }
+            _ => {
+                return Err(ApiError::bad(
+                    "`input` must be text or a chat request with `messages`",
+                    Some("input"),
+                ));
+            }
+        };
+        (r.task, input, r.overrides.unwrap_or_default())
+    };
+    caller.authorize(&task)?;
+    let execution = run(&state, &engine, &task, input, &overrides).await?;
+    let (tier, usd) = tier_and_cost([&execution]);
+    let mut response = tagged(
+        Json(json!({"answer": execution.answer, "trace": execution.trace})).into_response(),
+        &tier,
+        usd,
+    );
+    if let Ok(v) = axum::http::HeaderValue::from_str(&execution.request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    Ok(response)
+}
+
+/// Run an engine task for a job (`/v1/jobs` with a `task` field): the result
+/// is `{"answer", "trace"}`.
+pub(crate) async fn run_job(
+    state: &Shared,
+    engine: &triage_engine::Engine,
+    task: &str,
+    input: Input,
+) -> Result<Value, String> {
+    run(state, engine, task, input, &Overrides::default())
+        .await
+        .map(|e| json!({"answer": e.answer, "trace": e.trace}))
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,61 @@
+//! `/health`, `/ready`, `/metrics` and `/v1/models`.
+
+use crate::state::Shared;
+use axum::Json;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+pub(crate) async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// The tasks, specialists and routes this server answers.
+pub(crate) async fn ready(State(state): State<Shared>) -> Json<Value> {
+    let engine = state.engine.current();
+    Json(json!({
+        "status": "ready",
+        "tasks": engine.config.tasks.keys().collect::<Vec<_>>(),
+        "specialists": engine.specialists.map.keys().collect::<Vec<_>>(),
+        "moderation": engine.config.server.moderation_task,
+        "transcription": engine.transcriber().is_some(),
+    }))
+}
+
+pub(crate) async fn metrics(State(state): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// OpenAI's moderation model names, which mean the configured moderation task.
+pub(crate) const MODERATION_MODELS: &[&str] = &[
+    "omni-moderation-latest",
+    "text-moderation-latest",
+    "text-moderation-stable",
+];
+/// OpenAI's transcription model names, which mean the configured Whisper model.
+pub(crate) const TRANSCRIPTION_MODELS: &[&str] = &["whisper-1", "whisper"];
+
+/// `/v1/models`: every task, plus OpenAI's names for the configured
+/// moderation task and Whisper model.
+pub(crate) async fn models(State(state): State<Shared>) -> Json<Value> {
+    let engine = state.engine.current();
+    let model = |id: &str, task: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "triage", "task": task});
+    let mut data: Vec<Value> = engine.config.tasks.keys().map(|t| model(t, t)).collect();
+    let server = &engine.config.server;
+    if let Some(t) = &server.moderation_task {
+        data.extend(MODERATION_MODELS.iter().map(|m| model(m, t)));
+    }
+    if engine.transcriber().is_some() {
+        let t = server
+            .transcription_task
+            .as_deref()
+            .unwrap_or("transcription");
+        data.extend(TRANSCRIPTION_MODELS.iter().map(|m| model(m, t)));
+    }
+    Json(json!({"object": "list", "data": data}))
+}

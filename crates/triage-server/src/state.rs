@@ -1,0 +1,113 @@
+//! What every handler shares: the engine slot, limits, keys, metrics, jobs.
+
+use crate::jobs::Jobs;
+use crate::limits::{AudioAdmission, Limits, RateLimits};
+use crate::metrics::Metrics;
+use crate::reload::EngineSlot;
+use std::sync::Arc;
+use triage_engine::Engine;
+
+/// Who is calling: a local process on the socket, or a TCP client.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Unix {
+        pid: Option<i32>,
+        uid: u32,
+        gid: u32,
+    },
+    Tcp(std::net::SocketAddr),
+}
+
+/// A bearer key for TCP clients and the tasks it may use (empty: all).
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub key: String,
+    pub name: String,
+    pub tasks: Vec<String>,
+    /// Requests per minute this key may make (token bucket); `None`: unlimited.
+    pub rpm: Option<u32>,
+}
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// The engine every route answers with; a reload swaps it.
+    pub engine: EngineSlot,
+    pub limits: Limits,
+    /// Keys from `TRIAGE_API_KEYS` (the config may add more).
+    pub keys: Vec<ApiKey>,
+    pub metrics: Metrics,
+    pub jobs: Jobs,
+    pub rate_limits: RateLimits,
+    /// Transcriptions decoding now and waiting for a slot.
+    pub audio: AudioAdmission,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("engine", &self.engine)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+pub type Shared = Arc<AppState>;
+
+impl AppState {
+    /// A server state answering with `engine`.
+    pub fn new(engine: Engine, limits: Limits, keys: Vec<ApiKey>) -> Shared {
+        Arc::new(Self {
+            engine: EngineSlot::new(engine),
+            audio: AudioAdmission::new(&limits),
+            limits,
+            keys,
+            metrics: Metrics::default(),
+            jobs: Jobs::default(),
+            rate_limits: RateLimits::default(),
+        })
+    }
+
+    /// Longest audio accepted: the config's `server.max_audio_seconds`, else the limit.
+    pub(crate) fn max_audio_s(&self) -> f64 {
+        self.engine
+            .current()
+            .config
+            .server
+            .max_audio_seconds
+            .unwrap_or(self.limits.max_audio_s)
+    }
+
+    /// The bearer key `given` names: from `TRIAGE_API_KEYS`, or from the
+    /// current config's `server.keys` (whose values come from the environment).
+    pub fn find_key(&self, given: &str) -> Option<ApiKey> {
+        if let Some(k) = self.keys.iter().find(|k| k.key == given) {
+            return Some(k.clone());
+        }
+        self.engine
+            .current()
+            .config
+            .server
+            .keys
+            .iter()
+            .find(|k| k.key.as_ref().is_some_and(|v| v.expose() == given))
+            .map(|k| ApiKey {
+                key: given.to_owned(),
+                name: k.name.clone(),
+                tasks: k.tasks.clone(),
+                rpm: k.requests_per_minute,
+            })
+    }
+
+    /// Whether any bearer key can be used (TCP refuses to start without one).
+    pub fn has_keys(&self) -> bool {
+        !self.keys.is_empty()
+            || self
+                .engine
+                .current()
+                .config
+                .server
+                .keys
+                .iter()
+                .any(|k| k.key.is_some())
+    }
+}
