@@ -31,6 +31,8 @@ pub struct ExecuteArgs {
 pub enum ConfigCommand {
     /// Parse and validate a config; print warnings (such as unset API keys).
     Check { file: PathBuf },
+    /// Print the embedded default config (what `triage serve` runs without --config).
+    Default,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +131,11 @@ pub fn config(command: ConfigCommand) -> Result<ExitCode> {
             for w in &config.warnings {
                 writeln!(stdout, "warning: {w}")?;
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        ConfigCommand::Default => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(triage_engine::default_config::TOML.as_bytes())?;
             Ok(ExitCode::SUCCESS)
         }
     }

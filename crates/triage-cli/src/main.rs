@@ -58,7 +58,8 @@ enum Command {
         #[arg(long)]
         normalize: bool,
     },
-    /// Serve the default specialists on a unix socket (and TCP with keys).
+    /// Serve a config's tasks (default: the embedded default specialists) on
+    /// a unix socket (and TCP with keys).
     Serve(serve::ServeArgs),
     /// Speech to text with Whisper: one JSON object per file (or srt, vtt, txt).
     Transcribe(transcribe::TranscribeArgs),
@@ -196,13 +197,7 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Execute(args) => engine_cmds::execute(args).await,
         Command::Config { command } => engine_cmds::config(command),
         Command::Costs(args) => engine_cmds::costs(args).await,
-        Command::Serve(args) => {
-            let gpu = !matches!(
-                cli.device.parse::<triage_local::DeviceSpec>()?,
-                triage_local::DeviceSpec::Cpu
-            );
-            serve::run(args, &device, cli.threads, gpu).await
-        }
+        Command::Serve(args) => serve::run(args, &cli.device, cli.threads).await,
         Command::Transcribe(args) => {
             let gpu = !matches!(
                 cli.device.parse::<triage_local::DeviceSpec>()?,

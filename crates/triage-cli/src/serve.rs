@@ -1,14 +1,14 @@
-//! `triage serve`: the default specialists (moderation and transcription,
-//! local tier), or with `--config` the config's tasks through the strategies
-//! engine, behind OpenAI-compatible routes on a unix socket and TCP.
+//! `triage serve`: a config's tasks through the strategies engine behind
+//! OpenAI-compatible routes on a unix socket and TCP. Without `--config` it
+//! serves the embedded default config (`triage config default`), adjusted by
+//! the flags below; both run the same engine path.
 
 use anyhow::{Context, Result, bail};
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use triage_local::{BatchConfig, speech::WhisperEngine};
+use toml::{Table, Value};
+use triage_engine::{Config, default_config};
 use triage_server::{ApiKey, AppState, Limits};
 
 /// The Whisper model served by default.
@@ -17,7 +17,7 @@ pub const DEFAULT_WHISPER: &str = "ggerganov/whisper.cpp#ggml-tiny.en.bin";
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Task configuration (TOML): serve its tasks through the strategies
-    /// engine; SIGHUP reloads it.
+    /// engine; SIGHUP reloads it. Default: the embedded default config.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Unix socket path (interface used by acceptance checks); overrides `server.socket`.
@@ -27,26 +27,23 @@ pub struct ServeArgs {
     /// config's `server.keys`); overrides `server.listen`.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Moderation model (default: the toxicity specialist).
-    #[arg(long, default_value = "toxicity")]
-    moderation_model: String,
-    /// Whisper model: a ggml file, a folder, or org/name[@rev]#file.bin.
-    #[arg(long, env = "TRIAGE_WHISPER_MODEL", default_value = DEFAULT_WHISPER)]
-    whisper_model: String,
-    /// Specialist label → OpenAI moderation category.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "offensive=harassment,toxic=harassment,hate=hate"
-    )]
+    /// Without --config: the moderation model (default: the toxicity specialist).
+    #[arg(long, conflicts_with = "config")]
+    moderation_model: Option<String>,
+    /// Without --config: the Whisper model, a ggml file, a folder, or org/name[@rev]#file.bin.
+    #[arg(long, env = "TRIAGE_WHISPER_MODEL", conflicts_with = "config")]
+    whisper_model: Option<String>,
+    /// Without --config: specialist label → OpenAI moderation category
+    /// (default: offensive=harassment).
+    #[arg(long, value_delimiter = ',', conflicts_with = "config")]
     category_map: Vec<String>,
-    /// Category score at which a result is flagged.
-    #[arg(long, default_value_t = 0.5)]
-    flag_threshold: f32,
-    /// Dollars per CPU-hour, to price local answers in x-triage-cost-usd.
-    #[arg(long, default_value_t = 0.04)]
-    cpu_hour_usd: f64,
-    /// Longest audio accepted, in seconds.
+    /// Without --config: the score at which a label is flagged (default 0.5).
+    #[arg(long, conflicts_with = "config")]
+    flag_threshold: Option<f64>,
+    /// Without --config: dollars per CPU-hour, to price local answers (default 0.04).
+    #[arg(long, conflicts_with = "config")]
+    cpu_hour_usd: Option<f64>,
+    /// Longest audio accepted, in seconds (a config's `server.max_audio_seconds` wins).
     #[arg(long, default_value_t = 4.0 * 3600.0)]
     max_audio_s: f64,
 }
@@ -107,90 +104,111 @@ fn keys_from_env() -> Result<Vec<ApiKey>> {
     Ok(keys)
 }
 
-pub async fn run(
-    args: ServeArgs,
-    device: &candle_core::Device,
-    threads: Option<usize>,
-    gpu: bool,
-) -> Result<ExitCode> {
-    if let Some(config) = args.config.clone() {
-        return run_config(args, &config).await;
+fn table<'a>(t: &'a mut Table, path: &[&str]) -> Result<&'a mut Table> {
+    let mut cur = t;
+    for key in path {
+        cur = cur
+            .entry((*key).to_owned())
+            .or_insert_with(|| Value::Table(Table::new()))
+            .as_table_mut()
+            .with_context(|| format!("the default config's `{key}` is not a table"))?;
     }
-    let category_map: BTreeMap<String, String> = args
-        .category_map
-        .iter()
-        .map(|pair| {
-            pair.split_once('=')
-                .map(|(a, b)| (a.trim().to_owned(), b.trim().to_owned()))
-                .with_context(|| format!("--category-map entry `{pair}` is not label=category"))
-        })
-        .collect::<Result<_>>()?;
-    for category in category_map.values() {
-        if !triage_server::app::OPENAI_CATEGORIES.contains(&category.as_str()) {
-            bail!("--category-map: `{category}` is not an OpenAI moderation category");
-        }
-    }
-    let moderation =
-        triage_local::start_model(&args.moderation_model, device, BatchConfig::default())
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot load the moderation model `{}`",
-                    args.moderation_model
-                )
-            })?;
-    let whisper = match triage_local::resolve::resolve_whisper(&args.whisper_model).await {
-        Ok(path) => {
-            let threads = threads.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2)
-            });
-            Some(Arc::new(
-                tokio::task::spawn_blocking(move || WhisperEngine::load(&path, threads, gpu))
-                    .await??,
-            ))
-        }
-        Err(e) if args.whisper_model == DEFAULT_WHISPER => {
-            tracing::warn!(error = %e, "no Whisper model: serving moderation only (scripts/serve installs one)");
-            eprintln!("warning: transcription disabled: {e}");
-            None
-        }
-        Err(e) => return Err(e).context("cannot load the Whisper model"),
-    };
-    let limits = Limits {
-        max_audio_s: args.max_audio_s,
-        ..Limits::default()
-    };
-    let state = Arc::new(AppState {
-        moderation: Some(moderation),
-        category_map,
-        flag_threshold: args.flag_threshold,
-        whisper,
-        whisper_slots: Arc::new(tokio::sync::Semaphore::new(limits.audio_parallel)),
-        limits,
-        keys: keys_from_env()?,
-        metrics: Default::default(),
-        jobs: Default::default(),
-        audio_waiting: Default::default(),
-        rate_limits: Default::default(),
-        cpu_hour_usd: args.cpu_hour_usd,
-        engine: Default::default(),
-    });
-    let socket = args.socket.or_else(|| Some(default_socket()));
-    if let Some(s) = &socket {
-        eprintln!("triage: serving on unix socket {}", s.display());
-    }
-    if let Some(a) = &args.listen {
-        eprintln!("triage: serving on http://{a} (bearer keys required)");
-    }
-    triage_server::serve(state, socket, args.listen).await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(cur)
 }
 
-/// `triage serve --config FILE`: the config's tasks through the engine.
-async fn run_config(args: ServeArgs, path: &std::path::Path) -> Result<ExitCode> {
-    let config = triage_engine::Config::load(path)?;
+/// The embedded default config with the flags applied: the same TOML a user
+/// gets from `triage config default`, edited where a flag says so.
+async fn default_with_flags(
+    args: &ServeArgs,
+    device: &str,
+    threads: Option<usize>,
+) -> Result<Config> {
+    let mut doc: Table =
+        toml::from_str(default_config::TOML).context("the embedded default config is not TOML")?;
+    for specialist in ["toxicity", "whisper"] {
+        table(&mut doc, &["local", specialist])?.insert("device".into(), device.into());
+    }
+    if let Some(n) = threads {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        table(&mut doc, &["local", "whisper"])?.insert("threads".into(), n.into());
+    }
+    if let Some(model) = &args.moderation_model {
+        table(&mut doc, &["local", "toxicity"])?.insert("model".into(), model.clone().into());
+        // Another model has other labels: the task scores each of them.
+        let labels = triage_local::model_labels(model)
+            .await
+            .with_context(|| format!("cannot load the moderation model `{model}`"))?;
+        let task = table(&mut doc, &["tasks", "moderation"])?;
+        task.insert(
+            "labels".into(),
+            Value::Array(labels.iter().map(|l| l.clone().into()).collect()),
+        );
+        task.remove("label_descriptions");
+        let tiers = task
+            .get_mut("tiers")
+            .and_then(Value::as_array_mut)
+            .and_then(|t| t.first_mut())
+            .and_then(Value::as_table_mut)
+            .context("the default config's moderation task has no tier")?;
+        tiers.insert(
+            "map".into(),
+            Value::Table(
+                labels
+                    .iter()
+                    .map(|l| (l.clone(), l.clone().into()))
+                    .collect(),
+            ),
+        );
+    }
+    if !args.category_map.is_empty() {
+        let mut categories = Table::new();
+        for pair in &args.category_map {
+            let (label, category) = pair
+                .split_once('=')
+                .with_context(|| format!("--category-map entry `{pair}` is not label=category"))?;
+            categories.insert(label.trim().to_owned(), category.trim().into());
+        }
+        table(&mut doc, &["server"])?.insert("categories".into(), Value::Table(categories));
+    }
+    if let Some(t) = args.flag_threshold {
+        table(&mut doc, &["tasks", "moderation"])?.insert("threshold".into(), t.into());
+    }
+    if let Some(usd) = args.cpu_hour_usd {
+        table(&mut doc, &["compute"])?.insert("cpu_hour_usd".into(), usd.into());
+    }
+    table(&mut doc, &["server"])?.insert("max_audio_seconds".into(), args.max_audio_s.into());
+    let whisper = args
+        .whisper_model
+        .clone()
+        .unwrap_or_else(|| DEFAULT_WHISPER.into());
+    table(&mut doc, &["local", "whisper"])?.insert("model".into(), whisper.clone().into());
+    if let Err(e) = triage_local::resolve::resolve_whisper(&whisper).await {
+        if args.whisper_model.is_some() {
+            return Err(e).context("cannot load the Whisper model");
+        }
+        // The default model is not installed: serve moderation only.
+        tracing::warn!(error = %e, "no Whisper model: serving moderation only (scripts/serve installs one)");
+        eprintln!("warning: transcription disabled: {e}");
+        table(&mut doc, &["local"])?.remove("whisper");
+        table(&mut doc, &["tasks"])?.remove("transcription");
+        table(&mut doc, &["server"])?.remove("transcription_task");
+    }
+    let text = toml::to_string(&doc).context("cannot write the default config")?;
+    Ok(Config::from_toml(
+        &text,
+        default_config::ORIGIN,
+        std::path::Path::new("."),
+    )?)
+}
+
+pub async fn run(args: ServeArgs, device: &str, threads: Option<usize>) -> Result<ExitCode> {
+    let (config, what) = match &args.config {
+        Some(path) => (Config::load(path)?, path.display().to_string()),
+        None => (
+            default_with_flags(&args, device, threads).await?,
+            "the default specialists".to_owned(),
+        ),
+    };
     for w in &config.warnings {
         tracing::warn!("{w}");
         eprintln!("warning: {w}");
@@ -212,39 +230,16 @@ async fn run_config(args: ServeArgs, path: &std::path::Path) -> Result<ExitCode>
         max_audio_s: config.server.max_audio_seconds.unwrap_or(args.max_audio_s),
         ..Limits::default()
     };
-    let cpu_hour_usd = config.prices.compute().cpu_hour_usd;
     let engine = triage_engine::Engine::new(config)
         .await
-        .with_context(|| format!("cannot start the engine for {}", path.display()))?;
-    let state = Arc::new(AppState {
-        moderation: None,
-        category_map: BTreeMap::new(),
-        flag_threshold: args.flag_threshold,
-        whisper: None,
-        whisper_slots: Arc::new(tokio::sync::Semaphore::new(limits.audio_parallel)),
-        limits,
-        keys: keys_from_env()?,
-        metrics: Default::default(),
-        jobs: Default::default(),
-        audio_waiting: Default::default(),
-        rate_limits: Default::default(),
-        cpu_hour_usd,
-        engine: triage_server::EngineSlot::new(engine),
-    });
+        .with_context(|| format!("cannot start the engine for {what}"))?;
+    let state = AppState::new(engine, limits, keys_from_env()?);
     if let Some(s) = &socket {
-        eprintln!(
-            "triage: serving {} on unix socket {}",
-            path.display(),
-            s.display()
-        );
+        eprintln!("triage: serving {what} on unix socket {}", s.display());
     }
     if let Some(a) = &listen {
         eprintln!("triage: serving on http://{a} (bearer keys required)");
     }
-    triage_server::serve(state.clone(), socket, listen).await?;
-    // Requests have drained; write what the ledger still holds before exiting.
-    if let Some(ledger) = state.engine.current().and_then(|e| e.ledger.clone()) {
-        ledger.flush().await?;
-    }
+    triage_server::serve(state, socket, listen).await?;
     Ok(ExitCode::SUCCESS)
 }
