@@ -1,0 +1,114 @@
+//! `[local.NAME]` specialists, and the check that a step names one of the
+//! kind it needs.
+
+use indexmap::IndexMap;
+
+use super::super::raw::RawLocal;
+use super::super::types::{LocalKind, LocalSpec};
+use super::Validator;
+
+impl Validator {
+    pub(super) fn locals(
+        &mut self,
+        raw: &IndexMap<String, RawLocal>,
+    ) -> IndexMap<String, LocalSpec> {
+        let mut out = IndexMap::new();
+        for (name, l) in raw {
+            let key = format!("local.{name}");
+            let kind = match l.kind.as_deref() {
+                Some("classifier") => LocalKind::Classifier,
+                Some("tagger") => LocalKind::Tagger,
+                Some("whisper") => LocalKind::Whisper,
+                None => match l.model.as_str() {
+                    "ner" => LocalKind::Tagger,
+                    m if m.contains("whisper") || m.ends_with(".bin") => LocalKind::Whisper,
+                    _ => LocalKind::Classifier,
+                },
+                Some(other) => {
+                    self.problem(
+                        format!("{key}.kind"),
+                        format!("unknown kind `{other}`"),
+                        "use classifier, tagger or whisper",
+                    );
+                    continue;
+                }
+            };
+            let device = match l
+                .device
+                .as_deref()
+                .unwrap_or("cpu")
+                .parse::<triage_local::DeviceSpec>()
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    self.problem(
+                        format!("{key}.device"),
+                        e.to_string(),
+                        "use cpu, cuda, cuda:N or metal",
+                    );
+                    continue;
+                }
+            };
+            if l.model.trim().is_empty() {
+                self.problem(
+                    format!("{key}.model"),
+                    "is empty",
+                    "name a specialist (toxicity, ner), an org/name hub id or a folder",
+                );
+            }
+            // Relative folders are relative to the config file.
+            let model = if l.model.starts_with("./") || l.model.starts_with("../") {
+                self.base_dir.join(&l.model).display().to_string()
+            } else {
+                l.model.clone()
+            };
+            out.insert(
+                name.clone(),
+                LocalSpec {
+                    model,
+                    kind,
+                    device,
+                    positive_labels: l.positive_labels.clone(),
+                    threads: l.threads,
+                },
+            );
+        }
+        out
+    }
+
+    pub(super) fn specialist(
+        &mut self,
+        key: &str,
+        name: &str,
+        want: LocalKind,
+        local: &IndexMap<String, LocalSpec>,
+    ) -> bool {
+        match local.get(name) {
+            None => {
+                let known: Vec<&str> = local.keys().map(String::as_str).collect();
+                self.problem(
+                    key,
+                    format!("unknown local specialist `{name}`"),
+                    format!(
+                        "declare [local.{name}] or use one of: {}",
+                        if known.is_empty() {
+                            "(none declared)".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+                false
+            }
+            Some(spec) if spec.kind != want => {
+                self.problem(
+                    key,
+                    format!("`{name}` is a {:?}, this step needs a {want:?}", spec.kind),
+                    format!("set [local.{name}].kind or use another specialist"),
+                );
+                false
+            }
+            Some(_) => true,
+        }
+    }
+}
