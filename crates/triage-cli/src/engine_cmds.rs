@@ -164,24 +164,13 @@ fn since_ms(since: &str) -> Result<i64> {
     }
     let parts: Vec<&str> = s.split('-').collect();
     if let [y, m, d] = parts.as_slice()
-        && let (Ok(y), Ok(m), Ok(d)) = (y.parse::<i64>(), m.parse::<i64>(), d.parse::<i64>())
-        && (1..=12).contains(&m)
-        && (1..=31).contains(&d)
+        && let (Ok(y), Ok(m), Ok(d)) = (y.parse::<i16>(), m.parse::<i8>(), d.parse::<i8>())
+        && let Ok(date) = jiff::civil::Date::new(y, m, d)
+        && let Ok(midnight) = date.to_zoned_datetime(jiff::tz::TimeZone::UTC)
     {
-        return Ok(days_from_civil(y, m, d) * 86_400_000);
+        return Ok(midnight.timestamp().as_millisecond());
     }
     bail!("--since `{since}`: give a duration such as 30m, 24h or 7d, or a date YYYY-MM-DD")
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 pub async fn costs(args: CostsArgs) -> Result<ExitCode> {
@@ -260,13 +249,14 @@ mod tests {
 
     #[test]
     fn since_accepts_durations_and_dates() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(days_from_civil(2026, 11, 28), 20_785);
+        assert_eq!(since_ms("1970-01-01").unwrap(), 0);
         assert_eq!(since_ms("2026-11-28").unwrap(), 20_785 * 86_400_000);
+        assert_eq!(since_ms("2024-03-01").unwrap(), 19_783 * 86_400_000);
         let h = since_ms("1h").unwrap();
         let d = since_ms("1d").unwrap();
         assert!((h - d - 23 * 3_600_000).abs() < 5_000);
         assert!(since_ms("yesterday").is_err());
         assert!(since_ms("2026-13-01").is_err());
+        assert!(since_ms("2026-02-29").is_err());
     }
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use triage_local::whisper_import::{ImportOptions, import_ct2 as convert};
+use triage_tools::whisper_import::{ImportOptions, import_ct2 as convert};
 
 /// Convert `dir` into `out`; `assets` defaults to `dir/assets` (the flag and
 /// `TRIAGE_WHISPER_ASSETS` are resolved by clap). Prints one JSON object:

@@ -18,8 +18,11 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use jiff::Timestamp;
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
 use serde::Deserialize;
 use triage_core::llm::Usage;
 
@@ -284,51 +287,18 @@ impl PriceTable {
 
     /// Today's date in UTC as `YYYY-MM-DD`.
     pub fn today() -> String {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        date_from_unix_days((secs / 86_400) as i64)
+        utc_date(Timestamp::now())
     }
 }
 
-/// `YYYY-MM-DD` for a count of days since 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`, valid for the whole proleptic Gregorian calendar).
-pub fn date_from_unix_days(days: i64) -> String {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097); // [0, 146096]
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
-    let mp = (5 * doy + 2) / 153; // [0, 11], March-based
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
+/// `YYYY-MM-DD`: the UTC date of `at`.
+fn utc_date(at: Timestamp) -> String {
+    at.to_zoned_datetime(TimeZone::UTC).date().to_string()
 }
 
+/// A real date written as `YYYY-MM-DD` (so that it orders as a string).
 fn is_date(s: &str) -> bool {
-    let b = s.as_bytes();
-    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
-        return false;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<u32> {
-        b[r].iter().try_fold(0u32, |acc, &c| {
-            c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
-        })
-    };
-    let (Some(year), Some(month), Some(day)) = (num(0..4), num(5..7), num(8..10)) else {
-        return false;
-    };
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let days_in_month = match month {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if leap => 29,
-        2 => 28,
-        _ => return false,
-    };
-    (1..=days_in_month).contains(&day)
+    s.parse::<Date>().is_ok_and(|d| d.to_string() == s)
 }
 
 #[cfg(test)]
@@ -589,6 +559,8 @@ mod tests {
 
     #[test]
     fn civil_dates_from_unix_days() {
+        let date_from_unix_days =
+            |days: i64| utc_date(Timestamp::from_second(days * 86_400).unwrap());
         assert_eq!(date_from_unix_days(0), "1970-01-01");
         assert_eq!(date_from_unix_days(-1), "1969-12-31");
         assert_eq!(date_from_unix_days(59), "1970-03-01");

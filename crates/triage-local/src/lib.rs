@@ -14,7 +14,6 @@ pub mod speech;
 pub mod tokenize;
 pub mod train;
 pub mod weights;
-pub mod whisper_import;
 pub mod worker;
 
 pub use device::DeviceSpec;

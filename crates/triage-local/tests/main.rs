@@ -11,4 +11,3 @@ mod reference;
 mod runtime;
 mod speech;
 mod train;
-mod whisper_import;

@@ -488,41 +488,11 @@ fn ratelimit_reset(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 
 /// `2024-02-29T12:00:00.5+01:00` or `...Z`: the timestamps of the reset headers.
 fn parse_rfc3339(text: &str) -> Option<SystemTime> {
-    let (date, time) = text.split_once(['T', 't', ' '])?;
-    let mut ymd = date.splitn(3, '-');
-    let year: i64 = ymd.next()?.parse().ok()?;
-    let month: i64 = ymd.next()?.parse().ok()?;
-    let day: i64 = ymd.next()?.parse().ok()?;
-    let (clock, offset_s) = if let Some(clock) = time.strip_suffix(['Z', 'z']) {
-        (clock, 0)
-    } else {
-        let at = time.rfind(['+', '-'])?;
-        let (clock, offset) = time.split_at(at);
-        let sign = if offset.starts_with('-') { -1 } else { 1 };
-        let (h, m) = offset[1..].split_once(':')?;
-        (
-            clock,
-            sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60),
-        )
-    };
-    let mut hms = clock.splitn(3, ':');
-    let hour: i64 = hms.next()?.parse().ok()?;
-    let minute: i64 = hms.next()?.parse().ok()?;
-    let second: f64 = hms.next()?.parse().ok()?;
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || !second.is_finite() {
+    let at: jiff::Timestamp = text.parse().ok()?;
+    if at < jiff::Timestamp::UNIX_EPOCH {
         return None;
     }
-    // Days from 1970-01-01 in the proleptic Gregorian calendar.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let whole = days * 86_400 + hour * 3600 + minute * 60 - offset_s;
-    let secs = whole as f64 + second;
-    (secs >= 0.0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
+    SystemTime::try_from(at).ok()
 }
 
 #[cfg(test)]

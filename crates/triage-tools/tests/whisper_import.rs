@@ -5,7 +5,7 @@
 
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use triage_local::whisper_import::{
+use triage_tools::whisper_import::{
     Ct2DType, Ct2FormatError, Ct2Model, FloatType, GGML_FILE, ImportError, ImportOptions, NpyArray,
     SAFETENSORS_FILE, WhisperCheckpoint, import_ct2, write_ggml, write_safetensors,
 };

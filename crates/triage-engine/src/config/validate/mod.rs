@@ -1,0 +1,170 @@
+//! Validation: raw structs in, typed runtime config out. One module per
+//! part of the file: the shared tables (`local`, `providers`, prices,
+//! `server`) and one per strategy (cascade, router, pipeline). Each problem
+//! is collected, not returned at the first one, so a user sees every
+//! mistake in one run; each names the TOML key and says how to fix it.
+
+mod cascade;
+mod local;
+mod pipeline;
+mod prices;
+mod providers;
+mod router;
+mod server;
+
+pub use providers::base_url_override_var;
+pub use router::bind_named;
+
+use indexmap::IndexMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use triage_cloud::gateway::ProviderSettings;
+
+use super::default_ledger_url;
+use super::raw::{RawConfig, RawTask};
+use super::types::{Config, LocalKind, LocalSpec, Problem, Strategy, Task};
+use crate::redact::Redaction;
+
+/// Validate `raw` (relative paths anchored at `base_dir`) into the runtime
+/// config, with its warnings, or every problem found.
+pub(super) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Vec<Problem>> {
+    let mut v = Validator {
+        problems: Vec::new(),
+        warnings: Vec::new(),
+        base_dir: base_dir.to_path_buf(),
+    };
+    let config = v.config(raw);
+    if v.problems.is_empty()
+        && let Some(mut config) = config
+    {
+        config.warnings = v.warnings;
+        return Ok(config);
+    }
+    Err(v.problems)
+}
+
+struct Validator {
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+    base_dir: PathBuf,
+}
+
+fn band_ok(x: f64) -> bool {
+    (0.0..=1.0).contains(&x)
+}
+impl Validator {
+    fn problem(
+        &mut self,
+        key: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+            fix: fix.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let prices = self.prices(&raw);
+        let retry = self.retry(&raw.retry);
+        let local = self.locals(&raw.local);
+        let providers = self.providers(&raw.providers);
+        let mut tasks = IndexMap::new();
+        for (name, task) in &raw.tasks {
+            if let Some(t) = self.task(name, task, &local, &providers) {
+                tasks.insert(name.clone(), t);
+            }
+        }
+        let server = self.server(&raw.server, &tasks);
+        let ledger_url = if raw.ledger.disabled {
+            None
+        } else {
+            Some(match &raw.ledger.url {
+                Some(url) => self.database_url("ledger.url", url),
+                None => default_ledger_url(),
+            })
+        };
+        Some(Config {
+            path: None,
+            server,
+            ledger_url,
+            retry,
+            prices: Arc::new(prices?),
+            local,
+            providers,
+            tasks,
+            warnings: Vec::new(),
+        })
+    }
+
+    fn database_url(&mut self, key: &str, url: &str) -> String {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let (path, query) = path
+                .split_once('?')
+                .map_or((path, None), |(p, q)| (p, Some(q)));
+            let abs = if Path::new(path).is_absolute() || path == ":memory:" {
+                PathBuf::from(path)
+            } else {
+                self.base_dir.join(path)
+            };
+            return match query {
+                Some(q) => format!("sqlite://{}?{q}", abs.display()),
+                None => format!("sqlite://{}", abs.display()),
+            };
+        }
+        if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+            self.problem(
+                key,
+                format!("`{url}` is not a sqlite:// or postgres:// URL"),
+                "write sqlite://file.db or postgres://user@host/db",
+            );
+        }
+        url.to_owned()
+    }
+
+    fn task(
+        &mut self,
+        name: &str,
+        raw: &RawTask,
+        local: &IndexMap<String, LocalSpec>,
+        providers: &IndexMap<String, ProviderSettings>,
+    ) -> Option<Task> {
+        let key = format!("tasks.{name}");
+        let (description, redact_spec) = match raw {
+            RawTask::Cascade(c) => (c.description.clone(), &c.redact),
+            RawTask::Router(r) => (r.description.clone(), &r.redact),
+            RawTask::Pipeline(p) => (p.description.clone(), &p.redact),
+        };
+        let redaction = match Redaction::parse(redact_spec) {
+            Ok(mut r) => {
+                if let Some(ner) = r.ner_specialist.clone()
+                    && !self.specialist(&format!("{key}.redact"), &ner, LocalKind::Tagger, local)
+                {
+                    r.ner_specialist = None;
+                }
+                r
+            }
+            Err(e) => {
+                self.problem(
+                    format!("{key}.redact"),
+                    e,
+                    "use email, phone, card, or ner:SPECIALIST:TYPE (e.g. ner:ner:PER)",
+                );
+                Redaction::default()
+            }
+        };
+        let strategy = match raw {
+            RawTask::Cascade(c) => Strategy::Cascade(self.cascade(&key, c, local, providers)?),
+            RawTask::Router(r) => Strategy::Router(self.router(&key, r, local, providers)?),
+            RawTask::Pipeline(p) => Strategy::Pipeline(self.pipeline(&key, p, local, providers)?),
+        };
+        Some(Task {
+            name: name.to_owned(),
+            description,
+            redaction,
+            strategy,
+        })
+    }
+}
