@@ -318,3 +318,31 @@ fn a_failed_execute_shows_the_trace_of_what_ran_first() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_printed_default_config_passes_config_check() -> anyhow::Result<()> {
+    let out = triage(&["config", "default"], None)?;
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout)?;
+    assert!(text.contains("[tasks.moderation]"), "{text}");
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("f.toml");
+    std::fs::write(&file, &text)?;
+    let file = file.to_string_lossy().into_owned();
+    let check = triage(&["config", "check", &file], None)?;
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{check:?}");
+    assert!(
+        said.contains("ok (2 task(s): moderation, transcription"),
+        "{said}"
+    );
+    // A broken copy is refused with the key it names.
+    std::fs::write(&file, text.replace("threshold = 0.5", "threshold = 7"))?;
+    let broken = triage(&["config", "check", &file], None)?;
+    assert!(!broken.status.success());
+    assert!(
+        String::from_utf8_lossy(&broken.stderr).contains("tasks.moderation.threshold"),
+        "{broken:?}"
+    );
+    Ok(())
+}
