@@ -15,6 +15,9 @@ pub enum ErrorClass {
     TooLarge,
     /// Local capacity is full now; retry after the given time.
     Overloaded { retry_after: Duration },
+    /// The server cannot record more work now (its cost ledger is behind or
+    /// its database is failing): nothing ran; retry after the given time.
+    Saturated { retry_after: Duration },
     /// Every hosted model that could answer is rate limited, overloaded or
     /// shut off by its circuit breaker for now.
     Unavailable { retry_after: Duration },

@@ -11,7 +11,7 @@ use crate::specialists::{Specialist, Specialists};
 use crate::strategy;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use triage_cloud::gateway::{AttemptSink, CallContext, Gateway};
 use triage_core::TaskAnswer;
@@ -58,7 +58,9 @@ pub struct Overrides {
     /// Replace the shadow sampling fraction.
     #[serde(default)]
     pub shadow: Option<f64>,
-    /// Use this request id (default: generated).
+    /// The caller's own id for this request, kept in the ledger as a tag
+    /// (`requests.caller_id`) beside the id the engine generates: it need
+    /// not be unique.
     #[serde(default)]
     pub request_id: Option<String>,
     /// Force a router's route.
@@ -111,10 +113,15 @@ pub struct Run<'a> {
     pub request_id: String,
     pub overrides: &'a Overrides,
     pub trace: Trace,
+    /// Set when a hosted model was called: the request's rows are then
+    /// committed before its answer is returned.
+    pub hosted: AtomicBool,
 }
 
 impl Run<'_> {
     pub fn ctx(&self, tier: &str) -> CallContext {
+        // Every hosted call takes a context: that is where money may be spent.
+        self.hosted.store(true, Ordering::Relaxed);
         CallContext {
             request_id: self.request_id.clone(),
             task: self.task.name.clone(),
@@ -237,7 +244,6 @@ pub struct Engine {
     pub specialists: Specialists,
     pub gateway: Gateway,
     pub ledger: Option<Ledger>,
-    counter: AtomicU64,
 }
 
 impl Engine {
@@ -254,7 +260,7 @@ impl Engine {
         specialists: Specialists,
     ) -> Result<Self, EngineError> {
         let ledger = match &config.ledger_url {
-            Some(url) => Some(Ledger::open(url).await?),
+            Some(url) => Some(Ledger::open_with(url, config.ledger).await?),
             None => None,
         };
         let sink = ledger.clone().map(|l| Arc::new(l) as Arc<dyn AttemptSink>);
@@ -269,7 +275,6 @@ impl Engine {
             specialists,
             gateway,
             ledger,
-            counter: AtomicU64::new(0),
         })
     }
 
@@ -289,10 +294,10 @@ impl Engine {
             })
     }
 
+    /// A ledger key no other request, process or replica will use (UUID v7:
+    /// time-ordered, 74 random bits).
     fn new_request_id(&self) -> String {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let t = crate::ledger::millis(std::time::SystemTime::now());
-        format!("req-{t:x}-{}-{n}", std::process::id())
+        format!("req-{}", uuid::Uuid::now_v7().simple())
     }
 
     /// Run `task` on `input`. The trace lists every tier that ran; the ledger
@@ -324,10 +329,15 @@ impl Engine {
         };
         overrides.validate().map_err(failed)?;
         let task = self.task(task).map_err(failed)?;
-        let request_id = overrides
-            .request_id
-            .clone()
-            .unwrap_or_else(|| self.new_request_id());
+        // Room for this request's rows first: a ledger that is behind refuses
+        // the request here, before any model runs or any money is spent.
+        if let Some(ledger) = &self.ledger {
+            ledger
+                .admit()
+                .await
+                .map_err(|e| failed(EngineError::Ledger(e)))?;
+        }
+        let request_id = self.new_request_id();
         let started = Instant::now();
         let mut run = Run {
             engine: self,
@@ -335,12 +345,14 @@ impl Engine {
             request_id: request_id.clone(),
             overrides,
             trace: Trace::default(),
+            hosted: AtomicBool::new(false),
         };
         let result = match &task.strategy {
             Strategy::Cascade(c) => strategy::cascade::run(&mut run, c, input).await,
             Strategy::Router(r) => strategy::router::run(&mut run, r, input).await,
             Strategy::Pipeline(p) => strategy::pipeline::run(&mut run, p, input).await,
         };
+        let hosted = run.hosted.into_inner();
         let mut trace = run.trace;
         let (outcome, answered_by, model) = match (&result, trace.answered_by()) {
             (Ok(a), Some(t)) => (
@@ -368,7 +380,24 @@ impl Engine {
                 latency_ms: ms(started.elapsed()),
                 cost_usd: trace.cost_usd,
                 all_llm_cost_usd: trace.all_llm_cost_usd,
+                caller_id: overrides.request_id.clone(),
             });
+            // Money was (or may have been) spent: the rows are committed
+            // before the answer goes back, so no crash can lose them.
+            if hosted {
+                match tokio::time::timeout(HOSTED_COMMIT_WAIT, ledger.flush()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(request_id, error = %crate::error::chain(&e), "the ledger did not commit a hosted attempt");
+                    }
+                    Err(_) => {
+                        tracing::error!(
+                            request_id,
+                            "the ledger did not commit a hosted attempt in time"
+                        );
+                    }
+                }
+            }
         }
         match result {
             Ok(answer) => Ok(Execution {
@@ -380,6 +409,10 @@ impl Engine {
         }
     }
 }
+
+/// Longest a hosted answer waits for its ledger rows to commit (a failing
+/// database); past it the answer goes back and the error is logged.
+const HOSTED_COMMIT_WAIT: Duration = Duration::from_secs(10);
 
 /// What a strategy returns: the answer plus the sizes the counterfactual
 /// all-LLM cost is estimated from.

@@ -105,6 +105,11 @@ impl EngineError {
         use triage_cloud::ErrorKind as K;
         match self {
             EngineError::UnknownTask { .. } => ErrorClass::NotFound,
+            EngineError::Ledger(crate::ledger::LedgerError::Full { retry_after, .. }) => {
+                ErrorClass::Saturated {
+                    retry_after: *retry_after,
+                }
+            }
             _ if self.is_overloaded() => ErrorClass::Overloaded {
                 retry_after: Duration::from_secs(1),
             },

@@ -3,15 +3,24 @@
 //! PostgreSQL for several replicas (`postgres` feature); both through sqlx's
 //! `Any` driver with `$n` parameters, which both dialects accept.
 //!
-//! Writes go through a channel to one writer task, so recording never blocks
-//! a request; [`Ledger::flush`] waits until everything sent so far is stored.
+//! Writes go through a queue to one writer task, so recording never blocks
+//! a request. The queue is bounded by rows, not by messages: a request is
+//! admitted ([`Ledger::admit`]) only while fewer than `max_pending` rows wait,
+//! and is refused after a short wait otherwise, so memory stays flat under
+//! any load and a kill -9 loses at most the queue. The writer group-commits
+//! what arrives within `commit_interval` (20 ms) as multi-row inserts in one
+//! transaction; a batch the database refuses is written again row by row, so
+//! one bad row never takes the others with it. [`Ledger::flush`] waits until
+//! everything sent so far is committed.
 
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, AssertSqlSafe, Executor, Row};
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use triage_cloud::gateway::{Attempt, AttemptOutcome, AttemptSink};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +47,19 @@ pub enum LedgerError {
     Query(#[from] sqlx::Error),
     #[error("the ledger's writer has stopped")]
     WriterGone,
+    /// The queue held `max_pending` rows for the whole admission wait.
+    #[error("the cost ledger is behind ({max_pending} rows waiting); retry shortly")]
+    Full {
+        max_pending: usize,
+        retry_after: Duration,
+    },
 }
 
 /// Numbered schema steps; each runs once, in a transaction, and is recorded.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE attempts (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE attempts (
         request_id TEXT NOT NULL,
         seq BIGINT NOT NULL,
         ts_ms BIGINT NOT NULL,
@@ -86,7 +102,10 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         score DOUBLE PRECISION,
         shadow_score DOUBLE PRECISION
     )",
-)];
+    ),
+    // Request ids are the server's own; a caller's id is kept beside it.
+    (2, "ALTER TABLE requests ADD COLUMN caller_id TEXT"),
+];
 
 /// One attempt as stored.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -197,6 +216,9 @@ pub struct RequestRecord {
     pub latency_ms: f64,
     pub cost_usd: f64,
     pub all_llm_cost_usd: f64,
+    /// The id the caller gave (`overrides.request_id`), kept as a tag: it
+    /// need not be unique.
+    pub caller_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -246,11 +268,96 @@ pub struct SummaryRow {
     pub mean_latency_ms: f64,
 }
 
+/// How the ledger queues rows: the bound and what a caller gets when it is
+/// reached (`[ledger]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LedgerOptions {
+    /// Rows accepted but not yet committed. At this many, new requests wait
+    /// (up to `admit_wait`) and are then refused: memory does not grow with
+    /// load, and a kill -9 loses at most this many rows.
+    pub max_pending: usize,
+    /// How long a new request waits for room in a full queue.
+    pub admit_wait: Duration,
+    /// How long the writer gathers rows into one transaction (group commit).
+    pub commit_interval: Duration,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        Self {
+            max_pending: 4096,
+            admit_wait: Duration::from_millis(250),
+            commit_interval: Duration::from_millis(20),
+        }
+    }
+}
+
+/// The ledger's state, for `/ready` and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LedgerHealth {
+    /// Rows accepted and not yet committed.
+    pub pending: usize,
+    pub max_pending: usize,
+    /// Rows committed since the ledger was opened.
+    pub written: u64,
+    /// Rows the database refused one by one (logged, then dropped).
+    pub rejected: u64,
+    /// Requests refused because the queue stayed full.
+    pub refused_requests: u64,
+    /// The database's last error while the writer cannot commit (full disk,
+    /// lost connection); `None` once a commit succeeds again.
+    pub failing: Option<String>,
+}
+
+impl LedgerHealth {
+    /// Whether the ledger can take more work now.
+    pub fn ready(&self) -> bool {
+        self.failing.is_none() && self.pending < self.max_pending
+    }
+}
+
+/// One row on its way to the database.
+enum Queued {
+    Attempt(Box<AttemptRecord>, i64),
+    Request(Box<RequestRecord>, i64),
+    Shadow(Box<ShadowRecord>, i64),
+}
+
 enum Msg {
-    Attempt(Box<AttemptRecord>),
-    Request(RequestRecord),
-    Shadow(ShadowRecord),
+    Row(Queued),
     Flush(oneshot::Sender<()>),
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ledger message")
+    }
+}
+
+/// What the handles and the writer share.
+#[derive(Debug)]
+struct Shared {
+    options: LedgerOptions,
+    /// Rows sent and not yet committed (or rejected).
+    pending: AtomicUsize,
+    /// Woken after every commit, for requests waiting for room.
+    room: Notify,
+    /// Attempt sequence numbers: unique in the process, so with a unique
+    /// request id the key is unique, and increasing, so a request's
+    /// attempts keep their order.
+    seq: AtomicI64,
+    written: AtomicU64,
+    rejected: AtomicU64,
+    refused: AtomicU64,
+    failing: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn failing(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Handle to the ledger; cheap to clone.
@@ -258,13 +365,8 @@ enum Msg {
 pub struct Ledger {
     pool: AnyPool,
     tx: mpsc::UnboundedSender<Msg>,
+    shared: Arc<Shared>,
     url: String,
-}
-
-impl std::fmt::Debug for Msg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ledger message")
-    }
 }
 
 pub(crate) fn millis(t: SystemTime) -> i64 {
@@ -274,8 +376,14 @@ pub(crate) fn millis(t: SystemTime) -> i64 {
 }
 
 impl Ledger {
-    /// Open (creating the file and folder for SQLite) and migrate.
+    /// Open (creating the file and folder for SQLite) and migrate, with the
+    /// default queue.
     pub async fn open(url: &str) -> Result<Self, LedgerError> {
+        Self::open_with(url, LedgerOptions::default()).await
+    }
+
+    /// Open and migrate, queueing at most `options.max_pending` rows.
+    pub async fn open_with(url: &str, options: LedgerOptions) -> Result<Self, LedgerError> {
         install_default_drivers();
         let open_err = |source| LedgerError::Open {
             url: url.to_owned(),
@@ -302,30 +410,46 @@ impl Ledger {
         } else {
             url.to_owned()
         };
-        let mut options = AnyPoolOptions::new().max_connections(if sqlite { 4 } else { 8 });
+        let mut options_pool = AnyPoolOptions::new().max_connections(if sqlite { 4 } else { 8 });
         if sqlite {
-            options = options.after_connect(|conn, _| {
+            options_pool = options_pool.after_connect(|conn, _| {
                 Box::pin(async move {
                     conn.execute("PRAGMA busy_timeout = 5000").await?;
-                    // WAL with NORMAL sync: durable across crashes of the
-                    // process; a power cut may lose the last commits.
-                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    // WAL with FULL sync: a commit is on disk (fsync'd)
+                    // before the writer reports it, so a row survives a
+                    // kill -9 and a power cut. Group commit keeps this to
+                    // one fsync per batch.
+                    conn.execute("PRAGMA synchronous = FULL").await?;
                     Ok(())
                 })
             });
         }
-        let pool = options.connect(&connect_url).await.map_err(open_err)?;
+        let pool = options_pool.connect(&connect_url).await.map_err(open_err)?;
         if sqlite {
             pool.execute("PRAGMA journal_mode = WAL")
                 .await
                 .map_err(open_err)?;
         }
         migrate(&pool).await?;
+        // The channel itself is unbounded, but nothing is sent without room:
+        // `pending` counts every row until it is committed, and
+        // [`Ledger::admit`] holds new requests back while it is at the bound.
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(pool.clone(), rx));
+        let shared = Arc::new(Shared {
+            options,
+            pending: AtomicUsize::new(0),
+            room: Notify::new(),
+            seq: AtomicI64::new(1),
+            written: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            failing: Mutex::new(None),
+        });
+        tokio::spawn(writer(pool.clone(), rx, shared.clone()));
         Ok(Self {
             pool,
             tx,
+            shared,
             url: url.to_owned(),
         })
     }
@@ -334,25 +458,82 @@ impl Ledger {
         &self.url
     }
 
+    pub fn options(&self) -> LedgerOptions {
+        self.shared.options
+    }
+
+    /// Wait for room for a new request's rows: at once while fewer than
+    /// `max_pending` rows are queued, else up to `admit_wait` for the writer
+    /// to commit some. A full queue that stays full (a slow or failing
+    /// database) is [`LedgerError::Full`]: the request is refused before it
+    /// costs anything, instead of being buffered without bound.
+    pub async fn admit(&self) -> Result<(), LedgerError> {
+        let s = &self.shared;
+        let has_room = || s.pending.load(Ordering::Acquire) < s.options.max_pending;
+        if has_room() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + s.options.admit_wait;
+        loop {
+            let notified = s.room.notified();
+            if has_room() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                if has_room() {
+                    return Ok(());
+                }
+                s.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(LedgerError::Full {
+                    max_pending: s.options.max_pending,
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+        }
+    }
+
+    fn send(&self, row: Queued) {
+        self.shared.pending.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(Msg::Row(row)).is_err() {
+            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!("the ledger's writer has stopped: a row was lost");
+        }
+    }
+
     pub fn record(&self, record: AttemptRecord) {
-        let _ = self.tx.send(Msg::Attempt(Box::new(record)));
+        let seq = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+        self.send(Queued::Attempt(Box::new(record), seq));
     }
 
     pub fn record_request(&self, record: RequestRecord) {
-        let _ = self.tx.send(Msg::Request(record));
+        self.send(Queued::Request(Box::new(record), millis(SystemTime::now())));
     }
 
     pub fn record_shadow(&self, record: ShadowRecord) {
-        let _ = self.tx.send(Msg::Shadow(record));
+        self.send(Queued::Shadow(Box::new(record), millis(SystemTime::now())));
     }
 
-    /// Wait until every record sent before this call is stored.
+    /// Wait until every record sent before this call is committed.
     pub async fn flush(&self) -> Result<(), LedgerError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Flush(tx))
             .map_err(|_| LedgerError::WriterGone)?;
         rx.await.map_err(|_| LedgerError::WriterGone)
+    }
+
+    /// Queue depth, rows written and refused, and whether the database is
+    /// failing now.
+    pub fn health(&self) -> LedgerHealth {
+        let s = &self.shared;
+        LedgerHealth {
+            pending: s.pending.load(Ordering::Acquire),
+            max_pending: s.options.max_pending,
+            written: s.written.load(Ordering::Relaxed),
+            rejected: s.rejected.load(Ordering::Relaxed),
+            refused_requests: s.refused.load(Ordering::Relaxed),
+            failing: s.failing().clone(),
+        }
     }
 
     /// Every attempt of one request, in order.
@@ -393,7 +574,7 @@ impl Ledger {
     /// The request's summary row, if stored.
     pub async fn request(&self, request_id: &str) -> Result<Option<RequestRecord>, LedgerError> {
         let row = sqlx::query(
-            "SELECT request_id, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd
+            "SELECT request_id, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id
              FROM requests WHERE request_id = $1",
         )
         .bind(request_id)
@@ -409,6 +590,7 @@ impl Ledger {
                 latency_ms: r.try_get(5)?,
                 cost_usd: r.try_get(6)?,
                 all_llm_cost_usd: r.try_get(7)?,
+                caller_id: r.try_get(8)?,
             })
         })
         .transpose()
@@ -531,129 +713,298 @@ async fn migrate(pool: &AnyPool) -> Result<(), LedgerError> {
     Ok(())
 }
 
-/// Most records written in one transaction.
-const BATCH: usize = 512;
-/// How long the first record of a batch waits for company; records sent
-/// before a process exits are written by [`Ledger::flush`].
-const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// Most rows written in one transaction.
+const BATCH: usize = 8192;
+/// Longest pause between retries of a batch the database would not take.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-async fn writer(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Msg>) {
-    // Attempt sequence numbers per request, so the key is unique and ordered.
-    let mut seq: std::collections::HashMap<String, i64> = Default::default();
-    while let Some(first) = rx.recv().await {
-        // Everything already queued goes into one transaction: one commit
-        // (one fsync) per batch instead of one per row keeps the ledger off
-        // the request path's CPU budget under load.
-        // Give a trickle of requests a moment to join the batch: one
-        // transaction per request costs the model workers CPU at low
-        // concurrency. A flush is written at once.
-        if !matches!(first, Msg::Flush(_)) {
-            tokio::time::sleep(BATCH_WAIT).await;
-        }
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
+async fn writer(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Msg>, shared: Arc<Shared>) {
+    let mut rows: Vec<Queued> = Vec::new();
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut open = true;
+    while open {
+        let Some(first) = rx.recv().await else { break };
+        // Group commit: gather what arrives within `commit_interval` of the
+        // first row into one transaction (one fsync), so a row is durable
+        // within that interval plus one write. A flush is written at once.
+        let deadline = tokio::time::Instant::now() + shared.options.commit_interval;
+        let mut msg = Some(first);
+        loop {
+            match msg.take() {
+                Some(Msg::Row(r)) => rows.push(r),
+                Some(Msg::Flush(done)) => flushes.push(done),
+                None => {}
+            }
+            if rows.len() >= BATCH {
+                break;
+            }
             match rx.try_recv() {
-                Ok(m) => batch.push(m),
+                Ok(m) => {
+                    msg = Some(m);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if !flushes.is_empty() {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(m)) => msg = Some(m),
+                Ok(None) => {
+                    open = false;
+                    break;
+                }
                 Err(_) => break,
             }
         }
-        let mut flushes = Vec::new();
-        if let Err(e) = write_batch(&pool, batch, &mut seq, &mut flushes).await {
-            tracing::error!(error = %e, "ledger write failed");
+        let mut backoff = Duration::from_millis(50);
+        while !rows.is_empty() {
+            let n = rows.len();
+            match write_rows(&pool, &mut rows).await {
+                Ok(report) => {
+                    shared
+                        .written
+                        .fetch_add(report.written as u64, Ordering::Relaxed);
+                    shared
+                        .rejected
+                        .fetch_add(report.rejected as u64, Ordering::Relaxed);
+                    shared.pending.fetch_sub(n, Ordering::AcqRel);
+                    *shared.failing() = None;
+                }
+                Err(e) => {
+                    // The database itself is failing (full disk, lost
+                    // connection): keep the rows, which keeps the queue full,
+                    // which makes new requests wait and then refuses them.
+                    let message = crate::error::chain(&e);
+                    tracing::error!(error = %message, rows = n, "the ledger cannot commit; retrying");
+                    *shared.failing() = Some(message);
+                    shared.room.notify_waiters();
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
         }
-        if seq.len() > 100_000 {
-            seq.clear();
-        }
-        for done in flushes {
+        shared.room.notify_waiters();
+        for done in flushes.drain(..) {
             let _ = done.send(());
         }
     }
 }
 
-async fn write_batch(
-    pool: &AnyPool,
-    batch: Vec<Msg>,
-    seq: &mut std::collections::HashMap<String, i64>,
-    flushes: &mut Vec<oneshot::Sender<()>>,
-) -> Result<(), sqlx::Error> {
+/// What became of a batch.
+#[derive(Debug, Default)]
+struct Written {
+    written: usize,
+    rejected: usize,
+}
+
+/// Write `rows` in one transaction of multi-row inserts; if the database
+/// refuses it, write each row on its own, so one bad row (a duplicate key, a
+/// value the database will not take) costs only itself. `rows` is emptied on
+/// success; on an error that is the database's rather than a row's, the rows
+/// not yet committed stay in it to be retried.
+async fn write_rows(pool: &AnyPool, rows: &mut Vec<Queued>) -> Result<Written, sqlx::Error> {
+    match write_batch(pool, rows).await {
+        Ok(()) => {
+            let written = rows.len();
+            rows.clear();
+            return Ok(Written {
+                written,
+                rejected: 0,
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, rows = rows.len(), "ledger batch refused; writing its rows one by one");
+        }
+    }
+    let mut report = Written::default();
+    let mut kept = Vec::new();
+    let mut last_db_error = None;
+    for row in rows.drain(..) {
+        if last_db_error.is_some() {
+            kept.push(row);
+            continue;
+        }
+        let one = std::slice::from_ref(&row);
+        match insert_rows(pool, one).await {
+            Ok(()) => report.written += 1,
+            Err(e) if is_row_error(&e) || report.written > 0 => {
+                // This row's own fault (a constraint), or another row of the
+                // same batch went in: the database works, this row is bad.
+                tracing::error!(error = %e, row = %row.describe(), "the ledger refused a row; dropped");
+                report.rejected += 1;
+            }
+            Err(e) => {
+                kept.push(row);
+                last_db_error = Some(e);
+            }
+        }
+    }
+    match last_db_error {
+        Some(e) => {
+            *rows = kept;
+            Err(e)
+        }
+        None => Ok(report),
+    }
+}
+
+/// Whether the database refused this row for what it holds, not for its own
+/// state.
+fn is_row_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => !matches!(d.kind(), sqlx::error::ErrorKind::Other),
+        sqlx::Error::Encode(_) | sqlx::Error::TypeNotFound { .. } => true,
+        _ => false,
+    }
+}
+
+impl Queued {
+    fn describe(&self) -> String {
+        match self {
+            Queued::Attempt(a, seq) => format!("attempt {} #{seq}", a.request_id),
+            Queued::Request(r, _) => format!("request {}", r.request_id),
+            Queued::Shadow(s, _) => format!("shadow of {}", s.request_id),
+        }
+    }
+}
+
+async fn write_batch(pool: &AnyPool, rows: &[Queued]) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    for msg in batch {
-        match msg {
-            Msg::Flush(done) => flushes.push(done),
-            Msg::Attempt(a) => {
-                let n = seq.entry(a.request_id.clone()).or_insert(0);
-                *n += 1;
-                let n = *n;
-                insert_attempt(&mut tx, &a, n).await?;
-            }
-            Msg::Request(r) => {
-                sqlx::query(
-                    "INSERT INTO requests (request_id, ts_ms, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                )
-                .bind(r.request_id)
-                .bind(millis(SystemTime::now()))
-                .bind(r.task)
-                .bind(r.answered_by)
-                .bind(r.model)
-                .bind(r.outcome)
-                .bind(r.latency_ms)
-                .bind(r.cost_usd)
-                .bind(r.all_llm_cost_usd)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Msg::Shadow(s) => {
-                sqlx::query(
-                    "INSERT INTO shadow (request_id, ts_ms, task, tier, shadow_tier, agree, score, shadow_score)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(s.request_id)
-                .bind(millis(SystemTime::now()))
-                .bind(s.task)
-                .bind(s.tier)
-                .bind(s.shadow_tier)
-                .bind(i64::from(s.agree))
-                .bind(s.score)
-                .bind(s.shadow_score)
-                .execute(&mut *tx)
-                .await?;
-            }
+    let attempts: Vec<&Queued> = rows
+        .iter()
+        .filter(|r| matches!(r, Queued::Attempt(..)))
+        .collect();
+    let requests: Vec<&Queued> = rows
+        .iter()
+        .filter(|r| matches!(r, Queued::Request(..)))
+        .collect();
+    let shadows: Vec<&Queued> = rows
+        .iter()
+        .filter(|r| matches!(r, Queued::Shadow(..)))
+        .collect();
+    for group in [attempts, requests, shadows] {
+        for chunk in chunks(&group) {
+            insert_chunk(&mut tx, chunk).await?;
         }
     }
     tx.commit().await
 }
 
-async fn insert_attempt(
-    conn: &mut sqlx::AnyConnection,
-    a: &AttemptRecord,
-    seq: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO attempts (request_id, seq, ts_ms, task, tier, provider, model, operation, input_tokens, output_tokens,
-            cached_input_tokens, reasoning_tokens, audio_seconds, latency_ms, cost_usd, outcome, error)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
-    )
-    .bind(&a.request_id)
-    .bind(seq)
-    .bind(a.ts_ms)
-    .bind(&a.task)
-    .bind(&a.tier)
-    .bind(&a.provider)
-    .bind(&a.model)
-    .bind(&a.operation)
-    .bind(a.input_tokens)
-    .bind(a.output_tokens)
-    .bind(a.cached_input_tokens)
-    .bind(a.reasoning_tokens)
-    .bind(a.audio_seconds)
-    .bind(a.latency_ms)
-    .bind(a.cost_usd)
-    .bind(&a.outcome)
-    .bind(&a.error)
-    .execute(conn)
-    .await
-    .map(|_| ())
+async fn insert_rows(pool: &AnyPool, rows: &[Queued]) -> Result<(), sqlx::Error> {
+    let refs: Vec<&Queued> = rows.iter().collect();
+    let mut conn = pool.acquire().await?;
+    insert_chunk(&mut conn, &refs).await
+}
+
+/// Rows per statement: powers of two up to this, so each table has a handful
+/// of distinct statements for the connection's prepared-statement cache.
+/// 128 rows × 18 columns stays under SQLite's and PostgreSQL's parameter
+/// limits.
+const CHUNK: usize = 128;
+
+fn chunks<'a, 'b>(rows: &'b [&'a Queued]) -> Vec<&'b [&'a Queued]> {
+    let mut out = Vec::new();
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let mut n = CHUNK;
+        while n > rest.len() {
+            n /= 2;
+        }
+        let (head, tail) = rest.split_at(n);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
+
+const ATTEMPT_COLUMNS: &str =
+    "request_id, seq, ts_ms, task, tier, provider, model, operation, input_tokens, output_tokens,
+    cached_input_tokens, reasoning_tokens, audio_seconds, latency_ms, cost_usd, outcome, error";
+const REQUEST_COLUMNS: &str = "request_id, ts_ms, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id";
+const SHADOW_COLUMNS: &str =
+    "request_id, ts_ms, task, tier, shadow_tier, agree, score, shadow_score";
+
+/// `INSERT INTO table (columns) VALUES ($1, ..), ($n+1, ..), ..` for `rows` rows.
+fn insert_sql(table: &str, columns: &str, rows: usize) -> String {
+    let width = columns.split(',').count();
+    let mut sql = format!("INSERT INTO {table} ({columns}) VALUES ");
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..width {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", r * width + c + 1));
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// One multi-row insert of rows of the same table.
+async fn insert_chunk(conn: &mut sqlx::AnyConnection, rows: &[&Queued]) -> Result<(), sqlx::Error> {
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let (table, columns) = match first {
+        Queued::Attempt(..) => ("attempts", ATTEMPT_COLUMNS),
+        Queued::Request(..) => ("requests", REQUEST_COLUMNS),
+        Queued::Shadow(..) => ("shadow", SHADOW_COLUMNS),
+    };
+    // The table and column names are constants; values are bound.
+    let sql = insert_sql(table, columns, rows.len());
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for row in rows {
+        q = match row {
+            Queued::Attempt(a, seq) => q
+                .bind(a.request_id.as_str())
+                .bind(*seq)
+                .bind(a.ts_ms)
+                .bind(a.task.as_str())
+                .bind(a.tier.as_str())
+                .bind(a.provider.as_str())
+                .bind(a.model.as_str())
+                .bind(a.operation.as_str())
+                .bind(a.input_tokens)
+                .bind(a.output_tokens)
+                .bind(a.cached_input_tokens)
+                .bind(a.reasoning_tokens)
+                .bind(a.audio_seconds)
+                .bind(a.latency_ms)
+                .bind(a.cost_usd)
+                .bind(a.outcome.as_str())
+                .bind(a.error.as_deref()),
+            Queued::Request(r, ts) => q
+                .bind(r.request_id.as_str())
+                .bind(*ts)
+                .bind(r.task.as_str())
+                .bind(r.answered_by.as_str())
+                .bind(r.model.as_str())
+                .bind(r.outcome.as_str())
+                .bind(r.latency_ms)
+                .bind(r.cost_usd)
+                .bind(r.all_llm_cost_usd)
+                .bind(r.caller_id.as_deref()),
+            Queued::Shadow(s, ts) => q
+                .bind(s.request_id.as_str())
+                .bind(*ts)
+                .bind(s.task.as_str())
+                .bind(s.tier.as_str())
+                .bind(s.shadow_tier.as_str())
+                .bind(i64::from(s.agree))
+                .bind(s.score)
+                .bind(s.shadow_score),
+        };
+    }
+    q.execute(conn).await.map(|_| ())
 }
 
 #[cfg(test)]
@@ -698,6 +1049,7 @@ mod tests {
             latency_ms: 30.0,
             cost_usd: 0.002,
             all_llm_cost_usd: 0.01,
+            caller_id: None,
         });
         ledger.flush().await.unwrap();
         let got = ledger.attempts("r1").await.unwrap();
@@ -725,6 +1077,161 @@ mod tests {
             again.request("r1").await.unwrap().unwrap().answered_by,
             "llm"
         );
+    }
+
+    fn request(id: &str, caller: Option<&str>) -> RequestRecord {
+        RequestRecord {
+            request_id: id.into(),
+            task: "faq".into(),
+            answered_by: "route:hours".into(),
+            model: String::new(),
+            outcome: "answered".into(),
+            latency_ms: 0.1,
+            cost_usd: 0.0,
+            all_llm_cost_usd: 0.0,
+            caller_id: caller.map(Into::into),
+        }
+    }
+
+    async fn count(ledger: &Ledger, table: &str) -> i64 {
+        sqlx::query(AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+            .fetch_one(&ledger.pool)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap()
+    }
+
+    async fn temp_ledger(options: LedgerOptions) -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+        let ledger = Ledger::open_with(&url, options).await.unwrap();
+        (dir, ledger)
+    }
+
+    #[tokio::test]
+    async fn many_rows_go_in_as_multi_row_inserts_in_order() {
+        let (_dir, ledger) = temp_ledger(LedgerOptions::default()).await;
+        // More than one chunk and an odd remainder, across three tables.
+        for i in 0..1000 {
+            ledger.record(rec(&format!("r{}", i % 7), "llm", 0.001, "answered"));
+            ledger.record_request(request(&format!("q{i}"), None));
+        }
+        ledger.record_shadow(ShadowRecord {
+            request_id: "q1".into(),
+            task: "moderation".into(),
+            tier: "local".into(),
+            shadow_tier: "llm".into(),
+            agree: true,
+            score: Some(0.9),
+            shadow_score: None,
+        });
+        ledger.flush().await.unwrap();
+        assert_eq!(count(&ledger, "attempts").await, 1000);
+        assert_eq!(count(&ledger, "requests").await, 1000);
+        assert_eq!(ledger.shadow_count("moderation").await.unwrap(), (1, 1));
+        let h = ledger.health();
+        assert_eq!((h.pending, h.written, h.rejected), (0, 2001, 0));
+        let r0 = ledger.attempts("r0").await.unwrap();
+        assert_eq!(r0.len(), 143);
+    }
+
+    #[tokio::test]
+    async fn a_row_the_database_refuses_costs_only_itself() {
+        let (_dir, ledger) = temp_ledger(LedgerOptions::default()).await;
+        ledger.record_request(request("dup", None));
+        ledger.flush().await.unwrap();
+        // The same key again, between good rows of the same batch.
+        ledger.record_request(request("a", Some("mine")));
+        ledger.record_request(request("dup", None));
+        ledger.record(rec("a", "local", 0.0, "answered"));
+        ledger.record_request(request("b", Some("mine")));
+        ledger.flush().await.unwrap();
+        assert_eq!(count(&ledger, "requests").await, 3);
+        assert_eq!(count(&ledger, "attempts").await, 1);
+        let h = ledger.health();
+        assert_eq!((h.rejected, h.pending, h.failing), (1, 0, None));
+        // A caller's id is a tag: two requests may carry the same one.
+        assert_eq!(
+            ledger
+                .request("b")
+                .await
+                .unwrap()
+                .unwrap()
+                .caller_id
+                .as_deref(),
+            Some("mine")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_database_fills_the_queue_and_requests_are_refused_until_it_recovers() {
+        let options = LedgerOptions {
+            max_pending: 3,
+            admit_wait: Duration::from_millis(100),
+            commit_interval: Duration::from_millis(5),
+        };
+        let (_dir, ledger) = temp_ledger(options).await;
+        ledger.admit().await.unwrap();
+        // Every insert into `requests` now fails: the database's fault, not
+        // a row's, so the rows are kept and retried, not dropped.
+        sqlx::query("ALTER TABLE requests RENAME TO requests_away")
+            .execute(&ledger.pool)
+            .await
+            .unwrap();
+        for id in ["x", "y", "z"] {
+            ledger.record_request(request(id, None));
+        }
+        let refused = ledger.admit().await.unwrap_err();
+        assert!(
+            matches!(refused, LedgerError::Full { max_pending: 3, .. }),
+            "{refused}"
+        );
+        let h = ledger.health();
+        assert_eq!((h.pending, h.refused_requests), (3, 1));
+        assert!(h.failing.is_some() && !h.ready(), "{h:?}");
+        sqlx::query("ALTER TABLE requests_away RENAME TO requests")
+            .execute(&ledger.pool)
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), ledger.flush())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(count(&ledger, "requests").await, 3);
+        let h = ledger.health();
+        assert!(h.ready() && h.pending == 0 && h.written == 3, "{h:?}");
+        ledger.admit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_admits_again_once_the_writer_commits() {
+        let options = LedgerOptions {
+            max_pending: 2,
+            admit_wait: Duration::from_secs(5),
+            commit_interval: Duration::from_millis(20),
+        };
+        let (_dir, ledger) = temp_ledger(options).await;
+        ledger.record_request(request("a", None));
+        ledger.record_request(request("b", None));
+        assert_eq!(ledger.health().pending, 2);
+        // Waits for the group commit rather than failing at once.
+        tokio::time::timeout(Duration::from_secs(5), ledger.admit())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ledger.health().refused_requests, 0);
+    }
+
+    #[test]
+    fn statements_come_in_a_few_sizes() {
+        let rows: Vec<Queued> = (0..300)
+            .map(|i| Queued::Request(Box::new(request(&i.to_string(), None)), 0))
+            .collect();
+        let refs: Vec<&Queued> = rows.iter().collect();
+        let sizes: Vec<usize> = chunks(&refs).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![128, 128, 32, 8, 4]);
+        assert!(insert_sql("t", "a, b", 2).ends_with("VALUES ($1, $2), ($3, $4)"));
     }
 
     impl AttemptRecord {

@@ -69,6 +69,13 @@ pub struct RawLedger {
     /// Turn the ledger off entirely.
     #[serde(default)]
     pub disabled: bool,
+    /// Rows queued and not yet committed before new requests wait, then get
+    /// a 503 (default 4096).
+    pub max_pending: Option<usize>,
+    /// How long a request waits for room in a full queue (default 250).
+    pub admit_wait_ms: Option<u64>,
+    /// How long the writer gathers rows into one commit (default 20, at most 100).
+    pub commit_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -275,6 +275,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `None`: no ledger.
     pub ledger_url: Option<String>,
+    /// The ledger's queue bound and group commit (`[ledger]`).
+    pub ledger: crate::ledger::LedgerOptions,
     pub retry: RetryPolicy,
     pub prices: Arc<PriceTable>,
     pub local: IndexMap<String, LocalSpec>,

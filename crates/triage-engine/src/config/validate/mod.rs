@@ -86,10 +86,12 @@ impl Validator {
                 None => default_ledger_url(),
             })
         };
+        let ledger = self.ledger_options(&raw.ledger);
         Some(Config {
             path: None,
             server,
             ledger_url,
+            ledger,
             retry,
             prices: Arc::new(prices?),
             local,
@@ -122,6 +124,34 @@ impl Validator {
             );
         }
         url.to_owned()
+    }
+
+    fn ledger_options(&mut self, raw: &super::raw::RawLedger) -> crate::ledger::LedgerOptions {
+        let mut o = crate::ledger::LedgerOptions::default();
+        if let Some(n) = raw.max_pending {
+            if n == 0 {
+                self.problem(
+                    "ledger.max_pending",
+                    "0 would refuse every request",
+                    "give at least 1 (default 4096)",
+                );
+            }
+            o.max_pending = n.max(1);
+        }
+        if let Some(ms) = raw.admit_wait_ms {
+            o.admit_wait = std::time::Duration::from_millis(ms);
+        }
+        if let Some(ms) = raw.commit_interval_ms {
+            if ms > 100 {
+                self.problem(
+                    "ledger.commit_interval_ms",
+                    format!("{ms} ms would leave rows uncommitted for longer than 100 ms"),
+                    "give 0..=100 (default 20)",
+                );
+            }
+            o.commit_interval = std::time::Duration::from_millis(ms.min(100));
+        }
+        o
     }
 
     fn task(
