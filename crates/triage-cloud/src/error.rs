@@ -54,6 +54,9 @@ pub enum ErrorKind {
     Deadline,
     /// The provider cannot do this operation (e.g. Anthropic moderations).
     Unsupported,
+    /// Our side stopped waiting (a tier timeout, the caller went away) after
+    /// the request was sent: it may have been answered and billed.
+    Cancelled,
 }
 
 impl ErrorKind {

@@ -521,6 +521,16 @@ impl Gateway {
                 let started_at = SystemTime::now();
                 let started = Instant::now();
                 let remaining = deadline.saturating_duration_since(started);
+                let mut in_flight = InFlight {
+                    gateway: self,
+                    ctx,
+                    provider: name,
+                    model: &model,
+                    operation,
+                    started_at,
+                    started,
+                    done: false,
+                };
                 let result = match tokio::time::timeout(
                     remaining,
                     call(&slot.provider, model.clone()),
@@ -530,6 +540,8 @@ impl Gateway {
                     Ok(result) => result,
                     Err(_) => Err(deadline_error(name, policy.deadline)),
                 };
+                in_flight.done = true;
+                drop(in_flight);
                 let latency = started.elapsed();
                 let record = |outcome, bill: Bill| {
                     self.attempt(
@@ -712,6 +724,44 @@ impl Gateway {
         pending.attempt.usage = usage;
         self.price(&mut pending.attempt);
         self.sink(&pending.attempt);
+    }
+}
+
+/// An attempt on the wire. If its future is dropped before the answer (a
+/// tier's timeout, a caller that went away), the request may already have
+/// been billed: it is recorded then, as cancelled, with no usage known.
+struct InFlight<'a> {
+    gateway: &'a Gateway,
+    ctx: &'a CallContext,
+    provider: &'a str,
+    model: &'a str,
+    operation: &'static str,
+    started_at: SystemTime,
+    started: Instant,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let outcome = AttemptOutcome::Failed {
+            kind: ErrorKind::Cancelled,
+            status: None,
+            message: "cancelled before the provider answered (tier timeout or caller gone); usage unknown".to_owned(),
+        };
+        let attempt = self.gateway.attempt(
+            self.ctx,
+            self.provider,
+            self.model,
+            self.operation,
+            self.started_at,
+            self.started.elapsed(),
+            outcome,
+            Bill::default(),
+        );
+        self.gateway.sink(&attempt);
     }
 }
 
