@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Longest audio accepted, in seconds (a config's `server.max_audio_seconds` wins).
     #[arg(long, default_value_t = 4.0 * 3600.0)]
     max_audio_s: f64,
+    /// After SIGTERM, seconds that requests in flight and the ledger's last
+    /// commits may take before the process exits anyway.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    drain_timeout: f64,
 }
 
 fn default_socket() -> PathBuf {
@@ -228,6 +232,8 @@ pub async fn run(args: ServeArgs, device: &str, threads: Option<usize>) -> Resul
     };
     let limits = Limits {
         max_audio_s: config.server.max_audio_seconds.unwrap_or(args.max_audio_s),
+        drain_timeout: std::time::Duration::try_from_secs_f64(args.drain_timeout)
+            .context("--drain-timeout must be a number of seconds, 0 or more")?,
         ..Limits::default()
     };
     let engine = triage_engine::Engine::new(config)

@@ -91,9 +91,9 @@ impl ApiError {
                 ErrorClass::BadInput => StatusCode::BAD_REQUEST,
                 ErrorClass::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                 ErrorClass::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-                ErrorClass::Unavailable { .. } | ErrorClass::NotConfigured => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                ErrorClass::Unavailable { .. }
+                | ErrorClass::NotConfigured
+                | ErrorClass::Saturated { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 ErrorClass::BadGateway => StatusCode::BAD_GATEWAY,
                 ErrorClass::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -123,6 +123,7 @@ impl ApiError {
                 ErrorClass::Overloaded { .. } => ("rate_limit_error", "overloaded"),
                 ErrorClass::Unavailable { .. } => ("server_error", "provider_unavailable"),
                 ErrorClass::NotConfigured => ("server_error", "provider_not_configured"),
+                ErrorClass::Saturated { .. } => ("server_error", "ledger_backlog"),
                 ErrorClass::BadGateway => ("server_error", "provider_error"),
                 ErrorClass::Timeout => ("server_error", "timeout"),
                 ErrorClass::Internal => ("server_error", "internal_error"),
@@ -138,7 +139,9 @@ impl ApiError {
             Self::NotReady(_) => Some(1),
             Self::Engine {
                 class:
-                    ErrorClass::Overloaded { retry_after } | ErrorClass::Unavailable { retry_after },
+                    ErrorClass::Overloaded { retry_after }
+                    | ErrorClass::Unavailable { retry_after }
+                    | ErrorClass::Saturated { retry_after },
                 ..
             } => Some(retry_after.as_secs().max(1)),
             _ => None,

@@ -172,18 +172,62 @@ pub async fn serve_until(
     if let Some(h) = hangup {
         h.abort();
     }
-    let _ = tx.send(());
-    for t in tasks {
-        let _ = t.await;
-    }
+    drain(&hangup_state, tx, tasks).await;
     if let Some(path) = socket {
         let _ = std::fs::remove_file(path);
     }
-    // Requests have drained; write what the ledger still holds before exiting.
-    if let Some(ledger) = &hangup_state.engine.current().ledger
-        && let Err(e) = ledger.flush().await
-    {
-        tracing::error!(error = %triage_engine::error::chain(&e), "flushing the ledger at shutdown failed");
-    }
     Ok(())
+}
+
+/// After the shutdown signal: stop accepting, let requests in flight finish,
+/// then commit every ledger (the current config's and any a reload
+/// replaced), all within `limits.drain_timeout`. The ledgers keep a share of
+/// it (a third, at most 5 s) even when requests use the rest.
+async fn drain(
+    state: &AppState,
+    stop: tokio::sync::broadcast::Sender<()>,
+    listeners: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+) {
+    let total = state.limits.drain_timeout;
+    let started = tokio::time::Instant::now();
+    let deadline = started + total;
+    let ledger_share = (total / 3).min(std::time::Duration::from_secs(5));
+    let _ = stop.send(());
+    let aborts: Vec<_> = listeners.iter().map(|t| t.abort_handle()).collect();
+    let requests = async {
+        for t in listeners {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout_at(deadline - ledger_share, requests)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = state.metrics.in_flight_now(),
+            "drain timeout: closing connections with requests still in flight"
+        );
+        for a in aborts {
+            a.abort();
+        }
+    }
+    let ledgers = state.ledgers();
+    let flush_all = async {
+        for ledger in &ledgers {
+            if let Err(e) = ledger.flush().await {
+                tracing::error!(error = %triage_engine::error::chain(&e), ledger = ledger.url(), "flushing a ledger at shutdown failed");
+            }
+        }
+    };
+    if tokio::time::timeout_at(
+        deadline.max(tokio::time::Instant::now() + ledger_share),
+        flush_all,
+    )
+    .await
+    .is_err()
+    {
+        let pending: usize = ledgers.iter().map(|l| l.health().pending).sum();
+        tracing::error!(pending, "drain timeout: ledger rows not committed");
+    }
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "drained");
 }

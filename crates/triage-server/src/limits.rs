@@ -21,6 +21,9 @@ pub struct Limits {
     /// Transcriptions decoded at once; more wait, and past `audio_queue` are refused.
     pub audio_parallel: usize,
     pub audio_queue: usize,
+    /// After SIGTERM: how long in-flight requests, jobs and the ledgers'
+    /// last commits may take before the process exits anyway.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -32,6 +35,7 @@ impl Default for Limits {
             max_audio_s: 4.0 * 3600.0,
             audio_parallel: 2,
             audio_queue: 16,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -252,6 +252,67 @@ impl Metrics {
         }
     }
 
+    /// [`Metrics::render`] plus the ledger's queue and write counts (read
+    /// from the ledger when asked rather than copied into counters).
+    pub fn render_with(&self, ledger: Option<&triage_engine::ledger::LedgerHealth>) -> String {
+        let mut out = self.render();
+        let Some(l) = ledger else { return out };
+        let body = out
+            .strip_suffix("# EOF\n")
+            .map(str::len)
+            .unwrap_or(out.len());
+        let mut extra = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, suffix: &str, value: String| {
+            extra.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{suffix} {value}\n"
+            ));
+        };
+        metric(
+            "triage_ledger_pending_rows",
+            "gauge",
+            "Ledger rows queued and not yet committed.",
+            "",
+            l.pending.to_string(),
+        );
+        metric(
+            "triage_ledger_max_pending_rows",
+            "gauge",
+            "The ledger queue's bound.",
+            "",
+            l.max_pending.to_string(),
+        );
+        metric(
+            "triage_ledger_written_rows",
+            "counter",
+            "Ledger rows committed.",
+            "_total",
+            l.written.to_string(),
+        );
+        metric(
+            "triage_ledger_rejected_rows",
+            "counter",
+            "Ledger rows the database refused (dropped).",
+            "_total",
+            l.rejected.to_string(),
+        );
+        metric(
+            "triage_ledger_refused_requests",
+            "counter",
+            "Requests refused because the ledger queue stayed full.",
+            "_total",
+            l.refused_requests.to_string(),
+        );
+        metric(
+            "triage_ledger_failing",
+            "gauge",
+            "1 while the ledger's database refuses commits.",
+            "",
+            u8::from(l.failing.is_some()).to_string(),
+        );
+        out.insert_str(body, &extra);
+        out
+    }
+
     /// The OpenMetrics text exposition ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();

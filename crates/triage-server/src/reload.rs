@@ -101,18 +101,52 @@ impl AppState {
         }
         let replaced = self.engine.replace(Arc::new(engine));
         // Rows the old engine's ledger still holds are written now, not lost
-        // with it when its last request finishes.
-        if let Some(ledger) = &replaced.ledger
-            && let Err(e) = ledger.flush().await
-        {
-            tracing::error!(error = %triage_engine::error::chain(&e), "flushing the old config's ledger failed");
+        // with it when its last request finishes; requests still running on
+        // it write more, so it stays on the list flushed at shutdown until
+        // its engine is gone.
+        if let Some(ledger) = &replaced.ledger {
+            self.retire(Arc::downgrade(&replaced), ledger.clone());
         }
+        drop(replaced);
+        self.flush_retired().await;
         tracing::info!(
             config = %path.display(),
             reused_specialists,
             "config reloaded"
         );
         Ok(Reloaded { reused_specialists })
+    }
+
+    /// Flush every replaced engine's ledger; forget those whose engine was
+    /// already gone before the flush (nothing can write to them any more).
+    pub(crate) async fn flush_retired(&self) {
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut done = Vec::new();
+        for (engine, ledger) in retired {
+            let gone = engine.strong_count() == 0;
+            match ledger.flush().await {
+                Ok(()) if gone => done.push(engine),
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::error!(error = %triage_engine::error::chain(&e), "flushing a replaced config's ledger failed");
+                }
+            }
+        }
+        self.retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|(engine, _)| !done.iter().any(|d| d.ptr_eq(engine)));
+    }
+
+    fn retire(&self, engine: std::sync::Weak<Engine>, ledger: triage_engine::Ledger) {
+        self.retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((engine, ledger));
     }
 
     /// The config file the current engine came from.

@@ -40,6 +40,9 @@ pub struct AppState {
     pub rate_limits: RateLimits,
     /// Transcriptions decoding now and waiting for a slot.
     pub audio: AudioAdmission,
+    /// Engines a reload replaced, with their ledgers: requests that started
+    /// on them may still be writing, so every one is flushed at shutdown.
+    pub(crate) retired: std::sync::Mutex<Vec<(std::sync::Weak<Engine>, triage_engine::Ledger)>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -64,7 +67,27 @@ impl AppState {
             metrics: Metrics::default(),
             jobs: Jobs::default(),
             rate_limits: RateLimits::default(),
+            retired: Default::default(),
         })
+    }
+
+    /// Every ledger rows may still be going to: the current engine's and
+    /// those of replaced engines still in use or not yet flushed.
+    pub fn ledgers(&self) -> Vec<triage_engine::Ledger> {
+        let mut out: Vec<triage_engine::Ledger> =
+            self.engine.current().ledger.iter().cloned().collect();
+        let retired = self
+            .retired
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        out.extend(retired.iter().map(|(_, l)| l.clone()));
+        out
+    }
+
+    /// The ledger's state for `/ready` and `/metrics`: the current engine's,
+    /// which new requests write to.
+    pub fn ledger_health(&self) -> Option<triage_engine::ledger::LedgerHealth> {
+        self.engine.current().ledger.as_ref().map(|l| l.health())
     }
 
     /// Longest audio accepted: the config's `server.max_audio_seconds`, else the limit.

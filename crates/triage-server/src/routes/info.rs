@@ -11,22 +11,33 @@ pub(crate) async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// The tasks, specialists and routes this server answers.
-pub(crate) async fn ready(State(state): State<Shared>) -> Json<Value> {
+/// The tasks, specialists and routes this server answers, and the ledger's
+/// queue. A ledger that is failing or full answers 503: a load balancer
+/// should send work elsewhere until it has caught up.
+pub(crate) async fn ready(State(state): State<Shared>) -> Response {
     let engine = state.engine.current();
-    Json(json!({
-        "status": "ready",
+    let ledger = state.ledger_health();
+    let ready = ledger.as_ref().is_none_or(|l| l.ready());
+    let status = if ready {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Json(json!({
+        "status": if ready { "ready" } else { "ledger_behind" },
+        "ledger": ledger,
         "tasks": engine.config.tasks.keys().collect::<Vec<_>>(),
         "specialists": engine.specialists.map.keys().collect::<Vec<_>>(),
         "moderation": engine.config.server.moderation_task,
         "transcription": engine.transcriber().is_some(),
-    }))
+    }));
+    (status, body).into_response()
 }
 
 pub(crate) async fn metrics(State(state): State<Shared>) -> Response {
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        state.metrics.render(),
+        state.metrics.render_with(state.ledger_health().as_ref()),
     )
         .into_response()
 }
