@@ -5,5 +5,6 @@
 
 mod cli;
 mod eval;
+mod ledger_crash;
 mod serve;
 mod train_signal;
