@@ -59,8 +59,10 @@ fn default_socket() -> PathBuf {
     base.join("triage").join("triage.sock")
 }
 
-/// `TRIAGE_API_KEYS`: comma-separated `key`, `name:key`, `name:key:task+task`
-/// or `name:key:task+task:rpm` (an empty task list allows every task).
+/// `TRIAGE_API_KEYS`: comma-separated `key`, `name:key`, `name:key:task+task`,
+/// `name:key:task+task:rpm` or `name:key:task+task:rpm:overrides` (an empty
+/// task list allows every task, an empty rpm no limit; `overrides` lets the
+/// key skip or widen the local tier).
 fn keys_from_env() -> Result<Vec<ApiKey>> {
     let mut keys = Vec::new();
     for (i, entry) in std::env::var("TRIAGE_API_KEYS")
@@ -87,8 +89,17 @@ fn keys_from_env() -> Result<Vec<ApiKey>> {
                     .collect()
             })
             .unwrap_or_default();
+        let allow_overrides = match parts.get(4) {
+            None | Some(&"") => false,
+            Some(&"overrides") => true,
+            Some(other) => bail!(
+                "TRIAGE_API_KEYS entry {}: `{other}` is not `overrides`",
+                i + 1
+            ),
+        };
         let rpm = parts
             .get(3)
+            .filter(|r| !r.is_empty())
             .map(|r| {
                 r.parse::<u32>().with_context(|| {
                     format!("TRIAGE_API_KEYS: `{r}` is not a requests-per-minute number")
@@ -103,6 +114,7 @@ fn keys_from_env() -> Result<Vec<ApiKey>> {
             name,
             tasks,
             rpm,
+            allow_overrides,
         });
     }
     Ok(keys)

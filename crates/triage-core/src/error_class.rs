@@ -15,6 +15,9 @@ pub enum ErrorClass {
     TooLarge,
     /// Local capacity is full now; retry after the given time.
     Overloaded { retry_after: Duration },
+    /// A dollar budget this request counts against is spent for its period:
+    /// tiers that cost nothing may still answer other requests.
+    BudgetExceeded,
     /// The server cannot record more work now (its cost ledger is behind or
     /// its database is failing): nothing ran; retry after the given time.
     Saturated { retry_after: Duration },

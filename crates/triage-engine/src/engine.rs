@@ -63,6 +63,10 @@ pub struct Overrides {
     /// not be unique.
     #[serde(default)]
     pub request_id: Option<String>,
+    /// The API key (by name) the request came with: set by the server, never
+    /// by the caller; budgets per key count against it.
+    #[serde(skip)]
+    pub key: Option<String>,
     /// Force a router's route.
     #[serde(default)]
     pub route: Option<String>,
@@ -244,6 +248,8 @@ pub struct Engine {
     pub specialists: Specialists,
     pub gateway: Gateway,
     pub ledger: Option<Ledger>,
+    /// `[[budgets]]` and what has been spent against them.
+    pub budgets: crate::budget::Budgets,
 }
 
 impl Engine {
@@ -263,6 +269,12 @@ impl Engine {
             Some(url) => Some(Ledger::open_with(url, config.ledger).await?),
             None => None,
         };
+        let budgets = crate::budget::Budgets::new(config.budgets.clone());
+        if let Some(l) = &ledger
+            && !budgets.is_empty()
+        {
+            budgets.load(l).await?;
+        }
         let sink = ledger.clone().map(|l| Arc::new(l) as Arc<dyn AttemptSink>);
         let gateway = Gateway::new(
             config.providers.values().cloned().collect(),
@@ -275,6 +287,7 @@ impl Engine {
             specialists,
             gateway,
             ledger,
+            budgets,
         })
     }
 
@@ -381,6 +394,7 @@ impl Engine {
                 cost_usd: trace.cost_usd,
                 all_llm_cost_usd: trace.all_llm_cost_usd,
                 caller_id: overrides.request_id.clone(),
+                key_name: overrides.key.clone(),
             });
             // Money was (or may have been) spent: the rows are committed
             // before the answer goes back, so no crash can lose them.

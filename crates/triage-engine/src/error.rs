@@ -52,6 +52,12 @@ pub enum EngineError {
     Override(String),
     #[error("ledger")]
     Ledger(#[from] crate::ledger::LedgerError),
+    #[error("tier `{tier}` was not called")]
+    Budget {
+        tier: String,
+        #[source]
+        source: crate::budget::BudgetExceeded,
+    },
     /// A blocking task (model load, decoding, transcription) panicked or was cancelled.
     #[error("{what} stopped before it finished")]
     Task {
@@ -105,6 +111,7 @@ impl EngineError {
         use triage_cloud::ErrorKind as K;
         match self {
             EngineError::UnknownTask { .. } => ErrorClass::NotFound,
+            EngineError::Budget { .. } => ErrorClass::BudgetExceeded,
             EngineError::Ledger(crate::ledger::LedgerError::Full { retry_after, .. }) => {
                 ErrorClass::Saturated {
                     retry_after: *retry_after,

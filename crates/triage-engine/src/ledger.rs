@@ -105,6 +105,8 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     // Request ids are the server's own; a caller's id is kept beside it.
     (2, "ALTER TABLE requests ADD COLUMN caller_id TEXT"),
+    // The API key (by name) a request came with, for budgets per key.
+    (3, "ALTER TABLE requests ADD COLUMN key_name TEXT"),
 ];
 
 /// One attempt as stored.
@@ -219,6 +221,8 @@ pub struct RequestRecord {
     /// The id the caller gave (`overrides.request_id`), kept as a tag: it
     /// need not be unique.
     pub caller_id: Option<String>,
+    /// The name of the API key the request came with, if any.
+    pub key_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -574,7 +578,7 @@ impl Ledger {
     /// The request's summary row, if stored.
     pub async fn request(&self, request_id: &str) -> Result<Option<RequestRecord>, LedgerError> {
         let row = sqlx::query(
-            "SELECT request_id, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id
+            "SELECT request_id, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name
              FROM requests WHERE request_id = $1",
         )
         .bind(request_id)
@@ -591,10 +595,47 @@ impl Ledger {
                 cost_usd: r.try_get(6)?,
                 all_llm_cost_usd: r.try_get(7)?,
                 caller_id: r.try_get(8)?,
+                key_name: r.try_get(9)?,
             })
         })
         .transpose()
         .map_err(|e: sqlx::Error| e.into())
+    }
+
+    /// Dollars spent on attempts since `since_ms`, for one task and/or one
+    /// API key (budgets read this at start).
+    pub async fn spent_since(
+        &self,
+        since_ms: i64,
+        task: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<f64, LedgerError> {
+        let mut sql =
+            "SELECT CAST(COALESCE(SUM(a.cost_usd), 0) AS DOUBLE PRECISION) FROM attempts a"
+                .to_owned();
+        if key.is_some() {
+            sql.push_str(" JOIN requests r ON r.request_id = a.request_id");
+        }
+        sql.push_str(" WHERE a.ts_ms >= $1");
+        let mut n = 1;
+        if task.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND a.task = ${n}"));
+        }
+        if key.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND r.key_name = ${n}"));
+        }
+        // Only placeholders are added to the SQL; the values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(since_ms);
+        if let Some(t) = task {
+            q = q.bind(t);
+        }
+        if let Some(k) = key {
+            q = q.bind(k);
+        }
+        let row = q.fetch_one(&self.pool).await?;
+        Ok(row.try_get(0)?)
     }
 
     pub async fn shadow_count(&self, task: &str) -> Result<(i64, i64), LedgerError> {
@@ -925,7 +966,7 @@ fn chunks<'a, 'b>(rows: &'b [&'a Queued]) -> Vec<&'b [&'a Queued]> {
 const ATTEMPT_COLUMNS: &str =
     "request_id, seq, ts_ms, task, tier, provider, model, operation, input_tokens, output_tokens,
     cached_input_tokens, reasoning_tokens, audio_seconds, latency_ms, cost_usd, outcome, error";
-const REQUEST_COLUMNS: &str = "request_id, ts_ms, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id";
+const REQUEST_COLUMNS: &str = "request_id, ts_ms, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name";
 const SHADOW_COLUMNS: &str =
     "request_id, ts_ms, task, tier, shadow_tier, agree, score, shadow_score";
 
@@ -992,7 +1033,8 @@ async fn insert_chunk(conn: &mut sqlx::AnyConnection, rows: &[&Queued]) -> Resul
                 .bind(r.latency_ms)
                 .bind(r.cost_usd)
                 .bind(r.all_llm_cost_usd)
-                .bind(r.caller_id.as_deref()),
+                .bind(r.caller_id.as_deref())
+                .bind(r.key_name.as_deref()),
             Queued::Shadow(s, ts) => q
                 .bind(s.request_id.as_str())
                 .bind(*ts)
@@ -1050,6 +1092,7 @@ mod tests {
             cost_usd: 0.002,
             all_llm_cost_usd: 0.01,
             caller_id: None,
+            key_name: None,
         });
         ledger.flush().await.unwrap();
         let got = ledger.attempts("r1").await.unwrap();
@@ -1090,6 +1133,7 @@ mod tests {
             cost_usd: 0.0,
             all_llm_cost_usd: 0.0,
             caller_id: caller.map(Into::into),
+            key_name: None,
         }
     }
 

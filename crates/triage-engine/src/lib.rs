@@ -7,6 +7,7 @@
 // built at most once per request, so its size costs nothing measurable.
 #![allow(clippy::result_large_err)]
 
+pub mod budget;
 pub mod config;
 pub mod default_config;
 pub mod engine;

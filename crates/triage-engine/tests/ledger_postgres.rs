@@ -74,6 +74,8 @@ async fn two_replicas_share_one_ledger() {
             latency_ms: 30.0,
             cost_usd: cost,
             all_llm_cost_usd: 0.00002,
+            caller_id: None,
+            key_name: None,
         });
     }
     a.flush().await.unwrap();

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod budgets;
 mod config_check;
 mod fuzz;
 mod ledger_postgres;

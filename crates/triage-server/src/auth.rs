@@ -30,6 +30,30 @@ impl Caller {
     }
 }
 
+impl Caller {
+    /// The request's overrides, with the caller's key name for budgets. A TCP
+    /// key may skip or widen the local tier (`start_tier`, `tiers`, `lo`,
+    /// `hi`: hosted dollars) only with `allow_overrides`; the unix socket is
+    /// trusted like the machine's own users.
+    pub fn overrides(
+        &self,
+        mut o: triage_engine::Overrides,
+    ) -> Result<triage_engine::Overrides, ApiError> {
+        if let Some(key) = &self.0 {
+            let costly =
+                o.start_tier.is_some() || o.tiers.is_some() || o.lo.is_some() || o.hi.is_some();
+            if costly && !key.allow_overrides {
+                return Err(ApiError::Forbidden(format!(
+                    "overrides start_tier, tiers, lo and hi (key `{}` lacks allow_overrides)",
+                    key.name
+                )));
+            }
+            o.key = Some(key.name.clone());
+        }
+        Ok(o)
+    }
+}
+
 /// A new request id: a UUID v7 (time-ordered, 74 random bits) after `prefix`.
 pub fn request_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())

@@ -90,7 +90,9 @@ impl ApiError {
                 ErrorClass::NotFound => StatusCode::NOT_FOUND,
                 ErrorClass::BadInput => StatusCode::BAD_REQUEST,
                 ErrorClass::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorClass::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+                ErrorClass::Overloaded { .. } | ErrorClass::BudgetExceeded => {
+                    StatusCode::TOO_MANY_REQUESTS
+                }
                 ErrorClass::Unavailable { .. }
                 | ErrorClass::NotConfigured
                 | ErrorClass::Saturated { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -121,6 +123,7 @@ impl ApiError {
                 ErrorClass::BadInput => ("invalid_request_error", "invalid_request"),
                 ErrorClass::TooLarge => ("invalid_request_error", "request_too_large"),
                 ErrorClass::Overloaded { .. } => ("rate_limit_error", "overloaded"),
+                ErrorClass::BudgetExceeded => ("insufficient_quota", "budget_exceeded"),
                 ErrorClass::Unavailable { .. } => ("server_error", "provider_unavailable"),
                 ErrorClass::NotConfigured => ("server_error", "provider_not_configured"),
                 ErrorClass::Saturated { .. } => ("server_error", "ledger_backlog"),

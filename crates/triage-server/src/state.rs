@@ -26,6 +26,8 @@ pub struct ApiKey {
     pub tasks: Vec<String>,
     /// Requests per minute this key may make (token bucket); `None`: unlimited.
     pub rpm: Option<u32>,
+    /// May send overrides that skip or widen the local tier.
+    pub allow_overrides: bool,
 }
 
 /// Everything the handlers share.
@@ -118,6 +120,7 @@ impl AppState {
                 name: k.name.clone(),
                 tasks: k.tasks.clone(),
                 rpm: k.requests_per_minute,
+                allow_overrides: k.allow_overrides,
             })
     }
 

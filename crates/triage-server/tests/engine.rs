@@ -875,3 +875,120 @@ kind = "action_items"
     assert_eq!(s, StatusCode::BAD_REQUEST);
     Ok(())
 }
+
+/// A rule-answered task with a small ledger queue: when the database stops
+/// taking rows, the queue fills, `/ready` and `/metrics` say so, and new
+/// requests get a 503 with Retry-After instead of being buffered; when it
+/// takes rows again, everything queued is written and requests are answered.
+#[tokio::test]
+async fn a_failing_ledger_sheds_load_with_503_and_recovers() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("ledger.db");
+    let config = dir.path().join("triage.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[ledger]
+url = "sqlite://{}"
+max_pending = 2
+admit_wait_ms = 50
+
+[tasks.faq]
+strategy = "router"
+[tasks.faq.intent]
+kind = "rules"
+default = "other"
+rules = []
+[tasks.faq.routes.other]
+handler = "template"
+template = "Please write to us."
+"#,
+            db.display()
+        ),
+    )?;
+    let engine = triage_engine::Engine::new(triage_engine::Config::load(&config)?).await?;
+    let app = router(AppState::new(engine, Limits::default(), vec![]));
+    let ask = || {
+        post_json(
+            "/v1/execute",
+            &json!({"task": "faq", "input": "hi", "overrides": {"request_id": "same"}}),
+        )
+    };
+    let (s, h, _) = call(&app, ask()?).await?;
+    assert_eq!(s, StatusCode::OK);
+    let first_id = h["x-request-id"].to_str()?.to_owned();
+    // Its row is committed within the group-commit interval.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, _, v) = call(&app, Request::get("/ready").body(Body::empty())?).await?;
+        if v["ledger"]["written"] == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    sqlx::any::install_default_drivers();
+    let other = sqlx::AnyPool::connect(&format!("sqlite://{}", db.display())).await?;
+    sqlx::query("ALTER TABLE requests RENAME TO requests_away")
+        .execute(&other)
+        .await?;
+    // Two requests fill the queue (their rows cannot be written) ...
+    for _ in 0..2 {
+        let (s, _, v) = call(&app, ask()?).await?;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    // ... and the next is refused after its short wait, before it runs.
+    let (s, h, v) = call(&app, ask()?).await?;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "ledger_backlog", "{v}");
+    assert!(h.contains_key("retry-after"));
+    let (s, _, v) = call(&app, Request::get("/ready").body(Body::empty())?).await?;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["ledger"]["pending"], 2, "{v}");
+    assert!(v["ledger"]["failing"].is_string(), "{v}");
+    let m = metrics(&app).await?;
+    assert!(m.contains("triage_ledger_failing 1"), "{m}");
+    assert!(m.contains("triage_ledger_refused_requests_total 1"), "{m}");
+    assert!(m.trim_end().ends_with("# EOF"), "{m}");
+
+    sqlx::query("ALTER TABLE requests_away RENAME TO requests")
+        .execute(&other)
+        .await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (s, _, _) = call(&app, Request::get("/ready").body(Body::empty())?).await?;
+        if s == StatusCode::OK {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ledger did not recover"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (s, h, _) = call(&app, ask()?).await?;
+    assert_eq!(s, StatusCode::OK);
+    assert_ne!(
+        h["x-request-id"].to_str()?,
+        first_id,
+        "ids are the server's"
+    );
+    // Every answered request is in the ledger, each under its own id, all
+    // tagged with the caller's (reused) id.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let row: (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(DISTINCT request_id) FROM requests WHERE caller_id = 'same'",
+        )
+        .fetch_one(&other)
+        .await?;
+        if row == (4, 4) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "rows: {row:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

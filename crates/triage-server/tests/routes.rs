@@ -148,12 +148,14 @@ local = "whisper"
                 name: "ci".into(),
                 tasks: vec!["moderation".into()],
                 rpm: None,
+                allow_overrides: false,
             },
             ApiKey {
                 key: "slow".into(),
                 name: "slow".into(),
                 tasks: vec![],
                 rpm: Some(3),
+                allow_overrides: false,
             },
         ],
     ))

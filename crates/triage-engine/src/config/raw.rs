@@ -13,6 +13,9 @@ pub struct RawConfig {
     pub server: RawServer,
     #[serde(default)]
     pub ledger: RawLedger,
+    /// Dollar budgets (`[[budgets]]`).
+    #[serde(default)]
+    pub budgets: Vec<RawBudget>,
     #[serde(default)]
     pub retry: RawRetry,
     /// Price entries, as in a price-table file (`[[price]]`).
@@ -59,6 +62,22 @@ pub struct RawKey {
     #[serde(default)]
     pub tasks: Vec<String>,
     pub requests_per_minute: Option<u32>,
+    /// May send overrides that skip or widen the local tier (`start_tier`,
+    /// `tiers`, `lo`, `hi`): they spend hosted dollars.
+    #[serde(default)]
+    pub allow_overrides: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub name: String,
+    /// `day` or `month` (UTC).
+    pub period: String,
+    pub usd: f64,
+    pub task: Option<String>,
+    /// An API key's name (`[[server.keys]]` or `TRIAGE_API_KEYS`).
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

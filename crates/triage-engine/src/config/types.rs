@@ -78,6 +78,7 @@ pub struct KeyConfig {
     pub key: Option<SecretString>,
     pub tasks: Vec<String>,
     pub requests_per_minute: Option<u32>,
+    pub allow_overrides: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -277,6 +278,8 @@ pub struct Config {
     pub ledger_url: Option<String>,
     /// The ledger's queue bound and group commit (`[ledger]`).
     pub ledger: crate::ledger::LedgerOptions,
+    /// Dollar budgets enforced before hosted calls (`[[budgets]]`).
+    pub budgets: Vec<crate::budget::BudgetSpec>,
     pub retry: RetryPolicy,
     pub prices: Arc<PriceTable>,
     pub local: IndexMap<String, LocalSpec>,

@@ -254,6 +254,9 @@ async fn tier_verdict(
                 model: String::new(),
                 input: vec![redacted],
             };
+            let chars = req.input.iter().map(String::len).sum();
+            let reservation =
+                super::reserve(run, &tier.name, targets, chars, 0).map_err(|e| (e, 0.0))?;
             let ctx = run.ctx(&tier.name);
             let Called {
                 result, cost_usd, ..
@@ -263,6 +266,7 @@ async fn tier_verdict(
                 run.engine.gateway.moderate(&ctx, targets, &req),
             )
             .await;
+            reservation.settle(cost_usd);
             let resp = result.map_err(|e| (e, cost_usd))?;
             let verdict = resp.results.first().ok_or_else(|| {
                 (

@@ -60,7 +60,7 @@ pub async fn call<T>(
     }
 }
 
-/// A chat call for `tier` over its targets.
+/// A chat call for `tier` over its targets, within the budgets.
 pub async fn chat(
     run: &Run<'_>,
     tier: &str,
@@ -68,8 +68,58 @@ pub async fn chat(
     req: &ChatRequest,
     timeout: Option<Duration>,
 ) -> Called<ChatResponse> {
+    let chars: usize = req.messages.iter().map(|m| m.content.len()).sum();
+    let output = req.max_tokens.map_or(ESTIMATED_OUTPUT_TOKENS, u64::from);
+    let reservation = match reserve(run, tier, targets, chars, output) {
+        Ok(r) => r,
+        Err(e) => return refused(e),
+    };
     let ctx = run.ctx(tier);
-    call(tier, timeout, run.engine.gateway.chat(&ctx, targets, req)).await
+    let called = call(tier, timeout, run.engine.gateway.chat(&ctx, targets, req)).await;
+    reservation.settle(called.cost_usd);
+    called
+}
+
+/// Output tokens a chat call is estimated at when it sets no `max_tokens`.
+pub const ESTIMATED_OUTPUT_TOKENS: u64 = 512;
+
+/// A call the budgets refused: nothing was sent.
+pub fn refused<T>(e: EngineError) -> Called<T> {
+    Called {
+        result: Err(e),
+        cost_usd: 0.0,
+        elapsed: Duration::ZERO,
+    }
+}
+
+/// Reserve a hosted call's estimated cost (the dearest of its targets for
+/// `input_chars` in and `output_tokens` out) against the budgets that apply.
+pub fn reserve<'e>(
+    run: &Run<'e>,
+    tier: &str,
+    targets: &[Target],
+    input_chars: usize,
+    output_tokens: u64,
+) -> Result<crate::budget::Reservation<'e>, EngineError> {
+    let engine: &'e Engine = run.engine;
+    let prices = &engine.config.prices;
+    let today = PriceTable::today();
+    let usage = Usage {
+        input_tokens: input_chars.div_ceil(CHARS_PER_TOKEN) as u64,
+        output_tokens,
+        ..Usage::default()
+    };
+    let estimate = targets
+        .iter()
+        .filter_map(|t| prices.cost(&t.provider, &t.model, &usage, 0.0, &today))
+        .fold(0.0_f64, f64::max);
+    engine
+        .budgets
+        .reserve(&run.task.name, run.overrides.key.as_deref(), estimate)
+        .map_err(|source| EngineError::Budget {
+            tier: tier.to_owned(),
+            source,
+        })
 }
 
 /// Push a hosted tier's line onto the trace.

@@ -182,14 +182,8 @@ pub async fn chat_completions(
     let stream = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let chat = req.into_chat()?;
-    let execution = run(
-        &state,
-        &engine,
-        &task,
-        Input::Chat(chat),
-        &Overrides::default(),
-    )
-    .await?;
+    let overrides = caller.overrides(Overrides::default())?;
+    let execution = run(&state, &engine, &task, Input::Chat(chat), &overrides).await?;
     let (tier, usd) = tier_and_cost([&execution]);
     let answer = &execution.answer;
     let refusal = answer.refusal().map(str::to_owned);

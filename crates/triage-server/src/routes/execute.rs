@@ -97,6 +97,7 @@ pub async fn execute(State(state): State<Shared>, req: Request) -> Result<Respon
         (r.task, input, r.overrides.unwrap_or_default())
     };
     caller.authorize(&task)?;
+    let overrides = caller.overrides(overrides)?;
     let execution = run(&state, &engine, &task, input, &overrides).await?;
     let (tier, usd) = tier_and_cost([&execution]);
     let mut response = tagged(

@@ -65,7 +65,7 @@ pub(crate) async fn moderations(
     };
     caller.authorize(&task)?;
     let inputs = moderation_inputs(req.input, state.limits.max_inputs)?;
-    let overrides = Overrides::default();
+    let overrides = caller.overrides(Overrides::default())?;
     // Every input at once, so the local worker can batch them; answers keep input order.
     let runs = futures_util::future::join_all(
         inputs

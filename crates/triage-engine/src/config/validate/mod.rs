@@ -87,7 +87,9 @@ impl Validator {
             })
         };
         let ledger = self.ledger_options(&raw.ledger);
+        let budgets = self.budgets(&raw.budgets, &tasks);
         Some(Config {
+            budgets,
             path: None,
             server,
             ledger_url,
@@ -124,6 +126,64 @@ impl Validator {
             );
         }
         url.to_owned()
+    }
+
+    fn budgets(
+        &mut self,
+        raw: &[super::raw::RawBudget],
+        tasks: &IndexMap<String, Task>,
+    ) -> Vec<crate::budget::BudgetSpec> {
+        use crate::budget::{BudgetSpec, Period};
+        let mut out = Vec::new();
+        for (i, b) in raw.iter().enumerate() {
+            let key = format!("budgets[{i}] ({})", b.name);
+            let period = match b.period.as_str() {
+                "day" => Period::Day,
+                "month" => Period::Month,
+                other => {
+                    self.problem(
+                        format!("{key}.period"),
+                        format!("`{other}` is not a period"),
+                        "write period = \"day\" or \"month\"",
+                    );
+                    continue;
+                }
+            };
+            if !(b.usd.is_finite() && b.usd >= 0.0) {
+                self.problem(
+                    format!("{key}.usd"),
+                    format!("{} is not a dollar amount", b.usd),
+                    "give 0 or more",
+                );
+                continue;
+            }
+            if let Some(t) = &b.task
+                && !tasks.contains_key(t)
+            {
+                self.problem(
+                    format!("{key}.task"),
+                    format!("no task `{t}`"),
+                    "name a task of this config, or leave `task` out for all tasks",
+                );
+                continue;
+            }
+            if out.iter().any(|o: &BudgetSpec| o.name == b.name) {
+                self.problem(
+                    format!("{key}.name"),
+                    "two budgets have this name",
+                    "give each budget its own name: a refusal names it",
+                );
+                continue;
+            }
+            out.push(BudgetSpec {
+                name: b.name.clone(),
+                period,
+                usd: b.usd,
+                task: b.task.clone(),
+                key: b.key.clone(),
+            });
+        }
+        out
     }
 
     fn ledger_options(&mut self, raw: &super::raw::RawLedger) -> crate::ledger::LedgerOptions {

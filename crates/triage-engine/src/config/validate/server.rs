@@ -39,6 +39,7 @@ impl Validator {
                 key,
                 tasks: k.tasks.clone(),
                 requests_per_minute: k.requests_per_minute,
+                allow_overrides: k.allow_overrides,
             });
         }
         for (field, value) in [

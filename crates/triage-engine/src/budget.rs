@@ -1,0 +1,288 @@
+//! Dollar budgets per key and per task, per UTC day or month (`[[budgets]]`).
+//! Before a hosted call its estimated cost is reserved against every budget
+//! that applies; a reservation that would pass a limit refuses the call
+//! ([`BudgetExceeded`], HTTP 429 `budget_exceeded`), so the tiers before it
+//! (local models, rules) keep answering. When the call returns the
+//! reservation is settled with what the attempts actually cost; a call
+//! dropped mid-flight keeps its estimate as spent. Spending since the start
+//! of the window is read back from the ledger when the engine starts, so a
+//! restart does not reset a budget. Each replica keeps its own running
+//! total (see the README).
+
+use crate::ledger::Ledger;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use triage_cloud::prices::PriceTable;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Month,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Month => "month",
+        }
+    }
+
+    /// The window `today` (`YYYY-MM-DD`, UTC) falls in: the date or its month.
+    fn window(self, today: &str) -> String {
+        match self {
+            Period::Day => today.to_owned(),
+            Period::Month => today.get(..7).unwrap_or(today).to_owned(),
+        }
+    }
+
+    /// Unix milliseconds at the start of the window `today` falls in.
+    fn start_ms(self, today: &str) -> i64 {
+        let Ok(date) = today.parse::<jiff::civil::Date>() else {
+            return 0;
+        };
+        let date = match self {
+            Period::Day => date,
+            Period::Month => date.first_of_month(),
+        };
+        jiff::tz::TimeZone::UTC
+            .to_timestamp(date.to_datetime(jiff::civil::Time::midnight()))
+            .map(|t| t.as_millisecond())
+            .unwrap_or(0)
+    }
+}
+
+/// One `[[budgets]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetSpec {
+    pub name: String,
+    pub period: Period,
+    pub usd: f64,
+    /// Only this task's calls (default: every task).
+    pub task: Option<String>,
+    /// Only calls made with this API key (by name; default: every caller).
+    pub key: Option<String>,
+}
+
+impl BudgetSpec {
+    fn applies(&self, task: &str, key: Option<&str>) -> bool {
+        self.task.as_deref().is_none_or(|t| t == task)
+            && self.key.as_deref().is_none_or(|k| Some(k) == key)
+    }
+}
+
+/// A hosted call refused because a budget it counts against is spent.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "budget `{name}` ({usd} USD per {period}) is exhausted: {spent:.6} USD spent or reserved, this call is estimated at {estimate:.6} USD"
+)]
+pub struct BudgetExceeded {
+    pub name: String,
+    pub period: &'static str,
+    pub usd: f64,
+    pub spent: f64,
+    pub estimate: f64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Window {
+    id: String,
+    spent: f64,
+    reserved: f64,
+}
+
+/// The budgets of one engine and what has been spent against them.
+#[derive(Debug, Default)]
+pub struct Budgets {
+    specs: Vec<BudgetSpec>,
+    windows: Mutex<Vec<Window>>,
+}
+
+/// Dollars held against budgets for one hosted call.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    budgets: &'a Budgets,
+    /// (budget index, window id, dollars)
+    held: Vec<(usize, String, f64)>,
+    settled: bool,
+}
+
+impl Reservation<'_> {
+    /// The call returned: replace the estimate with what it cost.
+    pub fn settle(mut self, actual_usd: f64) {
+        self.settled = true;
+        self.budgets.release(&self.held, Some(actual_usd));
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Dropped mid-call (a timeout, a caller gone): it may have been
+            // billed, so the estimate counts as spent.
+            self.budgets.release(&self.held, None);
+        }
+    }
+}
+
+impl Budgets {
+    pub fn new(specs: Vec<BudgetSpec>) -> Self {
+        let windows = specs.iter().map(|_| Window::default()).collect();
+        Self {
+            specs,
+            windows: Mutex::new(windows),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.specs.is_empty()
+    }
+
+    fn windows(&self) -> MutexGuard<'_, Vec<Window>> {
+        self.windows.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Read what has been spent in each budget's current window.
+    pub async fn load(&self, ledger: &Ledger) -> Result<(), crate::ledger::LedgerError> {
+        let today = PriceTable::today();
+        for (i, spec) in self.specs.iter().enumerate() {
+            let spent = ledger
+                .spent_since(
+                    spec.period.start_ms(&today),
+                    spec.task.as_deref(),
+                    spec.key.as_deref(),
+                )
+                .await?;
+            let mut windows = self.windows();
+            if let Some(w) = windows.get_mut(i) {
+                *w = Window {
+                    id: spec.period.window(&today),
+                    spent,
+                    reserved: 0.0,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Hold `estimate_usd` against every budget that applies to a call for
+    /// `task` by `key`, or refuse if one of them would pass its limit.
+    pub fn reserve(
+        &self,
+        task: &str,
+        key: Option<&str>,
+        estimate_usd: f64,
+    ) -> Result<Reservation<'_>, BudgetExceeded> {
+        let mut held = Vec::new();
+        if self.specs.is_empty() {
+            return Ok(Reservation {
+                budgets: self,
+                held,
+                settled: false,
+            });
+        }
+        let today = PriceTable::today();
+        let mut windows = self.windows();
+        for (i, spec) in self.specs.iter().enumerate() {
+            if !spec.applies(task, key) {
+                continue;
+            }
+            let Some(w) = windows.get_mut(i) else {
+                continue;
+            };
+            let id = spec.period.window(&today);
+            if w.id != id {
+                *w = Window {
+                    id: id.clone(),
+                    ..Window::default()
+                };
+            }
+            let used = w.spent + w.reserved;
+            if used >= spec.usd || used + estimate_usd > spec.usd {
+                return Err(BudgetExceeded {
+                    name: spec.name.clone(),
+                    period: spec.period.as_str(),
+                    usd: spec.usd,
+                    spent: used,
+                    estimate: estimate_usd,
+                });
+            }
+            held.push((i, id, estimate_usd));
+        }
+        for (i, _, usd) in &held {
+            if let Some(w) = windows.get_mut(*i) {
+                w.reserved += usd;
+            }
+        }
+        Ok(Reservation {
+            budgets: self,
+            held,
+            settled: false,
+        })
+    }
+
+    fn release(&self, held: &[(usize, String, f64)], actual: Option<f64>) {
+        let mut windows = self.windows();
+        for (i, id, estimate) in held {
+            if let Some(w) = windows.get_mut(*i)
+                && &w.id == id
+            {
+                w.reserved = (w.reserved - estimate).max(0.0);
+                w.spent += actual.unwrap_or(*estimate);
+            }
+        }
+    }
+
+    /// Dollars spent (settled) in each budget's current window, by name.
+    pub fn spent(&self) -> Vec<(String, f64)> {
+        let windows = self.windows();
+        self.specs
+            .iter()
+            .zip(windows.iter())
+            .map(|(s, w)| (s.name.clone(), w.spent))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, usd: f64, task: Option<&str>, key: Option<&str>) -> BudgetSpec {
+        BudgetSpec {
+            name: name.into(),
+            period: Period::Day,
+            usd,
+            task: task.map(Into::into),
+            key: key.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn reserve_then_settle_and_refuse_past_the_limit() {
+        let b = Budgets::new(vec![
+            spec("team-a", 1.0, None, Some("a")),
+            spec("moderation", 0.5, Some("moderation"), None),
+        ]);
+        // Another key and another task are not counted.
+        b.reserve("chat", Some("b"), 10.0).unwrap().settle(10.0);
+        let r = b.reserve("moderation", Some("a"), 0.3).unwrap();
+        // Held while in flight: a second call cannot pass the task's limit.
+        let e = b.reserve("moderation", None, 0.3).unwrap_err();
+        assert_eq!(e.name, "moderation");
+        r.settle(0.1);
+        b.reserve("moderation", None, 0.3).unwrap().settle(0.3);
+        assert_eq!(b.spent()[1].1, 0.4);
+        let e = b.reserve("chat", Some("a"), 0.95).unwrap_err();
+        assert_eq!((e.name.as_str(), e.period), ("team-a", "day"));
+        // A call dropped mid-flight keeps its estimate as spent.
+        drop(b.reserve("chat", Some("a"), 0.2).unwrap());
+        assert!((b.spent()[0].1 - 0.3).abs() < 1e-12);
+    }
+
+    #[test]
+    fn windows_start_at_utc_midnight_and_the_first_of_the_month() {
+        assert_eq!(Period::Day.start_ms("1970-01-02"), 86_400_000);
+        assert_eq!(Period::Month.start_ms("1970-02-15"), 31 * 86_400_000);
+        assert_eq!(Period::Month.window("2026-11-30"), "2026-11");
+    }
+}
