@@ -289,8 +289,11 @@ pub struct LedgerOptions {
 impl Default for LedgerOptions {
     fn default() -> Self {
         Self {
-            max_pending: 4096,
-            admit_wait: Duration::from_millis(250),
+            // A kill -9 loses at most the queue: a request answered by a rule
+            // writes one row, so this keeps the loss under 2,000 answered
+            // requests at any rate (3072 lost 2,502 in a measurement).
+            max_pending: 1024,
+            admit_wait: Duration::from_millis(1000),
             commit_interval: Duration::from_millis(20),
         }
     }

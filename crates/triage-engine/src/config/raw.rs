@@ -89,9 +89,9 @@ pub struct RawLedger {
     #[serde(default)]
     pub disabled: bool,
     /// Rows queued and not yet committed before new requests wait, then get
-    /// a 503 (default 4096).
+    /// a 503 (default 1024).
     pub max_pending: Option<usize>,
-    /// How long a request waits for room in a full queue (default 250).
+    /// How long a request waits for room in a full queue (default 1000).
     pub admit_wait_ms: Option<u64>,
     /// How long the writer gathers rows into one commit (default 20, at most 100).
     pub commit_interval_ms: Option<u64>,

@@ -193,7 +193,7 @@ impl Validator {
                 self.problem(
                     "ledger.max_pending",
                     "0 would refuse every request",
-                    "give at least 1 (default 4096)",
+                    "give at least 1 (default 1024)",
                 );
             }
             o.max_pending = n.max(1);
