@@ -75,6 +75,19 @@ pub enum LocalError {
 
     #[error("model `{model}` worker has stopped")]
     WorkerGone { model: String },
+
+    #[error(
+        "the input is {tokens} tokens, over the limit of {limit} for model `{model}`; \
+         raise `max_input_tokens` for this specialist to accept it"
+    )]
+    InputTooLong {
+        model: String,
+        tokens: usize,
+        limit: usize,
+    },
+
+    #[error("model `{model}` panicked while computing this batch; the worker carries on")]
+    Panicked { model: String },
 }
 
 impl LocalError {

@@ -48,12 +48,24 @@ pub struct EncodedText {
     pub windows: Vec<Encoded>,
     /// True when the text did not fit in one window.
     pub truncated: bool,
+    /// Tokens of the whole text (special tokens included), whatever the windows kept.
+    pub input_tokens: usize,
 }
 
 impl EncodedText {
     /// Total tokens over all windows: what the batcher budgets with.
     pub fn token_count(&self) -> usize {
         self.windows.iter().map(Encoded::len).sum()
+    }
+
+    /// Tokens the batcher pays for: every window padded to the longest.
+    pub fn padded_tokens(&self) -> usize {
+        self.windows.len() * self.longest()
+    }
+
+    /// The longest window's length.
+    pub fn longest(&self) -> usize {
+        self.windows.iter().map(Encoded::len).max().unwrap_or(0)
     }
 }
 
@@ -113,6 +125,7 @@ impl TextTokenizer {
             return Ok(EncodedText {
                 windows: vec![full],
                 truncated: false,
+                input_tokens: n,
             });
         }
         let head = full.special.iter().take_while(|s| **s).count();
@@ -137,6 +150,7 @@ impl TextTokenizer {
         Ok(EncodedText {
             windows,
             truncated: true,
+            input_tokens: n,
         })
     }
 }
