@@ -97,6 +97,9 @@ struct InputArgs {
     /// On a malformed line, print an error object for it and go on instead of stopping.
     #[arg(long)]
     keep_going: bool,
+    /// Longest text accepted, in tokens; a longer one is an error for its line.
+    #[arg(long, default_value_t = triage_local::DEFAULT_MAX_INPUT_TOKENS)]
+    max_input_tokens: usize,
 }
 
 #[derive(Debug, Subcommand)]

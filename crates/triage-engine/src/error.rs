@@ -83,7 +83,7 @@ impl EngineError {
                 | EngineError::WrongInput { .. }
                 | EngineError::Audio(_)
                 | EngineError::Override(_)
-        ) || matches!(self, EngineError::Local { source, .. } if matches!(source, triage_local::LocalError::Tokenize(_)))
+        ) || matches!(self, EngineError::Local { source, .. } if matches!(source, triage_local::LocalError::Tokenize(_) | triage_local::LocalError::InputTooLong { .. }))
     }
 
     /// Whether the engine is overloaded (answer 429/503 with Retry-After).
@@ -105,6 +105,10 @@ impl EngineError {
         use triage_cloud::ErrorKind as K;
         match self {
             EngineError::UnknownTask { .. } => ErrorClass::NotFound,
+            EngineError::Local {
+                source: triage_local::LocalError::InputTooLong { .. },
+                ..
+            } => ErrorClass::TooLarge,
             _ if self.is_overloaded() => ErrorClass::Overloaded {
                 retry_after: Duration::from_secs(1),
             },

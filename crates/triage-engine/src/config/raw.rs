@@ -102,6 +102,8 @@ pub struct RawLocal {
     pub max_batch_tokens: Option<usize>,
     /// How long the first request of a batch may wait for company.
     pub max_wait_ms: Option<u64>,
+    /// Longest input accepted, in tokens (default 32,768); longer is a 413.
+    pub max_input_tokens: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
