@@ -11,9 +11,19 @@ pub(crate) async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// The tasks, specialists and routes this server answers.
-pub(crate) async fn ready(State(state): State<Shared>) -> Json<Value> {
+/// The tasks, specialists and routes this server answers; 503 naming the
+/// specialists whose worker has stopped.
+pub(crate) async fn ready(State(state): State<Shared>) -> Response {
     let engine = state.engine.current();
+    let stopped = engine.specialists.stopped();
+    if !stopped.is_empty() {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(json!({"status": "not_ready", "stopped_specialists": stopped})),
+        )
+            .into_response();
+    }
     Json(json!({
         "status": "ready",
         "tasks": engine.config.tasks.keys().collect::<Vec<_>>(),
@@ -21,6 +31,7 @@ pub(crate) async fn ready(State(state): State<Shared>) -> Json<Value> {
         "moderation": engine.config.server.moderation_task,
         "transcription": engine.transcriber().is_some(),
     }))
+    .into_response()
 }
 
 pub(crate) async fn metrics(State(state): State<Shared>) -> Response {
