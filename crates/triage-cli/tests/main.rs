@@ -6,4 +6,5 @@
 mod cli;
 mod eval;
 mod serve;
+mod system_deps;
 mod train_signal;
