@@ -101,8 +101,7 @@ fn every_native_build_in_the_lock_file_has_its_package_named() -> anyhow::Result
         "Cargo.lock no longer has whisper-rs-sys? update this test: {build:?}"
     );
     // The `postgres` ledger feature is tested against a real server.
-    let engine_manifest =
-        std::fs::read_to_string(repo().join("crates/triage-engine/Cargo.toml"))?;
+    let engine_manifest = std::fs::read_to_string(repo().join("crates/triage-engine/Cargo.toml"))?;
     let postgres_feature = engine_manifest.contains("postgres = [") && has("sqlx-postgres");
 
     let nothing = fake_root(&[])?;
