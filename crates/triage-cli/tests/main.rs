@@ -5,5 +5,7 @@
 
 mod cli;
 mod eval;
+mod examples;
 mod serve;
+mod system_deps;
 mod train_signal;

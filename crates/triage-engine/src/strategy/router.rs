@@ -513,7 +513,7 @@ async fn retrieve(
         .max_connections(1)
         .connect(&url)
         .await
-        .map_err(EngineError::Retrieval)?;
+        .map_err(|e| EngineError::retrieval_database(&url, e))?;
     // The query text is the operator's own config; request values are only
     // ever bound as parameters.
     let mut query = sqlx::query(AssertSqlSafe(q.query.clone()));
