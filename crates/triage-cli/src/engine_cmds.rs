@@ -6,8 +6,7 @@ use clap::{Args, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use triage_cloud::{ErrorKind, ProviderKind};
-use triage_engine::{Config, Engine, EngineError, GroupBy, Input, Ledger, Overrides};
+use triage_engine::{Config, Engine, GroupBy, Input, Ledger, Overrides};
 
 #[derive(Debug, Args)]
 pub struct ExecuteArgs {
@@ -90,17 +89,6 @@ pub async fn execute(args: ExecuteArgs) -> Result<ExitCode> {
         ),
         (None, None) => bail!("give --text or --file"),
     };
-    // For the fix of a failed request: what each provider is and needs.
-    let providers: Vec<Provider> = config
-        .providers
-        .iter()
-        .map(|(name, p)| Provider {
-            name: name.clone(),
-            kind: p.config.kind,
-            base_url: p.config.base_url.clone(),
-            api_key_env: p.config.api_key_env.clone(),
-        })
-        .collect();
     let engine = Engine::new(config).await?;
     let result = engine.execute_traced(&args.task, input, &overrides).await;
     if let Some(ledger) = &engine.ledger {
@@ -117,7 +105,7 @@ pub async fn execute(args: ExecuteArgs) -> Result<ExitCode> {
                 serde_json::to_writer_pretty(&mut stderr, &f.trace)?;
                 writeln!(stderr)?;
             }
-            let fix = fix(&f.error, &providers);
+            let fix = engine.hint(&f.error);
             let error = anyhow::Error::from(f.error);
             return Err(match fix {
                 Some(fix) => error.context(fix),
@@ -130,54 +118,6 @@ pub async fn execute(args: ExecuteArgs) -> Result<ExitCode> {
     serde_json::to_writer_pretty(&mut stdout, &out)?;
     writeln!(stdout)?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// A configured provider, as much as a fix needs.
-struct Provider {
-    name: String,
-    kind: ProviderKind,
-    base_url: String,
-    api_key_env: Option<String>,
-}
-
-/// What to start or set when hosted tiers failed because a server did not
-/// answer or a key is not set: the provider's own errors say
-/// "error sending request" and name neither the URL nor the fix.
-fn fix(error: &EngineError, providers: &[Provider]) -> Option<String> {
-    let EngineError::Cloud { tier, source } = error else {
-        return None;
-    };
-    let mut fixes: Vec<String> = Vec::new();
-    for e in source.errors.values().filter_map(|errors| errors.last()) {
-        let Some(p) = providers.iter().find(|p| p.name == e.provider) else {
-            continue;
-        };
-        let fix = match e.kind {
-            ErrorKind::Connect if p.kind == ProviderKind::OpenaiCompatible => format!(
-                "start the server of provider `{}`: nothing answers at {} \
-                 (for llama.cpp's llama-server, scripts/fetch-llama-server fetches one)",
-                p.name, p.base_url
-            ),
-            ErrorKind::Connect => format!(
-                "provider `{}` at {} cannot be reached: check the network",
-                p.name, p.base_url
-            ),
-            ErrorKind::MissingKey => match &p.api_key_env {
-                Some(var) => format!("set {var} for provider `{}`", p.name),
-                None => format!("give provider `{}` an api_key_env", p.name),
-            },
-            _ => continue,
-        };
-        if !fixes.contains(&fix) {
-            fixes.push(fix);
-        }
-    }
-    (!fixes.is_empty()).then(|| {
-        format!(
-            "nothing could answer tier `{tier}`; {}",
-            fixes.join(", or ")
-        )
-    })
 }
 
 pub fn config(command: ConfigCommand) -> Result<ExitCode> {

@@ -335,6 +335,48 @@ impl Engine {
             })
     }
 
+    /// What to start or set when hosted tiers failed because a server did
+    /// not answer or a key is not set (the providers' own errors say "error
+    /// sending request" and name neither the URL nor the fix); `None` for
+    /// other errors.
+    pub fn hint(&self, error: &EngineError) -> Option<String> {
+        use triage_cloud::{ErrorKind, ProviderKind};
+        let EngineError::Cloud { tier, source } = error else {
+            return None;
+        };
+        let mut fixes: Vec<String> = Vec::new();
+        for e in source.errors.values().filter_map(|errors| errors.last()) {
+            let Some(p) = self.config.providers.get(&e.provider).map(|p| &p.config) else {
+                continue;
+            };
+            let fix = match e.kind {
+                ErrorKind::Connect if p.kind == ProviderKind::OpenaiCompatible => format!(
+                    "start the server of provider `{}`: nothing answers at {} \
+                     (for llama.cpp's llama-server, scripts/fetch-llama-server fetches one)",
+                    e.provider, p.base_url
+                ),
+                ErrorKind::Connect => format!(
+                    "provider `{}` at {} cannot be reached: check the network",
+                    e.provider, p.base_url
+                ),
+                ErrorKind::MissingKey => match &p.api_key_env {
+                    Some(var) => format!("set {var} for provider `{}`", e.provider),
+                    None => format!("give provider `{}` an api_key_env", e.provider),
+                },
+                _ => continue,
+            };
+            if !fixes.contains(&fix) {
+                fixes.push(fix);
+            }
+        }
+        (!fixes.is_empty()).then(|| {
+            format!(
+                "nothing could answer tier `{tier}`; {}",
+                fixes.join(", or ")
+            )
+        })
+    }
+
     fn new_request_id(&self) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let t = crate::ledger::millis(std::time::SystemTime::now());
