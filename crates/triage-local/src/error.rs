@@ -45,11 +45,15 @@ pub enum LocalError {
         source: candle_core::Error,
     },
 
-    #[error("cannot load tokenizer {path}: {why}")]
-    Tokenizer { path: PathBuf, why: String },
+    #[error("cannot load tokenizer {path}")]
+    Tokenizer {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
 
-    #[error("tokenization failed: {0}")]
-    Tokenize(String),
+    #[error("tokenization failed")]
+    Tokenize(#[source] tokenizers::Error),
 
     #[error("device `{0}` is not valid: use cpu, cuda, cuda:N or metal")]
     BadDevice(String),

@@ -82,15 +82,13 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     /// Load `tokenizer.json`; windows of `max_length` tokens overlap by a quarter.
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self> {
-        let bad = |why: String| LocalError::Tokenizer {
+        let bad = |source: tokenizers::Error| LocalError::Tokenizer {
             path: path.to_path_buf(),
-            why,
+            source,
         };
-        let mut inner = Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
+        let mut inner = Tokenizer::from_file(path).map_err(bad)?;
         inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| bad(e.to_string()))?;
+        inner.with_truncation(None).map_err(bad)?;
         let unk_id = inner.token_to_id("[UNK]");
         Ok(Self {
             inner,
@@ -108,7 +106,7 @@ impl TextTokenizer {
         let enc = self
             .inner
             .encode_char_offsets(text, true)
-            .map_err(|e| LocalError::Tokenize(e.to_string()))?;
+            .map_err(LocalError::Tokenize)?;
         let full = Encoded {
             ids: enc.get_ids().to_vec(),
             type_ids: enc.get_type_ids().to_vec(),
