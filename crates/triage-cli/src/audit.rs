@@ -85,10 +85,12 @@ pub struct CalibrateArgs {
     /// The most accurate band whose estimated cost per 100k requests is at most this.
     #[arg(long, group = "target")]
     max_cost_per_100k: Option<f64>,
-    /// With --target-accuracy: how far above the target the band's accuracy
-    /// on the data must be (guards against a band that is lucky on this data).
-    #[arg(long, default_value_t = 0.01)]
-    margin: f64,
+    /// With --target-accuracy: ask for accuracy on the data ≥ target + MARGIN
+    /// instead of the default rule (the band's one-sided 95% lower bound of
+    /// local accuracy ≥ target, which guards against a band that is merely
+    /// lucky on this data).
+    #[arg(long)]
+    margin: Option<f64>,
     /// Write lo, hi and calibrated_accuracy into the config (a .bak is kept).
     #[arg(long)]
     write: bool,
@@ -172,9 +174,7 @@ fn print_json(value: &impl serde::Serialize, compact: bool) -> Result<()> {
 fn default_cache() -> PathBuf {
     let url = triage_engine::config::default_ledger_url();
     let db = PathBuf::from(url.trim_start_matches("sqlite://"));
-    db.parent()
-        .unwrap_or(Path::new("."))
-        .join("audit-cache")
+    db.parent().unwrap_or(Path::new(".")).join("audit-cache")
 }
 
 pub async fn audit(args: AuditArgs) -> Result<ExitCode> {
@@ -182,7 +182,10 @@ pub async fn audit(args: AuditArgs) -> Result<ExitCode> {
         return from_ledger(&args).await;
     }
     if !(0.0..=1.0).contains(&args.hosted_accuracy) {
-        bail!("--hosted-accuracy {} is not between 0 and 1", args.hosted_accuracy);
+        bail!(
+            "--hosted-accuracy {} is not between 0 and 1",
+            args.hosted_accuracy
+        );
     }
     if let Some(x) = args.max_cost_usd
         && !(x.is_finite() && x >= 0.0)
@@ -197,9 +200,7 @@ pub async fn audit(args: AuditArgs) -> Result<ExitCode> {
     };
     let config = load_config(&args.config)?;
     let items = read_data(&config, &args.task, data)?;
-    let task = config
-        .task(&args.task)
-        .context("the task disappeared")?;
+    let task = config.task(&args.task).context("the task disappeared")?;
     audit::replay_tier(task, None)?;
     let items = match args.sample {
         Some(0) => bail!("--sample must be at least 1"),
@@ -245,8 +246,10 @@ pub async fn calibrate(args: CalibrateArgs) -> Result<ExitCode> {
         (_, _, Some(x)) => Target::MaxCostPer100k(x),
         _ => bail!("give one of --target-accuracy, --target-local-share, --max-cost-per-100k"),
     };
-    if !(0.0..1.0).contains(&args.margin) {
-        bail!("--margin {} is not between 0 and 1", args.margin);
+    if let Some(m) = args.margin
+        && !(0.0..1.0).contains(&m)
+    {
+        bail!("--margin {m} is not between 0 and 1");
     }
     let config = load_config(&args.config)?;
     let items = read_data(&config, &args.task, &args.data)?;
@@ -328,7 +331,10 @@ async fn from_ledger(args: &AuditArgs) -> Result<ExitCode> {
     let url = match (&args.ledger, &config.ledger_url) {
         (Some(u), _) => u.clone(),
         (None, Some(u)) => u.clone(),
-        (None, None) => bail!("{} disables the ledger; pass --ledger URL", args.config.display()),
+        (None, None) => bail!(
+            "{} disables the ledger; pass --ledger URL",
+            args.config.display()
+        ),
     };
     let since = match &args.since {
         Some(s) => crate::engine_cmds::since_ms(s)?,
@@ -379,7 +385,11 @@ async fn from_ledger(args: &AuditArgs) -> Result<ExitCode> {
         eprintln!(
             "no shadow checks for task `{}` in the ledger{}; set the task's `shadow` fraction to collect them",
             args.task,
-            if args.since.is_some() { " in that period" } else { "" }
+            if args.since.is_some() {
+                " in that period"
+            } else {
+                ""
+            }
         );
     }
     let out = serde_json::json!({

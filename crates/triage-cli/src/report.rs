@@ -39,7 +39,11 @@ pub fn check_out(path: &Path) -> Result<()> {
     if let Some(d) = dir
         && !d.is_dir()
     {
-        bail!("--out {}: the folder {} does not exist", path.display(), d.display());
+        bail!(
+            "--out {}: the folder {} does not exist",
+            path.display(),
+            d.display()
+        );
     }
     Ok(())
 }
@@ -62,9 +66,11 @@ fn pareto(points: &[BandPoint]) -> Vec<BandPoint> {
         .copied()
         .collect();
     v.sort_by(|a, b| {
-        a.cost_per_100k_usd
-            .total_cmp(&b.cost_per_100k_usd)
-            .then(b.local_accuracy.unwrap_or(0.0).total_cmp(&a.local_accuracy.unwrap_or(0.0)))
+        a.cost_per_100k_usd.total_cmp(&b.cost_per_100k_usd).then(
+            b.local_accuracy
+                .unwrap_or(0.0)
+                .total_cmp(&a.local_accuracy.unwrap_or(0.0)),
+        )
     });
     let mut out: Vec<BandPoint> = Vec::new();
     for p in v {
@@ -98,7 +104,10 @@ pub fn frontier_svg(report: &AuditReport) -> String {
     let max_cost = points
         .iter()
         .map(|p| p.cost_per_100k_usd)
-        .chain([report.band.cost_per_100k_usd, report.all_llm_cost_per_100k_usd])
+        .chain([
+            report.band.cost_per_100k_usd,
+            report.all_llm_cost_per_100k_usd,
+        ])
         .fold(0.0_f64, f64::max)
         .max(1e-9);
     let min_acc = points
@@ -246,9 +255,7 @@ pub fn html(r: &AuditReport) -> String {
         n = r.n,
         cost = r.cost_per_100k_usd,
         all = r.all_llm_cost_per_100k_usd,
-        savings = r
-            .savings_pct
-            .map_or("–".into(), |s| format!("{s:.1}%")),
+        savings = r.savings_pct.map_or("–".into(), |s| format!("{s:.1}%")),
         acc = opt(r.accuracy, 4),
         lo = r.band.lo,
         hi = r.band.hi,

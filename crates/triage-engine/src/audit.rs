@@ -100,22 +100,28 @@ pub fn cascade_of(task: &Task) -> Result<&Cascade, AuditError> {
 /// The tier to replay: `name`, else the first. It must be a local classifier
 /// with a band (not the last tier, which always answers), and the first
 /// tier, since only then does every item reach it.
-pub fn replay_tier<'a>(task: &'a Task, name: Option<&str>) -> Result<(usize, &'a Tier), AuditError> {
+pub fn replay_tier<'a>(
+    task: &'a Task,
+    name: Option<&str>,
+) -> Result<(usize, &'a Tier), AuditError> {
     let c = cascade_of(task)?;
     let index = match name {
         None => 0,
-        Some(n) => c.tiers.iter().position(|t| t.name == n).ok_or_else(|| {
-            AuditError::UnknownTier {
-                task: task.name.clone(),
-                tier: n.to_owned(),
-                known: c
-                    .tiers
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-        })?,
+        Some(n) => {
+            c.tiers
+                .iter()
+                .position(|t| t.name == n)
+                .ok_or_else(|| AuditError::UnknownTier {
+                    task: task.name.clone(),
+                    tier: n.to_owned(),
+                    known: c
+                        .tiers
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?
+        }
     };
     let tier = c.tiers.get(index).ok_or(AuditError::Unsupported {
         task: task.name.clone(),
@@ -147,7 +153,11 @@ pub fn replay_tier<'a>(task: &'a Task, name: Option<&str>) -> Result<(usize, &'a
 /// Parse labelled JSONL for a moderation cascade: `{"text", "label"}` where
 /// the label is one of the task's labels, a list of them (`[]` is clean), or
 /// 0/1 when the task has a single label. Blank lines are skipped.
-pub fn parse_labelled(c: &Cascade, bytes: &[u8], origin: &str) -> Result<Vec<Labelled>, AuditError> {
+pub fn parse_labelled(
+    c: &Cascade,
+    bytes: &[u8],
+    origin: &str,
+) -> Result<Vec<Labelled>, AuditError> {
     let text = String::from_utf8_lossy(bytes);
     let mut items = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -323,7 +333,13 @@ fn hosted_usage(tier: &Tier, chars: usize, labels: usize) -> Usage {
 }
 
 /// Price-table estimate of one hosted tier's call on `chars` characters.
-fn tier_estimate(prices: &PriceTable, tier: &Tier, chars: usize, labels: usize, today: &str) -> Option<f64> {
+fn tier_estimate(
+    prices: &PriceTable,
+    tier: &Tier,
+    chars: usize,
+    labels: usize,
+    today: &str,
+) -> Option<f64> {
     let target = match &tier.kind {
         TierKind::Moderation { targets } | TierKind::Llm { targets } => targets.first()?,
         TierKind::Local { .. } => return Some(0.0),
@@ -419,7 +435,11 @@ impl Replay {
                     .unwrap_or(0.0),
             };
             scored.push(ScoredItem {
-                scores: c.labels.iter().map(|l| scores.get(l).copied().unwrap_or(0.0)).collect(),
+                scores: c
+                    .labels
+                    .iter()
+                    .map(|l| scores.get(l).copied().unwrap_or(0.0))
+                    .collect(),
                 gold: c.labels.iter().map(|l| item.labels.contains(l)).collect(),
                 text: item.text,
                 local_cost_usd: prices.compute_cost(elapsed, *gpu),
@@ -651,10 +671,11 @@ impl Cache {
 #[derive(Default)]
 struct TierTally {
     answered: usize,
-    /// Correct answers (assumed ones count `hosted_accuracy` each).
-    correct: f64,
-    /// Answers scored against the labels.
+    /// Answers scored against the labels, and how many were right.
     measured: usize,
+    correct: usize,
+    /// Answers not obtained, whose accuracy is assumed.
+    assumed: usize,
     cost: f64,
     latencies: Vec<f64>,
 }
@@ -704,7 +725,10 @@ pub async fn audit(
         } => {
             live = Some(LiveStats {
                 max_cost_usd: *max_cost_usd,
-                cache: cache_dir.join(format!("{}.jsonl", replay.task)).display().to_string(),
+                cache: cache_dir
+                    .join(format!("{}.jsonl", replay.task))
+                    .display()
+                    .to_string(),
                 ..LiveStats::default()
             });
             Some(Cache::open(cache_dir, &replay.task)?)
@@ -714,7 +738,7 @@ pub async fn audit(
     let mut assumed = 0usize;
     let mut total_cost = 0.0;
     let mut all_llm = 0.0;
-    let mut correct_all = 0.0;
+    let mut correct_all = 0usize;
     let labels = &c.labels;
     for item in &replay.items {
         all_llm += item.all_llm_usd;
@@ -726,8 +750,8 @@ pub async fn audit(
             local.answered += 1;
             local.measured += 1;
             if item.correct(c.threshold) {
-                local.correct += 1.0;
-                correct_all += 1.0;
+                local.correct += 1;
+                correct_all += 1;
             }
             continue;
         }
@@ -826,8 +850,8 @@ pub async fn audit(
                 e.answered += 1;
                 e.measured += 1;
                 if flagged == want {
-                    e.correct += 1.0;
-                    correct_all += 1.0;
+                    e.correct += 1;
+                    correct_all += 1;
                 }
             }
             None => {
@@ -838,16 +862,13 @@ pub async fn audit(
                 let prices = &engine.config.prices;
                 let today = PriceTable::today();
                 for t in &hosted {
-                    let cost =
-                        tier_estimate(prices, t, chars, labels.len(), &today).unwrap_or(0.0);
+                    let cost = tier_estimate(prices, t, chars, labels.len(), &today).unwrap_or(0.0);
                     tally.entry(t.name.clone()).or_default().cost += cost;
                     total_cost += cost;
                 }
                 let e = tally.entry(last.clone()).or_default();
                 e.answered += 1;
-                e.measured += 1;
-                e.correct += opts.hosted_accuracy;
-                correct_all += opts.hosted_accuracy;
+                e.assumed += 1;
             }
         }
     }
@@ -893,8 +914,15 @@ pub async fn audit(
         tiers.push(TierReport {
             tier: t.name.clone(),
             model: t.model_name(),
-            share: if n > 0 { tt.answered as f64 / n as f64 } else { 0.0 },
-            accuracy: (tt.measured > 0).then(|| tt.correct / tt.measured as f64),
+            share: if n > 0 {
+                tt.answered as f64 / n as f64
+            } else {
+                0.0
+            },
+            accuracy: (tt.measured + tt.assumed > 0).then(|| {
+                (tt.correct as f64 + tt.assumed as f64 * opts.hosted_accuracy)
+                    / (tt.measured + tt.assumed) as f64
+            }),
             cost_usd: tt.cost,
             latency_ms_p50: percentile(&tt.latencies, 0.5),
             latency_ms_p99: percentile(&tt.latencies, 0.99),
@@ -905,7 +933,8 @@ pub async fn audit(
         n,
         task: replay.task.clone(),
         tiers,
-        accuracy: (n > 0).then(|| correct_all / n as f64),
+        accuracy: (n > 0)
+            .then(|| (correct_all as f64 + assumed as f64 * opts.hosted_accuracy) / n as f64),
         assumptions,
         cost_per_100k_usd: per_100k(total_cost),
         all_llm_cost_per_100k_usd: per_100k(all_llm),

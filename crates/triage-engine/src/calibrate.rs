@@ -27,11 +27,13 @@ pub enum Target {
 
 #[derive(Debug, Clone, Copy)]
 pub struct CalibrateOptions {
-    /// `Accuracy` targets: the band's accuracy on the data must clear the
-    /// target by this much, so that the largest-share band (chosen among
-    /// thousands, and so a little lucky on this data) still meets it on new
-    /// data.
-    pub margin: f64,
+    /// `Accuracy` targets: `None` (the default) asks that the band's
+    /// one-sided 95% lower bound of local accuracy (normal approximation over
+    /// the items it accepts) reach the target, so that the largest-share band
+    /// (chosen among thousands, and so a little lucky on this data) still
+    /// meets it on new data; `Some(m)` asks instead that its accuracy on the
+    /// data be at least target + m.
+    pub margin: Option<f64>,
     /// A band must accept at least this many items for its accuracy to count.
     pub min_accepted: usize,
     pub resamples: usize,
@@ -41,7 +43,7 @@ pub struct CalibrateOptions {
 impl Default for CalibrateOptions {
     fn default() -> Self {
         Self {
-            margin: 0.01,
+            margin: None,
             min_accepted: 30,
             resamples: 1000,
             seed: 42,
@@ -70,7 +72,8 @@ pub struct Calibration {
     pub cost_per_100k_usd: f64,
     pub n: usize,
     pub target: Target,
-    pub margin: f64,
+    /// How the accuracy target was applied.
+    pub rule: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,18 +143,20 @@ pub fn calibrate(
     };
     let chosen = match target {
         Target::Accuracy(t) => {
-            let best = candidates
-                .iter()
-                .filter(|p| acc(p) >= t + opts.margin)
-                .max_by(|a, b| {
-                    a.local_share
-                        .total_cmp(&b.local_share)
-                        .then(acc(a).total_cmp(&acc(b)))
-                });
+            let meets = |p: &BandPoint| match opts.margin {
+                Some(m) => acc(p) >= t + m,
+                None => lower_bound(p, n) >= t,
+            };
+            let best = candidates.iter().filter(|p| meets(p)).max_by(|a, b| {
+                a.local_share
+                    .total_cmp(&b.local_share)
+                    .then(acc(a).total_cmp(&acc(b)))
+            });
             best.copied().ok_or_else(|| CalibrateError::Unreachable {
                 what: format!(
-                    "no band reaches local accuracy {t} (+ margin {}) on {n} items with at least {} accepted",
-                    opts.margin, opts.min_accepted
+                    "no band reaches local accuracy {t} ({}) on {n} items with at least {} accepted",
+                    rule(opts),
+                    opts.min_accepted
                 ),
                 best: candidates
                     .iter()
@@ -194,11 +199,30 @@ pub fn calibrate(
         cost_per_100k_usd: chosen.cost_per_100k_usd,
         n,
         target,
-        margin: match target {
-            Target::Accuracy(_) => opts.margin,
-            _ => 0.0,
+        rule: match target {
+            Target::Accuracy(_) => rule(opts),
+            Target::LocalShare(_) => "the most accurate band with at least the target share".into(),
+            Target::MaxCostPer100k(_) => {
+                "the most accurate band within the cost (price-table estimate for escalated items)"
+                    .into()
+            }
         },
     })
+}
+
+fn rule(opts: &CalibrateOptions) -> String {
+    match opts.margin {
+        Some(m) => format!("accuracy on the data at least the target + {m}"),
+        None => "one-sided 95% lower bound of local accuracy at least the target".into(),
+    }
+}
+
+/// One-sided 95% lower bound of a band's local accuracy (normal
+/// approximation over the items it accepts).
+fn lower_bound(p: &BandPoint, n: usize) -> f64 {
+    let a = p.local_accuracy.unwrap_or(0.0);
+    let k = (p.local_share * n as f64).max(1.0);
+    a - 1.645 * (a * (1.0 - a) / k).sqrt()
 }
 
 /// Percentile bootstrap over items (resampled with replacement, seeded).
@@ -347,10 +371,12 @@ pub fn write_band(
         .and_then(|t| t.get_mut(task))
         .and_then(|t| t.get_mut("tiers"))
         .ok_or_else(|| edit(format!("no `tasks.{task}.tiers`")))?;
-    let named = |t: &dyn toml_edit::TableLike| {
-        t.get("name").and_then(|n| n.as_str()) == Some(tier)
-    };
-    let values = [("lo", lo), ("hi", hi), ("calibrated_accuracy", round(calibrated_accuracy))];
+    let named = |t: &dyn toml_edit::TableLike| t.get("name").and_then(|n| n.as_str()) == Some(tier);
+    let values = [
+        ("lo", lo),
+        ("hi", hi),
+        ("calibrated_accuracy", round(calibrated_accuracy)),
+    ];
     let mut found = false;
     if let Some(array) = tiers.as_array_of_tables_mut() {
         for t in array.iter_mut() {
@@ -372,7 +398,9 @@ pub fn write_band(
         }
     }
     if !found {
-        return Err(edit(format!("no tier named `{tier}` in `tasks.{task}.tiers`")));
+        return Err(edit(format!(
+            "no tier named `{tier}` in `tasks.{task}.tiers`"
+        )));
     }
     let new = doc.to_string();
     let base = path.parent().unwrap_or(Path::new("."));
