@@ -796,3 +796,116 @@ async fn from_ledger_estimates_accuracy_from_shadow_agreement_and_warns_on_drift
     assert!(!stderr(&out).contains("warning:"));
     Ok(())
 }
+
+/// A two-label cascade on the committed tiny multi-label checkpoint: label
+/// lists in the data, the cascade's mapping, and the every-label band rule,
+/// checked against `triage moderate`'s scores.
+#[test]
+fn multi_label_audit_applies_the_band_to_every_label() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models/distilbert-seq-multilabel");
+    let config = dir.path().join("multi.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[ledger]
+disabled = true
+
+[local.tiny]
+model = "{}"
+
+[providers.openai]
+kind = "openai"
+api_key_env = "OPENAI_API_KEY"
+
+[tasks.abuse]
+strategy = "cascade"
+kind = "moderation"
+labels = ["toxic", "insult"]
+threshold = 0.5
+
+[[tasks.abuse.tiers]]
+name = "local"
+local = "tiny"
+lo = 0.49
+hi = 0.51
+map = {{ toxic = "toxic", insult = "insult" }}
+
+[[tasks.abuse.tiers]]
+name = "llm"
+provider = "openai"
+model = "gpt-4o-mini"
+"#,
+            model.display()
+        ),
+    )?;
+    let texts = [
+        ("you are a complete idiot", json!(["toxic", "insult"])),
+        ("have a lovely day", json!([])),
+        ("I will find you", json!("toxic")),
+        ("what a stupid question", json!(["insult"])),
+        ("the weather is fine", json!([])),
+        ("get lost, moron", json!(["toxic", "insult"])),
+        ("thanks for the help", json!([])),
+        ("nobody likes you", json!("insult")),
+    ];
+    let data: String = texts
+        .iter()
+        .map(|(t, l)| format!("{}\n", json!({"text": t, "label": l})))
+        .collect();
+    let data_path = dir.path().join("d.jsonl");
+    std::fs::write(&data_path, &data)?;
+    let (c, d) = (config.to_str().unwrap(), data_path.to_str().unwrap());
+    let r = json_out(&triage(
+        &[
+            "audit", "--config", c, "--task", "abuse", "--data", d, "--json",
+        ],
+        &[],
+    )?)?;
+
+    let scored = triage(
+        &["moderate", "--model", model.to_str().unwrap(), "--file", d],
+        &[],
+    )?;
+    assert!(scored.status.success(), "{}", stderr(&scored));
+    let (mut accepted, mut correct) = (0usize, 0usize);
+    for (line, (_, gold)) in String::from_utf8(scored.stdout)?.lines().zip(&texts) {
+        let v: Value = serde_json::from_str(line)?;
+        let gold: Vec<&str> = match gold {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().map(|x| x.as_str().unwrap()).collect(),
+            _ => unreachable!(),
+        };
+        let s = [f(&v["scores"]["toxic"]), f(&v["scores"]["insult"])];
+        if s.iter().all(|x| *x <= 0.49 || *x >= 0.51) {
+            accepted += 1;
+            let flags = [s[0] >= 0.5, s[1] >= 0.5];
+            correct += usize::from(flags == [gold.contains(&"toxic"), gold.contains(&"insult")]);
+        }
+    }
+    let local = &r["tiers"][0];
+    assert!(
+        (f(&local["share"]) - accepted as f64 / 8.0).abs() < 1e-12,
+        "{r}"
+    );
+    if accepted > 0 {
+        assert!((f(&local["accuracy"]) - correct as f64 / accepted as f64).abs() < 1e-12);
+    } else {
+        assert!(local["accuracy"].is_null());
+    }
+
+    // 0/1 labels are ambiguous with two task labels.
+    std::fs::write(&data_path, "{\"text\": \"x\", \"label\": 1}\n")?;
+    let out = triage(
+        &["audit", "--config", c, "--task", "abuse", "--data", d],
+        &[],
+    )?;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("0/1 labels need a single-label task"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
