@@ -197,11 +197,16 @@ pub fn frontier_svg(report: &AuditReport) -> String {
     let b = &report.band;
     if let Some(a) = b.local_accuracy {
         let (bx, by) = (x(b.cost_per_100k_usd), y(a));
+        // The label goes on the side of the marker with room for it.
+        let (lx, anchor) = if bx > LEFT + 0.6 * pw {
+            (bx - 10.0, "end")
+        } else {
+            (bx + 10.0, "start")
+        };
         s.push_str(&format!(
             "<circle cx=\"{bx:.1}\" cy=\"{by:.1}\" r=\"7\" fill=\"none\" stroke=\"#d62728\" stroke-width=\"3\" class=\"chosen\"/>\n\
-             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#d62728\">band {}–{}: {:.0}% local at {:.3}</text>\n",
-            bx + 10.0,
-            by - 10.0,
+             <text x=\"{lx:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\" fill=\"#d62728\">band {}–{}: {:.0}% local at {:.3}</text>\n",
+            by - 12.0,
             b.lo,
             b.hi,
             b.local_share * 100.0,
