@@ -148,7 +148,7 @@ pub fn config(command: ConfigCommand) -> Result<ExitCode> {
 }
 
 /// `30m`, `24h`, `7d`, `90s` before now, or a UTC date, as unix milliseconds.
-fn since_ms(since: &str) -> Result<i64> {
+pub(crate) fn since_ms(since: &str) -> Result<i64> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

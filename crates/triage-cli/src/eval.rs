@@ -590,7 +590,7 @@ fn keep_end(s: &str, max: usize) -> String {
     }
 }
 
-fn xml_escape(s: &str) -> String {
+pub(crate) fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -599,7 +599,7 @@ fn xml_escape(s: &str) -> String {
 
 /// Rasterise the curve at twice its SVG size, with DejaVu Sans compiled in
 /// so the labels render on machines without fonts.
-fn svg_to_png(svg: &str) -> Result<Vec<u8>> {
+pub(crate) fn svg_to_png(svg: &str) -> Result<Vec<u8>> {
     use resvg::{tiny_skia, usvg};
     let mut fonts = usvg::fontdb::Database::new();
     fonts.load_font_data(dejavu::sans::regular().to_vec());

@@ -3,6 +3,7 @@
 //! instead of one per file saves link time and gigabytes of disk.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod cli;
 mod eval;
 mod examples;

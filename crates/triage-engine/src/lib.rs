@@ -7,6 +7,8 @@
 // built at most once per request, so its size costs nothing measurable.
 #![allow(clippy::result_large_err)]
 
+pub mod audit;
+pub mod calibrate;
 pub mod config;
 pub mod default_config;
 pub mod engine;

@@ -164,6 +164,9 @@ pub struct RawTier {
     /// Accept when every label's probability is ≥ hi or ≤ lo.
     pub hi: Option<f64>,
     pub lo: Option<f64>,
+    /// The local accuracy `triage calibrate --write` measured for this band;
+    /// `triage audit --from-ledger` warns when shadow agreement falls below it.
+    pub calibrated_accuracy: Option<f64>,
     /// Tier label/category → task label (`harassment = "toxic"`).
     #[serde(default)]
     pub map: IndexMap<String, String>,

@@ -237,27 +237,10 @@ async fn tier_verdict(
                     return Err((e, 0.0));
                 }
             };
-            let mut scores = IndexMap::new();
-            for label in &c.labels {
-                scores.insert(label.clone(), 0.0);
-            }
-            for ls in &classified.scores {
-                let target = if tier.map.is_empty() {
-                    positive_labels
-                        .contains(&ls.label)
-                        .then(|| c.labels.first().cloned())
-                        .flatten()
-                } else {
-                    tier.map.get(&ls.label).cloned()
-                };
-                if let Some(t) = target {
-                    let e = scores.entry(t).or_insert(0.0);
-                    *e = f64::max(*e, f64::from(ls.score));
-                }
-            }
             if c.kind == CascadeKind::Chat {
                 return Err((EngineError::Internal("local tiers cannot answer chat"), 0.0));
             }
+            let scores = local_scores(c, tier, positive_labels, &classified);
             Ok((Verdict::Scores(scores), 0.0))
         }
         TierKind::Moderation { targets } => {
@@ -389,6 +372,44 @@ async fn tier_verdict(
     }
 }
 
+/// A local classifier's output as the task's label scores: through the
+/// tier's `map` (the highest of the model labels mapped onto a task label),
+/// or, without one, the specialist's positive labels onto the first task
+/// label. `triage audit` and `triage calibrate` score with this too, so
+/// their scores are the ones the cascade decides on.
+pub(crate) fn local_scores(
+    c: &Cascade,
+    tier: &Tier,
+    positive_labels: &[String],
+    classified: &triage_core::Classification,
+) -> IndexMap<String, f64> {
+    let mut scores = IndexMap::new();
+    for label in &c.labels {
+        scores.insert(label.clone(), 0.0);
+    }
+    for ls in &classified.scores {
+        let target = if tier.map.is_empty() {
+            positive_labels
+                .contains(&ls.label)
+                .then(|| c.labels.first().cloned())
+                .flatten()
+        } else {
+            tier.map.get(&ls.label).cloned()
+        };
+        if let Some(t) = target {
+            let e = scores.entry(t).or_insert(0.0);
+            *e = f64::max(*e, f64::from(ls.score));
+        }
+    }
+    scores
+}
+
+/// Whether a score is confident for the band: at or below `lo`, or at or
+/// above `hi`. A tier is accepted when every label's score is.
+pub(crate) fn outside_band(score: f64, lo: f64, hi: f64) -> bool {
+    score <= lo || score >= hi
+}
+
 fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
@@ -471,7 +492,7 @@ fn decide(verdict: &Verdict, band: Option<(f64, f64)>) -> (Decision, String, Opt
                 Some((lo, hi)) => {
                     let uncertain: Vec<String> = scores
                         .iter()
-                        .filter(|(_, s)| **s > lo && **s < hi)
+                        .filter(|(_, s)| !outside_band(**s, lo, hi))
                         .map(|(l, s)| format!("{l}={s:.3}"))
                         .collect();
                     if uncertain.is_empty() {
