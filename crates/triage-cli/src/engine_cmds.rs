@@ -79,7 +79,8 @@ pub async fn execute(args: ExecuteArgs) -> Result<ExitCode> {
     let input = match (&args.text, &args.file) {
         (Some(t), _) => Input::Text(t.clone()),
         (None, Some(f)) if task.takes_audio() => Input::Audio {
-            bytes: std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?,
+            bytes: std::fs::read(f)
+                .with_context(|| format!("cannot read the audio file {} (--file)", f.display()))?,
             file_name: f.file_name().map(|n| n.to_string_lossy().into_owned()),
         },
         (None, Some(f)) => Input::Text(
@@ -104,7 +105,12 @@ pub async fn execute(args: ExecuteArgs) -> Result<ExitCode> {
                 serde_json::to_writer_pretty(&mut stderr, &f.trace)?;
                 writeln!(stderr)?;
             }
-            return Err(f.error.into());
+            let fix = engine.hint(&f.error);
+            let error = anyhow::Error::from(f.error);
+            return Err(match fix {
+                Some(fix) => error.context(fix),
+                None => error,
+            });
         }
     };
     let out = serde_json::json!({ "answer": execution.answer, "trace": execution.trace });
@@ -142,7 +148,7 @@ pub fn config(command: ConfigCommand) -> Result<ExitCode> {
 }
 
 /// `30m`, `24h`, `7d`, `90s` before now, or a UTC date, as unix milliseconds.
-fn since_ms(since: &str) -> Result<i64> {
+pub(crate) fn since_ms(since: &str) -> Result<i64> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

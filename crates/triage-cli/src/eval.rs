@@ -498,38 +498,69 @@ fn eval_ner(
     let labels: Vec<String> = model.info.labels.iter().map(|l| as_iob(l)).collect();
     let joined: Vec<(String, Vec<(usize, usize)>)> =
         sentences.iter().map(|s| join_words(&s.tokens)).collect();
+    // Every window of a long sentence is tagged, as `triage entities` does;
+    // a word keeps the prediction of the window where its first sub-token has
+    // the most context on both sides.
     let encoded = joined
         .iter()
-        .map(|(text, _)| model.tokenizer.encode(text, false))
+        .map(|(text, _)| model.tokenizer.encode(text, true))
         .collect::<triage_local::Result<Vec<_>>>()?;
     let truncated = encoded.iter().filter(|e| e.truncated).count();
-    let windows: Vec<&Encoded> = encoded
+    let pairs: Vec<(usize, usize)> = encoded
         .iter()
-        .map(|e| e.windows.first().context("the tokenizer gave no window"))
-        .collect::<Result<_>>()?;
-    let lengths: Vec<usize> = windows.iter().map(|w| w.len()).collect();
+        .enumerate()
+        .flat_map(|(i, e)| (0..e.windows.len()).map(move |w| (i, w)))
+        .collect();
+    let lengths: Vec<usize> = pairs
+        .iter()
+        .map(|&(i, w)| encoded[i].windows[w].len())
+        .collect();
 
-    let bar = progress_bar(sentences.len());
-    let mut predicted: Vec<Vec<String>> = vec![Vec::new(); sentences.len()];
+    let bar = progress_bar(pairs.len());
+    let mut best: Vec<Vec<Option<(usize, String)>>> = sentences
+        .iter()
+        .map(|s| vec![None; s.tokens.len()])
+        .collect();
     for batch in batches(&lengths, args.batch) {
-        let group: Vec<&Encoded> = batch.iter().map(|&i| windows[i]).collect();
+        let group: Vec<&Encoded> = batch
+            .iter()
+            .map(|&k| &encoded[pairs[k].0].windows[pairs[k].1])
+            .collect();
         let probs = model.tag_windows(&group)?;
-        for (&i, per_token) in batch.iter().zip(probs) {
-            let first = first_subtokens(windows[i], &joined[i].1);
-            let mut tags: Vec<String> = first
-                .iter()
-                .map(|t| {
-                    t.and_then(|t| per_token.get(t))
-                        .and_then(|p| labels.get(argmax(p)))
-                        .map_or_else(|| OUTSIDE.to_owned(), Clone::clone)
-                })
-                .collect();
-            metrics::iob1_to_iob2(&mut tags);
-            predicted[i] = tags;
+        for (&k, per_token) in batch.iter().zip(probs) {
+            let (i, w) = pairs[k];
+            let window = &encoded[i].windows[w];
+            let body: Vec<usize> = (0..window.len()).filter(|&t| !window.special[t]).collect();
+            let first = first_subtokens(window, &joined[i].1);
+            for (word, t) in first.iter().enumerate() {
+                let Some(t) = *t else { continue };
+                let Some(pos) = body.iter().position(|&b| b == t) else {
+                    continue;
+                };
+                let context = pos.min(body.len() - 1 - pos);
+                let tag = per_token
+                    .get(t)
+                    .and_then(|p| labels.get(argmax(p)))
+                    .map_or_else(|| OUTSIDE.to_owned(), Clone::clone);
+                if best[i][word].as_ref().is_none_or(|(c, _)| context > *c) {
+                    best[i][word] = Some((context, tag));
+                }
+            }
         }
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
+    let predicted: Vec<Vec<String>> = best
+        .into_iter()
+        .map(|words| {
+            let mut tags: Vec<String> = words
+                .into_iter()
+                .map(|b| b.map_or_else(|| OUTSIDE.to_owned(), |(_, tag)| tag))
+                .collect();
+            metrics::iob1_to_iob2(&mut tags);
+            tags
+        })
+        .collect();
 
     let gold: Vec<&[String]> = sentences.iter().map(|s| s.tags.as_slice()).collect();
     let report = metrics::entity_report(&gold, &predicted);
@@ -559,7 +590,7 @@ fn keep_end(s: &str, max: usize) -> String {
     }
 }
 
-fn xml_escape(s: &str) -> String {
+pub(crate) fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -568,7 +599,7 @@ fn xml_escape(s: &str) -> String {
 
 /// Rasterise the curve at twice its SVG size, with DejaVu Sans compiled in
 /// so the labels render on machines without fonts.
-fn svg_to_png(svg: &str) -> Result<Vec<u8>> {
+pub(crate) fn svg_to_png(svg: &str) -> Result<Vec<u8>> {
     use resvg::{tiny_skia, usvg};
     let mut fonts = usvg::fontdb::Database::new();
     fonts.load_font_data(dejavu::sans::regular().to_vec());

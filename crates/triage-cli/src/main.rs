@@ -1,10 +1,12 @@
 //! `triage`: the command-line front of the triage runtime.
 
+mod audit;
 mod engine_cmds;
 mod eval;
 mod import;
 mod input;
 mod manifests;
+mod report;
 mod run;
 mod serve;
 mod train;
@@ -76,6 +78,13 @@ enum Command {
     },
     /// Summarise the cost ledger: dollars per task, tier or model, and savings.
     Costs(engine_cmds::CostsArgs),
+    /// Replay labelled data through a cascade: share, accuracy and dollars
+    /// per tier, savings against the all-LLM path, and the band frontier;
+    /// or (--from-ledger) shadow agreement on live traffic.
+    Audit(audit::AuditArgs),
+    /// Choose a local tier's band (lo, hi) that meets a target on labelled
+    /// data, with a bootstrap 95% interval; --write puts it in the config.
+    Calibrate(audit::CalibrateArgs),
     /// Download and list models.
     Models {
         #[command(subcommand)]
@@ -97,6 +106,9 @@ struct InputArgs {
     /// On a malformed line, print an error object for it and go on instead of stopping.
     #[arg(long)]
     keep_going: bool,
+    /// Longest text accepted, in tokens; a longer one is an error for its line.
+    #[arg(long, default_value_t = triage_local::DEFAULT_MAX_INPUT_TOKENS)]
+    max_input_tokens: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -197,6 +209,8 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Execute(args) => engine_cmds::execute(args).await,
         Command::Config { command } => engine_cmds::config(command),
         Command::Costs(args) => engine_cmds::costs(args).await,
+        Command::Audit(args) => audit::audit(args).await,
+        Command::Calibrate(args) => audit::calibrate(args).await,
         Command::Serve(args) => serve::run(args, &cli.device, cli.threads).await,
         Command::Transcribe(args) => {
             let gpu = !matches!(

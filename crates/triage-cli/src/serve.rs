@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Without --config: dollars per CPU-hour, to price local answers (default 0.04).
     #[arg(long, conflicts_with = "config")]
     cpu_hour_usd: Option<f64>,
+    /// Without --config: the longest text the moderation model accepts, in
+    /// tokens (default 32768); longer is a 413 naming the limit.
+    #[arg(long, conflicts_with = "config")]
+    max_input_tokens: Option<usize>,
     /// Longest audio accepted, in seconds (a config's `server.max_audio_seconds` wins).
     #[arg(long, default_value_t = 4.0 * 3600.0)]
     max_audio_s: f64,
@@ -185,6 +189,10 @@ async fn default_with_flags(
             categories.insert(label.trim().to_owned(), category.trim().into());
         }
         table(&mut doc, &["server"])?.insert("categories".into(), Value::Table(categories));
+    }
+    if let Some(n) = args.max_input_tokens {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        table(&mut doc, &["local", "toxicity"])?.insert("max_input_tokens".into(), n.into());
     }
     if let Some(t) = args.flag_threshold {
         table(&mut doc, &["tasks", "moderation"])?.insert("threshold".into(), t.into());

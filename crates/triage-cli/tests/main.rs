@@ -3,8 +3,11 @@
 //! instead of one per file saves link time and gigabytes of disk.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
 mod cli;
 mod eval;
 mod ledger_crash;
+mod examples;
 mod serve;
+mod system_deps;
 mod train_signal;

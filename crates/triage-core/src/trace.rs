@@ -34,6 +34,12 @@ pub struct TierTrace {
     pub score: Option<f64>,
     pub latency_ms: f64,
     pub cost_usd: f64,
+    /// A local model's time waiting in its queue, where measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<f64>,
+    /// A local model's share of its batch's compute (what `cost_usd` prices).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

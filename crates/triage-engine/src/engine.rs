@@ -141,7 +141,9 @@ impl Run<'_> {
             .compute_cost(elapsed, specialist.on_gpu())
     }
 
-    /// Record a local tier's run in the ledger and the trace.
+    /// Record a local tier's run in the ledger and the trace. With the
+    /// worker's timing, the tier is charged its share of the batch's compute
+    /// and the trace shows queue and compute time apart.
     #[allow(clippy::too_many_arguments)]
     pub fn local_step(
         &mut self,
@@ -149,13 +151,14 @@ impl Run<'_> {
         model: &str,
         operation: &str,
         specialist: &Specialist,
-        elapsed: Duration,
+        time: impl Into<LocalTime>,
         decision: Decision,
         reason: String,
         score: Option<f64>,
         error: Option<String>,
     ) {
-        let cost = self.compute_cost(specialist, elapsed);
+        let LocalTime { elapsed, timing } = time.into();
+        let cost = self.compute_cost(specialist, timing.map_or(elapsed, |t| t.compute));
         if let Some(ledger) = &self.engine.ledger {
             ledger.record(AttemptRecord::local(
                 &self.request_id,
@@ -176,6 +179,8 @@ impl Run<'_> {
             score,
             latency_ms: ms(elapsed),
             cost_usd: cost,
+            queue_ms: timing.map(|t| ms(t.queue)),
+            compute_ms: timing.map(|t| ms(t.compute)),
         });
     }
 
@@ -191,20 +196,24 @@ impl Run<'_> {
             let specialist = self.engine.specialists.get(name)?;
             if let Specialist::Tagger { handle, .. } = specialist {
                 let started = Instant::now();
-                let tagged = handle
-                    .tag(text, triage_core::Aggregation::Simple)
+                let (tagged, timing) = handle
+                    .tag_timed(text, triage_core::Aggregation::Simple)
                     .await
                     .map_err(|source| EngineError::Local {
                         name: name.clone(),
                         source,
                     })?;
                 let to_byte = char_to_byte(text);
+                let chars: Vec<char> = text.chars().collect();
                 for e in tagged
                     .entities
                     .iter()
                     .filter(|e| r.ner_types.contains(&e.label))
                 {
-                    if let (Some(&s), Some(&en)) = (to_byte.get(e.start), to_byte.get(e.end)) {
+                    // A name the model tagged only in part ("Pri" of
+                    // "Priya") is redacted as the whole word.
+                    let (start, end) = whole_words(&chars, e.start, e.end);
+                    if let (Some(&s), Some(&en)) = (to_byte.get(start), to_byte.get(end)) {
                         spans.push(redact::Span {
                             start: s,
                             end: en,
@@ -218,7 +227,7 @@ impl Run<'_> {
                     &format!("local/{name}"),
                     "tag",
                     specialist,
-                    started.elapsed(),
+                    (started.elapsed(), timing),
                     Decision::Ran,
                     format!("{found} span(s) redacted"),
                     None,
@@ -228,6 +237,43 @@ impl Run<'_> {
         }
         Ok(redact::apply(text, spans))
     }
+}
+
+/// A local step's wall time, and the worker's account of it when there is one.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalTime {
+    pub elapsed: Duration,
+    pub timing: Option<triage_local::Timing>,
+}
+
+impl From<Duration> for LocalTime {
+    fn from(elapsed: Duration) -> Self {
+        Self {
+            elapsed,
+            timing: None,
+        }
+    }
+}
+
+impl From<(Duration, triage_local::Timing)> for LocalTime {
+    fn from((elapsed, timing): (Duration, triage_local::Timing)) -> Self {
+        Self {
+            elapsed,
+            timing: Some(timing),
+        }
+    }
+}
+
+/// `start..end` (char indices) widened to the words it touches.
+fn whole_words(chars: &[char], mut start: usize, mut end: usize) -> (usize, usize) {
+    let word = |c: &char| c.is_alphanumeric();
+    while start > 0 && chars.get(start - 1).is_some_and(word) {
+        start -= 1;
+    }
+    while chars.get(end).is_some_and(word) {
+        end += 1;
+    }
+    (start, end.min(chars.len()))
 }
 
 /// Byte offset of every char index (plus one past the end).
@@ -305,6 +351,48 @@ impl Engine {
                     .collect::<Vec<_>>()
                     .join(", "),
             })
+    }
+
+    /// What to start or set when hosted tiers failed because a server did
+    /// not answer or a key is not set (the providers' own errors say "error
+    /// sending request" and name neither the URL nor the fix); `None` for
+    /// other errors.
+    pub fn hint(&self, error: &EngineError) -> Option<String> {
+        use triage_cloud::{ErrorKind, ProviderKind};
+        let EngineError::Cloud { tier, source } = error else {
+            return None;
+        };
+        let mut fixes: Vec<String> = Vec::new();
+        for e in source.errors.values().filter_map(|errors| errors.last()) {
+            let Some(p) = self.config.providers.get(&e.provider).map(|p| &p.config) else {
+                continue;
+            };
+            let fix = match e.kind {
+                ErrorKind::Connect if p.kind == ProviderKind::OpenaiCompatible => format!(
+                    "start the server of provider `{}`: nothing answers at {} \
+                     (for llama.cpp's llama-server, scripts/fetch-llama-server fetches one)",
+                    e.provider, p.base_url
+                ),
+                ErrorKind::Connect => format!(
+                    "provider `{}` at {} cannot be reached: check the network",
+                    e.provider, p.base_url
+                ),
+                ErrorKind::MissingKey => match &p.api_key_env {
+                    Some(var) => format!("set {var} for provider `{}`", e.provider),
+                    None => format!("give provider `{}` an api_key_env", e.provider),
+                },
+                _ => continue,
+            };
+            if !fixes.contains(&fix) {
+                fixes.push(fix);
+            }
+        }
+        (!fixes.is_empty()).then(|| {
+            format!(
+                "nothing could answer tier `{tier}`; {}",
+                fixes.join(", or ")
+            )
+        })
     }
 
     /// A ledger key no other request, process or replica will use (UUID v7:
@@ -439,4 +527,19 @@ pub struct Answered {
     pub output_tokens: u64,
     /// Audio it would have had transcribed by a hosted model.
     pub audio_seconds: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_words;
+
+    #[test]
+    fn a_partly_tagged_name_widens_to_its_word() {
+        let chars: Vec<char> = "ask Priya Raman now".chars().collect();
+        // "Pri" → "Priya"; "Raman" stays; a span already on word edges stays.
+        assert_eq!(whole_words(&chars, 4, 7), (4, 9));
+        assert_eq!(whole_words(&chars, 10, 15), (10, 15));
+        assert_eq!(whole_words(&chars, 6, 12), (4, 15));
+        assert_eq!(whole_words(&chars, 16, 19), (16, 19));
+    }
 }

@@ -46,6 +46,15 @@ pub enum EngineError {
     BadAnswer { tier: String, why: String },
     #[error("retrieval query failed")]
     Retrieval(#[source] sqlx::Error),
+    /// `database` is the configured URL without its password (for SQLite,
+    /// the file's path); `fix` says what to do.
+    #[error("cannot open the retrieval database {database}: {fix}")]
+    RetrievalDatabase {
+        database: String,
+        fix: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("route `{route}` cannot answer: {why}")]
     Route { route: String, why: String },
     #[error("invalid override: {0}")]
@@ -81,6 +90,33 @@ pub enum LoadError {
 }
 
 impl EngineError {
+    /// The retrieval database at `url` could not be opened: name it and
+    /// say how to make it exist (a missing SQLite file is the usual cause,
+    /// and sqlx's own message does not name the file).
+    pub(crate) fn retrieval_database(url: &str, source: sqlx::Error) -> Self {
+        let (database, fix) = match url.strip_prefix("sqlite://") {
+            Some(rest) => {
+                let path = rest.split('?').next().unwrap_or(rest);
+                let fix = if std::path::Path::new(path).exists() {
+                    "check that it is an SQLite file this user may read"
+                } else {
+                    "no such file; create it (for the shipped examples/support-router.toml, \
+                     run scripts/make-example-db) or point the task's [retrieve] database at it"
+                };
+                (path.to_owned(), fix)
+            }
+            None => (
+                without_password(url),
+                "check that the server is running and the task's [retrieve] database URL",
+            ),
+        };
+        EngineError::RetrievalDatabase {
+            database,
+            fix,
+            source,
+        }
+    }
+
     /// Whether the caller's input (not the engine or a provider) is at fault.
     pub fn is_client_error(&self) -> bool {
         matches!(
@@ -89,7 +125,7 @@ impl EngineError {
                 | EngineError::WrongInput { .. }
                 | EngineError::Audio(_)
                 | EngineError::Override(_)
-        ) || matches!(self, EngineError::Local { source, .. } if matches!(source, triage_local::LocalError::Tokenize(_)))
+        ) || matches!(self, EngineError::Local { source, .. } if matches!(source, triage_local::LocalError::Tokenize(_) | triage_local::LocalError::InputTooLong { .. }))
     }
 
     /// Whether the engine is overloaded (answer 429/503 with Retry-After).
@@ -117,6 +153,10 @@ impl EngineError {
                     retry_after: *retry_after,
                 }
             }
+            EngineError::Local {
+                source: triage_local::LocalError::InputTooLong { .. },
+                ..
+            } => ErrorClass::TooLarge,
             _ if self.is_overloaded() => ErrorClass::Overloaded {
                 retry_after: Duration::from_secs(1),
             },
@@ -147,6 +187,22 @@ impl EngineError {
     }
 }
 
+/// `scheme://user:secret@host/db` as `scheme://user@host/db`: error
+/// messages reach logs and API answers.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}@{host}{}", &rest[authority_end..])
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// The error and its causes on one line (`a: b: c`), for logs, traces and
 /// API error messages.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -161,4 +217,38 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_sqlite_database_is_named_with_the_fix() {
+        let e = EngineError::retrieval_database(
+            "sqlite:///nonexistent/examples/orders.db?mode=ro",
+            sqlx::Error::PoolClosed,
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("/nonexistent/examples/orders.db: no such file")
+                && msg.contains("scripts/make-example-db"),
+            "{msg}"
+        );
+        assert!(std::error::Error::source(&e).is_some(), "sqlx's error kept");
+    }
+
+    #[test]
+    fn a_server_url_is_named_without_its_password() {
+        let e = EngineError::retrieval_database(
+            "postgres://shop:hunter2@db.internal:5432/orders",
+            sqlx::Error::PoolClosed,
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("postgres://shop@db.internal:5432/orders") && !msg.contains("hunter2"),
+            "{msg}"
+        );
+        assert_eq!(without_password("sqlite://a.db"), "sqlite://a.db");
+    }
 }

@@ -236,6 +236,15 @@ pub struct ShadowRecord {
     pub shadow_score: Option<f64>,
 }
 
+/// Shadow checks of one tier by the next (`triage audit --from-ledger`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShadowAgreement {
+    pub tier: String,
+    pub shadow_tier: String,
+    pub checked: i64,
+    pub agreed: i64,
+}
+
 /// `triage costs --by`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupBy {
@@ -649,6 +658,34 @@ impl Ledger {
         .fetch_one(&self.pool)
         .await?;
         Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
+    /// Shadow checks of `task` since `since_ms` (unix milliseconds), one
+    /// row per (tier, shadow tier): how many, and how many agreed.
+    pub async fn shadow_agreement(
+        &self,
+        task: &str,
+        since_ms: i64,
+    ) -> Result<Vec<ShadowAgreement>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT tier, shadow_tier, COUNT(*), CAST(COALESCE(SUM(agree), 0) AS BIGINT)
+             FROM shadow WHERE task = $1 AND ts_ms >= $2
+             GROUP BY tier, shadow_tier ORDER BY tier, shadow_tier",
+        )
+        .bind(task)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ShadowAgreement {
+                    tier: r.try_get(0)?,
+                    shadow_tier: r.try_get(1)?,
+                    checked: r.try_get(2)?,
+                    agreed: r.try_get(3)?,
+                })
+            })
+            .collect()
     }
 
     /// Totals since `since_ms` (unix milliseconds), grouped by task, tier or model.

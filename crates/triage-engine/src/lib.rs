@@ -8,6 +8,8 @@
 #![allow(clippy::result_large_err)]
 
 pub mod budget;
+pub mod audit;
+pub mod calibrate;
 pub mod config;
 pub mod default_config;
 pub mod engine;

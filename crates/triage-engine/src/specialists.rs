@@ -28,6 +28,17 @@ pub enum Specialist {
 }
 
 impl Specialist {
+    /// Whether the specialist can still answer (a classifier's or tagger's
+    /// worker thread is running; Whisper has no thread of its own).
+    pub fn is_alive(&self) -> bool {
+        match self {
+            Specialist::Classifier { handle, .. } | Specialist::Tagger { handle, .. } => {
+                handle.is_alive()
+            }
+            Specialist::Whisper { .. } => true,
+        }
+    }
+
     pub fn on_gpu(&self) -> bool {
         match self {
             Specialist::Classifier { gpu, .. }
@@ -105,6 +116,15 @@ impl Specialists {
             map.insert(name.clone(), specialist);
         }
         Ok(Self { map })
+    }
+
+    /// The specialists whose worker has stopped.
+    pub fn stopped(&self) -> Vec<String> {
+        self.map
+            .iter()
+            .filter(|(_, s)| !s.is_alive())
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Result<&Specialist, EngineError> {

@@ -10,6 +10,7 @@ mod config_check;
 mod fuzz;
 mod ledger_postgres;
 mod llama_server;
+mod long_input;
 mod meeting_notes;
 mod moderation_cascade;
 mod router_intents;

@@ -45,11 +45,15 @@ pub enum LocalError {
         source: candle_core::Error,
     },
 
-    #[error("cannot load tokenizer {path}: {why}")]
-    Tokenizer { path: PathBuf, why: String },
+    #[error("cannot load tokenizer {path}")]
+    Tokenizer {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
 
-    #[error("tokenization failed: {0}")]
-    Tokenize(String),
+    #[error("tokenization failed")]
+    Tokenize(#[source] tokenizers::Error),
 
     #[error("device `{0}` is not valid: use cpu, cuda, cuda:N or metal")]
     BadDevice(String),
@@ -75,6 +79,19 @@ pub enum LocalError {
 
     #[error("model `{model}` worker has stopped")]
     WorkerGone { model: String },
+
+    #[error(
+        "the input is {tokens} tokens, over the limit of {limit} for model `{model}`; \
+         raise `max_input_tokens` for this specialist to accept it"
+    )]
+    InputTooLong {
+        model: String,
+        tokens: usize,
+        limit: usize,
+    },
+
+    #[error("model `{model}` panicked while computing this batch; the worker carries on")]
+    Panicked { model: String },
 }
 
 impl LocalError {

@@ -20,7 +20,7 @@ pub use device::DeviceSpec;
 pub use error::{LocalError, Result};
 pub use model::{Activation, LocalModel, ModelInfo};
 pub use resolve::{HubSettings, ModelRef, resolve, resolve_with};
-pub use worker::{BatchConfig, ModelHandle};
+pub use worker::{BatchConfig, DEFAULT_MAX_INPUT_TOKENS, ModelHandle, Timing};
 
 /// Resolve `reference` (and the base of a delta folder) and load it on `device`.
 pub async fn load_model(reference: &str, device: &candle_core::Device) -> Result<LocalModel> {

@@ -53,6 +53,10 @@ pub struct ModelInfo {
 
 /// A loaded encoder with its head. Not `Sync`-shared across threads by
 /// design: one worker thread owns it (see `worker`).
+/// Most padded tokens (windows × the longest) in one forward pass: about
+/// 0.5 GB of activations for a base-size encoder at 512-token windows.
+pub const PASS_PADDED_TOKENS: usize = 8192;
+
 pub struct LocalModel {
     pub info: ModelInfo,
     pub tokenizer: TextTokenizer,
@@ -498,11 +502,45 @@ impl LocalModel {
         )))
     }
 
-    /// Classify already-encoded texts in one forward pass. With several
-    /// windows per text, each label keeps its maximum over the windows.
+    /// Run `pass` over `windows` in forward passes of at most
+    /// [`PASS_PADDED_TOKENS`] padded tokens (and at least one window), shortest
+    /// windows together so short texts are not padded to long ones; results
+    /// come back in the order of `windows`. A long text's windows thus spread
+    /// over several passes and memory stays bounded whatever its length.
+    fn in_passes<T>(
+        &self,
+        windows: &[&Encoded],
+        pass: impl Fn(&[&Encoded]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
+        let mut order: Vec<usize> = (0..windows.len()).collect();
+        order.sort_by_key(|&i| windows[i].len());
+        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None)
+            .take(windows.len())
+            .collect();
+        let mut at = 0;
+        while at < order.len() {
+            let mut end = at + 1;
+            while end < order.len()
+                && (end + 1 - at) * windows[order[end]].len() <= PASS_PADDED_TOKENS
+            {
+                end += 1;
+            }
+            let chunk: Vec<&Encoded> = order[at..end].iter().map(|&i| windows[i]).collect();
+            for (&i, r) in order[at..end].iter().zip(pass(&chunk)?) {
+                out[i] = Some(r);
+            }
+            at = end;
+        }
+        out.into_iter()
+            .map(|r| r.ok_or_else(|| self.wrong_head()))
+            .collect()
+    }
+
+    /// Classify already-encoded texts. With several windows per text, each
+    /// label keeps its maximum over the windows.
     pub fn classify(&self, texts: &[&EncodedText]) -> Result<Vec<Classification>> {
         let windows: Vec<&Encoded> = texts.iter().flat_map(|t| t.windows.iter()).collect();
-        let probs = self.classify_windows(&windows)?;
+        let probs = self.in_passes(&windows, |w| self.classify_windows(w))?;
         let mut out = Vec::with_capacity(texts.len());
         let mut rows = probs.into_iter();
         for t in texts {
@@ -530,43 +568,65 @@ impl LocalModel {
         Ok(out)
     }
 
-    /// Tag already-encoded texts (first window only) and aggregate entities.
+    /// Tag already-encoded texts and aggregate entities. Every window is
+    /// tagged; where windows overlap, each token keeps the prediction of the
+    /// window in which it has the most context on both sides, so entities
+    /// and their offsets cover the whole text.
     pub fn tag(
         &self,
         texts: &[(&str, &EncodedText)],
         strategy: Aggregation,
     ) -> Result<Vec<Tagging>> {
-        let windows: Vec<&Encoded> = texts.iter().map(|(_, t)| &t.windows[0]).collect();
-        let probs = self.tag_windows(&windows)?;
-        Ok(texts
-            .iter()
-            .zip(probs)
-            .map(|((text, enc), per_token)| {
-                let w = &enc.windows[0];
-                let preds: Vec<TokenPrediction<'_>> = per_token
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !w.special[*i])
-                    .map(|(i, p)| TokenPrediction {
+        let windows: Vec<&Encoded> = texts.iter().flat_map(|(_, t)| t.windows.iter()).collect();
+        let probs = self.in_passes(&windows, |w| self.tag_windows(w))?;
+        let mut probs = probs.into_iter();
+        let mut out = Vec::with_capacity(texts.len());
+        for (text, enc) in texts {
+            let per_window: Vec<Vec<Vec<f32>>> = probs.by_ref().take(enc.windows.len()).collect();
+            // Best window per token, keyed by the token's character span.
+            let mut best: std::collections::BTreeMap<(usize, usize), (usize, usize, usize)> =
+                std::collections::BTreeMap::new();
+            for (wi, (w, rows)) in enc.windows.iter().zip(&per_window).enumerate() {
+                let body: Vec<usize> = (0..rows.len().min(w.len()))
+                    .filter(|&i| !w.special[i])
+                    .collect();
+                for (pos, &i) in body.iter().enumerate() {
+                    let context = pos.min(body.len() - 1 - pos);
+                    let key = (w.offsets[i].0, w.offsets[i].1);
+                    match best.get(&key) {
+                        Some(&(_, _, c)) if c >= context => {}
+                        _ => {
+                            best.insert(key, (wi, i, context));
+                        }
+                    }
+                }
+            }
+            let preds: Vec<TokenPrediction<'_>> = best
+                .values()
+                .map(|&(wi, i, _)| {
+                    let w = &enc.windows[wi];
+                    TokenPrediction {
                         token: &w.tokens[i],
                         start: w.offsets[i].0,
                         end: w.offsets[i].1,
                         is_unknown: Some(w.ids[i]) == self.tokenizer.unk_id,
-                        probs: p,
-                    })
-                    .collect();
-                Tagging {
-                    entities: aggregation::aggregate(text, &preds, &self.info.labels, strategy),
-                    truncated: enc.truncated,
-                }
-            })
-            .collect())
+                        probs: &per_window[wi][i],
+                    }
+                })
+                .collect();
+            out.push(Tagging {
+                entities: aggregation::aggregate(text, &preds, &self.info.labels, strategy),
+                // Every window was tagged: nothing of the text was cut.
+                truncated: false,
+            });
+        }
+        Ok(out)
     }
 
     /// Embed already-encoded texts (first window only).
     pub fn embed(&self, texts: &[&EncodedText]) -> Result<Vec<Embedding>> {
         let windows: Vec<&Encoded> = texts.iter().map(|t| &t.windows[0]).collect();
-        let vectors = self.embed_windows(&windows)?;
+        let vectors = self.in_passes(&windows, |w| self.embed_windows(w))?;
         Ok(texts
             .iter()
             .zip(vectors)

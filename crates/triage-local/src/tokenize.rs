@@ -48,12 +48,24 @@ pub struct EncodedText {
     pub windows: Vec<Encoded>,
     /// True when the text did not fit in one window.
     pub truncated: bool,
+    /// Tokens of the whole text (special tokens included), whatever the windows kept.
+    pub input_tokens: usize,
 }
 
 impl EncodedText {
     /// Total tokens over all windows: what the batcher budgets with.
     pub fn token_count(&self) -> usize {
         self.windows.iter().map(Encoded::len).sum()
+    }
+
+    /// Tokens the batcher pays for: every window padded to the longest.
+    pub fn padded_tokens(&self) -> usize {
+        self.windows.len() * self.longest()
+    }
+
+    /// The longest window's length.
+    pub fn longest(&self) -> usize {
+        self.windows.iter().map(Encoded::len).max().unwrap_or(0)
     }
 }
 
@@ -70,15 +82,13 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     /// Load `tokenizer.json`; windows of `max_length` tokens overlap by a quarter.
     pub fn from_file(path: &Path, max_length: usize) -> Result<Self> {
-        let bad = |why: String| LocalError::Tokenizer {
+        let bad = |source: tokenizers::Error| LocalError::Tokenizer {
             path: path.to_path_buf(),
-            why,
+            source,
         };
-        let mut inner = Tokenizer::from_file(path).map_err(|e| bad(e.to_string()))?;
+        let mut inner = Tokenizer::from_file(path).map_err(bad)?;
         inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| bad(e.to_string()))?;
+        inner.with_truncation(None).map_err(bad)?;
         let unk_id = inner.token_to_id("[UNK]");
         Ok(Self {
             inner,
@@ -96,7 +106,7 @@ impl TextTokenizer {
         let enc = self
             .inner
             .encode_char_offsets(text, true)
-            .map_err(|e| LocalError::Tokenize(e.to_string()))?;
+            .map_err(LocalError::Tokenize)?;
         let full = Encoded {
             ids: enc.get_ids().to_vec(),
             type_ids: enc.get_type_ids().to_vec(),
@@ -113,6 +123,7 @@ impl TextTokenizer {
             return Ok(EncodedText {
                 windows: vec![full],
                 truncated: false,
+                input_tokens: n,
             });
         }
         let head = full.special.iter().take_while(|s| **s).count();
@@ -137,6 +148,7 @@ impl TextTokenizer {
         Ok(EncodedText {
             windows,
             truncated: true,
+            input_tokens: n,
         })
     }
 }

@@ -1,13 +1,18 @@
 //! One OS thread owns each model. Callers reach it through a bounded queue
 //! and get their answer on a oneshot channel; the worker drains the queue
-//! into batches bounded by a token budget and a maximum wait, drops requests
-//! whose caller has gone, and runs each batch in one forward pass. A full
-//! queue is an immediate `Overloaded` error, never an unbounded wait.
+//! into batches bounded by a padded-token budget and a maximum wait, drops
+//! requests whose caller has gone, and runs each batch (a long text's windows
+//! spread over several forward passes). A full queue is an immediate
+//! `Overloaded` error, never an unbounded wait; an input over
+//! `max_input_tokens` is refused before it is queued; a panic inside a
+//! forward pass fails that batch with a typed error and the worker carries on.
 
 use crate::error::{LocalError, Result};
 use crate::model::{LocalModel, ModelInfo};
 use crate::tokenize::EncodedText;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -18,13 +23,24 @@ use triage_core::{Aggregation, Classification, Embedding, Tagging};
 pub struct BatchConfig {
     /// Requests waiting beyond this are refused with `Overloaded`.
     pub queue_capacity: usize,
-    /// Most tokens (over all windows, padding excluded) in one forward pass.
+    /// Most padded tokens (texts' windows × the longest window) in one batch;
+    /// the first request of a batch is always taken.
     pub max_batch_tokens: usize,
-    /// Most texts in one forward pass.
+    /// Most texts in one batch.
     pub max_batch_size: usize,
     /// How long the first request of a batch may wait for company.
     pub max_wait: Duration,
+    /// Longest input accepted, in tokens; longer is refused with
+    /// [`LocalError::InputTooLong`] before any model work.
+    pub max_input_tokens: usize,
 }
+
+/// The default `max_input_tokens`.
+pub const DEFAULT_MAX_INPUT_TOKENS: usize = 32_768;
+
+/// Inputs longer than this (bytes) are tokenized on a blocking thread, not
+/// on the caller's async thread.
+const INLINE_TOKENIZE_BYTES: usize = 4096;
 
 impl Default for BatchConfig {
     fn default() -> Self {
@@ -33,8 +49,18 @@ impl Default for BatchConfig {
             max_batch_tokens: 16_384,
             max_batch_size: 32,
             max_wait: Duration::from_millis(2),
+            max_input_tokens: DEFAULT_MAX_INPUT_TOKENS,
         }
     }
+}
+
+/// Where a request's time went: waiting in the queue, and its share of the
+/// batch's compute (by padded tokens), so a batch member is not charged for
+/// the whole batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timing {
+    pub queue: Duration,
+    pub compute: Duration,
 }
 
 /// What a request asks of the model.
@@ -55,7 +81,8 @@ struct Job {
     op: Op,
     text: String,
     encoded: EncodedText,
-    reply: oneshot::Sender<Result<Answer>>,
+    reply: oneshot::Sender<Result<(Answer, Timing)>>,
+    queued_at: Instant,
     span: tracing::Span,
 }
 
@@ -65,7 +92,17 @@ pub struct ModelHandle {
     tx: SyncSender<Job>,
     info: Arc<ModelInfo>,
     tokenizer: Arc<crate::tokenize::TextTokenizer>,
-    capacity: usize,
+    config: BatchConfig,
+    alive: Arc<AtomicBool>,
+}
+
+/// Marks the worker gone when its thread ends, however it ends.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl ModelHandle {
@@ -75,9 +112,14 @@ impl ModelHandle {
         let info = Arc::new(model.info.clone());
         let tokenizer = Arc::new(model.tokenizer.clone());
         let name = format!("triage-model-{}", model.info.name);
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveGuard(alive.clone());
         std::thread::Builder::new()
             .name(name)
-            .spawn(move || run_worker(model, rx, config))
+            .spawn(move || {
+                let _guard = guard;
+                run_worker(model, rx, config);
+            })
             .map_err(|source| LocalError::Io {
                 path: "worker thread".into(),
                 source,
@@ -86,7 +128,8 @@ impl ModelHandle {
             tx,
             info,
             tokenizer,
-            capacity: config.queue_capacity,
+            config,
+            alive,
         })
     }
 
@@ -94,14 +137,54 @@ impl ModelHandle {
         &self.info
     }
 
-    async fn submit(&self, op: Op, text: &str, all_windows: bool) -> Result<Answer> {
-        let encoded = self.tokenizer.encode(text, all_windows)?;
+    /// Whether the worker thread is still running (`/ready` reports one that is not).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    fn too_long(&self, tokens: usize) -> LocalError {
+        LocalError::InputTooLong {
+            model: self.info.name.clone(),
+            tokens,
+            limit: self.config.max_input_tokens,
+        }
+    }
+
+    /// Tokenize `text`, off the async thread when it is long, refusing it
+    /// when it is over `max_input_tokens`.
+    async fn encode(&self, text: &str, all_windows: bool) -> Result<EncodedText> {
+        // No WordPiece token covers more than 100 characters (longer words
+        // become [UNK]), so a text this long is over the limit whatever it holds.
+        let chars_bound = self.config.max_input_tokens.saturating_mul(100);
+        if text.len() > chars_bound.saturating_mul(4) && text.chars().count() > chars_bound {
+            return Err(self.too_long(text.chars().count() / 100));
+        }
+        let encoded = if text.len() <= INLINE_TOKENIZE_BYTES {
+            self.tokenizer.encode(text, all_windows)?
+        } else {
+            let tokenizer = self.tokenizer.clone();
+            let owned = text.to_owned();
+            tokio::task::spawn_blocking(move || tokenizer.encode(&owned, all_windows))
+                .await
+                .map_err(|_| LocalError::Panicked {
+                    model: self.info.name.clone(),
+                })??
+        };
+        if encoded.input_tokens > self.config.max_input_tokens {
+            return Err(self.too_long(encoded.input_tokens));
+        }
+        Ok(encoded)
+    }
+
+    async fn submit(&self, op: Op, text: &str, all_windows: bool) -> Result<(Answer, Timing)> {
+        let encoded = self.encode(text, all_windows).await?;
         let (reply, rx) = oneshot::channel();
         let job = Job {
             op,
             text: text.to_owned(),
             encoded,
             reply,
+            queued_at: Instant::now(),
             span: tracing::Span::current(),
         };
         match self.tx.try_send(job) {
@@ -109,7 +192,7 @@ impl ModelHandle {
             Err(TrySendError::Full(_)) => {
                 return Err(LocalError::Overloaded {
                     model: self.info.name.clone(),
-                    capacity: self.capacity,
+                    capacity: self.config.queue_capacity,
                 });
             }
             Err(TrySendError::Disconnected(_)) => {
@@ -126,16 +209,31 @@ impl ModelHandle {
     /// Score every label of `text`. With `windows`, a long text is scored in
     /// overlapping windows and each label keeps its maximum.
     pub async fn classify(&self, text: &str, windows: bool) -> Result<Classification> {
+        self.classify_timed(text, windows).await.map(|(c, _)| c)
+    }
+
+    /// [`ModelHandle::classify`], with where the time went.
+    pub async fn classify_timed(
+        &self,
+        text: &str,
+        windows: bool,
+    ) -> Result<(Classification, Timing)> {
         match self.submit(Op::Classify, text, windows).await? {
-            Answer::Classified(c) => Ok(c),
+            (Answer::Classified(c), t) => Ok((c, t)),
             _ => Err(self.mismatch()),
         }
     }
 
-    /// Find entity spans in `text`.
+    /// Find entity spans in `text`: every window of a long text is tagged,
+    /// so entities (and redaction built on them) cover the whole text.
     pub async fn tag(&self, text: &str, strategy: Aggregation) -> Result<Tagging> {
-        match self.submit(Op::Tag(strategy), text, false).await? {
-            Answer::Tagged(t) => Ok(t),
+        self.tag_timed(text, strategy).await.map(|(t, _)| t)
+    }
+
+    /// [`ModelHandle::tag`], with where the time went.
+    pub async fn tag_timed(&self, text: &str, strategy: Aggregation) -> Result<(Tagging, Timing)> {
+        match self.submit(Op::Tag(strategy), text, true).await? {
+            (Answer::Tagged(t), timing) => Ok((t, timing)),
             _ => Err(self.mismatch()),
         }
     }
@@ -143,7 +241,7 @@ impl ModelHandle {
     /// Mean-pooled embedding of `text`.
     pub async fn embed(&self, text: &str) -> Result<Embedding> {
         match self.submit(Op::Embed, text, false).await? {
-            Answer::Embedded(e) => Ok(e),
+            (Answer::Embedded(e), _) => Ok(e),
             _ => Err(self.mismatch()),
         }
     }
@@ -166,7 +264,8 @@ fn run_worker(model: LocalModel, rx: Receiver<Job>, config: BatchConfig) {
             },
         };
         let deadline = Instant::now() + config.max_wait;
-        let mut tokens = first.encoded.token_count();
+        let mut windows = first.encoded.windows.len();
+        let mut longest = first.encoded.longest();
         let mut batch = vec![first];
         while batch.len() < config.max_batch_size {
             let now = Instant::now();
@@ -178,13 +277,16 @@ fn run_worker(model: LocalModel, rx: Receiver<Job>, config: BatchConfig) {
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                 },
             };
-            let cost = next.encoded.token_count();
+            // The batch pays for padding: every window at the longest length.
+            let padded =
+                (windows + next.encoded.windows.len()) * longest.max(next.encoded.longest());
             // Keep ops of one kind together; the odd one starts the next batch.
-            if tokens + cost > config.max_batch_tokens || !same_op(next.op, batch[0].op) {
+            if padded > config.max_batch_tokens || !same_op(next.op, batch[0].op) {
                 pending = Some(next);
                 break;
             }
-            tokens += cost;
+            windows += next.encoded.windows.len();
+            longest = longest.max(next.encoded.longest());
             batch.push(next);
         }
         batch.retain(|j| !j.reply.is_closed());
@@ -203,10 +305,9 @@ fn same_op(a: Op, b: Op) -> bool {
     }
 }
 
-fn run_batch(model: &LocalModel, batch: Vec<Job>) {
-    let span = tracing::debug_span!(parent: &batch[0].span, "batch", model = %model.info.name, size = batch.len());
-    let _enter = span.enter();
-    let answers: Result<Vec<Answer>> = match batch[0].op {
+/// The batch's answers, one per job, in order.
+fn compute(model: &LocalModel, batch: &[Job]) -> Result<Vec<Answer>> {
+    match batch[0].op {
         Op::Classify => {
             let texts: Vec<&EncodedText> = batch.iter().map(|j| &j.encoded).collect();
             model
@@ -228,26 +329,54 @@ fn run_batch(model: &LocalModel, batch: Vec<Job>) {
                 .embed(&texts)
                 .map(|v| v.into_iter().map(Answer::Embedded).collect())
         }
+    }
+}
+
+fn run_batch(model: &LocalModel, batch: Vec<Job>) {
+    let span = tracing::debug_span!(parent: &batch[0].span, "batch", model = %model.info.name, size = batch.len());
+    let _enter = span.enter();
+    let started = Instant::now();
+    // A panic in candle (a bad shape, a kernel bug) fails this batch, not the worker.
+    let answers = catch_unwind(AssertUnwindSafe(|| compute(model, &batch))).unwrap_or_else(|_| {
+        tracing::error!(model = %model.info.name, "a forward pass panicked");
+        Err(LocalError::Panicked {
+            model: model.info.name.clone(),
+        })
+    });
+    let elapsed = started.elapsed();
+    let total: usize = batch.iter().map(|j| j.encoded.padded_tokens()).sum();
+    let timing = |job: &Job| Timing {
+        queue: started.saturating_duration_since(job.queued_at),
+        compute: if total == 0 {
+            elapsed / u32::try_from(batch.len()).unwrap_or(1).max(1)
+        } else {
+            elapsed.mul_f64(job.encoded.padded_tokens() as f64 / total as f64)
+        },
     };
     match answers {
         Ok(answers) => {
-            for (job, answer) in batch.into_iter().zip(answers) {
-                let _ = job.reply.send(Ok(answer));
+            let timings: Vec<Timing> = batch.iter().map(timing).collect();
+            for ((job, answer), t) in batch.into_iter().zip(answers).zip(timings) {
+                let _ = job.reply.send(Ok((answer, t)));
             }
         }
         Err(e) => {
             tracing::warn!(error = %e, "batch failed");
             let msg = e.to_string();
+            let panicked = matches!(e, LocalError::Panicked { .. });
             let mut batch = batch.into_iter();
             if let Some(first) = batch.next() {
                 let _ = first.reply.send(Err(e));
             }
             for job in batch {
-                let _ = job
-                    .reply
-                    .send(Err(LocalError::Compute(candle_core::Error::Msg(
-                        msg.clone(),
-                    ))));
+                let err = if panicked {
+                    LocalError::Panicked {
+                        model: model.info.name.clone(),
+                    }
+                } else {
+                    LocalError::Compute(candle_core::Error::Msg(msg.clone()))
+                };
+                let _ = job.reply.send(Err(err));
             }
         }
     }

@@ -128,6 +128,8 @@ pub struct RawLocal {
     pub max_batch_tokens: Option<usize>,
     /// How long the first request of a batch may wait for company.
     pub max_wait_ms: Option<u64>,
+    /// Longest input accepted, in tokens (default 32,768); longer is a 413.
+    pub max_input_tokens: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +190,9 @@ pub struct RawTier {
     /// Accept when every label's probability is ≥ hi or ≤ lo.
     pub hi: Option<f64>,
     pub lo: Option<f64>,
+    /// The local accuracy `triage calibrate --write` measured for this band;
+    /// `triage audit --from-ledger` warns when shadow agreement falls below it.
+    pub calibrated_accuracy: Option<f64>,
     /// Tier label/category → task label (`harassment = "toxic"`).
     #[serde(default)]
     pub map: IndexMap<String, String>,

@@ -112,6 +112,8 @@ pub struct Tier {
     pub kind: TierKind,
     /// `None` for the last tier: it always answers.
     pub band: Option<(f64, f64)>,
+    /// What calibration promised for the band (`calibrated_accuracy`).
+    pub calibrated_accuracy: Option<f64>,
     pub map: IndexMap<String, String>,
     pub timeout: Option<Duration>,
     pub max_tokens: Option<u32>,

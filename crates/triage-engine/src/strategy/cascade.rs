@@ -72,31 +72,35 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
             })
         };
         let started = Instant::now();
-        let (verdict, cost) = match tier_verdict(run, c, tier, &text, chat_request.as_ref()).await {
-            Ok(v) => v,
-            Err(e) => {
-                let reason = format!("error: {}", crate::error::chain(&e.0));
-                if !matches!(tier.kind, TierKind::Local { .. }) {
-                    // Hosted attempts are in the ledger through the gateway;
-                    // the trace still gets the tier.
-                    push_hosted(
-                        run,
-                        &tier.name,
-                        tier.model_name(),
-                        Decision::Failed,
-                        reason,
-                        None,
-                        started.elapsed(),
-                        e.1,
-                    );
+        let mut timing = None;
+        let (verdict, cost) =
+            match tier_verdict(run, c, tier, &text, chat_request.as_ref(), &mut timing).await {
+                Ok(v) => v,
+                Err(e) => {
+                    let reason = format!("error: {}", crate::error::chain(&e.0));
+                    if !matches!(tier.kind, TierKind::Local { .. }) {
+                        // Hosted attempts are in the ledger through the gateway;
+                        // the trace still gets the tier.
+                        push_hosted(
+                            run,
+                            &tier.name,
+                            tier.model_name(),
+                            Decision::Failed,
+                            reason,
+                            None,
+                            started.elapsed(),
+                            e.1,
+                        );
+                    }
+                    // The caller's input is at fault (too long, not tokenizable):
+                    // another tier would not fix it, and must not be paid to try.
+                    if i == last || e.0.is_client_error() {
+                        return Err(e.0);
+                    }
+                    last_error = Some(e.0);
+                    continue;
                 }
-                if i == last {
-                    return Err(e.0);
-                }
-                last_error = Some(e.0);
-                continue;
-            }
-        };
+            };
         let (decision, reason, score) = decide(&verdict, band);
         let local_specialist = match &tier.kind {
             TierKind::Local { specialist } => Some(specialist.clone()),
@@ -105,12 +109,16 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
         match &local_specialist {
             Some(name) => {
                 let specialist = run.engine.specialists.get(name)?.clone();
+                let time = crate::engine::LocalTime {
+                    elapsed: started.elapsed(),
+                    timing,
+                };
                 run.local_step(
                     &tier.name,
                     &tier.model_name(),
                     "classify",
                     &specialist,
-                    started.elapsed(),
+                    time,
                     decision,
                     reason,
                     score,
@@ -173,6 +181,7 @@ async fn tier_verdict(
     tier: &Tier,
     text: &str,
     chat_request: Option<&ChatRequest>,
+    timing: &mut Option<triage_local::Timing>,
 ) -> Result<(Verdict, f64), (EngineError, f64)> {
     match &tier.kind {
         TierKind::Local { specialist } => {
@@ -192,7 +201,7 @@ async fn tier_verdict(
                 return Err((EngineError::UnknownSpecialist(name), 0.0));
             };
             let started = Instant::now();
-            let fut = handle.classify(text, true);
+            let fut = handle.classify_timed(text, true);
             let result = match tier.timeout {
                 Some(t) => tokio::time::timeout(t, fut)
                     .await
@@ -209,7 +218,10 @@ async fn tier_verdict(
                 })
             });
             let classified = match result {
-                Ok(c) => c,
+                Ok((c, t)) => {
+                    *timing = Some(t);
+                    c
+                }
                 Err(e) => {
                     run.local_step(
                         &tier.name,
@@ -225,27 +237,10 @@ async fn tier_verdict(
                     return Err((e, 0.0));
                 }
             };
-            let mut scores = IndexMap::new();
-            for label in &c.labels {
-                scores.insert(label.clone(), 0.0);
-            }
-            for ls in &classified.scores {
-                let target = if tier.map.is_empty() {
-                    positive_labels
-                        .contains(&ls.label)
-                        .then(|| c.labels.first().cloned())
-                        .flatten()
-                } else {
-                    tier.map.get(&ls.label).cloned()
-                };
-                if let Some(t) = target {
-                    let e = scores.entry(t).or_insert(0.0);
-                    *e = f64::max(*e, f64::from(ls.score));
-                }
-            }
             if c.kind == CascadeKind::Chat {
                 return Err((EngineError::Internal("local tiers cannot answer chat"), 0.0));
             }
+            let scores = local_scores(c, tier, positive_labels, &classified);
             Ok((Verdict::Scores(scores), 0.0))
         }
         TierKind::Moderation { targets } => {
@@ -381,6 +376,44 @@ async fn tier_verdict(
     }
 }
 
+/// A local classifier's output as the task's label scores: through the
+/// tier's `map` (the highest of the model labels mapped onto a task label),
+/// or, without one, the specialist's positive labels onto the first task
+/// label. `triage audit` and `triage calibrate` score with this too, so
+/// their scores are the ones the cascade decides on.
+pub(crate) fn local_scores(
+    c: &Cascade,
+    tier: &Tier,
+    positive_labels: &[String],
+    classified: &triage_core::Classification,
+) -> IndexMap<String, f64> {
+    let mut scores = IndexMap::new();
+    for label in &c.labels {
+        scores.insert(label.clone(), 0.0);
+    }
+    for ls in &classified.scores {
+        let target = if tier.map.is_empty() {
+            positive_labels
+                .contains(&ls.label)
+                .then(|| c.labels.first().cloned())
+                .flatten()
+        } else {
+            tier.map.get(&ls.label).cloned()
+        };
+        if let Some(t) = target {
+            let e = scores.entry(t).or_insert(0.0);
+            *e = f64::max(*e, f64::from(ls.score));
+        }
+    }
+    scores
+}
+
+/// Whether a score is confident for the band: at or below `lo`, or at or
+/// above `hi`. A tier is accepted when every label's score is.
+pub(crate) fn outside_band(score: f64, lo: f64, hi: f64) -> bool {
+    score <= lo || score >= hi
+}
+
 fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
@@ -463,7 +496,7 @@ fn decide(verdict: &Verdict, band: Option<(f64, f64)>) -> (Decision, String, Opt
                 Some((lo, hi)) => {
                     let uncertain: Vec<String> = scores
                         .iter()
-                        .filter(|(_, s)| **s > lo && **s < hi)
+                        .filter(|(_, s)| !outside_band(**s, lo, hi))
                         .map(|(l, s)| format!("{l}={s:.3}"))
                         .collect();
                     if uncertain.is_empty() {

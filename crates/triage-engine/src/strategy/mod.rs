@@ -142,6 +142,8 @@ pub fn push_hosted(
         score,
         latency_ms: ms(elapsed),
         cost_usd,
+        queue_ms: None,
+        compute_ms: None,
     });
 }
 

@@ -216,6 +216,8 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                     score: None,
                     latency_ms: crate::engine::ms(started.elapsed()),
                     cost_usd: 0.0,
+                    queue_ms: None,
+                    compute_ms: None,
                 });
                 out.action_items = Some(items);
             }

@@ -89,6 +89,8 @@ pub async fn run(run: &mut Run<'_>, r: &Router, input: Input) -> Result<Answered
                         score: None,
                         latency_ms: crate::engine::ms(started.elapsed()),
                         cost_usd: 0.0,
+                        queue_ms: None,
+                        compute_ms: None,
                     });
                     return Ok(Answered {
                         value: TaskAnswer::Route(RouteAnswer {
@@ -264,6 +266,8 @@ fn ran(
         score,
         latency_ms,
         cost_usd,
+        queue_ms: None,
+        compute_ms: None,
     });
 }
 
@@ -509,7 +513,7 @@ async fn retrieve(
         .max_connections(1)
         .connect(&url)
         .await
-        .map_err(EngineError::Retrieval)?;
+        .map_err(|e| EngineError::retrieval_database(&url, e))?;
     // The query text is the operator's own config; request values are only
     // ever bound as parameters.
     let mut query = sqlx::query(AssertSqlSafe(q.query.clone()));

@@ -18,20 +18,32 @@ pub const SAMPLE_RATE: u32 = 16_000;
 pub enum AudioError {
     #[error("the audio file is empty (0 bytes)")]
     Empty,
-    #[error("unsupported or unrecognised audio format{}: {why}", hint.as_ref().map(|h| format!(" (file extension `{h}`)")).unwrap_or_default())]
-    Unsupported { hint: Option<String>, why: String },
+    #[error("unsupported or unrecognised audio format{}", hint.as_ref().map(|h| format!(" (file extension `{h}`)")).unwrap_or_default())]
+    Unsupported {
+        hint: Option<String>,
+        #[source]
+        source: SymError,
+    },
     #[error("the file has no audio track")]
     NoAudioTrack,
-    #[error("the audio track uses a codec this build cannot decode: {0}")]
-    UnsupportedCodec(String),
-    #[error("the audio data is broken after {decoded_s:.2} s: {why}")]
-    Corrupt { decoded_s: f64, why: String },
+    #[error("the audio track uses a codec this build cannot decode")]
+    UnsupportedCodec(#[source] SymError),
+    #[error("the audio data is broken after {decoded_s:.2} s")]
+    Corrupt {
+        decoded_s: f64,
+        #[source]
+        source: SymError,
+    },
     #[error("the file decodes to no samples")]
     NoSamples,
     #[error("the audio is {duration_s:.1} s long, over the limit of {limit_s:.1} s")]
     TooLong { duration_s: f64, limit_s: f64 },
-    #[error("resampling from {from} Hz failed: {why}")]
-    Resample { from: u32, why: String },
+    #[error("resampling from {from} Hz failed")]
+    Resample {
+        from: u32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Decoded, resampled audio.
@@ -65,9 +77,9 @@ pub fn decode(
         hint.with_extension(ext);
     }
     let mss = MediaSourceStream::new(Box::new(Cursor::new(bytes)), Default::default());
-    let unsupported = |e: SymError| AudioError::Unsupported {
+    let unsupported = |source: SymError| AudioError::Unsupported {
         hint: extension.map(str::to_owned),
-        why: e.to_string(),
+        source,
     };
     let mut format = symphonia::default::get_probe()
         .probe(
@@ -89,7 +101,7 @@ pub fn decode(
         .ok_or(AudioError::NoAudioTrack)?;
     let mut decoder = symphonia::default::get_codecs()
         .make_audio_decoder(&params, &AudioDecoderOptions::default())
-        .map_err(|e| AudioError::UnsupportedCodec(e.to_string()))?;
+        .map_err(AudioError::UnsupportedCodec)?;
 
     let mut rate = params.sample_rate.unwrap_or(0);
     let mut channels = 0usize;
@@ -151,7 +163,7 @@ fn corrupt(decoded: &[f32], rate: u32, e: SymError) -> AudioError {
     };
     AudioError::Corrupt {
         decoded_s,
-        why: e.to_string(),
+        source: e,
     }
 }
 
@@ -162,7 +174,8 @@ pub fn resample(mono: &[f32], from: u32) -> Result<Vec<f32>, AudioError> {
     if from == SAMPLE_RATE {
         return Ok(mono.to_vec());
     }
-    let err = |why: String| AudioError::Resample { from, why };
+    let err =
+        |e: Box<dyn std::error::Error + Send + Sync>| AudioError::Resample { from, source: e };
     let mut resampler = Fft::<f32>::new(
         from as usize,
         SAMPLE_RATE as usize,
@@ -170,17 +183,16 @@ pub fn resample(mono: &[f32], from: u32) -> Result<Vec<f32>, AudioError> {
         1,
         FixedSync::Input,
     )
-    .map_err(|e| err(e.to_string()))?;
+    .map_err(|e| err(Box::new(e)))?;
     let input = vec![mono.to_vec()];
-    let input =
-        SequentialSliceOfVecs::new(&input, 1, mono.len()).map_err(|e| err(e.to_string()))?;
+    let input = SequentialSliceOfVecs::new(&input, 1, mono.len()).map_err(|e| err(Box::new(e)))?;
     let needed = resampler.process_all_needed_output_len(mono.len());
     let mut out = vec![vec![0f32; needed]];
     let mut output =
-        SequentialSliceOfVecs::new_mut(&mut out, 1, needed).map_err(|e| err(e.to_string()))?;
+        SequentialSliceOfVecs::new_mut(&mut out, 1, needed).map_err(|e| err(Box::new(e)))?;
     let (_, produced) = resampler
         .process_all_into_buffer(&input, &mut output, mono.len(), None)
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| err(Box::new(e)))?;
     let mut samples = out.into_iter().next().unwrap_or_default();
     samples.truncate(produced);
     Ok(samples)

@@ -18,9 +18,14 @@ const SILENCE_PEAK: f32 = 1e-3;
 #[derive(Debug, thiserror::Error)]
 pub enum SpeechError {
     #[error("cannot load the Whisper model {path}: {why}")]
-    Load { path: String, why: String },
-    #[error("Whisper decoding failed: {0}")]
-    Decode(String),
+    Load {
+        path: String,
+        why: &'static str,
+        #[source]
+        source: Option<whisper_rs::WhisperError>,
+    },
+    #[error("Whisper decoding failed")]
+    Decode(#[source] whisper_rs::WhisperError),
 }
 
 /// Per-request options.
@@ -55,12 +60,13 @@ impl WhisperEngine {
     /// Load a ggml model file. `threads` is per decoding state.
     pub fn load(path: &Path, threads: usize, use_gpu: bool) -> Result<Self, SpeechError> {
         LOG_HOOKS.call_once(whisper_rs::install_logging_hooks);
-        let err = |why: String| SpeechError::Load {
+        let err = |why: &'static str, source: Option<whisper_rs::WhisperError>| SpeechError::Load {
             path: path.display().to_string(),
             why,
+            source,
         };
         if !path.is_file() {
-            return Err(err("no such file".into()));
+            return Err(err("no such file", None));
         }
         let params = WhisperContextParameters {
             use_gpu,
@@ -68,9 +74,9 @@ impl WhisperEngine {
         };
         let path_str = path
             .to_str()
-            .ok_or_else(|| err("the path is not UTF-8".into()))?;
+            .ok_or_else(|| err("the path is not UTF-8", None))?;
         let ctx = WhisperContext::new_with_params(path_str, params)
-            .map_err(|e| err(format!("{e} (not a ggml Whisper model?)")))?;
+            .map_err(|e| err("not a ggml Whisper model?", Some(e)))?;
         let multilingual = ctx.is_multilingual();
         let eot = ctx.token_eot();
         Ok(Self {
@@ -86,9 +92,7 @@ impl WhisperEngine {
         if let Some(state) = self.idle.lock().ok().and_then(|mut v| v.pop()) {
             return Ok(state);
         }
-        self.ctx
-            .create_state()
-            .map_err(|e| SpeechError::Decode(e.to_string()))
+        self.ctx.create_state().map_err(SpeechError::Decode)
     }
 
     fn put_state(&self, state: WhisperState) {
@@ -149,7 +153,7 @@ impl WhisperEngine {
         let result = state.full(params, input);
         if let Err(e) = result {
             // A state that failed mid-way is not reused.
-            return Err(SpeechError::Decode(e.to_string()));
+            return Err(SpeechError::Decode(e));
         }
         let language = if self.multilingual {
             whisper_rs::get_lang_str(state.full_lang_id_from_state())

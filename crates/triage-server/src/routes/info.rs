@@ -12,10 +12,19 @@ pub(crate) async fn health() -> Json<Value> {
 }
 
 /// The tasks, specialists and routes this server answers, and the ledger's
-/// queue. A ledger that is failing or full answers 503: a load balancer
-/// should send work elsewhere until it has caught up.
+/// queue. A specialist whose worker has stopped, or a ledger that is failing
+/// or full, answers 503: a load balancer should send work elsewhere.
 pub(crate) async fn ready(State(state): State<Shared>) -> Response {
     let engine = state.engine.current();
+    let stopped = engine.specialists.stopped();
+    if !stopped.is_empty() {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(json!({"status": "not_ready", "stopped_specialists": stopped})),
+        )
+            .into_response();
+    }
     let ledger = state.ledger_health();
     let ready = ledger.as_ref().is_none_or(|l| l.ready());
     let status = if ready {

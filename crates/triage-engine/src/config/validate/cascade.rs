@@ -162,6 +162,15 @@ impl Validator {
                     }
                 }
             };
+            if let Some(a) = t.calibrated_accuracy
+                && !band_ok(a)
+            {
+                self.problem(
+                    format!("{tk}.calibrated_accuracy"),
+                    format!("{a} is not an accuracy between 0 and 1"),
+                    "remove it, or rerun triage calibrate --write",
+                );
+            }
             for label in t.map.values() {
                 if kind == CascadeKind::Moderation && !c.labels.contains(label) {
                     self.problem(
@@ -175,6 +184,7 @@ impl Validator {
                 name: t.name.clone(),
                 kind: tier_kind,
                 band,
+                calibrated_accuracy: t.calibrated_accuracy,
                 map: t.map.clone(),
                 timeout: t.timeout_ms.map(Duration::from_millis),
                 max_tokens: t.max_tokens,

@@ -87,6 +87,11 @@ impl Validator {
                     l.max_batch_tokens,
                     defaults.max_batch_tokens,
                 ),
+                max_input_tokens: positive(
+                    "max_input_tokens",
+                    l.max_input_tokens,
+                    defaults.max_input_tokens,
+                ),
                 max_wait: l
                     .max_wait_ms
                     .map_or(defaults.max_wait, std::time::Duration::from_millis),

@@ -1,0 +1,403 @@
+//! `triage audit` and `triage calibrate`: thin fronts over the engine's
+//! replay, audit and calibration (`triage_engine::audit`, `::calibrate`).
+//! Bad input (unknown labels, empty files, unknown tiers, a config that
+//! cannot be rewritten) is refused before any model loads. Rendering the
+//! reports (HTML, PNG) lives in `report.rs`.
+
+use crate::report;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use triage_engine::audit::{self, AuditOptions, Labelled, Mode, Replay};
+use triage_engine::calibrate::{self, CalibrateOptions, Target};
+use triage_engine::{Config, Engine, Ledger};
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// The TOML config that declares the task.
+    #[arg(long)]
+    config: PathBuf,
+    /// The task's name (`[tasks.NAME]`): a moderation cascade whose first tier is local.
+    #[arg(long)]
+    task: String,
+    /// Labelled JSONL: {"text", "label"} (a task label, a list of them, or 0/1 for a single-label task).
+    #[arg(long, required_unless_present = "from_ledger")]
+    data: Option<PathBuf>,
+    /// Call no hosted provider: escalated items are priced from the price table (default).
+    #[arg(long, conflicts_with = "live")]
+    offline: bool,
+    /// Send escalated items to the hosted tiers (answers cached on disk).
+    #[arg(long, requires = "max_cost_usd")]
+    live: bool,
+    /// With --live: never start a call that could take this run's spend past this many dollars.
+    #[arg(long)]
+    max_cost_usd: Option<f64>,
+    /// With --live: where answers are cached [default: $TRIAGE_DATA_DIR/audit-cache, else the data dir].
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Accuracy assumed for escalated items that were not sent to a provider.
+    #[arg(long, default_value_t = 0.95)]
+    hosted_accuracy: f64,
+    /// Audit a random sample of N items (seeded).
+    #[arg(long)]
+    sample: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print the JSON object on one line (it is pretty-printed otherwise).
+    #[arg(long)]
+    json: bool,
+    /// Also write the report: .html (self-contained, with the frontier plot), .png or .json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Estimate local accuracy on live traffic from the ledger's shadow checks instead.
+    #[arg(long, conflicts_with_all = ["data", "live", "sample", "out"])]
+    from_ledger: bool,
+    /// With --from-ledger: only records since a duration (30m, 24h, 7d) or a date (YYYY-MM-DD).
+    #[arg(long, requires = "from_ledger")]
+    since: Option<String>,
+    /// With --from-ledger: read this ledger URL instead of the config's.
+    #[arg(long, requires = "from_ledger")]
+    ledger: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false)))]
+pub struct CalibrateArgs {
+    /// The TOML config that declares the task.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    task: String,
+    /// The local tier whose band (lo, hi) is chosen.
+    #[arg(long)]
+    tier: String,
+    /// Labelled JSONL, as for `triage audit`.
+    #[arg(long)]
+    data: PathBuf,
+    /// The band with the largest local share whose local accuracy is at least this.
+    #[arg(long, group = "target")]
+    target_accuracy: Option<f64>,
+    /// The most accurate band whose local share is at least this.
+    #[arg(long, group = "target")]
+    target_local_share: Option<f64>,
+    /// The most accurate band whose estimated cost per 100k requests is at most this.
+    #[arg(long, group = "target")]
+    max_cost_per_100k: Option<f64>,
+    /// With --target-accuracy: ask for accuracy on the data ≥ target + MARGIN
+    /// instead of the default rule (the band's one-sided 95% lower bound of
+    /// local accuracy ≥ target, which guards against a band that is merely
+    /// lucky on this data).
+    #[arg(long)]
+    margin: Option<f64>,
+    /// Write lo, hi and calibrated_accuracy into the config (a .bak is kept).
+    #[arg(long)]
+    write: bool,
+    /// Calibrate on a random sample of N items (seeded).
+    #[arg(long)]
+    sample: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print the JSON object on one line (it is pretty-printed otherwise).
+    #[arg(long)]
+    json: bool,
+}
+
+fn load_config(path: &Path) -> Result<Config> {
+    let mut config = Config::load(path)?;
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    // A replay is not traffic: it stays out of the cost ledger.
+    config.ledger_url = None;
+    Ok(config)
+}
+
+fn read_data(config: &Config, task: &str, path: &Path) -> Result<Vec<Labelled>> {
+    let t = config.task(task).with_context(|| {
+        format!(
+            "unknown task `{task}`; the config declares: {}",
+            config.tasks.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let cascade = audit::cascade_of(t)?;
+    let bytes = crate::input::read_source(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(audit::parse_labelled(
+        cascade,
+        &bytes,
+        &path.display().to_string(),
+    )?)
+}
+
+fn progress_bar(len: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(len as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+async fn replay(
+    config: Config,
+    task: &str,
+    tier: Option<&str>,
+    items: Vec<Labelled>,
+) -> Result<(Engine, Replay)> {
+    let engine = Engine::new(config).await?;
+    let bar = progress_bar(items.len(), "local");
+    let tick = bar.clone();
+    let replay = Replay::run(&engine, task, tier, items, &mut move || tick.inc(1)).await?;
+    bar.finish_and_clear();
+    Ok((engine, replay))
+}
+
+fn print_json(value: &impl serde::Serialize, compact: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if compact {
+        serde_json::to_writer(&mut out, value)?;
+    } else {
+        serde_json::to_writer_pretty(&mut out, value)?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Where live answers are cached by default.
+fn default_cache() -> PathBuf {
+    let url = triage_engine::config::default_ledger_url();
+    let db = PathBuf::from(url.trim_start_matches("sqlite://"));
+    db.parent().unwrap_or(Path::new(".")).join("audit-cache")
+}
+
+pub async fn audit(args: AuditArgs) -> Result<ExitCode> {
+    if args.from_ledger {
+        return from_ledger(&args).await;
+    }
+    if !(0.0..=1.0).contains(&args.hosted_accuracy) {
+        bail!(
+            "--hosted-accuracy {} is not between 0 and 1",
+            args.hosted_accuracy
+        );
+    }
+    if let Some(x) = args.max_cost_usd
+        && !(x.is_finite() && x >= 0.0)
+    {
+        bail!("--max-cost-usd {x} is not a dollar amount");
+    }
+    if let Some(out) = &args.out {
+        report::check_out(out)?;
+    }
+    let Some(data) = &args.data else {
+        bail!("give --data LABELLED.jsonl (or --from-ledger)");
+    };
+    let config = load_config(&args.config)?;
+    let items = read_data(&config, &args.task, data)?;
+    let task = config.task(&args.task).context("the task disappeared")?;
+    audit::replay_tier(task, None)?;
+    let items = match args.sample {
+        Some(0) => bail!("--sample must be at least 1"),
+        Some(n) => audit::sample(items, n, args.seed),
+        None => items,
+    };
+    let mode = if args.live {
+        Mode::Live {
+            max_cost_usd: args.max_cost_usd.unwrap_or(0.0),
+            cache_dir: args.cache.clone().unwrap_or_else(default_cache),
+        }
+    } else {
+        Mode::Offline
+    };
+    let (engine, replay) = replay(config, &args.task, None, items).await?;
+    let escalated = {
+        let (lo, hi) = replay.band();
+        replay.items.iter().filter(|i| !i.accepted(lo, hi)).count()
+    };
+    let bar = progress_bar(escalated, "hosted");
+    let tick = bar.clone();
+    let opts = AuditOptions {
+        mode,
+        hosted_accuracy: args.hosted_accuracy,
+    };
+    let report = audit::audit(&engine, &replay, &opts, &mut move || tick.inc(1)).await?;
+    bar.finish_and_clear();
+    if let Some(out) = &args.out {
+        report::write(out, &report)?;
+    }
+    print_json(&report, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn calibrate(args: CalibrateArgs) -> Result<ExitCode> {
+    let target = match (
+        args.target_accuracy,
+        args.target_local_share,
+        args.max_cost_per_100k,
+    ) {
+        (Some(a), _, _) => Target::Accuracy(a),
+        (_, Some(s), _) => Target::LocalShare(s),
+        (_, _, Some(x)) => Target::MaxCostPer100k(x),
+        _ => bail!("give one of --target-accuracy, --target-local-share, --max-cost-per-100k"),
+    };
+    if let Some(m) = args.margin
+        && !(0.0..1.0).contains(&m)
+    {
+        bail!("--margin {m} is not between 0 and 1");
+    }
+    let config = load_config(&args.config)?;
+    let items = read_data(&config, &args.task, &args.data)?;
+    let task = config.task(&args.task).context("the task disappeared")?;
+    audit::replay_tier(task, Some(&args.tier))?;
+    if args.write {
+        calibrate::check_writable(&args.config)?;
+    }
+    let items = match args.sample {
+        Some(0) => bail!("--sample must be at least 1"),
+        Some(n) => audit::sample(items, n, args.seed),
+        None => items,
+    };
+    let (_engine, replay) = replay(config, &args.task, Some(&args.tier), items).await?;
+    let opts = CalibrateOptions {
+        margin: args.margin,
+        seed: args.seed,
+        ..CalibrateOptions::default()
+    };
+    let calibration = calibrate::calibrate(&replay, target, &opts)?;
+    if args.write {
+        let bak = calibrate::write_band(
+            &args.config,
+            &args.task,
+            &args.tier,
+            calibration.lo,
+            calibration.hi,
+            calibration.local_accuracy,
+        )?;
+        eprintln!(
+            "wrote lo = {}, hi = {}, calibrated_accuracy = {:.4} to {} (previous version: {})",
+            calibration.lo,
+            calibration.hi,
+            calibration.local_accuracy,
+            args.config.display(),
+            bak.display()
+        );
+    }
+    print_json(&calibration, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One (tier, shadow tier) line of `triage audit --from-ledger`.
+#[derive(Debug, serde::Serialize)]
+struct ShadowLine {
+    tier: String,
+    shadow_tier: String,
+    checked: i64,
+    agreed: i64,
+    /// Agreement with the next tier: the estimate of local accuracy on traffic.
+    agreement: Option<f64>,
+    /// Wilson 95% interval of the agreement.
+    ci95: Option<[f64; 2]>,
+    /// What `triage calibrate --write` promised (`calibrated_accuracy`).
+    calibrated_accuracy: Option<f64>,
+    warning: Option<String>,
+}
+
+fn wilson(agreed: i64, n: i64) -> Option<[f64; 2]> {
+    if n <= 0 {
+        return None;
+    }
+    let (n, p, z) = (n as f64, agreed as f64 / n as f64, 1.96_f64);
+    let centre = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / (1.0 + z * z / n);
+    Some([(centre - half).max(0.0), (centre + half).min(1.0)])
+}
+
+async fn from_ledger(args: &AuditArgs) -> Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let task = config.task(&args.task).with_context(|| {
+        format!(
+            "unknown task `{}`; the config declares: {}",
+            args.task,
+            config.tasks.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let cascade = audit::cascade_of(task)?;
+    let url = match (&args.ledger, &config.ledger_url) {
+        (Some(u), _) => u.clone(),
+        (None, Some(u)) => u.clone(),
+        (None, None) => bail!(
+            "{} disables the ledger; pass --ledger URL",
+            args.config.display()
+        ),
+    };
+    let since = match &args.since {
+        Some(s) => crate::engine_cmds::since_ms(s)?,
+        None => 0,
+    };
+    let ledger = Ledger::open(&url).await?;
+    let rows = ledger.shadow_agreement(&args.task, since).await?;
+    let mut lines = Vec::new();
+    let mut warned = false;
+    for r in rows {
+        let promised = cascade
+            .tiers
+            .iter()
+            .find(|t| t.name == r.tier)
+            .and_then(|t| t.calibrated_accuracy);
+        let agreement = (r.checked > 0).then(|| r.agreed as f64 / r.checked as f64);
+        let ci95 = wilson(r.agreed, r.checked);
+        let warning = match (agreement, promised, ci95) {
+            (Some(a), Some(p), Some([_, upper])) if a < p => {
+                let sure = if upper < p {
+                    "significantly (the 95% interval lies below it)"
+                } else {
+                    "though within noise so far"
+                };
+                Some(format!(
+                    "tier `{}`: agreement with `{}` is {a:.3} on {} shadow check(s), below the calibrated accuracy {p} {sure}; recalibrate with triage calibrate",
+                    r.tier, r.shadow_tier, r.checked
+                ))
+            }
+            _ => None,
+        };
+        if let Some(w) = &warning {
+            eprintln!("warning: {w}");
+            warned = true;
+        }
+        lines.push(ShadowLine {
+            tier: r.tier,
+            shadow_tier: r.shadow_tier,
+            checked: r.checked,
+            agreed: r.agreed,
+            agreement,
+            ci95,
+            calibrated_accuracy: promised,
+            warning,
+        });
+    }
+    if lines.is_empty() {
+        eprintln!(
+            "no shadow checks for task `{}` in the ledger{}; set the task's `shadow` fraction to collect them",
+            args.task,
+            if args.since.is_some() {
+                " in that period"
+            } else {
+                ""
+            }
+        );
+    }
+    let out = serde_json::json!({
+        "task": args.task,
+        "since_ms": since,
+        "tiers": lines,
+        "drift": warned,
+    });
+    print_json(&out, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}

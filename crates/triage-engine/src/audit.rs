@@ -1,0 +1,973 @@
+//! Replay and audit of a moderation cascade on labelled data.
+//!
+//! The local tier runs once per item ([`Replay::run`]) and every item keeps
+//! its task-label scores, computed with the cascade's own mapping, so any
+//! band can be re-scored afterwards without running the model again: the
+//! audit's frontier and `calibrate` are arithmetic over those scores.
+//! Escalated items are priced from the price table with token counts
+//! estimated from the text ([`Mode::Offline`]), or sent to the hosted tiers
+//! through the gateway with a disk cache and a spending cap ([`Mode::Live`]).
+
+use crate::config::{Cascade, CascadeKind, Strategy, Task, Tier, TierKind};
+use crate::engine::{Engine, Input, Overrides};
+use crate::error::EngineError;
+use crate::specialists::Specialist;
+use crate::strategy::cascade::{local_scores, outside_band};
+use crate::strategy::{CHARS_PER_TOKEN, strongest};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use triage_cloud::prices::PriceTable;
+use triage_core::TaskAnswer;
+use triage_core::llm::Usage;
+use triage_core::trace::Decision;
+
+/// Characters of instructions an LLM tier reads besides the item (the
+/// moderation prompt); the same figure the all-LLM counterfactual uses.
+const PROMPT_CHARS: usize = 300;
+/// Output tokens per task label of an LLM tier's JSON answer.
+const OUTPUT_TOKENS_PER_LABEL: u64 = 8;
+/// Bands of the audit's frontier: `lo` and `hi` in steps of 0.05.
+const FRONTIER_STEPS: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{origin} line {line}: {message}")]
+    Data {
+        origin: String,
+        line: usize,
+        message: String,
+    },
+    #[error("{origin} has no labelled items")]
+    Empty { origin: String },
+    #[error(
+        "task `{task}` is a {what}; audit and calibrate replay moderation cascades \
+         (labelled {{\"text\", \"label\"}} data) only"
+    )]
+    Unsupported { task: String, what: &'static str },
+    #[error("task `{task}` has no tier `{tier}`; its tiers are: {known}")]
+    UnknownTier {
+        task: String,
+        tier: String,
+        known: String,
+    },
+    #[error("tier `{tier}` of task `{task}` {why}")]
+    NotReplayable {
+        task: String,
+        tier: String,
+        why: &'static str,
+    },
+    #[error("local tier `{tier}` failed on item {item}")]
+    Local {
+        tier: String,
+        item: usize,
+        #[source]
+        source: EngineError,
+    },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("the answer cache {path}")]
+    Cache {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One labelled item: its text and the task labels that apply (none: clean).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labelled {
+    pub text: String,
+    pub labels: Vec<String>,
+}
+
+/// The moderation cascade of `task`, or why it cannot be replayed.
+pub fn cascade_of(task: &Task) -> Result<&Cascade, AuditError> {
+    let unsupported = |what| AuditError::Unsupported {
+        task: task.name.clone(),
+        what,
+    };
+    match &task.strategy {
+        Strategy::Cascade(c) if c.kind == CascadeKind::Moderation => Ok(c),
+        Strategy::Cascade(_) => Err(unsupported("chat cascade")),
+        Strategy::Router(_) => Err(unsupported("router")),
+        Strategy::Pipeline(_) => Err(unsupported("pipeline")),
+    }
+}
+
+/// The tier to replay: `name`, else the first. It must be a local classifier
+/// with a band (not the last tier, which always answers), and the first
+/// tier, since only then does every item reach it.
+pub fn replay_tier<'a>(
+    task: &'a Task,
+    name: Option<&str>,
+) -> Result<(usize, &'a Tier), AuditError> {
+    let c = cascade_of(task)?;
+    let index = match name {
+        None => 0,
+        Some(n) => {
+            c.tiers
+                .iter()
+                .position(|t| t.name == n)
+                .ok_or_else(|| AuditError::UnknownTier {
+                    task: task.name.clone(),
+                    tier: n.to_owned(),
+                    known: c
+                        .tiers
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?
+        }
+    };
+    let tier = c.tiers.get(index).ok_or(AuditError::Unsupported {
+        task: task.name.clone(),
+        what: "cascade without tiers",
+    })?;
+    let not = |why| AuditError::NotReplayable {
+        task: task.name.clone(),
+        tier: tier.name.clone(),
+        why,
+    };
+    if !matches!(tier.kind, TierKind::Local { .. }) {
+        return Err(not(
+            "is not a local specialist; audit and calibrate replay the local tier",
+        ));
+    }
+    if tier.band.is_none() {
+        return Err(not(
+            "is the last tier (it always answers), so it has no band to audit",
+        ));
+    }
+    if index != 0 {
+        return Err(not(
+            "is not the first tier; only the first tier sees every item",
+        ));
+    }
+    Ok((index, tier))
+}
+
+/// Parse labelled JSONL for a moderation cascade: `{"text", "label"}` where
+/// the label is one of the task's labels, a list of them (`[]` is clean), or
+/// 0/1 when the task has a single label. Blank lines are skipped.
+pub fn parse_labelled(
+    c: &Cascade,
+    bytes: &[u8],
+    origin: &str,
+) -> Result<Vec<Labelled>, AuditError> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut items = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let err = |message: String| AuditError::Data {
+            origin: origin.to_owned(),
+            line: line_no,
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| err(format!("not JSON: {e}")))?;
+        let Some(text) = value.get("text").and_then(|t| t.as_str()) else {
+            return Err(err("no string field `text`".into()));
+        };
+        let known = || c.labels.join(", ");
+        let check = |l: &str| -> Result<String, AuditError> {
+            if c.labels.iter().any(|k| k == l) {
+                Ok(l.to_owned())
+            } else {
+                Err(err(format!(
+                    "label `{l}` is not one of the task's labels ({})",
+                    known()
+                )))
+            }
+        };
+        let labels = match value.get("label") {
+            None => return Err(err("no field `label`".into())),
+            Some(serde_json::Value::String(l)) => vec![check(l)?],
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|l| match l.as_str() {
+                    Some(l) => check(l),
+                    None => Err(err(format!("labels must be strings, found {l}"))),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(v) => {
+                let bit = match v {
+                    serde_json::Value::Bool(b) => Some(*b),
+                    serde_json::Value::Number(n) => match n.as_u64() {
+                        Some(0) => Some(false),
+                        Some(1) => Some(true),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                match (bit, c.labels.as_slice()) {
+                    (Some(b), [only]) => {
+                        if b {
+                            vec![only.clone()]
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                    (Some(_), _) => {
+                        return Err(err(format!(
+                            "label {v}: 0/1 labels need a single-label task; this one has {}, so name them",
+                            known()
+                        )));
+                    }
+                    (None, _) => {
+                        return Err(err(format!(
+                            "label {v} is not a task label ({}), a list of them, or 0/1",
+                            known()
+                        )));
+                    }
+                }
+            }
+        };
+        items.push(Labelled {
+            text: text.to_owned(),
+            labels,
+        });
+    }
+    if items.is_empty() {
+        return Err(AuditError::Empty {
+            origin: origin.to_owned(),
+        });
+    }
+    Ok(items)
+}
+
+/// `n` items drawn at random (seeded) without replacement, in file order.
+pub fn sample(items: Vec<Labelled>, n: usize, seed: u64) -> Vec<Labelled> {
+    use rand::SeedableRng;
+    if n >= items.len() {
+        return items;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut keep = rand::seq::index::sample(&mut rng, items.len(), n).into_vec();
+    keep.sort_unstable();
+    let mut keep = keep.into_iter().peekable();
+    items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, item)| {
+            (keep.peek() == Some(&i)).then(|| {
+                keep.next();
+                item
+            })
+        })
+        .collect()
+}
+
+/// One item after the local tier ran on it.
+#[derive(Debug, Clone)]
+pub struct ScoredItem {
+    pub text: String,
+    /// Per task label, in the cascade's label order.
+    pub scores: Vec<f64>,
+    pub gold: Vec<bool>,
+    pub local_cost_usd: f64,
+    pub local_latency_ms: f64,
+    /// Price-table estimate of the hosted tiers after the local one, each
+    /// called once (the escalation path's upper bound).
+    pub escalation_usd: f64,
+    /// The strongest model alone (the all-LLM path).
+    pub all_llm_usd: f64,
+}
+
+impl ScoredItem {
+    /// The cascade's rule: accepted when every label is outside the band.
+    pub fn accepted(&self, lo: f64, hi: f64) -> bool {
+        self.scores.iter().all(|s| outside_band(*s, lo, hi))
+    }
+
+    /// Whether the local answer (flagged at the task's threshold) matches
+    /// every label.
+    pub fn correct(&self, threshold: f64) -> bool {
+        self.scores
+            .iter()
+            .zip(&self.gold)
+            .all(|(s, g)| (*s >= threshold) == *g)
+    }
+}
+
+/// One band re-scored over the replay.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BandPoint {
+    pub lo: f64,
+    pub hi: f64,
+    pub local_share: f64,
+    /// `None` when the band accepts nothing.
+    pub local_accuracy: Option<f64>,
+    pub cost_per_100k_usd: f64,
+}
+
+/// The local tier's scores for every item, and the prices around them.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    pub task: String,
+    pub tier: Tier,
+    pub cascade: Cascade,
+    pub items: Vec<ScoredItem>,
+    /// Hosted models with no price-table entry (priced at 0).
+    pub unpriced: Vec<String>,
+}
+
+fn hosted_usage(tier: &Tier, chars: usize, labels: usize) -> Usage {
+    match tier.kind {
+        TierKind::Moderation { .. } => Usage {
+            input_tokens: chars.div_ceil(CHARS_PER_TOKEN) as u64,
+            ..Usage::default()
+        },
+        _ => Usage {
+            input_tokens: (chars + PROMPT_CHARS).div_ceil(CHARS_PER_TOKEN) as u64,
+            output_tokens: OUTPUT_TOKENS_PER_LABEL * labels as u64,
+            ..Usage::default()
+        },
+    }
+}
+
+/// Price-table estimate of one hosted tier's call on `chars` characters.
+fn tier_estimate(
+    prices: &PriceTable,
+    tier: &Tier,
+    chars: usize,
+    labels: usize,
+    today: &str,
+) -> Option<f64> {
+    let target = match &tier.kind {
+        TierKind::Moderation { targets } | TierKind::Llm { targets } => targets.first()?,
+        TierKind::Local { .. } => return Some(0.0),
+    };
+    prices.cost(
+        &target.provider,
+        &target.model,
+        &hosted_usage(tier, chars, labels),
+        0.0,
+        today,
+    )
+}
+
+impl Replay {
+    /// Run the task's local tier (`tier`, else the first) once on each item.
+    /// `progress` is called after each item.
+    pub async fn run(
+        engine: &Engine,
+        task_name: &str,
+        tier: Option<&str>,
+        items: Vec<Labelled>,
+        progress: &mut (dyn FnMut() + Send),
+    ) -> Result<Self, AuditError> {
+        let task = engine.task(task_name)?;
+        let c = cascade_of(task)?.clone();
+        let (index, tier) = replay_tier(task, tier)?;
+        let tier = tier.clone();
+        let TierKind::Local { specialist: name } = &tier.kind else {
+            return Err(AuditError::NotReplayable {
+                task: task.name.clone(),
+                tier: tier.name.clone(),
+                why: "is not a local specialist",
+            });
+        };
+        let specialist = engine.specialists.get(name)?.clone();
+        let Specialist::Classifier {
+            handle,
+            positive_labels,
+            gpu,
+        } = &specialist
+        else {
+            return Err(EngineError::UnknownSpecialist(name.clone()).into());
+        };
+        let prices = &engine.config.prices;
+        let today = PriceTable::today();
+        let strongest = strongest(prices, task).cloned();
+        let mut unpriced = Vec::new();
+        for t in &c.tiers[index + 1..] {
+            if tier_estimate(prices, t, 1, c.labels.len(), &today).is_none() {
+                unpriced.push(t.model_name());
+            }
+        }
+        let mut scored = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            let started = Instant::now();
+            let classified =
+                handle
+                    .classify(&item.text, true)
+                    .await
+                    .map_err(|source| AuditError::Local {
+                        tier: tier.name.clone(),
+                        item: i + 1,
+                        source: EngineError::Local {
+                            name: name.clone(),
+                            source,
+                        },
+                    })?;
+            let elapsed = started.elapsed();
+            let scores = local_scores(&c, &tier, positive_labels, &classified);
+            let chars = item.text.chars().count();
+            let escalation_usd = c.tiers[index + 1..]
+                .iter()
+                .map(|t| tier_estimate(prices, t, chars, c.labels.len(), &today).unwrap_or(0.0))
+                .sum();
+            let all_llm_usd = match &strongest {
+                Some(t) => prices
+                    .cost(
+                        &t.provider,
+                        &t.model,
+                        &Usage {
+                            input_tokens: (chars + PROMPT_CHARS).div_ceil(CHARS_PER_TOKEN) as u64,
+                            output_tokens: OUTPUT_TOKENS_PER_LABEL * c.labels.len() as u64,
+                            ..Usage::default()
+                        },
+                        0.0,
+                        &today,
+                    )
+                    .unwrap_or(0.0),
+                None => c
+                    .tiers
+                    .last()
+                    .and_then(|t| tier_estimate(prices, t, chars, c.labels.len(), &today))
+                    .unwrap_or(0.0),
+            };
+            scored.push(ScoredItem {
+                scores: c
+                    .labels
+                    .iter()
+                    .map(|l| scores.get(l).copied().unwrap_or(0.0))
+                    .collect(),
+                gold: c.labels.iter().map(|l| item.labels.contains(l)).collect(),
+                text: item.text,
+                local_cost_usd: prices.compute_cost(elapsed, *gpu),
+                local_latency_ms: elapsed.as_secs_f64() * 1000.0,
+                escalation_usd,
+                all_llm_usd,
+            });
+            progress();
+        }
+        Ok(Self {
+            task: task.name.clone(),
+            tier,
+            cascade: c,
+            items: scored,
+            unpriced,
+        })
+    }
+
+    pub fn n(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The configured band of the replayed tier.
+    pub fn band(&self) -> (f64, f64) {
+        self.tier.band.unwrap_or((0.0, 1.0))
+    }
+
+    /// Share, accuracy and estimated cost of band (`lo`, `hi`) over the
+    /// items, each counted `weights[i]` times (all once when `None`).
+    pub fn point(&self, lo: f64, hi: f64, weights: Option<&[u32]>) -> BandPoint {
+        let (mut total, mut accepted, mut correct, mut cost) = (0.0, 0.0, 0.0, 0.0);
+        for (i, item) in self.items.iter().enumerate() {
+            let w = f64::from(weights.map_or(1, |w| w[i]));
+            if w == 0.0 {
+                continue;
+            }
+            total += w;
+            cost += w * item.local_cost_usd;
+            if item.accepted(lo, hi) {
+                accepted += w;
+                if item.correct(self.cascade.threshold) {
+                    correct += w;
+                }
+            } else {
+                cost += w * item.escalation_usd;
+            }
+        }
+        BandPoint {
+            lo,
+            hi,
+            local_share: if total > 0.0 { accepted / total } else { 0.0 },
+            local_accuracy: (accepted > 0.0).then(|| correct / accepted),
+            cost_per_100k_usd: if total > 0.0 {
+                cost / total * 100_000.0
+            } else {
+                0.0
+            },
+        }
+    }
+
+    /// The replay re-scored over a grid of bands (`lo` 0–0.5 and `hi`
+    /// 0.5–1 in steps of 0.05, plus the configured band), by local share.
+    pub fn frontier(&self) -> Vec<BandPoint> {
+        let step = 0.5 / FRONTIER_STEPS as f64;
+        let mut points = Vec::new();
+        for a in 0..=FRONTIER_STEPS {
+            for b in 0..=FRONTIER_STEPS {
+                let lo = round(a as f64 * step);
+                let hi = round(0.5 + b as f64 * step);
+                points.push(self.point(lo, hi, None));
+            }
+        }
+        let (lo, hi) = self.band();
+        if !points.iter().any(|p| p.lo == lo && p.hi == hi) {
+            points.push(self.point(lo, hi, None));
+        }
+        points.sort_by(|a, b| {
+            a.local_share
+                .total_cmp(&b.local_share)
+                .then(a.lo.total_cmp(&b.lo))
+                .then(a.hi.total_cmp(&b.hi))
+        });
+        points
+    }
+}
+
+/// Round to 4 decimals (grid values print as written).
+pub(crate) fn round(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+/// How escalated items are answered.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// No hosted call: priced from the price table, accuracy assumed.
+    Offline,
+    /// Hosted calls through the gateway, answers cached in `cache_dir`, no
+    /// call that would take the spend past `max_cost_usd`.
+    Live {
+        max_cost_usd: f64,
+        cache_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    pub mode: Mode,
+    /// Accuracy assumed for escalated items that were not sent (offline,
+    /// or over the spending cap).
+    pub hosted_accuracy: f64,
+}
+
+/// One tier's line of the audit (shape used by acceptance checks).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TierReport {
+    pub tier: String,
+    pub model: String,
+    /// Fraction of items this tier answered.
+    pub share: f64,
+    /// On the items it answered, against the labels; `None` where not measured.
+    pub accuracy: Option<f64>,
+    /// Dollars this tier cost over all items.
+    pub cost_usd: f64,
+    pub latency_ms_p50: Option<f64>,
+    pub latency_ms_p99: Option<f64>,
+}
+
+/// What live mode did with the hosted providers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LiveStats {
+    /// Items sent to the providers in this run.
+    pub calls: usize,
+    /// Items answered from the cache (free).
+    pub cached: usize,
+    /// Items not sent because the call could have passed `--max-cost-usd`.
+    pub skipped_over_budget: usize,
+    /// Items whose hosted tiers all failed (counted as wrong).
+    pub failed: usize,
+    /// Dollars spent in this run (cached answers cost nothing).
+    pub spent_usd: f64,
+    pub max_cost_usd: f64,
+    pub cache: String,
+}
+
+/// `triage audit`'s report (key order used by acceptance checks).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditReport {
+    pub n: usize,
+    pub task: String,
+    pub tiers: Vec<TierReport>,
+    pub accuracy: Option<f64>,
+    pub assumptions: Vec<String>,
+    pub cost_per_100k_usd: f64,
+    pub all_llm_cost_per_100k_usd: f64,
+    pub savings_pct: Option<f64>,
+    pub frontier: Vec<BandPoint>,
+    /// `offline` or `live`.
+    pub mode: &'static str,
+    /// The replayed tier's configured band, as a point of the frontier.
+    pub band: BandPoint,
+    pub live: Option<LiveStats>,
+}
+
+/// A hosted answer kept on disk, keyed by the hosted path and the text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedAnswer {
+    path: String,
+    text: String,
+    /// The tier that answered and the task labels it flagged.
+    tier: String,
+    flagged_labels: Vec<String>,
+    /// Per hosted tier that ran: (tier, dollars, milliseconds).
+    ran: Vec<(String, f64, f64)>,
+}
+
+struct Cache {
+    file: PathBuf,
+    answers: HashMap<(String, String), CachedAnswer>,
+}
+
+impl Cache {
+    fn open(dir: &Path, task: &str) -> Result<Self, AuditError> {
+        let file = dir.join(format!("{task}.jsonl"));
+        let io = |source| AuditError::Cache {
+            path: file.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut answers = HashMap::new();
+        match std::fs::read_to_string(&file) {
+            Ok(text) => {
+                // A line cut short by an interrupted run is skipped: that
+                // item is simply asked again.
+                for a in text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<CachedAnswer>(l).ok())
+                {
+                    answers.insert((a.path.clone(), a.text.clone()), a);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        Ok(Self { file, answers })
+    }
+
+    fn get(&self, path: &str, text: &str) -> Option<&CachedAnswer> {
+        self.answers.get(&(path.to_owned(), text.to_owned()))
+    }
+
+    fn put(&mut self, a: CachedAnswer) -> Result<(), AuditError> {
+        let io = |source| AuditError::Cache {
+            path: self.file.display().to_string(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.file)
+            .map_err(io)?;
+        let mut line = serde_json::to_string(&a).unwrap_or_default();
+        line.push('\n');
+        f.write_all(line.as_bytes()).map_err(io)?;
+        self.answers.insert((a.path.clone(), a.text.clone()), a);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct TierTally {
+    answered: usize,
+    /// Answers scored against the labels, and how many were right.
+    measured: usize,
+    correct: usize,
+    /// Answers not obtained, whose accuracy is assumed.
+    assumed: usize,
+    cost: f64,
+    latencies: Vec<f64>,
+}
+
+/// Percentile `q` (0–1) of `v`, nearest rank.
+pub fn percentile(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len());
+    Some(s[rank - 1])
+}
+
+/// Audit the replay: the configured band decides which items the local tier
+/// answers; the rest are answered as `opts.mode` says. `progress` is called
+/// after each escalated item in live mode.
+pub async fn audit(
+    engine: &Engine,
+    replay: &Replay,
+    opts: &AuditOptions,
+    progress: &mut (dyn FnMut() + Send),
+) -> Result<AuditReport, AuditError> {
+    let c = &replay.cascade;
+    let n = replay.n();
+    let (lo, hi) = replay.band();
+    let hosted: Vec<&Tier> = c
+        .tiers
+        .iter()
+        .skip_while(|t| t.name != replay.tier.name)
+        .skip(1)
+        .collect();
+    let path = hosted
+        .iter()
+        .map(|t| format!("{}={}", t.name, t.model_name()))
+        .collect::<Vec<_>>()
+        .join(" > ");
+    let last = hosted.last().map_or(String::new(), |t| t.name.clone());
+    let mut tally: HashMap<String, TierTally> = HashMap::new();
+    let mut assumptions = Vec::new();
+    let mut live = None;
+    let mut cache = match &opts.mode {
+        Mode::Live {
+            cache_dir,
+            max_cost_usd,
+        } => {
+            live = Some(LiveStats {
+                max_cost_usd: *max_cost_usd,
+                cache: cache_dir
+                    .join(format!("{}.jsonl", replay.task))
+                    .display()
+                    .to_string(),
+                ..LiveStats::default()
+            });
+            Some(Cache::open(cache_dir, &replay.task)?)
+        }
+        Mode::Offline => None,
+    };
+    let mut assumed = 0usize;
+    let mut total_cost = 0.0;
+    let mut all_llm = 0.0;
+    let mut correct_all = 0usize;
+    let labels = &c.labels;
+    for item in &replay.items {
+        all_llm += item.all_llm_usd;
+        let local = tally.entry(replay.tier.name.clone()).or_default();
+        local.cost += item.local_cost_usd;
+        local.latencies.push(item.local_latency_ms);
+        total_cost += item.local_cost_usd;
+        if item.accepted(lo, hi) {
+            local.answered += 1;
+            local.measured += 1;
+            if item.correct(c.threshold) {
+                local.correct += 1;
+                correct_all += 1;
+            }
+            continue;
+        }
+        // Escalated: from the cache, live, or assumed.
+        let gold: Vec<String> = labels
+            .iter()
+            .zip(&item.gold)
+            .filter(|(_, g)| **g)
+            .map(|(l, _)| l.clone())
+            .collect();
+        let mut answer: Option<CachedAnswer> = None;
+        if let (Some(cache), Some(stats), Mode::Live { max_cost_usd, .. }) =
+            (cache.as_mut(), live.as_mut(), &opts.mode)
+        {
+            if let Some(a) = cache.get(&path, &item.text) {
+                stats.cached += 1;
+                answer = Some(a.clone());
+            } else if stats.spent_usd + worst_case(engine, &hosted, item, labels.len())
+                > *max_cost_usd
+            {
+                stats.skipped_over_budget += 1;
+            } else {
+                let overrides = Overrides {
+                    start_tier: hosted.first().map(|t| t.name.clone()),
+                    shadow: Some(0.0),
+                    ..Overrides::default()
+                };
+                stats.calls += 1;
+                match engine
+                    .execute_traced(&replay.task, Input::Text(item.text.clone()), &overrides)
+                    .await
+                {
+                    Ok(e) => {
+                        stats.spent_usd += e.trace.cost_usd;
+                        let ran = e
+                            .trace
+                            .tiers
+                            .iter()
+                            .map(|t| (t.tier.clone(), t.cost_usd, t.latency_ms))
+                            .collect();
+                        let tier = e
+                            .trace
+                            .tiers
+                            .iter()
+                            .rev()
+                            .find(|t| t.decision == Decision::Accepted)
+                            .map_or(last.clone(), |t| t.tier.clone());
+                        let flagged_labels = match &e.answer {
+                            TaskAnswer::Scores(s) => s.flagged_labels.clone(),
+                            // A refusal flags the item: every label it could mean.
+                            TaskAnswer::Refusal(_) => labels.clone(),
+                            _ => Vec::new(),
+                        };
+                        let a = CachedAnswer {
+                            path: path.clone(),
+                            text: item.text.clone(),
+                            tier,
+                            flagged_labels,
+                            ran,
+                        };
+                        cache.put(a.clone())?;
+                        answer = Some(a);
+                    }
+                    Err(f) => {
+                        stats.spent_usd += f.trace.cost_usd;
+                        stats.failed += 1;
+                        for t in &f.trace.tiers {
+                            let e = tally.entry(t.tier.clone()).or_default();
+                            e.cost += t.cost_usd;
+                            e.latencies.push(t.latency_ms);
+                            total_cost += t.cost_usd;
+                        }
+                        let e = tally.entry(last.clone()).or_default();
+                        e.answered += 1;
+                        e.measured += 1;
+                        progress();
+                        continue;
+                    }
+                }
+            }
+            progress();
+        }
+        match answer {
+            Some(a) => {
+                for (t, cost, ms) in &a.ran {
+                    let e = tally.entry(t.clone()).or_default();
+                    e.cost += cost;
+                    e.latencies.push(*ms);
+                    total_cost += cost;
+                }
+                let mut flagged = a.flagged_labels.clone();
+                flagged.sort();
+                let mut want = gold.clone();
+                want.sort();
+                let e = tally.entry(a.tier.clone()).or_default();
+                e.answered += 1;
+                e.measured += 1;
+                if flagged == want {
+                    e.correct += 1;
+                    correct_all += 1;
+                }
+            }
+            None => {
+                // Every hosted tier once, the last one answering: the
+                // conservative path.
+                assumed += 1;
+                let chars = item.text.chars().count();
+                let prices = &engine.config.prices;
+                let today = PriceTable::today();
+                for t in &hosted {
+                    let cost = tier_estimate(prices, t, chars, labels.len(), &today).unwrap_or(0.0);
+                    tally.entry(t.name.clone()).or_default().cost += cost;
+                    total_cost += cost;
+                }
+                let e = tally.entry(last.clone()).or_default();
+                e.answered += 1;
+                e.assumed += 1;
+            }
+        }
+    }
+    if assumed > 0 {
+        let why = match &live {
+            None => "offline: no hosted provider was called".to_owned(),
+            Some(s) => format!(
+                "live: {} item(s) were not sent because the call could have passed --max-cost-usd {}",
+                s.skipped_over_budget, s.max_cost_usd
+            ),
+        };
+        assumptions.push(format!(
+            "{why}; {assumed} escalated item(s) are priced from the price table as one call to each hosted tier ({}) with tokens estimated at {CHARS_PER_TOKEN} characters per token plus {PROMPT_CHARS} characters of prompt and {OUTPUT_TOKENS_PER_LABEL} output tokens per label, answered by the last tier",
+            hosted
+                .iter()
+                .map(|t| t.model_name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ));
+        assumptions.push(format!(
+            "hosted accuracy {} (--hosted-accuracy) on those {assumed} item(s)",
+            opts.hosted_accuracy
+        ));
+    }
+    if let Some(s) = &live
+        && s.failed > 0
+    {
+        assumptions.push(format!(
+            "live: {} escalated item(s) failed on every hosted tier and count as wrong",
+            s.failed
+        ));
+    }
+    for m in &replay.unpriced {
+        assumptions.push(format!("{m} has no entry in the price table: priced at $0"));
+    }
+    assumptions.push(format!(
+        "local tier `{}` priced by measured compute time ({} items, one at a time) at the [compute] rate; all-LLM path: every item to the strongest priced model of the task",
+        replay.tier.name, n
+    ));
+    let mut tiers = Vec::new();
+    for t in &c.tiers {
+        let tt = tally.remove(&t.name).unwrap_or_default();
+        tiers.push(TierReport {
+            tier: t.name.clone(),
+            model: t.model_name(),
+            share: if n > 0 {
+                tt.answered as f64 / n as f64
+            } else {
+                0.0
+            },
+            accuracy: (tt.measured + tt.assumed > 0).then(|| {
+                (tt.correct as f64 + tt.assumed as f64 * opts.hosted_accuracy)
+                    / (tt.measured + tt.assumed) as f64
+            }),
+            cost_usd: tt.cost,
+            latency_ms_p50: percentile(&tt.latencies, 0.5),
+            latency_ms_p99: percentile(&tt.latencies, 0.99),
+        });
+    }
+    let per_100k = |x: f64| if n > 0 { x / n as f64 * 100_000.0 } else { 0.0 };
+    Ok(AuditReport {
+        n,
+        task: replay.task.clone(),
+        tiers,
+        accuracy: (n > 0)
+            .then(|| (correct_all as f64 + assumed as f64 * opts.hosted_accuracy) / n as f64),
+        assumptions,
+        cost_per_100k_usd: per_100k(total_cost),
+        all_llm_cost_per_100k_usd: per_100k(all_llm),
+        savings_pct: (all_llm > 0.0).then(|| 100.0 * (1.0 - total_cost / all_llm)),
+        frontier: replay.frontier(),
+        mode: if live.is_some() { "live" } else { "offline" },
+        band: replay.point(lo, hi, None),
+        live,
+    })
+}
+
+/// The most one escalated item can cost before it is sent: every hosted tier
+/// once, an LLM writing its full `max_tokens` (64 by default).
+fn worst_case(engine: &Engine, hosted: &[&Tier], item: &ScoredItem, labels: usize) -> f64 {
+    let prices = &engine.config.prices;
+    let today = PriceTable::today();
+    let chars = item.text.chars().count();
+    hosted
+        .iter()
+        .map(|t| {
+            let mut usage = hosted_usage(t, chars, labels);
+            if matches!(t.kind, TierKind::Llm { .. }) {
+                usage.output_tokens = usage
+                    .output_tokens
+                    .max(u64::from(t.max_tokens.unwrap_or(64)));
+            }
+            match &t.kind {
+                TierKind::Moderation { targets } | TierKind::Llm { targets } => targets
+                    .iter()
+                    .filter_map(|x| prices.cost(&x.provider, &x.model, &usage, 0.0, &today))
+                    .fold(0.0, f64::max),
+                TierKind::Local { .. } => 0.0,
+            }
+        })
+        .sum()
+}
