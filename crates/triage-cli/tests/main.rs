@@ -6,8 +6,8 @@
 mod audit;
 mod cli;
 mod eval;
-mod ledger_crash;
 mod examples;
+mod ledger_crash;
 mod serve;
 mod system_deps;
 mod train_signal;

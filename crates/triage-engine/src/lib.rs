@@ -7,8 +7,8 @@
 // built at most once per request, so its size costs nothing measurable.
 #![allow(clippy::result_large_err)]
 
-pub mod budget;
 pub mod audit;
+pub mod budget;
 pub mod calibrate;
 pub mod config;
 pub mod default_config;
