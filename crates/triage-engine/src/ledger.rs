@@ -380,7 +380,7 @@ impl Shared {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     pool: AnyPool,
-    tx: mpsc::UnboundedSender<Msg>,
+    tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
     url: String,
 }
@@ -447,10 +447,12 @@ impl Ledger {
                 .map_err(open_err)?;
         }
         migrate(&pool).await?;
-        // The channel itself is unbounded, but nothing is sent without room:
-        // `pending` counts every row until it is committed, and
-        // [`Ledger::admit`] holds new requests back while it is at the bound.
-        let (tx, rx) = mpsc::unbounded_channel();
+        // [`Ledger::admit`] holds new requests back while `pending` (every
+        // row until it is committed) is at `max_pending`. Requests admitted
+        // together can still overshoot it by their rows, so the channel has a
+        // hard bound as well, far above what admission lets through: past it
+        // a row is refused and counted, never buffered without end.
+        let (tx, rx) = mpsc::channel(hard_bound(options.max_pending));
         let shared = Arc::new(Shared {
             options,
             pending: AtomicUsize::new(0),
@@ -510,9 +512,17 @@ impl Ledger {
 
     fn send(&self, row: Queued) {
         self.shared.pending.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(Msg::Row(row)).is_err() {
-            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-            tracing::error!("the ledger's writer has stopped: a row was lost");
+        match self.tx.try_send(Msg::Row(row)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+                self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("the ledger's queue is at its hard bound: a row was refused");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+                tracing::error!("the ledger's writer has stopped: a row was lost");
+            }
         }
     }
 
@@ -534,6 +544,7 @@ impl Ledger {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Flush(tx))
+            .await
             .map_err(|_| LedgerError::WriterGone)?;
         rx.await.map_err(|_| LedgerError::WriterGone)
     }
@@ -799,7 +810,13 @@ const BATCH: usize = 8192;
 /// Longest pause between retries of a batch the database would not take.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-async fn writer(pool: AnyPool, mut rx: mpsc::UnboundedReceiver<Msg>, shared: Arc<Shared>) {
+/// The channel's hard capacity for a queue admitted up to `max_pending`
+/// rows: room for every admitted request's rows several times over.
+fn hard_bound(max_pending: usize) -> usize {
+    max_pending.saturating_mul(8).max(8192)
+}
+
+async fn writer(pool: AnyPool, mut rx: mpsc::Receiver<Msg>, shared: Arc<Shared>) {
     let mut rows: Vec<Queued> = Vec::new();
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     let mut open = true;
