@@ -1682,3 +1682,35 @@ async fn concurrent_calls_share_one_breaker_and_one_sink() {
     assert_eq!(h.sink.records().len(), 8);
     assert_eq!(a.hits(), 8);
 }
+
+/// A call dropped while its request is on the wire (a tier's timeout, a
+/// caller gone) may already be billed: its attempt is recorded as
+/// cancelled, with the provider and model it went to and no usage.
+#[tokio::test]
+async fn an_attempt_dropped_on_the_wire_is_recorded_as_cancelled() {
+    let a = FaultServer::start(
+        "primary",
+        vec![delayed(ok("too late"), Duration::from_secs(5))],
+    )
+    .await
+    .unwrap();
+    let h = harness(vec![a.settings()], policy());
+    let (ctx, targets, request) = (ctx(), targets(&[("primary", "model-a")]), request());
+    let call = h.gateway.chat(&ctx, &targets, &request);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), call)
+            .await
+            .is_err()
+    );
+    assert_eq!(a.hits(), 1);
+    let records = h.sink.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(
+        (r.provider.as_str(), r.model.as_str()),
+        ("primary", "model-a")
+    );
+    assert_eq!(failed_kinds(&records), [Some(ErrorKind::Cancelled)]);
+    assert_eq!(r.usage, Usage::default());
+    assert_eq!(r.cost_usd, 0.0);
+}

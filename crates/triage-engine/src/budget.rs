@@ -9,7 +9,8 @@
 //! restart does not reset a budget. Each replica keeps its own running
 //! total (see the README).
 
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, LedgerError};
+use sqlx::Row;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use triage_cloud::prices::PriceTable;
 
@@ -83,6 +84,17 @@ pub struct BudgetExceeded {
     pub estimate: f64,
 }
 
+/// Why a hosted call was not allowed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error(transparent)]
+    Exceeded(#[from] BudgetExceeded),
+    /// The shared budget store (the PostgreSQL ledger) could not be read or
+    /// written: the call is refused rather than made unaccounted.
+    #[error("the shared budget store could not reserve this call")]
+    Store(#[source] LedgerError),
+}
+
 #[derive(Debug, Default, Clone)]
 struct Window {
     id: String,
@@ -91,10 +103,17 @@ struct Window {
 }
 
 /// The budgets of one engine and what has been spent against them.
+///
+/// With a SQLite ledger (one process) the running totals live in memory and
+/// are read back from the ledger at start. With a PostgreSQL ledger they live
+/// in the database (`triage_budget_spend`, `triage_budget_holds`), so every
+/// replica reserves against the same totals: a reservation locks its budget's
+/// row, so two replicas cannot both take the last dollar.
 #[derive(Debug, Default)]
 pub struct Budgets {
     specs: Vec<BudgetSpec>,
     windows: Mutex<Vec<Window>>,
+    shared: Option<Ledger>,
 }
 
 /// Dollars held against budgets for one hosted call.
@@ -103,26 +122,68 @@ pub struct Reservation<'a> {
     budgets: &'a Budgets,
     /// (budget index, window id, dollars)
     held: Vec<(usize, String, f64)>,
+    /// The hold's id in the shared store.
+    hold_id: Option<String>,
     settled: bool,
 }
 
 impl Reservation<'_> {
     /// The call returned: replace the estimate with what it cost.
-    pub fn settle(mut self, actual_usd: f64) {
+    pub async fn settle(mut self, actual_usd: f64) {
         self.settled = true;
-        self.budgets.release(&self.held, Some(actual_usd));
+        match (&self.budgets.shared, self.hold_id.take()) {
+            (Some(ledger), Some(id)) => {
+                let held = std::mem::take(&mut self.held);
+                if let Err(e) = settle_shared(ledger, &id, Some(actual_usd)).await {
+                    tracing::error!(error = %crate::error::chain(&e), hold = id, "settling a shared budget hold failed; it will count as its estimate when it expires");
+                }
+                self.budgets.release(&held, Some(actual_usd));
+            }
+            _ => self.budgets.release(&self.held, Some(actual_usd)),
+        }
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        if !self.settled {
-            // Dropped mid-call (a timeout, a caller gone): it may have been
-            // billed, so the estimate counts as spent.
-            self.budgets.release(&self.held, None);
+        if self.settled {
+            return;
+        }
+        // Dropped mid-call (a timeout, a caller gone): it may have been
+        // billed, so the estimate counts as spent.
+        self.budgets.release(&self.held, None);
+        if let (Some(ledger), Some(id)) = (&self.budgets.shared, self.hold_id.take()) {
+            let ledger = ledger.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = settle_shared(&ledger, &id, None).await {
+                        tracing::error!(error = %crate::error::chain(&e), hold = id, "settling a dropped shared budget hold failed; it will count as its estimate when it expires");
+                    }
+                });
+            }
         }
     }
 }
+
+/// How long a hold in the shared store lives without being settled (a
+/// replica killed mid-call): longer than any call's deadline. When it
+/// expires its estimate counts as spent, the safe side for money.
+const HOLD_TTL_MS: i64 = 10 * 60 * 1000;
+
+const SHARED_TABLES: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS triage_budget_spend (
+        name TEXT NOT NULL,
+        win TEXT NOT NULL,
+        spent_usd DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (name, win))",
+    "CREATE TABLE IF NOT EXISTS triage_budget_holds (
+        id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        win TEXT NOT NULL,
+        usd DOUBLE PRECISION NOT NULL,
+        expires_ms BIGINT NOT NULL,
+        PRIMARY KEY (id, name))",
+];
 
 impl Budgets {
     pub fn new(specs: Vec<BudgetSpec>) -> Self {
@@ -130,6 +191,7 @@ impl Budgets {
         Self {
             specs,
             windows: Mutex::new(windows),
+            shared: None,
         }
     }
 
@@ -137,12 +199,36 @@ impl Budgets {
         self.specs.is_empty()
     }
 
+    /// Whether the running totals are kept in the shared (PostgreSQL) store.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
     fn windows(&self) -> MutexGuard<'_, Vec<Window>> {
         self.windows.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Count spending through `ledger`: in the database itself when it is
+    /// PostgreSQL (shared by replicas), else in memory, starting from what
+    /// the ledger holds for each budget's current window.
+    pub async fn attach(&mut self, ledger: &Ledger) -> Result<(), LedgerError> {
+        if self.specs.is_empty() {
+            return Ok(());
+        }
+        if ledger.is_postgres() {
+            for sql in SHARED_TABLES {
+                sqlx::query(sql)
+                    .execute(ledger.pool())
+                    .await
+                    .map_err(|source| LedgerError::Migrate { version: 0, source })?;
+            }
+            self.shared = Some(ledger.clone());
+        }
+        self.load(ledger).await
+    }
+
     /// Read what has been spent in each budget's current window.
-    pub async fn load(&self, ledger: &Ledger) -> Result<(), crate::ledger::LedgerError> {
+    pub async fn load(&self, ledger: &Ledger) -> Result<(), LedgerError> {
         let today = PriceTable::today();
         for (i, spec) in self.specs.iter().enumerate() {
             let spent = ledger
@@ -166,7 +252,32 @@ impl Budgets {
 
     /// Hold `estimate_usd` against every budget that applies to a call for
     /// `task` by `key`, or refuse if one of them would pass its limit.
-    pub fn reserve(
+    pub async fn reserve(
+        &self,
+        task: &str,
+        key: Option<&str>,
+        estimate_usd: f64,
+    ) -> Result<Reservation<'_>, BudgetError> {
+        let mut reservation = self.reserve_local(task, key, estimate_usd)?;
+        if let Some(ledger) = &self.shared
+            && !reservation.held.is_empty()
+        {
+            match reserve_shared(self, ledger, task, key, estimate_usd).await {
+                Ok(id) => reservation.hold_id = Some(id),
+                Err(e) => {
+                    // Nothing was held in the store; undo the local hold.
+                    reservation.settled = true;
+                    self.release(&reservation.held, Some(0.0));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(reservation)
+    }
+
+    /// The in-memory check and hold (for a shared store, a fast first check
+    /// of this replica's own view; the store decides).
+    fn reserve_local(
         &self,
         task: &str,
         key: Option<&str>,
@@ -177,6 +288,7 @@ impl Budgets {
             return Ok(Reservation {
                 budgets: self,
                 held,
+                hold_id: None,
                 settled: false,
             });
         }
@@ -216,6 +328,7 @@ impl Budgets {
         Ok(Reservation {
             budgets: self,
             held,
+            hold_id: None,
             settled: false,
         })
     }
@@ -232,6 +345,17 @@ impl Budgets {
         }
     }
 
+    /// The shared store's total for budget `i` in window `id`, as this
+    /// replica last saw it (every replica's spending included).
+    fn observe(&self, i: usize, id: &str, spent: f64) {
+        let mut windows = self.windows();
+        if let Some(w) = windows.get_mut(i)
+            && w.id == id
+        {
+            w.spent = w.spent.max(spent);
+        }
+    }
+
     /// Dollars spent (settled) in each budget's current window, by name.
     pub fn spent(&self) -> Vec<(String, f64)> {
         let windows = self.windows();
@@ -243,9 +367,167 @@ impl Budgets {
     }
 }
 
+fn store_err(source: sqlx::Error) -> BudgetError {
+    BudgetError::Store(LedgerError::Query(source))
+}
+
+/// Reserve in the shared store, in one transaction that locks each budget's
+/// row in config order (so replicas with the same config cannot deadlock).
+async fn reserve_shared(
+    budgets: &Budgets,
+    ledger: &Ledger,
+    task: &str,
+    key: Option<&str>,
+    estimate_usd: f64,
+) -> Result<String, BudgetError> {
+    let today = PriceTable::today();
+    let now = crate::ledger::millis(std::time::SystemTime::now());
+    let id = uuid::Uuid::now_v7().to_string();
+    let applicable: Vec<(usize, &BudgetSpec)> = budgets
+        .specs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.applies(task, key))
+        .collect();
+    // A window met for the first time starts from what the ledger holds for
+    // it (budgets added to a running deployment).
+    let mut initial = Vec::new();
+    for (_, spec) in &applicable {
+        let win = spec.period.window(&today);
+        let known =
+            sqlx::query("SELECT COUNT(*) FROM triage_budget_spend WHERE name = $1 AND win = $2")
+                .bind(&spec.name)
+                .bind(&win)
+                .fetch_one(ledger.pool())
+                .await
+                .and_then(|r| r.try_get::<i64, _>(0))
+                .map_err(store_err)?;
+        let spent = if known > 0 {
+            0.0
+        } else {
+            ledger
+                .spent_since(
+                    spec.period.start_ms(&today),
+                    spec.task.as_deref(),
+                    spec.key.as_deref(),
+                )
+                .await
+                .map_err(BudgetError::Store)?
+        };
+        initial.push(spent);
+    }
+    let mut tx = ledger.pool().begin().await.map_err(store_err)?;
+    for ((_, spec), initial) in applicable.iter().zip(&initial) {
+        let win = spec.period.window(&today);
+        sqlx::query(
+            "INSERT INTO triage_budget_spend (name, win, spent_usd) VALUES ($1, $2, $3) ON CONFLICT (name, win) DO NOTHING",
+        )
+        .bind(&spec.name)
+        .bind(&win)
+        .bind(*initial)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_err)?;
+        // Holds whose replica never settled them count as spent (committed
+        // on its own, whatever this call's fate).
+        sqlx::query(
+            "WITH gone AS (DELETE FROM triage_budget_holds WHERE name = $1 AND win = $2 AND expires_ms < $3 RETURNING usd) UPDATE triage_budget_spend SET spent_usd = spent_usd + (SELECT CAST(COALESCE(SUM(usd), 0) AS DOUBLE PRECISION) FROM gone) WHERE name = $1 AND win = $2",
+        )
+        .bind(&spec.name)
+        .bind(&win)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_err)?;
+    }
+    tx.commit().await.map_err(store_err)?;
+    let mut tx = ledger.pool().begin().await.map_err(store_err)?;
+    for (i, spec) in &applicable {
+        let win = spec.period.window(&today);
+        let spent: f64 = sqlx::query(
+            "SELECT spent_usd FROM triage_budget_spend WHERE name = $1 AND win = $2 FOR UPDATE",
+        )
+        .bind(&spec.name)
+        .bind(&win)
+        .fetch_one(&mut *tx)
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(store_err)?;
+        let held: f64 = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(usd), 0) AS DOUBLE PRECISION) FROM triage_budget_holds WHERE name = $1 AND win = $2",
+        )
+        .bind(&spec.name)
+        .bind(&win)
+        .fetch_one(&mut *tx)
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(store_err)?;
+        budgets.observe(*i, &win, spent);
+        let used = spent + held;
+        if used >= spec.usd || used + estimate_usd > spec.usd {
+            // Dropping the transaction rolls it back: nothing is held.
+            return Err(BudgetError::Exceeded(BudgetExceeded {
+                name: spec.name.clone(),
+                period: spec.period.as_str(),
+                usd: spec.usd,
+                spent: used,
+                estimate: estimate_usd,
+            }));
+        }
+        sqlx::query(
+            "INSERT INTO triage_budget_holds (id, name, win, usd, expires_ms) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&id)
+        .bind(&spec.name)
+        .bind(&win)
+        .bind(estimate_usd)
+        .bind(now + HOLD_TTL_MS)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_err)?;
+    }
+    tx.commit().await.map_err(store_err)?;
+    Ok(id)
+}
+
+/// Turn a shared hold into spending: `actual` dollars, or its estimate when
+/// the call was dropped mid-flight.
+async fn settle_shared(ledger: &Ledger, id: &str, actual: Option<f64>) -> Result<(), sqlx::Error> {
+    let mut tx = ledger.pool().begin().await?;
+    let rows = sqlx::query(
+        "DELETE FROM triage_budget_holds WHERE id = $1 RETURNING name, win, CAST(usd AS DOUBLE PRECISION)",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in rows {
+        let name: String = row.try_get(0)?;
+        let win: String = row.try_get(1)?;
+        let estimate: f64 = row.try_get(2)?;
+        sqlx::query(
+            "UPDATE triage_budget_spend SET spent_usd = spent_usd + $3 WHERE name = $1 AND win = $2",
+        )
+        .bind(&name)
+        .bind(&win)
+        .bind(actual.unwrap_or(estimate))
+        .execute(&mut *tx)
+        .await?;
+    }
+    // A hold that expired before this settle was already counted at its
+    // estimate and is gone: nothing to add.
+    tx.commit().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exceeded(e: BudgetError) -> BudgetExceeded {
+        match e {
+            BudgetError::Exceeded(x) => x,
+            other => panic!("not a spent budget: {other}"),
+        }
+    }
 
     fn spec(name: &str, usd: f64, task: Option<&str>, key: Option<&str>) -> BudgetSpec {
         BudgetSpec {
@@ -257,25 +539,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn reserve_then_settle_and_refuse_past_the_limit() {
+    #[tokio::test]
+    async fn reserve_then_settle_and_refuse_past_the_limit() {
         let b = Budgets::new(vec![
             spec("team-a", 1.0, None, Some("a")),
             spec("moderation", 0.5, Some("moderation"), None),
         ]);
         // Another key and another task are not counted.
-        b.reserve("chat", Some("b"), 10.0).unwrap().settle(10.0);
-        let r = b.reserve("moderation", Some("a"), 0.3).unwrap();
+        b.reserve("chat", Some("b"), 10.0)
+            .await
+            .unwrap()
+            .settle(10.0)
+            .await;
+        let r = b.reserve("moderation", Some("a"), 0.3).await.unwrap();
         // Held while in flight: a second call cannot pass the task's limit.
-        let e = b.reserve("moderation", None, 0.3).unwrap_err();
+        let e = exceeded(b.reserve("moderation", None, 0.3).await.unwrap_err());
         assert_eq!(e.name, "moderation");
-        r.settle(0.1);
-        b.reserve("moderation", None, 0.3).unwrap().settle(0.3);
+        r.settle(0.1).await;
+        b.reserve("moderation", None, 0.3)
+            .await
+            .unwrap()
+            .settle(0.3)
+            .await;
         assert_eq!(b.spent()[1].1, 0.4);
-        let e = b.reserve("chat", Some("a"), 0.95).unwrap_err();
+        let e = exceeded(b.reserve("chat", Some("a"), 0.95).await.unwrap_err());
         assert_eq!((e.name.as_str(), e.period), ("team-a", "day"));
         // A call dropped mid-flight keeps its estimate as spent.
-        drop(b.reserve("chat", Some("a"), 0.2).unwrap());
+        drop(b.reserve("chat", Some("a"), 0.2).await.unwrap());
         assert!((b.spent()[0].1 - 0.3).abs() < 1e-12);
     }
 

@@ -296,6 +296,8 @@ pub struct Engine {
     pub ledger: Option<Ledger>,
     /// `[[budgets]]` and what has been spent against them.
     pub budgets: crate::budget::Budgets,
+    /// Shadow calls still running after their request was answered.
+    pub background: crate::background::Background,
 }
 
 impl Engine {
@@ -315,11 +317,9 @@ impl Engine {
             Some(url) => Some(Ledger::open_with(url, config.ledger).await?),
             None => None,
         };
-        let budgets = crate::budget::Budgets::new(config.budgets.clone());
-        if let Some(l) = &ledger
-            && !budgets.is_empty()
-        {
-            budgets.load(l).await?;
+        let mut budgets = crate::budget::Budgets::new(config.budgets.clone());
+        if let Some(l) = &ledger {
+            budgets.attach(l).await?;
         }
         let sink = ledger.clone().map(|l| Arc::new(l) as Arc<dyn AttemptSink>);
         let gateway = Gateway::new(
@@ -334,6 +334,7 @@ impl Engine {
             gateway,
             ledger,
             budgets,
+            background: Default::default(),
         })
     }
 

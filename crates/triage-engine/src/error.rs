@@ -65,7 +65,7 @@ pub enum EngineError {
     Budget {
         tier: String,
         #[source]
-        source: crate::budget::BudgetExceeded,
+        source: crate::budget::BudgetError,
     },
     /// A blocking task (model load, decoding, transcription) panicked or was cancelled.
     #[error("{what} stopped before it finished")]
@@ -147,7 +147,17 @@ impl EngineError {
         use triage_cloud::ErrorKind as K;
         match self {
             EngineError::UnknownTask { .. } => ErrorClass::NotFound,
-            EngineError::Budget { .. } => ErrorClass::BudgetExceeded,
+            EngineError::Budget {
+                source: crate::budget::BudgetError::Exceeded(_),
+                ..
+            } => ErrorClass::BudgetExceeded,
+            // The shared budget store is unreachable: nothing was sent.
+            EngineError::Budget {
+                source: crate::budget::BudgetError::Store(_),
+                ..
+            } => ErrorClass::Saturated {
+                retry_after: Duration::from_secs(1),
+            },
             EngineError::Ledger(crate::ledger::LedgerError::Full { retry_after, .. }) => {
                 ErrorClass::Saturated {
                     retry_after: *retry_after,

@@ -476,6 +476,16 @@ impl Ledger {
         &self.url
     }
 
+    /// Whether this ledger is a PostgreSQL database (shared by replicas).
+    pub fn is_postgres(&self) -> bool {
+        self.url.starts_with("postgres:") || self.url.starts_with("postgresql:")
+    }
+
+    /// The connection pool, for state kept beside the ledger (shared budgets).
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     pub fn options(&self) -> LedgerOptions {
         self.shared.options
     }
@@ -861,24 +871,26 @@ async fn writer(pool: AnyPool, mut rx: mpsc::Receiver<Msg>, shared: Arc<Shared>)
         }
         let mut backoff = Duration::from_millis(50);
         while !rows.is_empty() {
-            let n = rows.len();
-            match write_rows(&pool, &mut rows).await {
-                Ok(report) => {
-                    shared
-                        .written
-                        .fetch_add(report.written as u64, Ordering::Relaxed);
-                    shared
-                        .rejected
-                        .fetch_add(report.rejected as u64, Ordering::Relaxed);
-                    shared.pending.fetch_sub(n, Ordering::AcqRel);
-                    *shared.failing() = None;
-                }
-                Err(e) => {
+            let (report, failed) = write_rows(&pool, &mut rows).await;
+            // Rows committed (or dropped as bad) leave the queue even when
+            // the database failed on a later row of the same batch.
+            shared
+                .written
+                .fetch_add(report.written as u64, Ordering::Relaxed);
+            shared
+                .rejected
+                .fetch_add(report.rejected as u64, Ordering::Relaxed);
+            shared
+                .pending
+                .fetch_sub(report.written + report.rejected, Ordering::AcqRel);
+            match failed {
+                None => *shared.failing() = None,
+                Some(e) => {
                     // The database itself is failing (full disk, lost
                     // connection): keep the rows, which keeps the queue full,
                     // which makes new requests wait and then refuses them.
                     let message = crate::error::chain(&e);
-                    tracing::error!(error = %message, rows = n, "the ledger cannot commit; retrying");
+                    tracing::error!(error = %message, rows = rows.len(), "the ledger cannot commit; retrying");
                     *shared.failing() = Some(message);
                     shared.room.notify_waiters();
                     tokio::time::sleep(backoff).await;
@@ -904,16 +916,20 @@ struct Written {
 /// refuses it, write each row on its own, so one bad row (a duplicate key, a
 /// value the database will not take) costs only itself. `rows` is emptied on
 /// success; on an error that is the database's rather than a row's, the rows
-/// not yet committed stay in it to be retried.
-async fn write_rows(pool: &AnyPool, rows: &mut Vec<Queued>) -> Result<Written, sqlx::Error> {
+/// not yet committed stay in it to be retried, and the error comes back with
+/// the count of those that went in.
+async fn write_rows(pool: &AnyPool, rows: &mut Vec<Queued>) -> (Written, Option<sqlx::Error>) {
     match write_batch(pool, rows).await {
         Ok(()) => {
             let written = rows.len();
             rows.clear();
-            return Ok(Written {
-                written,
-                rejected: 0,
-            });
+            return (
+                Written {
+                    written,
+                    rejected: 0,
+                },
+                None,
+            );
         }
         Err(e) => {
             tracing::warn!(error = %e, rows = rows.len(), "ledger batch refused; writing its rows one by one");
@@ -930,7 +946,7 @@ async fn write_rows(pool: &AnyPool, rows: &mut Vec<Queued>) -> Result<Written, s
         let one = std::slice::from_ref(&row);
         match insert_rows(pool, one).await {
             Ok(()) => report.written += 1,
-            Err(e) if is_row_error(&e) || report.written > 0 => {
+            Err(e) if !is_database_fault(&e) && (is_row_error(&e) || report.written > 0) => {
                 // This row's own fault (a constraint), or another row of the
                 // same batch went in: the database works, this row is bad.
                 tracing::error!(error = %e, row = %row.describe(), "the ledger refused a row; dropped");
@@ -942,13 +958,29 @@ async fn write_rows(pool: &AnyPool, rows: &mut Vec<Queued>) -> Result<Written, s
             }
         }
     }
-    match last_db_error {
-        Some(e) => {
-            *rows = kept;
-            Err(e)
-        }
-        None => Ok(report),
+    *rows = kept;
+    (report, last_db_error)
+}
+
+/// Whether the database failed for its own state (a full disk, an I/O error,
+/// a lost connection, resources), whatever the row: such rows are kept and
+/// retried, never dropped.
+fn is_database_fault(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(d) = e else {
+        return matches!(
+            e,
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+        );
+    };
+    let Some(code) = d.code() else { return false };
+    if let Ok(n) = code.parse::<i64>() {
+        // SQLite primary codes (the low byte of an extended one): BUSY,
+        // LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL.
+        return matches!(n & 0xff, 5 | 6 | 7 | 8 | 10 | 11 | 13 | 14 | 15);
     }
+    // PostgreSQL SQLSTATE classes: connection (08), resources such as a full
+    // disk (53), operator intervention (57), system errors (58).
+    matches!(code.get(..2), Some("08" | "53" | "57" | "58"))
 }
 
 /// Whether the database refused this row for what it holds, not for its own
@@ -1303,6 +1335,75 @@ mod tests {
         let h = ledger.health();
         assert!(h.ready() && h.pending == 0 && h.written == 3, "{h:?}");
         ledger.admit().await.unwrap();
+    }
+
+    /// Cap every pooled connection's database at `pages` pages: past it
+    /// SQLite fails a write with SQLITE_FULL, as on a full disk.
+    async fn cap_pages(ledger: &Ledger, pages: Option<i64>) {
+        let mut conns = Vec::new();
+        for _ in 0..4 {
+            conns.push(ledger.pool.acquire().await.unwrap());
+        }
+        let pages = match pages {
+            Some(p) => p,
+            None => sqlx::query("PRAGMA page_count")
+                .fetch_one(&mut *conns[0])
+                .await
+                .unwrap()
+                .try_get::<i64, _>(0)
+                .unwrap(),
+        };
+        for c in &mut conns {
+            sqlx::query(AssertSqlSafe(format!("PRAGMA max_page_count = {pages}")))
+                .execute(&mut **c)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_is_reported_sheds_load_and_loses_nothing() {
+        let options = LedgerOptions {
+            max_pending: 8,
+            admit_wait: Duration::from_millis(100),
+            commit_interval: Duration::from_millis(5),
+        };
+        let (_dir, ledger) = temp_ledger(options).await;
+        cap_pages(&ledger, None).await;
+        // Far more than the tables' free space: the writer meets SQLITE_FULL.
+        for i in 0..300 {
+            ledger.record_request(request(&format!("r{i}"), None));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let failing = loop {
+            if let Some(f) = ledger.health().failing {
+                break f;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(failing.contains("full"), "{failing}");
+        // While the disk stays full the rows stay queued: /ready is false and
+        // new requests are refused (503 upstream) instead of queued.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let h = ledger.health();
+        assert!(!h.ready() && h.pending >= 8 && h.rejected == 0, "{h:?}");
+        assert!(h.failing.is_some(), "{h:?}");
+        assert!(matches!(
+            ledger.admit().await,
+            Err(LedgerError::Full { max_pending: 8, .. })
+        ));
+        // Space comes back: every row is written, none dropped.
+        cap_pages(&ledger, Some(1 << 30)).await;
+        tokio::time::timeout(Duration::from_secs(20), ledger.flush())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(count(&ledger, "requests").await, 300);
+        let h = ledger.health();
+        assert!(h.ready() && h.failing.is_none() && h.rejected == 0, "{h:?}");
+        // Every row is accounted for: none is left counted as pending.
+        assert_eq!((h.pending, h.written), (0, 300), "{h:?}");
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod audit;
+pub mod background;
 pub mod budget;
 pub mod calibrate;
 pub mod config;

@@ -8,10 +8,16 @@ use triage_core::ErrorClass;
 use triage_engine::{Config, Engine, EngineError, Input, Overrides};
 
 fn config(base_url: &str, dir: &tempfile::TempDir) -> Config {
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    config_at(base_url, &url, dir)
+}
+
+/// The budget test's config with its ledger at `ledger_url`.
+pub fn config_at(base_url: &str, ledger_url: &str, dir: &tempfile::TempDir) -> Config {
     let toml = format!(
         r#"
 [ledger]
-url = "sqlite://{}"
+url = "{ledger_url}"
 
 [providers.openai]
 kind = "openai"
@@ -56,8 +62,7 @@ rules = []
 [tasks.faq.routes.other]
 handler = "template"
 template = "Please write to us."
-"#,
-        dir.path().join("ledger.db").display()
+"#
     );
     let mut c = Config::from_toml(&toml, "budgets.toml", dir.path()).unwrap();
     c.providers.get_mut("openai").unwrap().config.api_key =
@@ -65,7 +70,7 @@ template = "Please write to us."
     c
 }
 
-fn chat() -> Reply {
+pub fn chat() -> Reply {
     Reply::Chat {
         content: "{\"toxic\": 0.9}".into(),
         prompt_tokens: 40,
@@ -73,7 +78,7 @@ fn chat() -> Reply {
     }
 }
 
-async fn moderate(engine: &Engine) -> Result<f64, EngineError> {
+pub async fn moderate(engine: &Engine) -> Result<f64, EngineError> {
     engine
         .execute(
             "moderation",
@@ -114,4 +119,35 @@ async fn a_spent_budget_refuses_hosted_calls_and_survives_a_restart() {
     let e = moderate(&again).await.unwrap_err();
     assert_eq!(e.class(), ErrorClass::BudgetExceeded);
     assert_eq!(fake.seen().chats.len(), 3);
+}
+
+/// Money spent is on disk before the answer is returned: a second
+/// connection (another process, or the same file after a kill -9) sees the
+/// hosted attempt and its request the moment `execute` returns, without a
+/// flush.
+#[tokio::test]
+async fn a_hosted_answer_is_committed_before_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeOpenAi::start(vec![chat()]).await;
+    let engine = Engine::new(config(&fake.base_url, &dir)).await.unwrap();
+    let done = engine
+        .execute(
+            "moderation",
+            Input::Text("you idiot".into()),
+            &Overrides::default(),
+        )
+        .await
+        .unwrap();
+    sqlx::any::install_default_drivers();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let other = sqlx::AnyPool::connect(&url).await.unwrap();
+    let count = |table: &str| {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {table} WHERE request_id = $1"
+        )))
+        .bind(done.request_id.clone())
+    };
+    let attempts: i64 = sqlx::Row::get(&count("attempts").fetch_one(&other).await.unwrap(), 0);
+    let requests: i64 = sqlx::Row::get(&count("requests").fetch_one(&other).await.unwrap(), 0);
+    assert_eq!((attempts, requests), (1, 1));
 }

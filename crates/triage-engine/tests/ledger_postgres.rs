@@ -146,3 +146,86 @@ async fn the_router_looks_orders_up_in_postgres() {
     let req = ledger.request(&e.request_id).await.unwrap().unwrap();
     assert_eq!(req.answered_by, "route:order_status");
 }
+
+/// Two replicas with the same `[[budgets]]` share one running total in the
+/// PostgreSQL ledger: what one spends, the other cannot spend again, even
+/// when both reserve at the same moment.
+#[tokio::test]
+async fn replicas_share_a_budget_in_postgres() {
+    use crate::budgets::{chat, config_at, moderate};
+    use crate::support::openai::FakeOpenAi;
+    use triage_core::ErrorClass;
+    let url = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each call is estimated at $0.064 and costs $0.005; the budget is
+    // $0.075, so three calls fit one after another (see budgets.rs).
+    let fake = FakeOpenAi::start((0..8).map(|_| chat()).collect()).await;
+    let a = triage_engine::Engine::new(config_at(&fake.base_url, &url, &dir))
+        .await
+        .unwrap();
+    let b = triage_engine::Engine::new(config_at(&fake.base_url, &url, &dir))
+        .await
+        .unwrap();
+    assert!(a.budgets.is_shared() && b.budgets.is_shared());
+    moderate(&a).await.unwrap();
+    moderate(&b).await.unwrap();
+    // Each replica alone would still see $0.005 spent and allow a call;
+    // together $0.010 is spent, so one more fits (0.010 + 0.064 <= 0.075)
+    // and then nothing: at most one of two simultaneous calls goes out.
+    let (x, y) = tokio::join!(moderate(&a), moderate(&b));
+    let refused = [&x, &y].iter().filter(|r| r.is_err()).count();
+    assert_eq!(refused, 1, "{x:?} {y:?}");
+    for e in [x, y].into_iter().filter_map(Result::err) {
+        assert_eq!(e.class(), ErrorClass::BudgetExceeded);
+        assert!(triage_engine::error::chain(&e).contains("moderation-daily"));
+    }
+    let e = moderate(&a).await.unwrap_err();
+    assert_eq!(e.class(), ErrorClass::BudgetExceeded);
+    assert_eq!(fake.seen().chats.len(), 3);
+    // The store holds the settled total and no hold is left behind.
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let row =
+        sqlx::query("SELECT spent_usd FROM triage_budget_spend WHERE name = 'moderation-daily'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let spent: f64 = sqlx::Row::try_get(&row, 0).unwrap();
+    assert!((spent - 0.015).abs() < 1e-9, "{spent}");
+    let holds = sqlx::query("SELECT COUNT(*) FROM triage_budget_holds")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(sqlx::Row::try_get::<i64, _>(&holds, 0).unwrap(), 0);
+}
+
+/// A hold left by a replica that died mid-call counts as spent at its
+/// estimate once it expires; until then it is held.
+#[tokio::test]
+async fn an_expired_hold_counts_as_spent() {
+    use crate::budgets::{chat, config_at, moderate};
+    use crate::support::openai::FakeOpenAi;
+    let url = fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeOpenAi::start((0..4).map(|_| chat()).collect()).await;
+    let a = triage_engine::Engine::new(config_at(&fake.base_url, &url, &dir))
+        .await
+        .unwrap();
+    moderate(&a).await.unwrap();
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let day = triage_cloud::prices::PriceTable::today();
+    // A replica killed after reserving $0.05, ten minutes ago.
+    sqlx::query("INSERT INTO triage_budget_holds (id, name, win, usd, expires_ms) VALUES ('dead', 'moderation-daily', $1, 0.05, 1)")
+        .bind(&day)
+        .execute(&pool)
+        .await
+        .unwrap();
+    // 0.005 + 0.05 + 0.064 > 0.075: refused, and the hold is now spending.
+    assert!(moderate(&a).await.is_err());
+    let row =
+        sqlx::query("SELECT spent_usd FROM triage_budget_spend WHERE name = 'moderation-daily'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let spent: f64 = sqlx::Row::try_get(&row, 0).unwrap();
+    assert!((spent - 0.055).abs() < 1e-9, "{spent}");
+}

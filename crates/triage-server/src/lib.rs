@@ -179,8 +179,8 @@ pub async fn serve_until(
     Ok(())
 }
 
-/// After the shutdown signal: stop accepting, let requests in flight finish,
-/// then commit every ledger (the current config's and any a reload
+/// After the shutdown signal: stop accepting, let requests in flight and
+/// shadow calls finish, then commit every ledger (the current config's and any a reload
 /// replaced), all within `limits.drain_timeout`. The ledgers keep a share of
 /// it (a third, at most 5 s) even when requests use the rest.
 async fn drain(
@@ -210,6 +210,19 @@ async fn drain(
         for a in aborts {
             a.abort();
         }
+    }
+    // Shadow calls already sent to a hosted tier finish and are recorded.
+    let background = state.engine.current().background.clone();
+    if tokio::time::timeout_at(deadline - ledger_share, background.idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = background.running(),
+            "drain timeout: shadow calls still running are cut off (recorded as cancelled)"
+        );
+        background.abort_all();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), background.idle()).await;
     }
     let ledgers = state.ledgers();
     let flush_all = async {

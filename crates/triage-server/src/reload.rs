@@ -89,11 +89,14 @@ impl AppState {
             .filter(|o| same_locals(&o.config.local, &config.local))
             .map(|o| o.specialists.clone());
         let reused_specialists = reuse.is_some();
-        let engine = match reuse {
+        let mut engine = match reuse {
             Some(specialists) => Engine::with_specialists(config, specialists).await,
             None => Engine::new(config).await,
         }
         .map_err(ReloadError::Engine)?;
+        // One count of shadow calls across reloads, so shutdown waits for
+        // those the old config started too.
+        engine.background = old.background.clone();
         if let Some(new) = &engine.config.server.socket
             && old.config.server.socket.as_ref() != Some(new)
         {

@@ -250,8 +250,9 @@ async fn tier_verdict(
                 input: vec![redacted],
             };
             let chars = req.input.iter().map(String::len).sum();
-            let reservation =
-                super::reserve(run, &tier.name, targets, chars, 0).map_err(|e| (e, 0.0))?;
+            let reservation = super::reserve(run, &tier.name, targets, chars, 0)
+                .await
+                .map_err(|e| (e, 0.0))?;
             let ctx = run.ctx(&tier.name);
             let Called {
                 result, cost_usd, ..
@@ -261,7 +262,7 @@ async fn tier_verdict(
                 run.engine.gateway.moderate(&ctx, targets, &req),
             )
             .await;
-            reservation.settle(cost_usd);
+            reservation.settle(cost_usd).await;
             let resp = result.map_err(|e| (e, cost_usd))?;
             let verdict = resp.results.first().ok_or_else(|| {
                 (
@@ -620,7 +621,7 @@ fn spawn_shadow(
     let c = c.clone();
     let primary = flagged(&c, verdict);
     let primary_score = pivot_score(verdict);
-    tokio::spawn(async move {
+    run.engine.background.spawn(async move {
         let ctx = triage_cloud::gateway::CallContext {
             request_id: request_id.clone(),
             task: task.clone(),

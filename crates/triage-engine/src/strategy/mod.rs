@@ -70,13 +70,13 @@ pub async fn chat(
 ) -> Called<ChatResponse> {
     let chars: usize = req.messages.iter().map(|m| m.content.len()).sum();
     let output = req.max_tokens.map_or(ESTIMATED_OUTPUT_TOKENS, u64::from);
-    let reservation = match reserve(run, tier, targets, chars, output) {
+    let reservation = match reserve(run, tier, targets, chars, output).await {
         Ok(r) => r,
         Err(e) => return refused(e),
     };
     let ctx = run.ctx(tier);
     let called = call(tier, timeout, run.engine.gateway.chat(&ctx, targets, req)).await;
-    reservation.settle(called.cost_usd);
+    reservation.settle(called.cost_usd).await;
     called
 }
 
@@ -94,7 +94,7 @@ pub fn refused<T>(e: EngineError) -> Called<T> {
 
 /// Reserve a hosted call's estimated cost (the dearest of its targets for
 /// `input_chars` in and `output_tokens` out) against the budgets that apply.
-pub fn reserve<'e>(
+pub async fn reserve<'e>(
     run: &Run<'e>,
     tier: &str,
     targets: &[Target],
@@ -116,6 +116,7 @@ pub fn reserve<'e>(
     engine
         .budgets
         .reserve(&run.task.name, run.overrides.key.as_deref(), estimate)
+        .await
         .map_err(|source| EngineError::Budget {
             tier: tier.to_owned(),
             source,
