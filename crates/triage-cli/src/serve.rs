@@ -122,7 +122,10 @@ fn keys_from_env() -> Result<Vec<ApiKey>> {
             admin: false,
         });
     }
-    mark_admins(&mut keys, &std::env::var("TRIAGE_ADMIN_KEYS").unwrap_or_default())?;
+    mark_admins(
+        &mut keys,
+        &std::env::var("TRIAGE_ADMIN_KEYS").unwrap_or_default(),
+    )?;
     Ok(keys)
 }
 

@@ -1128,10 +1128,7 @@ async fn insert_rows(pool: &AnyPool, rows: &[Queued]) -> Result<(), sqlx::Error>
 }
 
 /// Add `rows` to the per-minute totals, in the transaction that writes them.
-async fn count_minutes(
-    conn: &mut sqlx::AnyConnection,
-    rows: &[Queued],
-) -> Result<(), sqlx::Error> {
+async fn count_minutes(conn: &mut sqlx::AnyConnection, rows: &[Queued]) -> Result<(), sqlx::Error> {
     let counted: Vec<crate::minute_stats::Counted<'_>> = rows
         .iter()
         .filter_map(|r| match r {

@@ -38,7 +38,9 @@ pub(crate) fn migration() -> String {
         ("request", "requests", "answered_by", "all_llm_cost_usd"),
         ("attempt", "attempts", "tier", "0.0"),
     ] {
-        let buckets: Vec<String> = (0..NB).map(|i| format!("CAST(SUM({}) AS BIGINT)", bucket_case(i))).collect();
+        let buckets: Vec<String> = (0..NB)
+            .map(|i| format!("CAST(SUM({}) AS BIGINT)", bucket_case(i)))
+            .collect();
         sql.push_str(&format!(
             "INSERT INTO minute_stats (minute, kind, task, tier, decision, n, cost_usd, all_llm_cost_usd, latency_ms_sum, {hs})
              SELECT ts_ms / 60000, '{kind}', task, {tier}, outcome, COUNT(*), SUM(cost_usd), SUM({all}), SUM(latency_ms), {b}
@@ -99,7 +101,13 @@ pub(crate) async fn add(
     let mut sums: BTreeMap<(i64, &str, &str, &str, &str), Sum> = BTreeMap::new();
     for r in rows {
         let s = sums
-            .entry((r.ts_ms.div_euclid(60_000), r.kind, r.task, r.tier, r.decision))
+            .entry((
+                r.ts_ms.div_euclid(60_000),
+                r.kind,
+                r.task,
+                r.tier,
+                r.decision,
+            ))
             .or_default();
         s.n += 1;
         s.cost += r.cost_usd;
@@ -240,10 +248,7 @@ pub fn quantile_ms(histogram: &[i64], q: f64) -> Option<f64> {
         let next = seen + c as f64;
         if next >= want && c > 0 {
             let lo = i.checked_sub(1).map_or(0.0, |j| LATENCY_BUCKETS_MS[j]);
-            let hi = LATENCY_BUCKETS_MS
-                .get(i)
-                .copied()
-                .unwrap_or(lo * 2.0);
+            let hi = LATENCY_BUCKETS_MS.get(i).copied().unwrap_or(lo * 2.0);
             return Some(lo + (hi - lo) * ((want - seen) / c as f64).clamp(0.0, 1.0));
         }
         seen = next;

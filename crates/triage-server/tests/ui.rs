@@ -104,7 +104,11 @@ async fn call(
 ) -> anyhow::Result<(StatusCode, axum::http::HeaderMap, Vec<u8>)> {
     let resp = app.clone().oneshot(req).await?;
     let (parts, body) = resp.into_parts();
-    Ok((parts.status, parts.headers, body.collect().await?.to_bytes().to_vec()))
+    Ok((
+        parts.status,
+        parts.headers,
+        body.collect().await?.to_bytes().to_vec(),
+    ))
 }
 
 fn tcp(mut req: Request<Body>, key: Option<&str>) -> anyhow::Result<Request<Body>> {
@@ -154,7 +158,10 @@ async fn the_served_files_are_the_repository_files_with_a_strict_policy() -> any
         .map(|(n, _, _)| (*n).to_owned())
         .collect();
     served.sort();
-    assert_eq!(on_disk, served, "every file in ui/ is embedded, and only those");
+    assert_eq!(
+        on_disk, served,
+        "every file in ui/ is embedded, and only those"
+    );
     for name in &served {
         let uri = if name == "index.html" {
             "/ui/".to_owned()
@@ -164,7 +171,11 @@ async fn the_served_files_are_the_repository_files_with_a_strict_policy() -> any
         // Over TCP without any key: the files hold no data.
         let (s, h, body) = call(&f.app, tcp(get(&uri)?, None)?).await?;
         assert_eq!(s, StatusCode::OK, "{uri}");
-        assert_eq!(body, std::fs::read(dir.join(name))?, "{uri} differs from ui/{name}");
+        assert_eq!(
+            body,
+            std::fs::read(dir.join(name))?,
+            "{uri} differs from ui/{name}"
+        );
         let csp = h["content-security-policy"].to_str()?;
         assert!(csp.contains("default-src 'self'") && csp.contains("script-src 'self'"));
         assert!(!csp.contains("unsafe-inline"), "{csp}");
@@ -178,7 +189,11 @@ async fn the_served_files_are_the_repository_files_with_a_strict_policy() -> any
         }
     }
     let (s, _, _) = call(&f.app, tcp(get("/ui/nope.js")?, None)?).await?;
-    assert_eq!(s, StatusCode::UNAUTHORIZED, "unknown paths under /ui need a key");
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "unknown paths under /ui need a key"
+    );
     Ok(())
 }
 
@@ -196,7 +211,10 @@ async fn ui_data_needs_an_admin_key_on_tcp_and_is_open_on_the_socket() -> anyhow
     // The user key still works for the API it was made for.
     let (s, _, _) = call(
         &f.app,
-        tcp(post("/v1/execute", &json!({"task": "support", "input": "hello"}))?, Some(USER))?,
+        tcp(
+            post("/v1/execute", &json!({"task": "support", "input": "hello"}))?,
+            Some(USER),
+        )?,
     )
     .await?;
     assert_eq!(s, StatusCode::OK);
@@ -210,7 +228,10 @@ async fn ui_data_needs_an_admin_key_on_tcp_and_is_open_on_the_socket() -> anyhow
         .flatten()
         .filter_map(|t| t["name"].as_str())
         .collect();
-    assert!(names.contains(&"support") && names.contains(&"chat"), "{names:?}");
+    assert!(
+        names.contains(&"support") && names.contains(&"chat"),
+        "{names:?}"
+    );
     let (s, _, _) = call(&f.app, unix(get("/ui/api/config")?)).await?;
     assert_eq!(s, StatusCode::OK);
     Ok(())
@@ -237,11 +258,14 @@ fn names(path: &Path) -> anyhow::Result<Vec<String>> {
 #[test]
 fn every_shipped_example_becomes_a_graph_with_all_its_names() -> anyhow::Result<()> {
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
-    for file in ["moderation.toml", "support-router.toml", "meeting-notes.toml"] {
+    for file in [
+        "moderation.toml",
+        "support-router.toml",
+        "meeting-notes.toml",
+    ] {
         let path = examples.join(file);
         let config = triage_engine::Config::load(&path)?;
-        let graphs =
-            triage_server::ui::graph::tasks(config.tasks.values(), &Default::default());
+        let graphs = triage_server::ui::graph::tasks(config.tasks.values(), &Default::default());
         let v = serde_json::to_value(&graphs)?;
         let mut drawn: Vec<String> = Vec::new();
         for t in v.as_array().into_iter().flatten() {
@@ -263,7 +287,10 @@ fn every_shipped_example_becomes_a_graph_with_all_its_names() -> anyhow::Result<
             }
         }
         for name in names(&path)? {
-            assert!(drawn.contains(&name), "{file}: {name} is not drawn: {drawn:?}");
+            assert!(
+                drawn.contains(&name),
+                "{file}: {name} is not drawn: {drawn:?}"
+            );
         }
     }
     // Provider, model and band are on the nodes.
@@ -297,10 +324,20 @@ async fn the_designer_saves_with_a_version_check_keeps_history_and_reloads() -> 
     // Invalid: the problem names the tier's key, nothing changes.
     let (s, v) = admin_json(&f, post("/ui/api/config/edit", &band(0.9, 0.1, &v1, true))?).await?;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
-    assert!(v["problems"][0]["key"].as_str().unwrap_or_default().starts_with("tasks.chat.tiers[0]"), "{v}");
+    assert!(
+        v["problems"][0]["key"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("tasks.chat.tiers[0]"),
+        "{v}"
+    );
     assert_eq!(std::fs::read_to_string(&f.config)?, original);
     // A check alone writes nothing and shows the diff.
-    let (s, v) = admin_json(&f, post("/ui/api/config/edit", &band(0.1, 0.9, &v1, false))?).await?;
+    let (s, v) = admin_json(
+        &f,
+        post("/ui/api/config/edit", &band(0.1, 0.9, &v1, false))?,
+    )
+    .await?;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert!(v["diff"].to_string().contains("lo = 0.1"), "{v}");
     assert_eq!(std::fs::read_to_string(&f.config)?, original);
@@ -309,7 +346,11 @@ async fn the_designer_saves_with_a_version_check_keeps_history_and_reloads() -> 
     assert_eq!(s, StatusCode::OK, "{v}");
     let v2 = v["version"].as_str().unwrap_or_default().to_owned();
     let saved = std::fs::read_to_string(&f.config)?;
-    assert!(saved.contains("hi = 0.9 # keep me") && saved.contains("# a comment the designer must keep"), "{saved}");
+    assert!(
+        saved.contains("hi = 0.9 # keep me")
+            && saved.contains("# a comment the designer must keep"),
+        "{saved}"
+    );
     let engine = f.state.engine.current();
     let triage_engine::config::Strategy::Cascade(c) = &engine.config.tasks["chat"].strategy else {
         panic!("not a cascade")
@@ -333,7 +374,12 @@ async fn the_designer_saves_with_a_version_check_keeps_history_and_reloads() -> 
         .into_iter()
         .flatten()
         .filter(|l| l["op"] != " ")
-        .map(|l| (l["op"].as_str().unwrap_or_default().to_owned(), l["line"].as_str().unwrap_or_default().to_owned()))
+        .map(|l| {
+            (
+                l["op"].as_str().unwrap_or_default().to_owned(),
+                l["line"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
         .collect();
     assert_eq!(
         changed,
@@ -344,7 +390,14 @@ async fn the_designer_saves_with_a_version_check_keeps_history_and_reloads() -> 
         ],
         "{d}"
     );
-    let (s, v) = admin_json(&f, post("/ui/api/config/rollback", &json!({"version": v2, "number": 1}))?).await?;
+    let (s, v) = admin_json(
+        &f,
+        post(
+            "/ui/api/config/rollback",
+            &json!({"version": v2, "number": 1}),
+        )?,
+    )
+    .await?;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(std::fs::read_to_string(&f.config)?, original);
     let engine = f.state.engine.current();
@@ -357,14 +410,23 @@ async fn the_designer_saves_with_a_version_check_keeps_history_and_reloads() -> 
     let v3 = cfg["version"].as_str().unwrap_or_default().to_owned();
     let (s, v) = admin_json(
         &f,
-        post("/ui/api/config/edit", &json!({"version": v3, "save": true,
-            "edits": [{"op": "add_task", "name": "triage_router", "template": "router"}]}))?,
+        post(
+            "/ui/api/config/edit",
+            &json!({"version": v3, "save": true,
+            "edits": [{"op": "add_task", "name": "triage_router", "template": "router"}]}),
+        )?,
     )
     .await?;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, _, b) = call(
         &f.app,
-        tcp(post("/v1/execute", &json!({"task": "triage_router", "input": "hello"}))?, Some(ADMIN))?,
+        tcp(
+            post(
+                "/v1/execute",
+                &json!({"task": "triage_router", "input": "hello"}),
+            )?,
+            Some(ADMIN),
+        )?,
     )
     .await?;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
@@ -401,7 +463,10 @@ async fn the_dashboard_counts_what_metrics_and_the_ledger_count() -> anyhow::Res
     for i in 0..n {
         let (s, _, _) = call(
             &f.app,
-            unix(post("/v1/execute", &json!({"task": "support", "input": format!("hello {i}")}))?),
+            unix(post(
+                "/v1/execute",
+                &json!({"task": "support", "input": format!("hello {i}")}),
+            )?),
         )
         .await?;
         assert_eq!(s, StatusCode::OK);
@@ -413,10 +478,16 @@ async fn the_dashboard_counts_what_metrics_and_the_ledger_count() -> anyhow::Res
     let m = String::from_utf8_lossy(&m).into_owned();
     let (s, d) = admin_json(&f, get("/ui/api/dashboard")?).await?;
     assert_eq!(s, StatusCode::OK, "{d}");
-    let ok = metric(&m, r#"triage_task_requests_total{task="support",outcome="ok"}"#);
+    let ok = metric(
+        &m,
+        r#"triage_task_requests_total{task="support",outcome="ok"}"#,
+    );
     assert_eq!(ok, n as f64, "{m}");
     assert_eq!(d["since_start"]["support"]["ok"], json!(n));
-    let answered = metric(&m, r#"triage_answers_total{task="support",tier="route:greeting"}"#);
+    let answered = metric(
+        &m,
+        r#"triage_answers_total{task="support",tier="route:greeting"}"#,
+    );
     assert_eq!(
         d["since_start"]["support"]["tiers"]["route:greeting"]["answered"].as_f64(),
         Some(answered)

@@ -84,9 +84,9 @@ export const usd = (x) => "$" + (x || 0).toFixed(x >= 1 ? 2 : 6);
 
 // ---------------------------------------------------------------- graph
 
-const CARD_W = 200;
+const CARD_W = 184;
 const CARD_H = 96;
-const COL = 260;
+const COL = 232;
 const ROW = 124;
 
 // Columns and rows of each node, by strategy.

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml_edit::{DocumentMut, Item, Table, TableLike, value};
 
-
 use super::{Config, ConfigError};
 
 /// One change the designer makes.
@@ -35,8 +34,15 @@ pub enum Edit {
         local: Option<String>,
     },
     /// Move a cascade tier from one place to another.
-    MoveTier { task: String, from: usize, to: usize },
-    RemoveTier { task: String, tier: usize },
+    MoveTier {
+        task: String,
+        from: usize,
+        to: usize,
+    },
+    RemoveTier {
+        task: String,
+        tier: usize,
+    },
     /// Append a tier (placed before the last one, which always answers,
     /// when `before_last`).
     AddTier {
@@ -50,7 +56,10 @@ pub enum Edit {
     },
     /// A new task from a template (`cascade`, `router`, `pipeline`), wired
     /// to the first provider and specialist the file has.
-    AddTask { name: String, template: String },
+    AddTask {
+        name: String,
+        template: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,7 +218,10 @@ fn apply_one(doc: &mut DocumentMut, edit: &Edit) -> Result<(), EditError> {
         Edit::RemoveTier { task, tier } => {
             let arr = tiers(doc, task)?;
             if *tier >= arr.len() {
-                return Err(target(format!("tasks.{task}.tiers[{tier}]"), "no such tier"));
+                return Err(target(
+                    format!("tasks.{task}.tiers[{tier}]"),
+                    "no such tier",
+                ));
             }
             arr.remove(*tier);
         }
@@ -269,7 +281,9 @@ fn add_task(doc: &mut DocumentMut, name: &str, template: &str) -> Result<(), Edi
                 .and_then(Item::as_str)
                 .is_some_and(|m| m.contains("whisper") || m.ends_with(".bin"))
     };
-    let classifier = first_key(doc, "local", |i| kind_is("classifier")(i) && !whisper_like(i));
+    let classifier = first_key(doc, "local", |i| {
+        kind_is("classifier")(i) && !whisper_like(i)
+    });
     let whisper = first_key(doc, "local", whisper_like);
     // Written as text with full table paths and appended, so the new tables
     // come after everything else in the file.
@@ -301,9 +315,8 @@ fn add_task(doc: &mut DocumentMut, name: &str, template: &str) -> Result<(), Edi
             s
         }
         "router" => {
-            let p = provider.ok_or_else(|| {
-                target(&key, "a router template needs a [providers.NAME] first")
-            })?;
+            let p = provider
+                .ok_or_else(|| target(&key, "a router template needs a [providers.NAME] first"))?;
             format!(
                 "[{t}]\nstrategy = \"router\"\n\n[{t}.intent]\nkind = \"rules\"\ndefault = \"general\"\n\
                  rules = [{{ route = \"greeting\", any = [\"hello\", \"hi\"] }}]\n\n\
@@ -313,7 +326,10 @@ fn add_task(doc: &mut DocumentMut, name: &str, template: &str) -> Result<(), Edi
         }
         "pipeline" => {
             let w = whisper.ok_or_else(|| {
-                target(&key, "a pipeline template needs a Whisper [local.NAME] first")
+                target(
+                    &key,
+                    "a pipeline template needs a Whisper [local.NAME] first",
+                )
             })?;
             let mut s = format!(
                 "[{t}]\nstrategy = \"pipeline\"\n\n[[{t}.stages]]\nname = \"transcribe\"\nkind = \"transcribe\"\nlocal = \"{w}\"\n"
@@ -388,11 +404,7 @@ pub fn history(path: &Path) -> Vec<HistoryEntry> {
         .filter_map(|(number, p)| {
             let bytes = std::fs::read(&p).ok()?;
             let meta = std::fs::metadata(&p).ok()?;
-            let saved_ms = meta
-                .modified()
-                .ok()
-                .map(crate::ledger::millis)
-                .unwrap_or(0);
+            let saved_ms = meta.modified().ok().map(crate::ledger::millis).unwrap_or(0);
             Some(HistoryEntry {
                 number,
                 version: version_of(&bytes),
@@ -703,7 +715,10 @@ model = "gpt-4o-mini"
         let EditError::Invalid(ConfigError::Invalid { problems, .. }) = &e else {
             panic!("{e:?}")
         };
-        assert!(problems[0].key.starts_with("tasks.m.tiers[0]"), "{problems:?}");
+        assert!(
+            problems[0].key.starts_with("tasks.m.tiers[0]"),
+            "{problems:?}"
+        );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), CASCADE);
         assert!(history(&path).is_empty());
         // A good one is saved; both versions are kept.

@@ -147,9 +147,8 @@ pub fn window(
         (t.p50_ms, t.p95_ms, t.p99_ms) = quantiles(&th);
         for (_, (mut tier, h)) in tiers {
             (tier.p50_ms, tier.p95_ms, tier.p99_ms) = quantiles(&h);
-            tier.escalation_rate = (tier.attempts > 0).then(|| {
-                (tier.attempts - tier.answered).max(0) as f64 / tier.attempts as f64
-            });
+            tier.escalation_rate = (tier.attempts > 0)
+                .then(|| (tier.attempts - tier.answered).max(0) as f64 / tier.attempts as f64);
             t.tiers.push(tier);
         }
         out.requests += t.requests;

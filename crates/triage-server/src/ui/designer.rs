@@ -84,9 +84,11 @@ fn refused(e: EditError) -> Response {
                 .map(|p| json!({"key": p.key, "message": p.message, "fix": p.fix}))
                 .collect(),
         ),
-        EditError::Invalid(_) | EditError::Parse(..) => {
-            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", Vec::new())
-        }
+        EditError::Invalid(_) | EditError::Parse(..) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+            Vec::new(),
+        ),
         EditError::Target { key, message } => (
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_edit",

@@ -148,15 +148,28 @@ impl Graph<'_> {
 
     fn cascade(&mut self, c: &Cascade) {
         let task = self.task;
-        self.nodes
-            .push(node("input", "in".into(), "request", format!("tasks.{task}")));
-        self.nodes
-            .push(node("answer", "out".into(), "answer", format!("tasks.{task}")));
+        self.nodes.push(node(
+            "input",
+            "in".into(),
+            "request",
+            format!("tasks.{task}"),
+        ));
+        self.nodes.push(node(
+            "answer",
+            "out".into(),
+            "answer",
+            format!("tasks.{task}"),
+        ));
         let mut prev = "in".to_owned();
         let mut into = self.total;
         for (i, tier) in c.tiers.iter().enumerate() {
             let id = format!("tier{i}");
-            let mut n = node("tier", id.clone(), &tier.name, format!("tasks.{task}.tiers[{i}]"));
+            let mut n = node(
+                "tier",
+                id.clone(),
+                &tier.name,
+                format!("tasks.{task}.tiers[{i}]"),
+            );
             let (targets, detail) = match &tier.kind {
                 TierKind::Local { specialist } => {
                     n.provider = Some("local".into());
@@ -189,17 +202,24 @@ impl Graph<'_> {
     fn router(&mut self, r: &Router) {
         let task = self.task;
         let key = format!("tasks.{task}");
-        self.nodes.push(node("input", "in".into(), "request", key.clone()));
+        self.nodes
+            .push(node("input", "in".into(), "request", key.clone()));
         let mut prev = "in".to_owned();
         for (i, x) in r.extract.iter().enumerate() {
             let id = format!("extract{i}");
             let (field, detail, model) = match x {
-                Extractor::Regex { field, regex } => (field, format!("regex {}", regex.as_str()), None),
+                Extractor::Regex { field, regex } => {
+                    (field, format!("regex {}", regex.as_str()), None)
+                }
                 Extractor::Ner {
                     field,
                     specialist,
                     entity,
-                } => (field, format!("NER entity {entity}"), Some(specialist.clone())),
+                } => (
+                    field,
+                    format!("NER entity {entity}"),
+                    Some(specialist.clone()),
+                ),
             };
             let mut n = node("extract", id.clone(), field, format!("{key}.extract[{i}]"));
             n.detail = Some(detail);
@@ -212,7 +232,12 @@ impl Graph<'_> {
             prev = id;
         }
         if let Some(ret) = &r.retrieve {
-            let mut n = node("retrieve", "retrieve".into(), "retrieve", format!("{key}.retrieve"));
+            let mut n = node(
+                "retrieve",
+                "retrieve".into(),
+                "retrieve",
+                format!("{key}.retrieve"),
+            );
             n.detail = Some(format!("{} ({})", ret.query, redact_url(&ret.database)));
             self.nodes.push(n);
             self.edge(&prev, "retrieve", "", self.total);
@@ -296,12 +321,21 @@ impl Graph<'_> {
 
     fn pipeline(&mut self, p: &Pipeline) {
         let task = self.task;
-        self.nodes
-            .push(node("input", "in".into(), "request", format!("tasks.{task}")));
+        self.nodes.push(node(
+            "input",
+            "in".into(),
+            "request",
+            format!("tasks.{task}"),
+        ));
         let mut prev = "in".to_owned();
         for (i, s) in p.stages.iter().enumerate() {
             let id = format!("stage{i}");
-            let mut n = node("stage", id.clone(), &s.name, format!("tasks.{task}.stages[{i}]"));
+            let mut n = node(
+                "stage",
+                id.clone(),
+                &s.name,
+                format!("tasks.{task}.stages[{i}]"),
+            );
             let kind = match &s.kind {
                 StageKind::Transcribe { specialist } => {
                     n.provider = Some("local".into());

@@ -71,9 +71,11 @@ pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; 
 
 /// Paths that serve a file of the page (no data): open on TCP without a key.
 pub fn is_public_asset(path: &str) -> bool {
-    path == "/ui" || path == "/ui/" || path.strip_prefix("/ui/").is_some_and(|f| {
-        ASSETS.iter().any(|(name, _, _)| *name == f)
-    })
+    path == "/ui"
+        || path == "/ui/"
+        || path
+            .strip_prefix("/ui/")
+            .is_some_and(|f| ASSETS.iter().any(|(name, _, _)| *name == f))
 }
 
 /// Whether `path` is UI data, which on TCP only an admin key may use.
@@ -130,7 +132,10 @@ pub fn harden(path: &str, response: &mut Response) {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if is_admin_path(path) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
