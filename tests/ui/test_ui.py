@@ -41,6 +41,8 @@ def test_every_task_tier_and_route_is_drawn_with_an_admin_key(servers, page, exa
         assert "band 0.2 – 0.8" in text
     else:
         assert "smollm2" in text and "gpt-4o" in text
+    # Signed in: no login box over the graph.
+    assert not page.is_visible("#login")
     # The key left the address bar (it stays in this tab's sessionStorage).
     assert "key=" not in page.url
     page.screenshot(path=str(artifacts() / f"graph-{example}.png"), full_page=True)
