@@ -119,9 +119,46 @@ fn keys_from_env() -> Result<Vec<ApiKey>> {
             tasks,
             rpm,
             allow_overrides,
+            admin: false,
         });
     }
+    mark_admins(
+        &mut keys,
+        &std::env::var("TRIAGE_ADMIN_KEYS").unwrap_or_default(),
+    )?;
     Ok(keys)
+}
+
+/// The line `triage serve --listen` prints about the web UI.
+fn ui_banner(addr: SocketAddr, env_admin: bool) -> String {
+    let host = match addr.ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let url = format!("http://{host}:{}/ui/", addr.port());
+    if env_admin {
+        format!("triage: web UI at {url} (open {url}#key=ADMIN_KEY, or sign in with an admin key)")
+    } else {
+        format!(
+            "triage: web UI at {url} (needs an admin key: TRIAGE_ADMIN_KEYS=name or admin = true in [[server.keys]])"
+        )
+    }
+}
+
+/// `TRIAGE_ADMIN_KEYS`: comma-separated names of `TRIAGE_API_KEYS` entries
+/// that may use the web UI over TCP. A name that matches no key is an error,
+/// not a silently locked page.
+fn mark_admins(keys: &mut [ApiKey], names: &str) -> Result<()> {
+    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let Some(key) = keys.iter_mut().find(|k| k.name == name) else {
+            bail!(
+                "TRIAGE_ADMIN_KEYS names `{name}`, which is not a key name in TRIAGE_API_KEYS (name:key)"
+            );
+        };
+        key.admin = true;
+    }
+    Ok(())
 }
 
 fn table<'a>(t: &'a mut Table, path: &[&str]) -> Result<&'a mut Table> {
@@ -265,6 +302,7 @@ pub async fn run(args: ServeArgs, device: &str, threads: Option<usize>) -> Resul
     }
     if let Some(a) = &listen {
         eprintln!("triage: serving on http://{a} (bearer keys required)");
+        eprintln!("{}", ui_banner(*a, state.keys.iter().any(|k| k.admin)));
     }
     triage_server::serve(state, socket, listen).await?;
     Ok(ExitCode::SUCCESS)

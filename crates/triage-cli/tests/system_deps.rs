@@ -21,6 +21,7 @@ const PACKAGE_FILES: &[(&str, &str)] = &[
     ("libclang-dev", "usr/lib/llvm-16/lib/libclang-16.so.1"),
     ("libgomp1", "usr/lib/x86_64-linux-gnu/libgomp.so.1"),
     ("postgresql", "usr/lib/postgresql/16/bin/initdb"),
+    ("chromium", "usr/bin/chromium"),
 ];
 
 /// A fake root where exactly `installed` are present.
@@ -46,6 +47,7 @@ fn system_deps(mode: &str, root: &Path) -> anyhow::Result<Output> {
         .env_remove("LIBCLANG_PATH")
         .env_remove("TRIAGE_SKIP_LLAMA")
         .env_remove("TRIAGE_SKIP_POSTGRES")
+        .env_remove("TRIAGE_SKIP_UI")
         .env_remove("TRIAGE_TEST_POSTGRES_URL")
         .output()?)
 }
@@ -144,7 +146,7 @@ fn without_root_it_names_only_what_is_missing_and_exits_2() -> anyhow::Result<()
     assert!(
         stderr(&out)
             .lines()
-            .any(|l| l == "  sudo apt-get install -y cmake postgresql"),
+            .any(|l| l == "  sudo apt-get install -y cmake postgresql chromium"),
         "{}",
         stderr(&out)
     );

@@ -51,6 +51,8 @@ async fn main() -> anyhow::Result<()> {
             all_llm_cost_usd: 0.0,
             caller_id: None,
             key_name: None,
+            trace: None,
+            input_text: None,
         });
     }
     ledger.flush().await?;

@@ -440,6 +440,16 @@ impl Engine {
                 .map_err(|e| failed(EngineError::Ledger(e)))?;
         }
         let request_id = self.new_request_id();
+        // Kept only when the config asks (`[ledger] store_text`).
+        let input_text = if self.config.store_text {
+            match &input {
+                Input::Text(t) => Some(t.clone()),
+                Input::Chat(c) => serde_json::to_string(&c.messages).ok(),
+                Input::Audio { .. } => None,
+            }
+        } else {
+            None
+        };
         let started = Instant::now();
         let mut run = Run {
             engine: self,
@@ -484,6 +494,8 @@ impl Engine {
                 all_llm_cost_usd: trace.all_llm_cost_usd,
                 caller_id: overrides.request_id.clone(),
                 key_name: overrides.key.clone(),
+                trace: serde_json::to_string(&trace.tiers).ok(),
+                input_text,
             });
             // Money was (or may have been) spent: the rows are committed
             // before the answer goes back, so no crash can lose them.

@@ -107,6 +107,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, "ALTER TABLE requests ADD COLUMN caller_id TEXT"),
     // The API key (by name) a request came with, for budgets per key.
     (3, "ALTER TABLE requests ADD COLUMN key_name TEXT"),
+    // (4 is generated: `minute_stats`.) Each request's trace (tiers,
+    // decisions, scores, costs, latency; no text) for the request explorer,
+    // and its text only where `[ledger] store_text = true`.
+    (
+        5,
+        "ALTER TABLE requests ADD COLUMN trace TEXT;
+        ALTER TABLE requests ADD COLUMN input_text TEXT",
+    ),
 ];
 
 /// One attempt as stored.
@@ -223,6 +231,10 @@ pub struct RequestRecord {
     pub caller_id: Option<String>,
     /// The name of the API key the request came with, if any.
     pub key_name: Option<String>,
+    /// The trace's tiers as JSON (no request text).
+    pub trace: Option<String>,
+    /// The request's text, kept only with `[ledger] store_text = true`.
+    pub input_text: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -234,6 +246,26 @@ pub struct ShadowRecord {
     pub agree: bool,
     pub score: Option<f64>,
     pub shadow_score: Option<f64>,
+}
+
+/// What [`Ledger::recent_requests`] lists.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecentFilter {
+    pub task: Option<String>,
+    /// The tier that answered.
+    pub tier: Option<String>,
+    /// `answered`, `refused` or `failed`.
+    pub outcome: Option<String>,
+    pub before_ms: Option<i64>,
+    pub limit: i64,
+}
+
+/// One request for the explorer: its row and when it was written.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecentRequest {
+    pub ts_ms: i64,
+    #[serde(flatten)]
+    pub record: RequestRecord,
 }
 
 /// Shadow checks of one tier by the next (`triage audit --from-ledger`).
@@ -611,7 +643,7 @@ impl Ledger {
     /// The request's summary row, if stored.
     pub async fn request(&self, request_id: &str) -> Result<Option<RequestRecord>, LedgerError> {
         let row = sqlx::query(
-            "SELECT request_id, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name
+            "SELECT request_id, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name, trace, input_text
              FROM requests WHERE request_id = $1",
         )
         .bind(request_id)
@@ -629,10 +661,75 @@ impl Ledger {
                 all_llm_cost_usd: r.try_get(7)?,
                 caller_id: r.try_get(8)?,
                 key_name: r.try_get(9)?,
+                trace: r.try_get(10)?,
+                input_text: r.try_get(11)?,
             })
         })
         .transpose()
         .map_err(|e: sqlx::Error| e.into())
+    }
+
+    /// The newest requests first (before `before_ms` when given), filtered by
+    /// task, answering tier and outcome; at most `limit` (capped at 500).
+    /// Reads the `requests_ts` index backwards, so a page costs its rows.
+    pub async fn recent_requests(
+        &self,
+        filter: &RecentFilter,
+    ) -> Result<Vec<RecentRequest>, LedgerError> {
+        let mut sql = "SELECT request_id, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name, trace, input_text, ts_ms
+             FROM requests WHERE 1 = 1"
+            .to_owned();
+        let mut n = 0;
+        let mut binds: Vec<&str> = Vec::new();
+        for (col, v) in [
+            ("task", &filter.task),
+            ("answered_by", &filter.tier),
+            ("outcome", &filter.outcome),
+        ] {
+            if let Some(v) = v {
+                n += 1;
+                sql.push_str(&format!(" AND {col} = ${n}"));
+                binds.push(v);
+            }
+        }
+        if filter.before_ms.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND ts_ms < ${n}"));
+        }
+        n += 1;
+        sql.push_str(&format!(" ORDER BY ts_ms DESC LIMIT ${n}"));
+        // Column names are constants; values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for b in binds {
+            q = q.bind(b);
+        }
+        if let Some(before) = filter.before_ms {
+            q = q.bind(before);
+        }
+        q = q.bind(filter.limit.clamp(1, 500));
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RecentRequest {
+                    ts_ms: r.try_get(12)?,
+                    record: RequestRecord {
+                        request_id: r.try_get(0)?,
+                        task: r.try_get(1)?,
+                        answered_by: r.try_get(2)?,
+                        model: r.try_get(3)?,
+                        outcome: r.try_get(4)?,
+                        latency_ms: r.try_get(5)?,
+                        cost_usd: r.try_get(6)?,
+                        all_llm_cost_usd: r.try_get(7)?,
+                        caller_id: r.try_get(8)?,
+                        key_name: r.try_get(9)?,
+                        trace: r.try_get(10)?,
+                        input_text: r.try_get(11)?,
+                    },
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
     }
 
     /// Dollars spent on attempts since `since_ms`, for one task and/or one
@@ -707,6 +804,22 @@ impl Ledger {
                 })
             })
             .collect()
+    }
+
+    /// The per-minute totals since `since_ms` (unix milliseconds): summed
+    /// per (kind, task, tier, decision), and requests and dollars per
+    /// minute. Reads the pre-aggregated table only, never the raw rows.
+    pub async fn minute_window(
+        &self,
+        since_ms: i64,
+    ) -> Result<
+        (
+            Vec<crate::minute_stats::WindowRow>,
+            Vec<crate::minute_stats::MinutePoint>,
+        ),
+        LedgerError,
+    > {
+        Ok(crate::minute_stats::window(&self.pool, since_ms).await?)
     }
 
     /// Totals since `since_ms` (unix milliseconds), grouped by task, tier or model.
@@ -786,7 +899,15 @@ async fn migrate(pool: &AnyPool) -> Result<(), LedgerError> {
     pool.execute("CREATE TABLE IF NOT EXISTS triage_migrations (version BIGINT PRIMARY KEY, ts_ms BIGINT NOT NULL)")
         .await
         .map_err(|source| LedgerError::Migrate { version: 0, source })?;
-    for (version, sql) in MIGRATIONS {
+    // Step 4 is generated (the per-minute totals' histogram columns).
+    let mut steps: Vec<(i64, String)> = MIGRATIONS
+        .iter()
+        .map(|(v, s)| (*v, (*s).to_owned()))
+        .chain([(4, crate::minute_stats::migration())])
+        .collect();
+    steps.sort_by_key(|(v, _)| *v);
+    for (version, sql) in steps {
+        let version = &version;
         let err = |source| LedgerError::Migrate {
             version: *version,
             source,
@@ -802,7 +923,11 @@ async fn migrate(pool: &AnyPool) -> Result<(), LedgerError> {
             continue;
         }
         for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            tx.execute(statement).await.map_err(err)?;
+            // The schema's own constant text (step 4 generated from constants).
+            sqlx::query(AssertSqlSafe(statement.to_owned()))
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
         }
         sqlx::query("INSERT INTO triage_migrations (version, ts_ms) VALUES ($1, $2)")
             .bind(*version)
@@ -1022,13 +1147,47 @@ async fn write_batch(pool: &AnyPool, rows: &[Queued]) -> Result<(), sqlx::Error>
             insert_chunk(&mut tx, chunk).await?;
         }
     }
+    count_minutes(&mut tx, rows).await?;
     tx.commit().await
 }
 
 async fn insert_rows(pool: &AnyPool, rows: &[Queued]) -> Result<(), sqlx::Error> {
     let refs: Vec<&Queued> = rows.iter().collect();
-    let mut conn = pool.acquire().await?;
-    insert_chunk(&mut conn, &refs).await
+    let mut tx = pool.begin().await?;
+    insert_chunk(&mut tx, &refs).await?;
+    count_minutes(&mut tx, rows).await?;
+    tx.commit().await
+}
+
+/// Add `rows` to the per-minute totals, in the transaction that writes them.
+async fn count_minutes(conn: &mut sqlx::AnyConnection, rows: &[Queued]) -> Result<(), sqlx::Error> {
+    let counted: Vec<crate::minute_stats::Counted<'_>> = rows
+        .iter()
+        .filter_map(|r| match r {
+            Queued::Attempt(a, _) => Some(crate::minute_stats::Counted {
+                ts_ms: a.ts_ms,
+                kind: "attempt",
+                task: &a.task,
+                tier: &a.tier,
+                decision: &a.outcome,
+                cost_usd: a.cost_usd,
+                all_llm_cost_usd: 0.0,
+                latency_ms: a.latency_ms,
+            }),
+            Queued::Request(q, ts) => Some(crate::minute_stats::Counted {
+                ts_ms: *ts,
+                kind: "request",
+                task: &q.task,
+                tier: &q.answered_by,
+                decision: &q.outcome,
+                cost_usd: q.cost_usd,
+                all_llm_cost_usd: q.all_llm_cost_usd,
+                latency_ms: q.latency_ms,
+            }),
+            Queued::Shadow(..) => None,
+        })
+        .collect();
+    crate::minute_stats::add(conn, &counted).await
 }
 
 /// Rows per statement: powers of two up to this, so each table has a handful
@@ -1055,7 +1214,7 @@ fn chunks<'a, 'b>(rows: &'b [&'a Queued]) -> Vec<&'b [&'a Queued]> {
 const ATTEMPT_COLUMNS: &str =
     "request_id, seq, ts_ms, task, tier, provider, model, operation, input_tokens, output_tokens,
     cached_input_tokens, reasoning_tokens, audio_seconds, latency_ms, cost_usd, outcome, error";
-const REQUEST_COLUMNS: &str = "request_id, ts_ms, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name";
+const REQUEST_COLUMNS: &str = "request_id, ts_ms, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name, trace, input_text";
 const SHADOW_COLUMNS: &str =
     "request_id, ts_ms, task, tier, shadow_tier, agree, score, shadow_score";
 
@@ -1123,7 +1282,9 @@ async fn insert_chunk(conn: &mut sqlx::AnyConnection, rows: &[&Queued]) -> Resul
                 .bind(r.cost_usd)
                 .bind(r.all_llm_cost_usd)
                 .bind(r.caller_id.as_deref())
-                .bind(r.key_name.as_deref()),
+                .bind(r.key_name.as_deref())
+                .bind(r.trace.as_deref())
+                .bind(r.input_text.as_deref()),
             Queued::Shadow(s, ts) => q
                 .bind(s.request_id.as_str())
                 .bind(*ts)
@@ -1182,6 +1343,8 @@ mod tests {
             all_llm_cost_usd: 0.01,
             caller_id: None,
             key_name: None,
+            trace: None,
+            input_text: None,
         });
         ledger.flush().await.unwrap();
         let got = ledger.attempts("r1").await.unwrap();
@@ -1223,6 +1386,8 @@ mod tests {
             all_llm_cost_usd: 0.0,
             caller_id: caller.map(Into::into),
             key_name: None,
+            trace: None,
+            input_text: None,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod default_config;
 pub mod engine;
 pub mod error;
 pub mod ledger;
+pub mod minute_stats;
 pub mod redact;
 pub mod specialists;
 pub mod speech;

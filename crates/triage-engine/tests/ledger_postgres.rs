@@ -76,6 +76,8 @@ async fn two_replicas_share_one_ledger() {
             all_llm_cost_usd: 0.00002,
             caller_id: None,
             key_name: None,
+            trace: None,
+            input_text: None,
         });
     }
     a.flush().await.unwrap();

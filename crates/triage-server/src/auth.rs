@@ -92,7 +92,9 @@ pub async fn observe(State(state): State<Shared>, req: Request, next: Next) -> R
         started.elapsed().as_secs_f64(),
     );
     span.in_scope(|| tracing::debug!(status = response.status().as_u16(), "answered"));
-    finish(response, &id)
+    let mut response = finish(response, &id);
+    crate::ui::harden(&route, &mut response);
+    response
 }
 
 async fn authorized(state: &Shared, route: &str, mut req: Request, next: Next) -> Response {
@@ -102,7 +104,9 @@ async fn authorized(state: &Shared, route: &str, mut req: Request, next: Next) -
         .map(|c| c.0.clone());
     let mut caller = Caller(None);
     match &peer {
-        Some(Peer::Tcp(addr)) if !matches!(route, "/health" | "/ready") => {
+        Some(Peer::Tcp(addr))
+            if !matches!(route, "/health" | "/ready") && !crate::ui::is_public_asset(route) =>
+        {
             let given = req
                 .headers()
                 .get(header::AUTHORIZATION)
@@ -117,6 +121,14 @@ async fn authorized(state: &Shared, route: &str, mut req: Request, next: Next) -
                 && let Err(retry_after_s) = state.rate_limits.take(&key.name, rpm)
             {
                 return ApiError::Overloaded { retry_after_s }.into_response();
+            }
+            if crate::ui::is_admin_path(route) && !key.admin {
+                tracing::info!(%addr, key = %key.name, "rejected: the web UI needs an admin key");
+                return ApiError::Forbidden(
+                    "the web UI's data (an admin key is needed: TRIAGE_ADMIN_KEYS or admin = true)"
+                        .into(),
+                )
+                .into_response();
             }
             tracing::debug!(%addr, key = %key.name, "request");
             caller = Caller(Some(key));

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod reload;
 pub mod routes;
 pub mod state;
+pub mod ui;
 
 pub use auth::Caller;
 pub use error::ApiError;

@@ -77,6 +77,28 @@ fn reason_class(t: &TierTrace) -> Option<&'static str> {
     }
 }
 
+/// One tier's counts since the server started, the same numbers `/metrics`
+/// exposes, for the web UI's dashboard and graph edges.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TierCounts {
+    pub answered: u64,
+    /// Passed on because it was not sure (`reason="uncertain"`).
+    pub uncertain: u64,
+    pub error: u64,
+    pub timeout: u64,
+    pub cost_usd: f64,
+}
+
+/// One task's counts since the server started.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TaskCounts {
+    /// `triage_task_requests_total{outcome="ok"}`.
+    pub ok: u64,
+    pub error: u64,
+    pub latency_sum_s: f64,
+    pub tiers: std::collections::BTreeMap<String, TierCounts>,
+}
+
 /// All metrics of one server.
 #[derive(Debug)]
 pub struct Metrics {
@@ -89,6 +111,9 @@ pub struct Metrics {
     task_latency: Histograms<TaskLabel>,
     escalations: Family<Escalation, Counter>,
     in_flight: Gauge,
+    /// The task counters again in plain maps: `prometheus-client` families
+    /// cannot be read back, and the dashboard must show the same numbers.
+    counts: std::sync::Mutex<std::collections::BTreeMap<String, TaskCounts>>,
 }
 
 impl Default for Metrics {
@@ -152,6 +177,7 @@ impl Default for Metrics {
             task_latency,
             escalations,
             in_flight,
+            counts: Default::default(),
         }
     }
 }
@@ -194,7 +220,27 @@ impl Metrics {
         self.in_flight.get()
     }
 
+    /// The per-task counters (requests, answers, escalations, dollars) as
+    /// `/metrics` has them now.
+    pub fn task_counts(&self) -> std::collections::BTreeMap<String, TaskCounts> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn count(&self, task: &str, f: impl FnOnce(&mut TaskCounts)) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(counts.entry(task.to_owned()).or_default());
+    }
+
     fn add_dollars(&self, task: &str, tier: &str, usd: f64) {
+        self.count(task, |c| {
+            c.tiers.entry(tier.to_owned()).or_default().cost_usd += usd;
+        });
         self.dollars
             .get_or_create(&TaskTier {
                 task: task.to_owned(),
@@ -218,9 +264,25 @@ impl Metrics {
                 task: task.to_owned(),
             })
             .observe(seconds);
+        self.count(task, |c| {
+            if ok {
+                c.ok += 1;
+            } else {
+                c.error += 1;
+            }
+            c.latency_sum_s += seconds;
+        });
         let Some(trace) = trace else { return };
         for t in &trace.tiers {
             if let Some(reason) = reason_class(t) {
+                self.count(task, |c| {
+                    let tc = c.tiers.entry(t.tier.clone()).or_default();
+                    match reason {
+                        "uncertain" => tc.uncertain += 1,
+                        "timeout" => tc.timeout += 1,
+                        _ => tc.error += 1,
+                    }
+                });
                 self.escalations
                     .get_or_create(&Escalation {
                         task: task.to_owned(),
@@ -241,6 +303,9 @@ impl Metrics {
     /// A request answered by `tier` for `task`, costing `usd` (for answers
     /// that do not run a task, such as plain transcriptions).
     pub fn answered(&self, task: &str, tier: &str, usd: f64) {
+        self.count(task, |c| {
+            c.tiers.entry(tier.to_owned()).or_default().answered += 1;
+        });
         self.answers
             .get_or_create(&TaskTier {
                 task: task.to_owned(),

@@ -28,6 +28,9 @@ pub struct ApiKey {
     pub rpm: Option<u32>,
     /// May send overrides that skip or widen the local tier.
     pub allow_overrides: bool,
+    /// May read and change everything the web UI shows (`/ui/api/...`):
+    /// named in `TRIAGE_ADMIN_KEYS` or `admin = true` in `[[server.keys]]`.
+    pub admin: bool,
 }
 
 /// Everything the handlers share.
@@ -45,6 +48,9 @@ pub struct AppState {
     /// Engines a reload replaced, with their ledgers: requests that started
     /// on them may still be writing, so every one is flushed at shutdown.
     pub(crate) retired: std::sync::Mutex<Vec<(std::sync::Weak<Engine>, triage_engine::Ledger)>>,
+    /// Held by a designer save from reading the file to the reload, so two
+    /// saves in this process never interleave.
+    pub(crate) designer: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -70,6 +76,7 @@ impl AppState {
             jobs: Jobs::default(),
             rate_limits: RateLimits::default(),
             retired: Default::default(),
+            designer: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -121,6 +128,7 @@ impl AppState {
                 tasks: k.tasks.clone(),
                 rpm: k.requests_per_minute,
                 allow_overrides: k.allow_overrides,
+                admin: k.admin,
             })
     }
 

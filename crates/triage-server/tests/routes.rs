@@ -149,6 +149,7 @@ local = "whisper"
                 tasks: vec!["moderation".into()],
                 rpm: None,
                 allow_overrides: false,
+                admin: false,
             },
             ApiKey {
                 key: "slow".into(),
@@ -156,6 +157,7 @@ local = "whisper"
                 tasks: vec![],
                 rpm: Some(3),
                 allow_overrides: false,
+                admin: false,
             },
         ],
     ))

@@ -5,6 +5,7 @@
 //! file names; a missing key is a warning here and a typed error only when a
 //! tier that needs it runs.
 
+pub mod edit;
 pub mod raw;
 mod types;
 mod validate;

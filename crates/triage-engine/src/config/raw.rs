@@ -51,6 +51,18 @@ pub struct RawServer {
     #[serde(default)]
     pub categories: IndexMap<String, String>,
     pub max_audio_seconds: Option<f64>,
+    /// The web UI at `/ui/` (`[server.ui]`).
+    #[serde(default)]
+    pub ui: RawUi,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawUi {
+    /// Whether the designer may save this file (off by default: the page
+    /// is read-only).
+    #[serde(default)]
+    pub edit: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +78,9 @@ pub struct RawKey {
     /// `tiers`, `lo`, `hi`): they spend hosted dollars.
     #[serde(default)]
     pub allow_overrides: bool,
+    /// May use the web UI's data and designer over TCP (`/ui/`).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +110,10 @@ pub struct RawLedger {
     pub admit_wait_ms: Option<u64>,
     /// How long the writer gathers rows into one commit (default 20, at most 100).
     pub commit_interval_ms: Option<u64>,
+    /// Keep each request's text in the ledger for the web UI's request
+    /// explorer (default false: only traces, costs and timings are kept).
+    #[serde(default)]
+    pub store_text: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]

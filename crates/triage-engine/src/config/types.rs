@@ -79,6 +79,7 @@ pub struct KeyConfig {
     pub tasks: Vec<String>,
     pub requests_per_minute: Option<u32>,
     pub allow_overrides: bool,
+    pub admin: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -91,6 +92,8 @@ pub struct ServerConfig {
     pub chat_task: Option<String>,
     pub categories: IndexMap<String, String>,
     pub max_audio_seconds: Option<f64>,
+    /// `[server.ui] edit`: the web UI's designer may save the config file.
+    pub ui_edit: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,6 +283,8 @@ pub struct Config {
     pub ledger_url: Option<String>,
     /// The ledger's queue bound and group commit (`[ledger]`).
     pub ledger: crate::ledger::LedgerOptions,
+    /// `[ledger] store_text`: keep request texts in the ledger.
+    pub store_text: bool,
     /// Dollar budgets enforced before hosted calls (`[[budgets]]`).
     pub budgets: Vec<crate::budget::BudgetSpec>,
     pub retry: RetryPolicy,

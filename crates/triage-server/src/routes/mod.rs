@@ -51,6 +51,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/jobs/{id}", get(crate::jobs::status))
         .route("/v1/jobs/{id}/result", get(crate::jobs::result))
         .route("/v1/jobs/{id}/events", get(crate::jobs::events))
+        .merge(crate::ui::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)

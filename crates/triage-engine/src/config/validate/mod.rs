@@ -87,6 +87,7 @@ impl Validator {
             })
         };
         let ledger = self.ledger_options(&raw.ledger);
+        let raw_store_text = raw.ledger.store_text;
         let budgets = self.budgets(&raw.budgets, &tasks);
         Some(Config {
             budgets,
@@ -94,6 +95,7 @@ impl Validator {
             server,
             ledger_url,
             ledger,
+            store_text: raw_store_text,
             retry,
             prices: Arc::new(prices?),
             local,

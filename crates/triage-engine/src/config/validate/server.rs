@@ -40,6 +40,7 @@ impl Validator {
                 tasks: k.tasks.clone(),
                 requests_per_minute: k.requests_per_minute,
                 allow_overrides: k.allow_overrides,
+                admin: k.admin,
             });
         }
         for (field, value) in [
@@ -72,6 +73,7 @@ impl Validator {
             chat_task: raw.chat_task.clone(),
             categories: raw.categories.clone(),
             max_audio_seconds: raw.max_audio_seconds,
+            ui_edit: raw.ui.edit,
         }
     }
 }
