@@ -72,6 +72,7 @@ impl Validator {
             chat_task: raw.chat_task.clone(),
             categories: raw.categories.clone(),
             max_audio_seconds: raw.max_audio_seconds,
+            max_upload_bytes: raw.max_upload_bytes,
         }
     }
 }
