@@ -354,7 +354,11 @@ fn transcribe_verbose_json_has_timed_words_with_probabilities() -> anyhow::Resul
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
     let model = shared.join("models/whisper-tiny.en/ggml-model-f16.bin");
     if !model.is_file() {
-        assert!(std::env::var_os("CI").is_none(), "no Whisper model at {}", model.display());
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no Whisper model at {}",
+            model.display()
+        );
         eprintln!("SKIPPED: no Whisper model at {}", model.display());
         return Ok(());
     }
@@ -370,15 +374,27 @@ fn transcribe_verbose_json_has_timed_words_with_probabilities() -> anyhow::Resul
         ],
         None,
     )?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = lines(&out)?.remove(0);
-    let words = v["words"].as_array().ok_or_else(|| anyhow::anyhow!("no words: {v}"))?;
+    let words = v["words"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no words: {v}"))?;
     assert!(!words.is_empty(), "{v}");
     let mut last = 0.0;
     for w in words {
-        let (start, end) = (w["start"].as_f64().unwrap_or(-1.0), w["end"].as_f64().unwrap_or(-1.0));
+        let (start, end) = (
+            w["start"].as_f64().unwrap_or(-1.0),
+            w["end"].as_f64().unwrap_or(-1.0),
+        );
         assert!(last <= start && start <= end, "{w}");
-        assert!((0.0..=1.0).contains(&w["probability"].as_f64().unwrap_or(-1.0)), "{w}");
+        assert!(
+            (0.0..=1.0).contains(&w["probability"].as_f64().unwrap_or(-1.0)),
+            "{w}"
+        );
         last = end;
     }
     let joined: Vec<&str> = words.iter().filter_map(|w| w["word"].as_str()).collect();

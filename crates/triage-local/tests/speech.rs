@@ -377,7 +377,9 @@ fn vad_model() -> Option<std::path::PathBuf> {
     match std::env::var_os("TRIAGE_VAD_MODEL").map(std::path::PathBuf::from) {
         Some(p) if p.is_file() => Some(p),
         other => {
-            let msg = format!("VAD model not found (TRIAGE_VAD_MODEL={other:?}); run scripts/fetch-silero-vad");
+            let msg = format!(
+                "VAD model not found (TRIAGE_VAD_MODEL={other:?}); run scripts/fetch-silero-vad"
+            );
             assert!(std::env::var_os("CI").is_none(), "{msg}");
             eprintln!("SKIPPED: {msg}");
             None
@@ -483,16 +485,26 @@ fn words_are_ordered_inside_their_segments_and_make_up_the_text() -> anyhow::Res
     let mut last_end = 0.0;
     let mut all = Vec::new();
     for s in &t.segments {
-        let words = s.words.as_ref().ok_or_else(|| anyhow::anyhow!("no words"))?;
+        let words = s
+            .words
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no words"))?;
         assert!(!words.is_empty());
         for w in words {
-            assert!(s.start <= w.start && w.start <= w.end && w.end <= s.end, "{w:?} in {s:?}");
+            assert!(
+                s.start <= w.start && w.start <= w.end && w.end <= s.end,
+                "{w:?} in {s:?}"
+            );
             assert!(w.start >= last_end - 1e-9, "{w:?} before {last_end}");
             assert!((0.0..=1.0).contains(&w.probability), "{w:?}");
             assert!(!w.word.contains(' ') && !w.word.is_empty(), "{w:?}");
             last_end = w.end;
         }
-        let joined = words.iter().map(|w| w.word.as_str()).collect::<Vec<_>>().join(" ");
+        let joined = words
+            .iter()
+            .map(|w| w.word.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
         assert_eq!(joined, s.text);
         all.extend(words.iter().map(|w| w.word.clone()));
     }
@@ -525,7 +537,11 @@ fn one_speaker_per_channel_gets_speaker_labels() -> anyhow::Result<()> {
         right[a.len() + pause + i] += s;
         left[a.len() + pause + i] += 0.1 * s;
     }
-    let interleaved: Vec<f32> = left.iter().zip(&right).flat_map(|(l, r)| [*l, *r]).collect();
+    let interleaved: Vec<f32> = left
+        .iter()
+        .zip(&right)
+        .flat_map(|(l, r)| [*l, *r])
+        .collect();
     let tmp = tempfile::tempdir()?;
     let path = tmp.path().join("two-speakers.wav");
     write_wav(&path, &interleaved, 16_000, 2)?;
@@ -540,8 +556,16 @@ fn one_speaker_per_channel_gets_speaker_labels() -> anyhow::Result<()> {
     assert!(pcm.channels.as_ref().is_some_and(speech::channels_apart));
     let t = engine.transcribe_pcm(&pcm, &TranscribeOptions::default(), None)?;
     eprintln!("{t:#?}");
-    let speakers: Vec<&str> = t.segments.iter().filter_map(|s| s.speaker.as_deref()).collect();
-    assert_eq!(speakers.len(), t.segments.len(), "every segment is labelled");
+    let speakers: Vec<&str> = t
+        .segments
+        .iter()
+        .filter_map(|s| s.speaker.as_deref())
+        .collect();
+    assert_eq!(
+        speakers.len(),
+        t.segments.len(),
+        "every segment is labelled"
+    );
     assert_eq!(speakers.first(), Some(&"Speaker 1"));
     assert_eq!(speakers.last(), Some(&"Speaker 2"));
     let first: Vec<String> = t
@@ -560,7 +584,10 @@ fn one_speaker_per_channel_gets_speaker_labels() -> anyhow::Result<()> {
         "{t:#?}"
     );
     let srt = speech::format::srt(&t);
-    assert!(srt.contains("Speaker 1: ") && srt.contains("Speaker 2: "), "{srt}");
+    assert!(
+        srt.contains("Speaker 1: ") && srt.contains("Speaker 2: "),
+        "{srt}"
+    );
     // A mono file of the same mix has no speakers.
     let mono = engine.transcribe(&pcm.samples, &TranscribeOptions::default(), None)?;
     assert!(mono.segments.iter().all(|s| s.speaker.is_none()));
@@ -571,7 +598,11 @@ fn one_speaker_per_channel_gets_speaker_labels() -> anyhow::Result<()> {
 fn decoding_a_file_streams_to_the_same_samples_as_decoding_bytes() -> anyhow::Result<()> {
     let dir =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/audio");
-    for file in ["goforward-44k-stereo.flac", "goforward-22k.mp3", "goforward-8k.aac"] {
+    for file in [
+        "goforward-44k-stereo.flac",
+        "goforward-22k.mp3",
+        "goforward-8k.aac",
+    ] {
         let path = dir.join(file);
         let ext = path.extension().and_then(|e| e.to_str());
         let from_bytes = speech::decode(std::fs::read(&path)?, ext, None)?;

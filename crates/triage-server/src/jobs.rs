@@ -7,14 +7,13 @@
 
 use crate::error::ApiError;
 use crate::routes::audio::{
-    AudioForm, Upload, audio_error, check_length, read_audio_form, transcriber,
-    transcription_task,
+    AudioForm, Upload, audio_error, check_length, read_audio_form, transcriber, transcription_task,
 };
 use crate::state::Shared;
 use axum::Json;
 use axum::extract::{Multipart, Path, State};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use std::collections::HashMap;

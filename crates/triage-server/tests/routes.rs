@@ -767,8 +767,12 @@ async fn word_timestamps_come_back_in_openai_shape() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let words = v["words"].as_array().ok_or_else(|| anyhow::anyhow!("no words: {v}"))?;
-    let segments = v["segments"].as_array().ok_or_else(|| anyhow::anyhow!("no segments"))?;
+    let words = v["words"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no words: {v}"))?;
+    let segments = v["segments"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no segments"))?;
     assert!(words.len() > 10, "{v}");
     let mut last = 0.0;
     let mut texts = Vec::new();
@@ -782,8 +786,10 @@ async fn word_timestamps_come_back_in_openai_shape() -> anyhow::Result<()> {
         assert!((0.0..=1.0).contains(&p), "{w}");
         // Inside one of the segments.
         assert!(
-            segments.iter().any(|s| s["start"].as_f64().unwrap_or(f64::MAX) <= start
-                && end <= s["end"].as_f64().unwrap_or(0.0)),
+            segments
+                .iter()
+                .any(|s| s["start"].as_f64().unwrap_or(f64::MAX) <= start
+                    && end <= s["end"].as_f64().unwrap_or(0.0)),
             "{w} outside every segment"
         );
         last = end;
@@ -807,7 +813,10 @@ async fn word_timestamps_come_back_in_openai_shape() -> anyhow::Result<()> {
     .await?;
     assert!(v.get("words").is_none(), "{v}");
     let (ct, body) = multipart(
-        &[("model", "whisper-1"), ("timestamp_granularities[]", "word")],
+        &[
+            ("model", "whisper-1"),
+            ("timestamp_granularities[]", "word"),
+        ],
         Some(("clip.wav", &audio)),
     );
     let (s, _, v) = call(

@@ -50,23 +50,21 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                     .map(|(_, e)| e.to_ascii_lowercase());
                 let limit = run.engine.config.server.max_audio_seconds;
                 let engine = engine.clone();
-                let transcript = tokio::task::spawn_blocking(move || {
-                    match source {
-                        Ok(bytes) => {
-                            let pcm = triage_local::speech::decode(bytes, ext.as_deref(), limit)?;
-                            engine
-                                .transcribe(&pcm.samples, &TranscribeOptions::default(), None)
-                                .map_err(EngineError::from)
-                        }
-                        Err(path) => crate::speech::transcribe_file_with(
-                            &engine,
-                            &path,
-                            ext.as_deref(),
-                            limit,
-                            &TranscribeOptions::default(),
-                            None,
-                        ),
+                let transcript = tokio::task::spawn_blocking(move || match source {
+                    Ok(bytes) => {
+                        let pcm = triage_local::speech::decode(bytes, ext.as_deref(), limit)?;
+                        engine
+                            .transcribe(&pcm.samples, &TranscribeOptions::default(), None)
+                            .map_err(EngineError::from)
                     }
+                    Err(path) => crate::speech::transcribe_file_with(
+                        &engine,
+                        &path,
+                        ext.as_deref(),
+                        limit,
+                        &TranscribeOptions::default(),
+                        None,
+                    ),
                 })
                 .await
                 .map_err(|source| EngineError::Task {
@@ -77,7 +75,9 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                 confidence = Some(f64::from(transcript.confidence));
                 // With speakers known, later stages read who said what.
                 text = if transcript.segments.iter().any(|s| s.speaker.is_some()) {
-                    triage_local::speech::format::txt(&transcript).trim().to_owned()
+                    triage_local::speech::format::txt(&transcript)
+                        .trim()
+                        .to_owned()
                 } else {
                     transcript.text.trim().to_owned()
                 };
@@ -343,9 +343,7 @@ pub fn action_items(text: &str, people: &[String]) -> Vec<ActionItem> {
     let mut items = Vec::new();
     for line in text.lines() {
         let (speaker, line) = match line.split_once(": ") {
-            Some((who, rest)) if who.starts_with("Speaker ") && who.len() < 16 => {
-                (Some(who), rest)
-            }
+            Some((who, rest)) if who.starts_with("Speaker ") && who.len() < 16 => (Some(who), rest),
             _ => (None, line),
         };
         for sentence in split_sentences(line) {

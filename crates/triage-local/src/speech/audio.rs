@@ -390,7 +390,13 @@ impl To16k {
             None
         } else {
             Some(
-                Fft::<f32>::new(rate as usize, SAMPLE_RATE as usize, 1024, n, FixedSync::Input)
+                Fft::<f32>::new(
+                    rate as usize,
+                    SAMPLE_RATE as usize,
+                    1024,
+                    n,
+                    FixedSync::Input,
+                )
                 .map_err(|e| AudioError::Resample {
                     from: rate,
                     source: Box::new(e),
@@ -453,18 +459,16 @@ impl To16k {
             return Ok(());
         };
         let from = self.rate;
-        let err = |e: Box<dyn std::error::Error + Send + Sync>| AudioError::Resample {
-            from,
-            source: e,
-        };
+        let err =
+            |e: Box<dyn std::error::Error + Send + Sync>| AudioError::Resample { from, source: e };
         let n = self.pending.len();
         loop {
             let need = resampler.input_frames_next();
             if self.pending[0].len() < need {
                 return Ok(());
             }
-            let input = SequentialSliceOfVecs::new(&self.pending, n, need)
-                .map_err(|e| err(Box::new(e)))?;
+            let input =
+                SequentialSliceOfVecs::new(&self.pending, n, need).map_err(|e| err(Box::new(e)))?;
             let max_out = self.scratch[0].len();
             let mut output = SequentialSliceOfVecs::new_mut(&mut self.scratch, n, max_out)
                 .map_err(|e| err(Box::new(e)))?;
@@ -486,8 +490,8 @@ impl To16k {
     /// `out` with silence, trimmed to the input's length.
     fn finish(&mut self) -> Result<(), AudioError> {
         use rubato::Resampler;
-        let expected = (self.frames_in as f64 * f64::from(SAMPLE_RATE) / f64::from(self.rate))
-            .ceil() as usize;
+        let expected =
+            (self.frames_in as f64 * f64::from(SAMPLE_RATE) / f64::from(self.rate)).ceil() as usize;
         let already = self.taken;
         // The delay is a few chunks; the bound only guards against a
         // resampler that stops producing.

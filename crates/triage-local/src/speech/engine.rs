@@ -82,7 +82,9 @@ pub enum SpeechError {
         #[source]
         source: Option<whisper_rs::WhisperError>,
     },
-    #[error("cannot load the VAD model {path}: {why} (a ggml Silero VAD file; scripts/fetch-silero-vad makes one)")]
+    #[error(
+        "cannot load the VAD model {path}: {why} (a ggml Silero VAD file; scripts/fetch-silero-vad makes one)"
+    )]
     LoadVad {
         path: String,
         why: &'static str,
@@ -210,10 +212,13 @@ fn pack(spans: &[(usize, usize)], max: usize) -> Vec<Chunk> {
             let need = end - start;
             if !current.pieces.is_empty() && current.len() + gap + need > max {
                 // A span is never cut to fill a chunk: it starts the next one.
-                chunks.push(std::mem::replace(&mut current, Chunk {
-        pieces: Vec::new(),
-        base: 0,
-    }));
+                chunks.push(std::mem::replace(
+                    &mut current,
+                    Chunk {
+                        pieces: Vec::new(),
+                        base: 0,
+                    },
+                ));
                 continue;
             }
             // Only a span longer than a whole chunk is cut.
@@ -400,9 +405,7 @@ impl WhisperEngine {
             let consumed = match self.window(&mut run, &buf, base, ended, opts) {
                 Ok(n) => n,
                 Err(e) => {
-                    return self
-                        .finish(run, Err(e), opts)
-                        .map_err(StreamError::Speech);
+                    return self.finish(run, Err(e), opts).map_err(StreamError::Speech);
                 }
             };
             buf.drain(..consumed.min(buf.len()));
@@ -496,9 +499,15 @@ impl WhisperEngine {
                 .max(if last { samples.len() } else { 0 });
             // Spans are far shorter than a window, so one always ends before
             // the limit; should none, the window still moves on.
-            let consumed = if consumed == 0 { limit.max(1) } else { consumed };
-            let spans: Vec<(usize, usize)> =
-                spans.into_iter().filter(|(_, end)| *end <= consumed).collect();
+            let consumed = if consumed == 0 {
+                limit.max(1)
+            } else {
+                consumed
+            };
+            let spans: Vec<(usize, usize)> = spans
+                .into_iter()
+                .filter(|(_, end)| *end <= consumed)
+                .collect();
             (spans, consumed)
         } else {
             let cut = if last {
@@ -549,8 +558,8 @@ impl WhisperEngine {
                 });
             }
             if self.multilingual && run.language.is_none() {
-                run.language = whisper_rs::get_lang_str(state.full_lang_id_from_state())
-                    .map(str::to_owned);
+                run.language =
+                    whisper_rs::get_lang_str(state.full_lang_id_from_state()).map(str::to_owned);
             }
             let state = &*state;
             self.collect(
@@ -655,7 +664,12 @@ impl WhisperEngine {
             let a = ((start * sr) as usize).min(samples.len());
             let b = ((end * sr) as usize).clamp(a, samples.len());
             let n = (b - a).max(1) as f64;
-            (samples[a..b].iter().map(|x| f64::from(*x).powi(2)).sum::<f64>() / n).sqrt()
+            (samples[a..b]
+                .iter()
+                .map(|x| f64::from(*x).powi(2))
+                .sum::<f64>()
+                / n)
+                .sqrt()
         };
         let mut segments = Vec::new();
         let (mut conf_sum, mut conf_n) = (0f64, 0usize);
@@ -892,11 +906,7 @@ mod tests {
         let chunks = pack(&spans, max);
         assert!(chunks.iter().all(|c| c.len() <= max), "{chunks:?}");
         // Every speech sample is in exactly one chunk.
-        let covered: usize = chunks
-            .iter()
-            .flat_map(|c| &c.pieces)
-            .map(|p| p.len)
-            .sum();
+        let covered: usize = chunks.iter().flat_map(|c| &c.pieces).map(|p| p.len).sum();
         assert_eq!(covered, 10 * sr * 3 + 70 * sr);
         // The first chunk holds the first two spans joined by a short gap.
         assert_eq!(chunks[0].pieces.len(), 2);
