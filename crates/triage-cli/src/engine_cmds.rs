@@ -25,6 +25,9 @@ pub struct ExecuteArgs {
     /// JSON overrides, e.g. '{"start_tier": "llm"}' or '{"hi": 0.95, "lo": 0.05}'.
     #[arg(long)]
     overrides: Option<String>,
+    /// Print a pipeline's notes as Markdown (its `markdown` field) instead of JSON.
+    #[arg(long)]
+    markdown: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,11 +81,16 @@ pub async fn execute(args: ExecuteArgs) -> Result<ExitCode> {
         .clone();
     let input = match (&args.text, &args.file) {
         (Some(t), _) => Input::Text(t.clone()),
-        (None, Some(f)) if task.takes_audio() => Input::Audio {
-            bytes: std::fs::read(f)
-                .with_context(|| format!("cannot read the audio file {} (--file)", f.display()))?,
-            file_name: f.file_name().map(|n| n.to_string_lossy().into_owned()),
-        },
+        (None, Some(f)) if task.takes_audio() => {
+            if !f.is_file() {
+                bail!("cannot read the audio file {} (--file)", f.display());
+            }
+            // Read as it is decoded: a long recording is never in memory whole.
+            Input::AudioFile {
+                path: f.clone(),
+                file_name: f.file_name().map(|n| n.to_string_lossy().into_owned()),
+            }
+        }
         (None, Some(f)) => Input::Text(
             std::fs::read_to_string(f)
                 .with_context(|| format!("cannot read {} as UTF-8 text", f.display()))?,
@@ -113,6 +121,14 @@ pub async fn execute(args: ExecuteArgs) -> Result<ExitCode> {
             });
         }
     };
+    if args.markdown {
+        let triage_engine::TaskAnswer::Pipeline(p) = &execution.answer else {
+            bail!("--markdown: task `{}` is not a pipeline", args.task);
+        };
+        let mut stdout = std::io::stdout().lock();
+        write!(stdout, "{}", p.markdown.as_deref().unwrap_or_default())?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let out = serde_json::json!({ "answer": execution.answer, "trace": execution.trace });
     let mut stdout = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut stdout, &out)?;

@@ -50,6 +50,13 @@ pub struct ServeArgs {
     /// Longest audio accepted, in seconds (a config's `server.max_audio_seconds` wins).
     #[arg(long, default_value_t = 4.0 * 3600.0)]
     max_audio_s: f64,
+    /// Largest audio upload in bytes, spooled to disk as it arrives (a
+    /// config's `server.max_upload_bytes` wins); over it is a 413 naming it.
+    #[arg(long, default_value_t = 2u64 << 30)]
+    max_upload_bytes: u64,
+    /// Where audio uploads are spooled (default: the system's temporary folder).
+    #[arg(long, env = "TRIAGE_SPOOL_DIR")]
+    spool_dir: Option<PathBuf>,
     /// After SIGTERM, seconds that requests in flight and the ledger's last
     /// commits may take before the process exits anyway.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
@@ -289,6 +296,11 @@ pub async fn run(args: ServeArgs, device: &str, threads: Option<usize>) -> Resul
     };
     let limits = Limits {
         max_audio_s: config.server.max_audio_seconds.unwrap_or(args.max_audio_s),
+        audio_upload_bytes: config
+            .server
+            .max_upload_bytes
+            .unwrap_or(args.max_upload_bytes),
+        spool_dir: args.spool_dir.clone(),
         drain_timeout: std::time::Duration::try_from_secs_f64(args.drain_timeout)
             .context("--drain-timeout must be a number of seconds, 0 or more")?,
         ..Limits::default()

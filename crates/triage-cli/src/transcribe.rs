@@ -28,6 +28,17 @@ pub struct TranscribeArgs {
     /// Files decoded at the same time (each has its own decoding state).
     #[arg(long, default_value_t = 1)]
     parallel: usize,
+    /// Silero VAD model (ggml) that skips silence and cuts long audio at
+    /// pauses; default: `TRIAGE_VAD_MODEL`, else scripts/fetch-silero-vad's cache.
+    #[arg(long)]
+    vad_model: Option<String>,
+    /// Decode everything, silence included (no VAD).
+    #[arg(long, conflicts_with = "vad_model")]
+    no_vad: bool,
+    /// Words with start, end and probability in each segment (always on for
+    /// verbose_json, which also lists them at the top as `words`).
+    #[arg(long)]
+    word_timestamps: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -53,12 +64,28 @@ pub async fn run(args: TranscribeArgs, threads: Option<usize>, gpu: bool) -> Res
             .map(|n| n.get())
             .unwrap_or(2)
     });
+    let vad = if args.no_vad {
+        None
+    } else {
+        triage_local::resolve::resolve_vad(args.vad_model.as_deref())
+            .context("cannot find the VAD model")?
+    };
     let engine = Arc::new(
-        tokio::task::spawn_blocking(move || WhisperEngine::load(&path, threads, gpu)).await??,
+        tokio::task::spawn_blocking(move || {
+            let engine = WhisperEngine::load(&path, threads, gpu)?;
+            match vad {
+                Some(vad) => engine.with_vad(&vad),
+                None => Ok(engine),
+            }
+        })
+        .await??,
     );
+    let verbose = args.format == Format::VerboseJson;
     let opts = TranscribeOptions {
         language: args.language.clone(),
-        token_probs: args.format == Format::VerboseJson,
+        token_probs: verbose,
+        word_timestamps: verbose || args.word_timestamps,
+        cancel: None,
     };
     let bars = indicatif::MultiProgress::new();
     let limit = Arc::new(tokio::sync::Semaphore::new(args.parallel.max(1)));
@@ -80,14 +107,24 @@ pub async fn run(args: TranscribeArgs, threads: Option<usize>, gpu: bool) -> Res
                 .and_then(|e| e.to_str())
                 .map(str::to_ascii_lowercase);
             let result = tokio::task::spawn_blocking(move || {
-                let bytes = std::fs::read(&file).map_err(|e| ("io", e.to_string()))?;
-                let pcm = speech::decode(bytes, ext.as_deref(), Some(max))
-                    .map_err(|e| ("audio", e.to_string()))?;
+                if !file.is_file() {
+                    return Err(("io", format!("{}: no such file", file.display())));
+                }
+                // Stereo channels are kept apart: one speaker per channel gets labels.
+                let pcm = speech::decode_file(
+                    &file,
+                    ext.as_deref(),
+                    speech::DecodeOptions {
+                        limit_s: Some(max),
+                        keep_channels: true,
+                    },
+                )
+                .map_err(|e| ("audio", e.to_string()))?;
                 let progress_bar = bar.clone();
                 let cb: Box<dyn FnMut(i32) + Send> =
                     Box::new(move |p| progress_bar.set_position(p.clamp(0, 100) as u64));
                 let t = engine
-                    .transcribe(&pcm.samples, &opts, Some(cb))
+                    .transcribe_pcm(&pcm, &opts, Some(cb))
                     .map_err(|e| ("model", e.to_string()))?;
                 bar.finish_and_clear();
                 Ok::<_, (&str, String)>(t)
@@ -110,6 +147,9 @@ pub async fn run(args: TranscribeArgs, threads: Option<usize>, gpu: bool) -> Res
                 let mut v = serde_json::to_value(&t)?;
                 if let Value::Object(map) = &mut v {
                     map.insert("file".into(), json!(name));
+                    if args.format == Format::VerboseJson {
+                        map.insert("words".into(), json!(speech::format::words(&t)));
+                    }
                 }
                 writeln!(out, "{v}")?;
             }

@@ -346,3 +346,59 @@ fn the_printed_default_config_passes_config_check() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn transcribe_verbose_json_has_timed_words_with_probabilities() -> anyhow::Result<()> {
+    let shared = std::env::var_os("TRIAGE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    let model = shared.join("models/whisper-tiny.en/ggml-model-f16.bin");
+    if !model.is_file() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no Whisper model at {}",
+            model.display()
+        );
+        eprintln!("SKIPPED: no Whisper model at {}", model.display());
+        return Ok(());
+    }
+    let clip = shared.join("data/speech/goforward.wav");
+    let out = triage(
+        &[
+            "transcribe",
+            "--model",
+            &model.to_string_lossy(),
+            "--format",
+            "verbose_json",
+            &clip.to_string_lossy(),
+        ],
+        None,
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = lines(&out)?.remove(0);
+    let words = v["words"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no words: {v}"))?;
+    assert!(!words.is_empty(), "{v}");
+    let mut last = 0.0;
+    for w in words {
+        let (start, end) = (
+            w["start"].as_f64().unwrap_or(-1.0),
+            w["end"].as_f64().unwrap_or(-1.0),
+        );
+        assert!(last <= start && start <= end, "{w}");
+        assert!(
+            (0.0..=1.0).contains(&w["probability"].as_f64().unwrap_or(-1.0)),
+            "{w}"
+        );
+        last = end;
+    }
+    let joined: Vec<&str> = words.iter().filter_map(|w| w["word"].as_str()).collect();
+    assert_eq!(joined.join(" "), v["text"].as_str().unwrap_or_default());
+    assert!(v["segments"][0]["words"].is_array(), "{v}");
+    Ok(())
+}

@@ -113,8 +113,23 @@ pub struct RouteAnswer {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ActionItem {
     pub text: String,
-    /// The person it names, when the entity stage found one.
+    /// The person it names, when the entity stage found one; else the
+    /// speaker who said it in the first person (`Speaker 2`, or `speaker`
+    /// when speakers are unknown).
     pub owner: Option<String>,
+    /// When it is due, as said (`Friday`, `tomorrow`, `the end of the month`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<String>,
+}
+
+/// One timed stretch of the transcript and who said it, when known.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TranscriptTurn {
+    pub start: f64,
+    pub end: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speaker: Option<String>,
+    pub text: String,
 }
 
 /// A pipeline's record: each stage fills its part.
@@ -135,6 +150,14 @@ pub struct PipelineAnswer {
     pub entities: BTreeMap<String, Vec<String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action_items: Option<Vec<ActionItem>>,
+    /// The transcript by segment, speaker-labelled when the speakers are
+    /// known (one per channel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments: Option<Vec<TranscriptTurn>>,
+    /// The whole record as Markdown notes (summary, action items, people,
+    /// transcript).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub markdown: Option<String>,
 }
 
 #[cfg(test)]
@@ -172,6 +195,7 @@ mod tests {
             action_items: Some(vec![ActionItem {
                 text: "Ann will call".into(),
                 owner: Some("Ann".into()),
+                due: None,
             }]),
             ..PipelineAnswer::default()
         });

@@ -89,6 +89,23 @@ pub struct TranscriptSegment {
     /// Text tokens with their probabilities, when asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<Vec<TokenProb>>,
+    /// The segment's words with their times, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub words: Option<Vec<Word>>,
+    /// Who speaks (`Speaker 1`), when the speakers are known (one per channel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speaker: Option<String>,
+}
+
+/// One spoken word, timed, in OpenAI's `words` shape plus its probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Word {
+    pub word: String,
+    /// Seconds from the start of the audio.
+    pub start: f64,
+    pub end: f64,
+    /// Mean probability of the word's tokens.
+    pub probability: f32,
 }
 
 /// A decoded token and its probability.

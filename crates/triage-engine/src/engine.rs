@@ -26,6 +26,12 @@ pub enum Input {
         bytes: Vec<u8>,
         file_name: Option<String>,
     },
+    /// Audio in a file (an upload spooled to disk): decoded as it is read,
+    /// never held whole in memory.
+    AudioFile {
+        path: std::path::PathBuf,
+        file_name: Option<String>,
+    },
     /// A full chat request (for chat cascades and `/v1/chat/completions`).
     Chat(ChatRequest),
 }
@@ -34,7 +40,7 @@ impl Input {
     pub fn kind(&self) -> &'static str {
         match self {
             Input::Text(_) => "text",
-            Input::Audio { .. } => "audio",
+            Input::Audio { .. } | Input::AudioFile { .. } => "audio",
             Input::Chat(_) => "chat",
         }
     }

@@ -93,8 +93,14 @@ impl Specialists {
                             .map(|n| n.get())
                             .unwrap_or(2)
                     });
+                    let vad = triage_local::resolve::resolve_vad(spec.vad_model.as_deref())
+                        .map_err(err)?;
                     let engine = tokio::task::spawn_blocking(move || {
-                        WhisperEngine::load(&path, threads, gpu)
+                        let engine = WhisperEngine::load(&path, threads, gpu)?;
+                        match vad {
+                            Some(vad) => engine.with_vad(&vad),
+                            None => Ok(engine),
+                        }
                     })
                     .await
                     .map_err(|e| EngineError::LoadSpecialist {

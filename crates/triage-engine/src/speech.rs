@@ -7,6 +7,7 @@ use crate::config::{StageKind, Strategy};
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::specialists::Specialist;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use triage_core::Transcript;
@@ -56,6 +57,36 @@ impl Transcriber {
         )?))
     }
 
+    /// Decode a file as it is read, to 16 kHz (a stereo file's channels
+    /// kept apart when they hold different speakers).
+    pub fn decode_file(
+        path: &Path,
+        extension: Option<&str>,
+        limit_s: Option<f64>,
+    ) -> Result<Audio, EngineError> {
+        let mut pcm = triage_local::speech::decode_file(
+            path,
+            extension,
+            triage_local::speech::DecodeOptions {
+                limit_s,
+                keep_channels: true,
+            },
+        )?;
+        if pcm
+            .channels
+            .as_ref()
+            .is_some_and(|c| !triage_local::speech::channels_apart(c))
+        {
+            pcm.channels = None;
+        }
+        Ok(Audio(pcm))
+    }
+
+    /// Refuse a file that is not audio this build decodes, from its header alone.
+    pub fn probe_file(path: &Path, extension: Option<&str>) -> Result<(), EngineError> {
+        Ok(triage_local::speech::probe_file(path, extension)?)
+    }
+
     /// Transcribe decoded audio; `progress` receives percentages.
     pub fn transcribe(
         &self,
@@ -63,7 +94,36 @@ impl Transcriber {
         opts: &TranscribeOptions,
         progress: Option<Box<dyn FnMut(i32) + Send>>,
     ) -> Result<Transcript, EngineError> {
-        Ok(self.engine.transcribe(&audio.0.samples, opts, progress)?)
+        Ok(self.engine.transcribe_pcm(&audio.0, opts, progress)?)
+    }
+
+    /// Transcribe a file as it is decoded: a mono file streams through
+    /// Whisper in windows (memory does not grow with its length); a stereo
+    /// file is decoded whole, so that one speaker per channel can be told
+    /// apart (three 16 kHz copies: 3.8 MB a minute).
+    pub fn transcribe_file(
+        &self,
+        path: &Path,
+        extension: Option<&str>,
+        limit_s: Option<f64>,
+        opts: &TranscribeOptions,
+        progress: Option<Box<dyn FnMut(i32) + Send>>,
+    ) -> Result<Transcript, EngineError> {
+        transcribe_file_with(&self.engine, path, extension, limit_s, opts, progress)
+    }
+
+    /// Decode a file and transcribe it in one call; returns the transcript
+    /// and the dollars its compute cost.
+    pub fn run_file(
+        &self,
+        path: &Path,
+        extension: Option<&str>,
+        limit_s: Option<f64>,
+        opts: &TranscribeOptions,
+    ) -> Result<(Transcript, f64), EngineError> {
+        let started = Instant::now();
+        let transcript = self.transcribe_file(path, extension, limit_s, opts, None)?;
+        Ok((transcript, self.compute_cost(started.elapsed())))
     }
 
     /// Dollars for `elapsed` of this specialist's compute.
@@ -85,6 +145,37 @@ impl Transcriber {
         let transcript = self.transcribe(&audio, opts, None)?;
         Ok((transcript, self.compute_cost(started.elapsed())))
     }
+}
+
+/// [`Transcriber::transcribe_file`] on any Whisper engine (pipelines use it too).
+pub(crate) fn transcribe_file_with(
+    engine: &WhisperEngine,
+    path: &Path,
+    extension: Option<&str>,
+    limit_s: Option<f64>,
+    opts: &TranscribeOptions,
+    progress: Option<Box<dyn FnMut(i32) + Send>>,
+) -> Result<Transcript, EngineError> {
+    let decode = triage_local::speech::DecodeOptions {
+        limit_s,
+        keep_channels: false,
+    };
+    let mut stream = triage_local::speech::AudioStream::open_file(path, extension, decode)?;
+    if stream.declared_channels() == Some(2) {
+        drop(stream);
+        let audio = Transcriber::decode_file(path, extension, limit_s)?;
+        return Ok(engine.transcribe_pcm(&audio.0, opts, progress)?);
+    }
+    let total = stream
+        .duration_hint_s()
+        .map(|s| (s * f64::from(triage_local::speech::audio::SAMPLE_RATE)) as usize);
+    let mut next = |min: usize| stream.next_block(min);
+    engine
+        .transcribe_stream(&mut next, total, opts, progress)
+        .map_err(|e| match e {
+            triage_local::speech::StreamError::Source(a) => EngineError::from(a),
+            triage_local::speech::StreamError::Speech(s) => EngineError::from(s),
+        })
 }
 
 impl Engine {

@@ -370,3 +370,257 @@ fn corrupted_files_of_every_format_never_panic() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The Silero VAD model (`TRIAGE_VAD_MODEL`, which scripts/test sets from
+/// scripts/fetch-silero-vad). Outside CI a missing model skips loudly.
+fn vad_model() -> Option<std::path::PathBuf> {
+    match std::env::var_os("TRIAGE_VAD_MODEL").map(std::path::PathBuf::from) {
+        Some(p) if p.is_file() => Some(p),
+        other => {
+            let msg = format!(
+                "VAD model not found (TRIAGE_VAD_MODEL={other:?}); run scripts/fetch-silero-vad"
+            );
+            assert!(std::env::var_os("CI").is_none(), "{msg}");
+            eprintln!("SKIPPED: {msg}");
+            None
+        }
+    }
+}
+
+fn engine_with_vad() -> Option<Arc<WhisperEngine>> {
+    let (model, vad) = (crate::common::whisper_model()?, vad_model()?);
+    match WhisperEngine::load(&model, 2, false).and_then(|e| e.with_vad(&vad)) {
+        Ok(e) => Some(Arc::new(e)),
+        Err(e) => panic!("Whisper with VAD must load: {e}"),
+    }
+}
+
+/// Low white noise (about -40 dBFS), well above digital silence.
+fn low_noise(seconds: usize) -> Vec<f32> {
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    (0..16_000 * seconds)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+        })
+        .collect()
+}
+
+#[test]
+fn thirty_seconds_of_low_noise_is_no_text_with_and_without_vad() -> anyhow::Result<()> {
+    let Some(plain) = engine() else {
+        return Ok(());
+    };
+    let noise = low_noise(30);
+    assert!(noise.iter().any(|s| s.abs() > 0.005), "not digital silence");
+    // Without VAD whisper.cpp answers `[BLANK_AUDIO]`: a marker, not words.
+    let t = plain.transcribe(&noise, &TranscribeOptions::default(), None)?;
+    eprintln!("no VAD: {t:?}");
+    assert_eq!(t.text, "", "{t:?}");
+    assert!(t.segments.iter().all(|s| !s.text.contains('[')), "{t:?}");
+    if let Some(vad) = engine_with_vad() {
+        let t = vad.transcribe(&noise, &TranscribeOptions::default(), None)?;
+        assert!(t.text.is_empty() && t.no_speech, "{t:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn vad_skips_silence_and_keeps_times_on_the_audio_clock() -> anyhow::Result<()> {
+    let (Some(engine), Some(shared)) = (engine_with_vad(), crate::common::shared()) else {
+        return Ok(());
+    };
+    let dir = shared.join("data/speech");
+    let a = speech::decode(std::fs::read(dir.join("goforward.wav"))?, Some("wav"), None)?.samples;
+    let b = speech::decode(
+        std::fs::read(dir.join("librivox_ss01_0870.wav"))?,
+        Some("wav"),
+        None,
+    )?
+    .samples;
+    // a, 40 s of low noise, b: the second clip starts at len(a) + 40 s.
+    let gap = low_noise(40);
+    let b_start = (a.len() + gap.len()) as f64 / 16_000.0;
+    let audio: Vec<f32> = [a.as_slice(), &gap, &b].concat();
+    let opts = TranscribeOptions {
+        word_timestamps: true,
+        ..TranscribeOptions::default()
+    };
+    let t = engine.transcribe(&audio, &opts, None)?;
+    eprintln!("{t:#?}");
+    let words = normalise(&t.text);
+    assert!(words.contains(&"forward".to_owned()), "{}", t.text);
+    assert!(words.contains(&"dashwood".to_owned()), "{}", t.text);
+    // Nothing is said in the gap.
+    for s in &t.segments {
+        assert!(
+            s.end <= a.len() as f64 / 16_000.0 + 1.0 || s.start >= b_start - 1.0,
+            "a segment in the gap: {s:?}"
+        );
+    }
+    let dashwood = t
+        .segments
+        .iter()
+        .flat_map(|s| s.words.iter().flatten())
+        .find(|w| w.word.to_lowercase().contains("dashwood"))
+        .ok_or_else(|| anyhow::anyhow!("no word `Dashwood`"))?;
+    assert!(dashwood.start >= b_start - 0.5, "{dashwood:?} vs {b_start}");
+    Ok(())
+}
+
+#[test]
+fn words_are_ordered_inside_their_segments_and_make_up_the_text() -> anyhow::Result<()> {
+    let (Some(engine), Some(shared)) = (engine(), crate::common::shared()) else {
+        return Ok(());
+    };
+    let path = shared.join("data/speech/librivox_ss01_0890.wav");
+    let pcm = speech::decode(std::fs::read(&path)?, Some("wav"), None)?;
+    let opts = TranscribeOptions {
+        word_timestamps: true,
+        ..TranscribeOptions::default()
+    };
+    let t = engine.transcribe(&pcm.samples, &opts, None)?;
+    let mut last_end = 0.0;
+    let mut all = Vec::new();
+    for s in &t.segments {
+        let words = s
+            .words
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no words"))?;
+        assert!(!words.is_empty());
+        for w in words {
+            assert!(
+                s.start <= w.start && w.start <= w.end && w.end <= s.end,
+                "{w:?} in {s:?}"
+            );
+            assert!(w.start >= last_end - 1e-9, "{w:?} before {last_end}");
+            assert!((0.0..=1.0).contains(&w.probability), "{w:?}");
+            assert!(!w.word.contains(' ') && !w.word.is_empty(), "{w:?}");
+            last_end = w.end;
+        }
+        let joined = words
+            .iter()
+            .map(|w| w.word.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(joined, s.text);
+        all.extend(words.iter().map(|w| w.word.clone()));
+    }
+    assert_eq!(all.join(" "), t.text);
+    assert!(all.len() > 10, "{}", t.text);
+    // The last word ends near the end of the speech, not at 0.
+    assert!(last_end > pcm.duration_s() * 0.5, "{last_end}");
+    Ok(())
+}
+
+#[test]
+fn one_speaker_per_channel_gets_speaker_labels() -> anyhow::Result<()> {
+    let (Some(engine), Some(shared)) = (engine(), crate::common::shared()) else {
+        return Ok(());
+    };
+    let dir = shared.join("data/speech");
+    let a = speech::decode(std::fs::read(dir.join("goforward.wav"))?, Some("wav"), None)?.samples;
+    let b = speech::decode(std::fs::read(dir.join("cards_001.wav"))?, Some("wav"), None)?.samples;
+    // Left speaks first, then right answers after a pause. (With each
+    // microphone also hearing the other at 10 %, whisper merges the faint
+    // copy and the own speech into one segment and the per-segment loudness
+    // check keeps it: not handled yet.)
+    let pause = 16_000;
+    let len = a.len() + pause + b.len();
+    let mut left = vec![0f32; len];
+    let mut right = vec![0f32; len];
+    for (i, s) in a.iter().enumerate() {
+        left[i] += s;
+    }
+    for (i, s) in b.iter().enumerate() {
+        right[a.len() + pause + i] += s;
+    }
+    let interleaved: Vec<f32> = left
+        .iter()
+        .zip(&right)
+        .flat_map(|(l, r)| [*l, *r])
+        .collect();
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("two-speakers.wav");
+    write_wav(&path, &interleaved, 16_000, 2)?;
+    let pcm = speech::decode_file(
+        &path,
+        Some("wav"),
+        speech::DecodeOptions {
+            limit_s: None,
+            keep_channels: true,
+        },
+    )?;
+    assert!(pcm.channels.as_ref().is_some_and(speech::channels_apart));
+    let t = engine.transcribe_pcm(&pcm, &TranscribeOptions::default(), None)?;
+    eprintln!("{t:#?}");
+    let speakers: Vec<&str> = t
+        .segments
+        .iter()
+        .filter_map(|s| s.speaker.as_deref())
+        .collect();
+    assert_eq!(
+        speakers.len(),
+        t.segments.len(),
+        "every segment is labelled"
+    );
+    assert_eq!(speakers.first(), Some(&"Speaker 1"));
+    assert_eq!(speakers.last(), Some(&"Speaker 2"));
+    let first: Vec<String> = t
+        .segments
+        .iter()
+        .filter(|s| s.speaker.as_deref() == Some("Speaker 1"))
+        .flat_map(|s| normalise(&s.text))
+        .collect();
+    assert!(first.contains(&"forward".to_owned()), "{first:?}");
+    // Speaker 1's words are not also given to speaker 2.
+    assert!(
+        t.segments
+            .iter()
+            .filter(|s| s.speaker.as_deref() == Some("Speaker 2"))
+            .all(|s| !normalise(&s.text).contains(&"forward".to_owned())),
+        "{t:#?}"
+    );
+    let srt = speech::format::srt(&t);
+    assert!(
+        srt.contains("Speaker 1: ") && srt.contains("Speaker 2: "),
+        "{srt}"
+    );
+    // A mono file of the same mix has no speakers.
+    let mono = engine.transcribe(&pcm.samples, &TranscribeOptions::default(), None)?;
+    assert!(mono.segments.iter().all(|s| s.speaker.is_none()));
+    Ok(())
+}
+
+#[test]
+fn decoding_a_file_streams_to_the_same_samples_as_decoding_bytes() -> anyhow::Result<()> {
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/audio");
+    for file in [
+        "goforward-44k-stereo.flac",
+        "goforward-22k.mp3",
+        "goforward-8k.aac",
+    ] {
+        let path = dir.join(file);
+        let ext = path.extension().and_then(|e| e.to_str());
+        let from_bytes = speech::decode(std::fs::read(&path)?, ext, None)?;
+        let from_file = speech::decode_file(&path, ext, speech::DecodeOptions::default())?;
+        assert_eq!(from_bytes.samples, from_file.samples, "{file}");
+        let expected = (from_bytes.duration_s() * 16_000.0) as usize;
+        assert!(from_file.samples.len().abs_diff(expected) <= 1);
+    }
+    // The limit is checked while reading a file too.
+    let err = speech::decode_file(
+        &dir.join("goforward-22k.mp3"),
+        Some("mp3"),
+        speech::DecodeOptions {
+            limit_s: Some(1.0),
+            keep_channels: false,
+        },
+    )
+    .err();
+    assert!(matches!(err, Some(AudioError::TooLong { .. })), "{err:?}");
+    Ok(())
+}

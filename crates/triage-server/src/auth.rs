@@ -151,12 +151,17 @@ async fn shape_rejection(state: &Shared, route: &str, response: Response) -> Res
     }
     match response.status() {
         StatusCode::PAYLOAD_TOO_LARGE => {
-            let limit = if route.contains("audio") || route.starts_with("/v1/jobs") {
-                state.limits.audio_body_bytes
+            if route.contains("audio") || route.starts_with("/v1/jobs") || route == "/v1/execute" {
+                ApiError::UploadTooLarge {
+                    limit: state.limits.audio_upload_bytes,
+                }
+                .into_response()
             } else {
-                state.limits.moderation_body_bytes
-            };
-            ApiError::TooLarge { limit }.into_response()
+                ApiError::TooLarge {
+                    limit: state.limits.moderation_body_bytes,
+                }
+                .into_response()
+            }
         }
         s @ (StatusCode::BAD_REQUEST
         | StatusCode::UNPROCESSABLE_ENTITY

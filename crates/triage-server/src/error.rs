@@ -28,6 +28,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("the request body is over the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    #[error(
+        "the audio upload is over the limit of {limit} bytes (`--max-upload-bytes`, or `server.max_upload_bytes` in the config)"
+    )]
+    UploadTooLarge { limit: u64 },
     #[error("unsupported media: {0}")]
     UnsupportedMedia(String),
     #[error("{0}")]
@@ -80,7 +84,7 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::UnknownModel(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooLarge { .. } | Self::UploadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMedia(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Conflict(_) => StatusCode::CONFLICT,
@@ -112,7 +116,9 @@ impl ApiError {
             Self::Forbidden(_) => ("invalid_request_error", "forbidden"),
             Self::UnknownModel(_) => ("invalid_request_error", "model_not_found"),
             Self::NotFound(_) => ("invalid_request_error", "not_found"),
-            Self::TooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            Self::TooLarge { .. } | Self::UploadTooLarge { .. } => {
+                ("invalid_request_error", "request_too_large")
+            }
             Self::UnsupportedMedia(_) => ("invalid_request_error", "unsupported_media"),
             Self::Unprocessable(_) => ("invalid_request_error", "unprocessable"),
             Self::Conflict(_) => ("invalid_request_error", "conflict"),

@@ -7,16 +7,17 @@
 
 use crate::error::ApiError;
 use crate::routes::audio::{
-    AudioForm, audio_error, read_audio_form, transcriber, transcription_task,
+    AudioForm, Upload, audio_error, check_length, read_audio_form, transcriber, transcription_task,
 };
 use crate::state::Shared;
 use axum::Json;
 use axum::extract::{Multipart, Path, State};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use triage_engine::Transcriber;
@@ -40,6 +41,8 @@ struct Job {
     created_at: u64,
     finished: Mutex<Option<Instant>>,
     changed: tokio::sync::watch::Sender<u8>,
+    /// Set by `POST /v1/jobs/{id}/cancel`.
+    cancel: Arc<AtomicBool>,
 }
 
 impl Job {
@@ -107,24 +110,31 @@ impl Jobs {
 }
 
 /// `POST /v1/jobs`: multipart like `/v1/audio/transcriptions`; answers 202.
+/// The upload is spooled to disk and only its header is checked now; it is
+/// decoded when the job runs, so a queued job holds a file, not samples.
 pub async fn submit(
     State(state): State<Shared>,
     axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    headers: HeaderMap,
     mut form: Multipart,
 ) -> Result<Response, ApiError> {
+    check_length(&state, &headers)?;
+    // One line for every audio request: a job keeps its place until it ends.
+    let admitted = state.audio.admit()?;
     let AudioForm {
         file,
         language,
         task,
+        granularities,
         ..
-    } = read_audio_form(&mut form).await?;
+    } = read_audio_form(&state, &mut form).await?;
     let engine = state.engine.current();
     if let Some(name) = task.as_deref()
         && name != "transcription"
         && engine.config.tasks.contains_key(name)
     {
         caller.authorize(name)?;
-        return submit_task(&state, engine.clone(), name, file);
+        return submit_task(&state, engine.clone(), name, file, admitted).await;
     }
     if let Some(task) = task.filter(|t| t != "transcription") {
         return Err(ApiError::bad(
@@ -135,26 +145,36 @@ pub async fn submit(
     let task = transcription_task(&state);
     caller.authorize(&task)?;
     let transcriber = transcriber(&state)?;
-    let (bytes, ext) = AudioForm::required_file(file)?;
-    // Decode now so a broken file is a 400 for the submitter, not a failed job.
-    let max = state.max_audio_s();
-    let audio = tokio::task::spawn_blocking(move || {
-        Transcriber::decode(bytes, ext.as_deref(), Some(max)).map_err(audio_error)
+    let upload = AudioForm::required_file(file)?;
+    // A file that is not audio is a 400 for the submitter, not a failed job.
+    let ext = upload.extension();
+    let probe_path = upload.path.to_path_buf();
+    let probe_ext = ext.clone();
+    tokio::task::spawn_blocking(move || {
+        Transcriber::probe_file(&probe_path, probe_ext.as_deref()).map_err(audio_error)
     })
     .await
     .map_err(ApiError::Task)??;
+    let max = state.max_audio_s();
+    let words = granularities.iter().any(|g| g == "word");
 
     let (id, job) = new_job(&state, &task)?;
     let metrics_state = state.clone();
     tokio::spawn(async move {
+        let _admitted = admitted;
         let Some(permit) = metrics_state.audio.job_slot().await else {
             return;
         };
+        if job.cancel.load(Ordering::Relaxed) {
+            job.finish(Status::Failed("cancelled".into()));
+            return;
+        }
         if let Ok(mut s) = job.status.lock() {
             *s = Status::Running;
         }
         job.changed.send_replace(0);
         let progress_job = job.clone();
+        let cancel = job.cancel.clone();
         let started = Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -163,14 +183,19 @@ pub async fn submit(
                 progress_job.progress.store(p, Ordering::Relaxed);
                 progress_job.changed.send_replace(p);
             });
-            let transcript = transcriber.transcribe(
-                &audio,
+            let transcript = transcriber.transcribe_file(
+                &upload.path,
+                ext.as_deref(),
+                Some(max),
                 &TranscribeOptions {
                     language,
                     token_probs: false,
+                    word_timestamps: words,
+                    cancel: Some(cancel),
                 },
                 Some(cb),
             );
+            drop(upload);
             (transcript, transcriber.compute_cost(started.elapsed()))
         })
         .await;
@@ -186,6 +211,21 @@ pub async fn submit(
         job.finish(status);
     });
     Ok(accepted(&id))
+}
+
+/// `POST /v1/jobs/{id}/cancel`: a queued job never starts; a running
+/// transcription stops at whisper.cpp's next abort check. Answers the job.
+pub async fn cancel(
+    State(state): State<Shared>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = state.jobs.get(&id)?;
+    caller.authorize(&job.task)?;
+    if !job.is_done() {
+        job.cancel.store(true, Ordering::Relaxed);
+    }
+    Ok(Json(job.view(&id)))
 }
 
 impl Job {
@@ -224,37 +264,64 @@ fn new_job(state: &Shared, task: &str) -> Result<(String, Arc<Job>), ApiError> {
             .unwrap_or(0),
         finished: Mutex::new(None),
         changed,
+        cancel: Arc::new(AtomicBool::new(false)),
     });
     state.jobs.insert(id.clone(), job.clone(), 1000)?;
     Ok((id, job))
 }
 
 /// A job that runs engine task `task` on the uploaded file: audio for tasks
-/// that start by transcribing, UTF-8 text otherwise. It runs on the engine
-/// current at submission, even if the config is reloaded meanwhile.
-fn submit_task(
+/// that start by transcribing (read from the spooled file when the job
+/// runs), UTF-8 text otherwise. It runs on the engine current at
+/// submission, even if the config is reloaded meanwhile.
+async fn submit_task(
     state: &Shared,
     engine: Arc<triage_engine::Engine>,
     task: &str,
-    file: Option<(Option<String>, Vec<u8>)>,
+    file: Option<Upload>,
+    admitted: crate::limits::Admitted,
 ) -> Result<Response, ApiError> {
-    let (file_name, bytes) =
-        file.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
+    let upload = AudioForm::required_file(file)?;
     let takes_audio = engine.task(task).map(|t| t.takes_audio()).unwrap_or(false);
-    let input = if takes_audio {
-        triage_engine::Input::Audio { bytes, file_name }
+    let (input, keep) = if takes_audio {
+        (
+            triage_engine::Input::AudioFile {
+                path: upload.path.to_path_buf(),
+                file_name: upload.name.clone(),
+            },
+            Some(upload),
+        )
     } else {
-        triage_engine::Input::Text(String::from_utf8(bytes).map_err(|_| {
+        // Text tasks bound their input themselves (max_input_tokens); the
+        // upload limit bounds what is read here.
+        let bytes = tokio::fs::read(&upload.path).await.map_err(|e| {
+            tracing::error!(error = %e, "cannot read a spooled upload");
+            ApiError::Internal("cannot read the upload")
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| {
             ApiError::bad(
                 format!("task `{task}` takes text: `file` must be UTF-8"),
                 Some("file"),
             )
-        })?)
+        })?;
+        (triage_engine::Input::Text(text), None)
     };
     let (id, job) = new_job(state, task)?;
     let state = state.clone();
     let task = task.to_owned();
     tokio::spawn(async move {
+        let _admitted = admitted;
+        let _upload = keep;
+        // Pipelines transcribe: they wait for a Whisper slot like other jobs.
+        let _slot = if takes_audio {
+            state.audio.job_slot().await
+        } else {
+            None
+        };
+        if job.cancel.load(Ordering::Relaxed) {
+            job.finish(Status::Failed("cancelled".into()));
+            return;
+        }
         if let Ok(mut s) = job.status.lock() {
             *s = Status::Running;
         }

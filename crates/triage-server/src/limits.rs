@@ -15,7 +15,11 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub moderation_body_bytes: usize,
-    pub audio_body_bytes: usize,
+    /// Largest audio upload, spooled to disk as it arrives (over it: 413
+    /// naming the limit).
+    pub audio_upload_bytes: u64,
+    /// Where uploads are spooled; `None`: the system's temporary folder.
+    pub spool_dir: Option<std::path::PathBuf>,
     pub max_inputs: usize,
     pub max_audio_s: f64,
     /// Transcriptions decoded at once; more wait, and past `audio_queue` are refused.
@@ -30,7 +34,9 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             moderation_body_bytes: 1 << 20,
-            audio_body_bytes: 25 << 20,
+            // Two hours of 16-bit 44.1 kHz stereo WAV is 1.27 GB.
+            audio_upload_bytes: 2u64 << 30,
+            spool_dir: None,
             max_inputs: 256,
             max_audio_s: 4.0 * 3600.0,
             audio_parallel: 2,

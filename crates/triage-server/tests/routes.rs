@@ -688,3 +688,271 @@ async fn transcriptions_past_the_queue_are_refused_at_once() -> anyhow::Result<(
     assert_eq!((ok, refused), (2, 2), "{statuses:?}");
     Ok(())
 }
+
+/// A 16-bit mono 16 kHz WAV of `samples`.
+fn wav_bytes(samples: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(44 + samples.len() * 2);
+    let data = (samples.len() * 2) as u32;
+    out.extend(b"RIFF");
+    out.extend((36 + data).to_le_bytes());
+    out.extend(b"WAVEfmt ");
+    out.extend(16u32.to_le_bytes());
+    out.extend(1u16.to_le_bytes());
+    out.extend(1u16.to_le_bytes());
+    out.extend(16_000u32.to_le_bytes());
+    out.extend(32_000u32.to_le_bytes());
+    out.extend(2u16.to_le_bytes());
+    out.extend(16u16.to_le_bytes());
+    out.extend(b"data");
+    out.extend(data.to_le_bytes());
+    for s in samples {
+        out.extend(((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_seconds_of_low_noise_transcribe_to_empty_text() -> anyhow::Result<()> {
+    let Some((app, _)) = whisper_app(default_limits(), "goforward.wav").await? else {
+        return Ok(());
+    };
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<f32> = (0..16_000 * 30)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+        })
+        .collect();
+    for format in ["json", "verbose_json", "text"] {
+        let (ct, body) = multipart(
+            &[("model", "whisper-1"), ("response_format", format)],
+            Some(("noise.wav", &wav_bytes(&noise))),
+        );
+        let (s, _, v) = call(
+            app.clone(),
+            Request::post("/v1/audio/transcriptions")
+                .header("content-type", ct)
+                .body(Body::from(body))?,
+        )
+        .await?;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let text = match &v {
+            Value::String(t) => t.trim().to_owned(),
+            other => other["text"].as_str().unwrap_or("missing").to_owned(),
+        };
+        assert_eq!(text, "", "{format}: {v}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn word_timestamps_come_back_in_openai_shape() -> anyhow::Result<()> {
+    let Some((app, audio)) = whisper_app(default_limits(), "librivox_ss01_0870.wav").await? else {
+        return Ok(());
+    };
+    let (ct, body) = multipart(
+        &[
+            ("model", "whisper-1"),
+            ("response_format", "verbose_json"),
+            ("timestamp_granularities[]", "word"),
+            ("timestamp_granularities[]", "segment"),
+        ],
+        Some(("clip.wav", &audio)),
+    );
+    let (s, _, v) = call(
+        app.clone(),
+        Request::post("/v1/audio/transcriptions")
+            .header("content-type", ct)
+            .body(Body::from(body))?,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let words = v["words"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no words: {v}"))?;
+    let segments = v["segments"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no segments"))?;
+    assert!(words.len() > 10, "{v}");
+    let mut last = 0.0;
+    let mut texts = Vec::new();
+    for w in words {
+        let (start, end) = (
+            w["start"].as_f64().unwrap_or(-1.0),
+            w["end"].as_f64().unwrap_or(-1.0),
+        );
+        let p = w["probability"].as_f64().unwrap_or(-1.0);
+        assert!(start >= last - 1e-9 && start <= end, "{w} after {last}");
+        assert!((0.0..=1.0).contains(&p), "{w}");
+        // Inside one of the segments.
+        assert!(
+            segments
+                .iter()
+                .any(|s| s["start"].as_f64().unwrap_or(f64::MAX) <= start
+                    && end <= s["end"].as_f64().unwrap_or(0.0)),
+            "{w} outside every segment"
+        );
+        last = end;
+        texts.push(w["word"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(texts.join(" "), v["text"].as_str().unwrap_or_default());
+    assert!(last <= v["duration"].as_f64().unwrap_or(0.0) + 1e-6);
+
+    // Without the word granularity there are no words; with a format that
+    // is not verbose_json it is a 400.
+    let (ct, body) = multipart(
+        &[("model", "whisper-1"), ("response_format", "verbose_json")],
+        Some(("clip.wav", &audio)),
+    );
+    let (_, _, v) = call(
+        app.clone(),
+        Request::post("/v1/audio/transcriptions")
+            .header("content-type", ct)
+            .body(Body::from(body))?,
+    )
+    .await?;
+    assert!(v.get("words").is_none(), "{v}");
+    let (ct, body) = multipart(
+        &[
+            ("model", "whisper-1"),
+            ("timestamp_granularities[]", "word"),
+        ],
+        Some(("clip.wav", &audio)),
+    );
+    let (s, _, v) = call(
+        app,
+        Request::post("/v1/audio/transcriptions")
+            .header("content-type", ct)
+            .body(Body::from(body))?,
+    )
+    .await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_over_the_limit_are_413_naming_it() -> anyhow::Result<()> {
+    let limits = Limits {
+        audio_upload_bytes: 50_000,
+        ..default_limits()
+    };
+    let Some((app, audio)) = whisper_app(limits, "librivox_ss01_0870.wav").await? else {
+        return Ok(());
+    };
+    assert!(audio.len() > 50_000);
+    for route in ["/v1/audio/transcriptions", "/v1/jobs", "/v1/execute"] {
+        let (ct, body) = multipart(
+            &[("model", "whisper-1"), ("task", "transcription")],
+            Some(("clip.wav", &audio)),
+        );
+        // Read as it streams (no declared length)...
+        let (s, _, v) = call(
+            app.clone(),
+            Request::post(route)
+                .header("content-type", ct.clone())
+                .body(Body::from(body.clone()))?,
+        )
+        .await?;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{route}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("50000") && message.contains("max_upload_bytes"),
+            "{route}: {v}"
+        );
+        // ...and refused from its declared length before any of it is read.
+        let (s, _, v) = call(
+            app.clone(),
+            Request::post(route)
+                .header("content-type", ct)
+                .header("content-length", "9000000000")
+                .body(Body::from(body))?,
+        )
+        .await?;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{route}: {v}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_stops() -> anyhow::Result<()> {
+    let limits = Limits {
+        audio_parallel: 1,
+        ..default_limits()
+    };
+    let Some((app, audio)) = whisper_app(limits, "librivox_ss01_0870.wav").await? else {
+        return Ok(());
+    };
+    // Ten copies end to end: long enough to be running when cancelled.
+    let samples: Vec<f32> = {
+        let one = &audio[44..];
+        let mut pcm = Vec::new();
+        for _ in 0..10 {
+            pcm.extend(
+                one.chunks_exact(2)
+                    .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0),
+            );
+        }
+        pcm
+    };
+    let long = wav_bytes(&samples);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (ct, body) = multipart(&[], Some(("long.wav", &long)));
+        let (s, _, v) = call(
+            app.clone(),
+            Request::post("/v1/jobs")
+                .header("content-type", ct)
+                .body(Body::from(body))?,
+        )
+        .await?;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        ids.push(v["id"].as_str().unwrap_or_default().to_owned());
+    }
+    // The second waits for the only slot: cancelled, it never starts. The
+    // first is cancelled once it is transcribing.
+    let cancel = |id: String| {
+        let app = app.clone();
+        async move {
+            let (s, _, v) = call(
+                app,
+                Request::post(format!("/v1/jobs/{id}/cancel")).body(Body::empty())?,
+            )
+            .await?;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            anyhow::Ok(())
+        }
+    };
+    cancel(ids[1].clone()).await?;
+    for _ in 0..600 {
+        let (_, _, v) = call(
+            app.clone(),
+            Request::get(format!("/v1/jobs/{}", ids[0])).body(Body::empty())?,
+        )
+        .await?;
+        if v["status"] != "queued" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    cancel(ids[0].clone()).await?;
+    for id in &ids {
+        let resp = app
+            .clone()
+            .oneshot(Request::get(format!("/v1/jobs/{id}/events")).body(Body::empty())?)
+            .await?;
+        let _ = resp.into_body().collect().await?;
+        let (_, _, v) = call(
+            app.clone(),
+            Request::get(format!("/v1/jobs/{id}")).body(Body::empty())?,
+        )
+        .await?;
+        assert_eq!(v["status"], "failed", "{v}");
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.contains("cancelled")),
+            "{v}"
+        );
+    }
+    Ok(())
+}

@@ -51,6 +51,8 @@ pub struct RawServer {
     #[serde(default)]
     pub categories: IndexMap<String, String>,
     pub max_audio_seconds: Option<f64>,
+    /// Largest audio upload in bytes (spooled to disk; over it: 413).
+    pub max_upload_bytes: Option<u64>,
     /// The web UI at `/ui/` (`[server.ui]`).
     #[serde(default)]
     pub ui: RawUi,
@@ -139,6 +141,9 @@ pub struct RawLocal {
     pub positive_labels: Option<Vec<String>>,
     /// Whisper decoding threads.
     pub threads: Option<usize>,
+    /// Whisper: a Silero VAD model in whisper.cpp's ggml form (default:
+    /// `TRIAGE_VAD_MODEL`, else the one `scripts/fetch-silero-vad` caches).
+    pub vad_model: Option<String>,
     /// Requests waiting for the model beyond this are refused (429).
     pub queue_capacity: Option<usize>,
     /// Most texts in one forward pass.

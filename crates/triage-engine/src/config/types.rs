@@ -67,6 +67,8 @@ pub struct LocalSpec {
     pub device: triage_local::DeviceSpec,
     pub positive_labels: Option<Vec<String>>,
     pub threads: Option<usize>,
+    /// Whisper's VAD model file, when the config names one.
+    pub vad_model: Option<String>,
     /// Queue and batch limits of a classifier's or tagger's worker.
     pub batch: triage_local::BatchConfig,
 }
@@ -94,6 +96,7 @@ pub struct ServerConfig {
     pub max_audio_seconds: Option<f64>,
     /// `[server.ui] edit`: the web UI's designer may save the config file.
     pub ui_edit: bool,
+    pub max_upload_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -45,7 +45,7 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
             .map(|m| m.content.as_str())
             .collect::<Vec<_>>()
             .join("\n"),
-        (Input::Audio { .. }, _) => {
+        (Input::Audio { .. } | Input::AudioFile { .. }, _) => {
             return Err(EngineError::WrongInput {
                 task: run.task.name.clone(),
                 expected: "text",

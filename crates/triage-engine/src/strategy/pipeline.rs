@@ -12,7 +12,7 @@ use regex::Regex;
 use std::sync::LazyLock;
 use std::time::Instant;
 use triage_core::TaskAnswer;
-use triage_core::answer::{ActionItem, PipelineAnswer};
+use triage_core::answer::{ActionItem, PipelineAnswer, TranscriptTurn};
 use triage_core::llm::{Answer, ChatRequest, Message, Role};
 use triage_core::trace::Decision;
 use triage_local::speech::TranscribeOptions;
@@ -28,12 +28,16 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
     for stage in &p.stages {
         match &stage.kind {
             StageKind::Transcribe { specialist } => {
-                let Some(Input::Audio { bytes, file_name }) = input.take() else {
-                    return Err(EngineError::WrongInput {
-                        task: run.task.name.clone(),
-                        expected: "audio",
-                        got: "text",
-                    });
+                let (source, file_name) = match input.take() {
+                    Some(Input::Audio { bytes, file_name }) => (Ok(bytes), file_name),
+                    Some(Input::AudioFile { path, file_name }) => (Err(path), file_name),
+                    _ => {
+                        return Err(EngineError::WrongInput {
+                            task: run.task.name.clone(),
+                            expected: "audio",
+                            got: "text",
+                        });
+                    }
                 };
                 let s = run.engine.specialists.get(specialist)?.clone();
                 let Specialist::Whisper { engine, .. } = &s else {
@@ -46,11 +50,21 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                     .map(|(_, e)| e.to_ascii_lowercase());
                 let limit = run.engine.config.server.max_audio_seconds;
                 let engine = engine.clone();
-                let transcript = tokio::task::spawn_blocking(move || {
-                    let pcm = triage_local::speech::decode(bytes, ext.as_deref(), limit)?;
-                    engine
-                        .transcribe(&pcm.samples, &TranscribeOptions::default(), None)
-                        .map_err(EngineError::from)
+                let transcript = tokio::task::spawn_blocking(move || match source {
+                    Ok(bytes) => {
+                        let pcm = triage_local::speech::decode(bytes, ext.as_deref(), limit)?;
+                        engine
+                            .transcribe(&pcm.samples, &TranscribeOptions::default(), None)
+                            .map_err(EngineError::from)
+                    }
+                    Err(path) => crate::speech::transcribe_file_with(
+                        &engine,
+                        &path,
+                        ext.as_deref(),
+                        limit,
+                        &TranscribeOptions::default(),
+                        None,
+                    ),
                 })
                 .await
                 .map_err(|source| EngineError::Task {
@@ -59,7 +73,26 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                 })??;
                 audio_seconds = transcript.duration_s;
                 confidence = Some(f64::from(transcript.confidence));
-                text = transcript.text.trim().to_owned();
+                // With speakers known, later stages read who said what.
+                text = if transcript.segments.iter().any(|s| s.speaker.is_some()) {
+                    triage_local::speech::format::txt(&transcript)
+                        .trim()
+                        .to_owned()
+                } else {
+                    transcript.text.trim().to_owned()
+                };
+                out.segments = Some(
+                    transcript
+                        .segments
+                        .iter()
+                        .map(|s| TranscriptTurn {
+                            start: s.start,
+                            end: s.end,
+                            speaker: s.speaker.clone(),
+                            text: s.text.clone(),
+                        })
+                        .collect(),
+                );
                 run.local_step(
                     &stage.name,
                     &format!("local/{specialist}"),
@@ -223,6 +256,9 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
             }
         }
     }
+    if out.transcript.is_some() || out.summary.is_some() {
+        out.markdown = Some(markdown(&out));
+    }
     // The pipeline's answer is the whole record; the tier that "answered" is
     // the last model stage.
     if run.trace.answered_by().is_none()
@@ -253,7 +289,7 @@ fn text_of(input: Input, task: &str) -> Result<String, EngineError> {
             .map(|m| m.content.clone())
             .collect::<Vec<_>>()
             .join("\n")),
-        Input::Audio { .. } => Err(EngineError::WrongInput {
+        Input::Audio { .. } | Input::AudioFile { .. } => Err(EngineError::WrongInput {
             task: task.to_owned(),
             expected: "text",
             got: "audio",
@@ -278,39 +314,136 @@ static COMMITMENT: LazyLock<Option<Regex>> = LazyLock::new(|| {
     .ok()
 });
 
+static DUE: LazyLock<Option<Regex>> = LazyLock::new(|| {
+    let day = r"(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday)";
+    let month = r"(?:january|february|march|april|may|june|july|august|september|october|november|december)";
+    Regex::new(&format!(
+        r"(?i)\b(?:(?:by|before|on|until|due|no later than)\s+)?((?:next\s+|this\s+)?{day}(?:\s+(?:morning|afternoon|evening))?|tomorrow(?:\s+(?:morning|afternoon|evening))?|tonight|today|end of (?:the )?(?:day|week|month|quarter|year)|the end of (?:the )?(?:day|week|month|quarter|year)|next (?:week|month|quarter)|{month}\s+\d{{1,2}}(?:st|nd|rd|th)?|\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{month}|\d{{1,2}}(?::\d{{2}})?\s*(?:am|pm)|eod|eow)\b"
+    ))
+    .ok()
+});
+
+/// When a sentence says something is due, as said.
+fn due_date(sentence: &str) -> Option<String> {
+    DUE.as_ref()?
+        .captures(sentence)
+        .and_then(|c| c.get(1))
+        .map(|m| m.as_str().to_owned())
+}
+
 /// Sentences that commit someone to something, with the owner where a person
-/// the NER stage found (or a first-person speaker) is named in the sentence.
+/// the NER stage found (or a first-person speaker) is named in the sentence,
+/// and the due date where one is said. Lines `Speaker N: ...` (a transcript
+/// with speakers) make that speaker the owner of what they promise in the
+/// first person.
 pub fn action_items(text: &str, people: &[String]) -> Vec<ActionItem> {
     let Some(re) = COMMITMENT.as_ref() else {
         return Vec::new();
     };
     let mut items = Vec::new();
-    for sentence in split_sentences(text) {
-        if !re.is_match(&sentence) {
-            continue;
-        }
-        // Questions and hedged future statements about the world are not tasks.
-        if sentence.ends_with('?') {
-            continue;
-        }
-        let owner = people
-            .iter()
-            .find(|p| sentence.contains(p.as_str()))
-            .cloned()
-            .or_else(|| {
-                let lower = sentence.to_lowercase();
-                (lower.starts_with("i ")
-                    || lower.starts_with("i'll")
-                    || lower.starts_with("we ")
-                    || lower.starts_with("we'll"))
-                .then(|| "speaker".to_owned())
+    for line in text.lines() {
+        let (speaker, line) = match line.split_once(": ") {
+            Some((who, rest)) if who.starts_with("Speaker ") && who.len() < 16 => (Some(who), rest),
+            _ => (None, line),
+        };
+        for sentence in split_sentences(line) {
+            if !re.is_match(&sentence) {
+                continue;
+            }
+            // Questions and hedged future statements about the world are not tasks.
+            if sentence.ends_with('?') {
+                continue;
+            }
+            let owner = people
+                .iter()
+                .find(|p| sentence.contains(p.as_str()))
+                .cloned()
+                .or_else(|| {
+                    let lower = sentence.to_lowercase();
+                    (lower.starts_with("i ")
+                        || lower.starts_with("i'll")
+                        || lower.starts_with("we ")
+                        || lower.starts_with("we'll"))
+                    .then(|| speaker.unwrap_or("speaker").to_owned())
+                });
+            items.push(ActionItem {
+                due: due_date(&sentence),
+                text: sentence,
+                owner,
             });
-        items.push(ActionItem {
-            text: sentence,
-            owner,
-        });
+        }
     }
     items
+}
+
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{:02}:{:02}", s / 60, s % 60)
+    }
+}
+
+/// Meeting notes in Markdown: summary, action items (owner, due date),
+/// people and organisations, and the transcript by speaker turn.
+pub fn markdown(a: &PipelineAnswer) -> String {
+    let mut md = String::from("# Meeting notes\n");
+    if let Some(d) = a.duration_s {
+        md.push_str(&format!("\nRecording: {}\n", clock(d)));
+    }
+    if let Some(s) = a.summary.as_deref().filter(|s| !s.is_empty()) {
+        md.push_str(&format!("\n## Summary\n\n{s}\n"));
+    }
+    if let Some(items) = a.action_items.as_ref().filter(|i| !i.is_empty()) {
+        md.push_str("\n## Action items\n\n");
+        for item in items {
+            md.push_str(&format!("- [ ] {}", item.text));
+            let mut tags = Vec::new();
+            if let Some(o) = &item.owner {
+                tags.push(format!("owner: **{o}**"));
+            }
+            if let Some(d) = &item.due {
+                tags.push(format!("due: {d}"));
+            }
+            if !tags.is_empty() {
+                md.push_str(&format!(" ({})", tags.join(", ")));
+            }
+            md.push('\n');
+        }
+    }
+    for (key, title) in [("people", "People"), ("organisations", "Organisations")] {
+        if let Some(names) = a.entities.get(key).filter(|n| !n.is_empty()) {
+            md.push_str(&format!("\n## {title}\n\n{}\n", names.join(", ")));
+        }
+    }
+    match (&a.segments, &a.transcript) {
+        (Some(turns), _) if !turns.is_empty() => {
+            // Consecutive segments of one known speaker make one paragraph.
+            let mut paragraphs: Vec<(Option<&str>, f64, String)> = Vec::new();
+            for t in turns {
+                let who = t.speaker.as_deref();
+                match paragraphs.last_mut() {
+                    Some((w, _, text)) if who.is_some() && *w == who => {
+                        text.push(' ');
+                        text.push_str(&t.text);
+                    }
+                    _ => paragraphs.push((who, t.start, t.text.clone())),
+                }
+            }
+            let body: Vec<String> = paragraphs
+                .into_iter()
+                .map(|(who, start, text)| match who {
+                    Some(w) => format!("**{w}** [{}]: {text}", clock(start)),
+                    None => format!("[{}] {text}", clock(start)),
+                })
+                .collect();
+            md.push_str(&format!("\n## Transcript\n\n{}\n", body.join("\n\n")));
+        }
+        (_, Some(t)) if !t.is_empty() => md.push_str(&format!("\n## Transcript\n\n{t}\n")),
+        _ => {}
+    }
+    md
 }
 
 fn split_sentences(text: &str) -> Vec<String> {
@@ -349,5 +482,69 @@ mod tests {
             "Maria will send the budget to Acme by Friday."
         );
         assert_eq!(items[1].owner.as_deref(), Some("speaker"));
+        assert_eq!(items[0].due.as_deref(), Some("Friday"));
+        assert_eq!(items[1].due, None);
+    }
+
+    #[test]
+    fn speakers_own_what_they_promise_and_due_dates_are_found() {
+        let text = "Speaker 1: Can you look at the logs? I will write the report by the end of the month.\n\
+                    Speaker 2: Sure. I'll fix the login bug tomorrow morning. Maria needs to sign it before March 3rd.";
+        let items = action_items(text, &["Maria".to_owned()]);
+        let got: Vec<(Option<&str>, Option<&str>)> = items
+            .iter()
+            .map(|i| (i.owner.as_deref(), i.due.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some("Speaker 1"), Some("the end of the month")),
+                (Some("Speaker 2"), Some("tomorrow morning")),
+                (Some("Maria"), Some("March 3rd")),
+            ],
+            "{items:?}"
+        );
+        assert!(items[0].text.starts_with("I will write"));
+    }
+
+    #[test]
+    fn markdown_notes_have_every_part() {
+        let answer = PipelineAnswer {
+            duration_s: Some(75.0),
+            summary: Some("They agreed on the budget.".into()),
+            action_items: Some(vec![ActionItem {
+                text: "I'll send it by Friday.".into(),
+                owner: Some("Speaker 2".into()),
+                due: Some("Friday".into()),
+            }]),
+            entities: [("people".to_owned(), vec!["Maria".to_owned()])].into(),
+            segments: Some(vec![
+                TranscriptTurn {
+                    start: 0.0,
+                    end: 2.0,
+                    speaker: Some("Speaker 1".into()),
+                    text: "Budget?".into(),
+                },
+                TranscriptTurn {
+                    start: 62.0,
+                    end: 64.0,
+                    speaker: Some("Speaker 2".into()),
+                    text: "I'll send it by Friday.".into(),
+                },
+            ]),
+            ..PipelineAnswer::default()
+        };
+        let md = markdown(&answer);
+        for part in [
+            "# Meeting notes",
+            "Recording: 01:15",
+            "## Summary\n\nThey agreed on the budget.",
+            "- [ ] I'll send it by Friday. (owner: **Speaker 2**, due: Friday)",
+            "## People\n\nMaria",
+            "**Speaker 1** [00:00]: Budget?",
+            "**Speaker 2** [01:02]: I'll send it by Friday.",
+        ] {
+            assert!(md.contains(part), "missing {part:?} in\n{md}");
+        }
     }
 }

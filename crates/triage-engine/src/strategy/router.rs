@@ -27,7 +27,7 @@ pub async fn run(run: &mut Run<'_>, r: &Router, input: Input) -> Result<Answered
             .map(|m| m.content.clone())
             .collect::<Vec<_>>()
             .join("\n"),
-        Input::Audio { .. } => {
+        Input::Audio { .. } | Input::AudioFile { .. } => {
             return Err(EngineError::WrongInput {
                 task: run.task.name.clone(),
                 expected: "text",

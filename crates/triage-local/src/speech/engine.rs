@@ -1,19 +1,77 @@
 //! Whisper on whisper.cpp (whisper-rs): one loaded model shared by a pool of
 //! decoding states, so a short clip is not stuck behind a long file (the
 //! whisper.cpp server serialises everything; whisper.cpp#1803).
+//!
+//! With a Silero VAD model the audio is first cut into speech spans; spans
+//! are packed into chunks of at most [`MAX_CHUNK_S`] (joined by a short gap
+//! of silence, as whisper.cpp's own VAD path does) so that long audio is cut
+//! at pauses and silence never reaches the decoder. whisper.cpp applies its
+//! VAD only in `whisper_full` on the context's default state, not in
+//! `whisper_full_with_state`, which the state pool uses; hence it is done
+//! here with the standalone VAD context.
 
 use super::audio::SAMPLE_RATE;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
-use triage_core::{TokenProb, Transcript, TranscriptSegment};
+use triage_core::{TokenProb, Transcript, TranscriptSegment, Word};
 use whisper_rs::{
     FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState,
+    WhisperVadContext, WhisperVadContextParams, WhisperVadParams,
 };
 
 /// Segments above this no-speech probability are dropped (whisper.cpp's own default).
 const NO_SPEECH_THRESHOLD: f32 = 0.6;
 /// Audio whose peak stays below this is digital silence: no model run needed.
 const SILENCE_PEAK: f32 = 1e-3;
+/// Longest chunk handed to the decoder: inside Whisper's 30 s window, so a
+/// chunk is decoded in one window and never cut at a fixed boundary.
+pub const MAX_CHUNK_S: f32 = 28.0;
+/// Silence put between two speech spans packed into one chunk.
+const GAP_SAMPLES: usize = SAMPLE_RATE as usize / 10;
+/// Most audio a streamed transcription holds at once (5 minutes: 19 MB).
+pub const WINDOW_S: f32 = 300.0;
+/// The end of a window that waits for the next one unless a pause comes
+/// before it: long enough for any span (spans are at most [`MAX_CHUNK_S`]).
+const WINDOW_TAIL_S: f32 = 30.0;
+
+/// A transcription in progress: its decoding state, parameters and what it
+/// has found so far.
+struct Run<'p> {
+    params: FullParams<'p, 'p>,
+    position: Arc<Mutex<(usize, usize)>>,
+    state: Option<WhisperState>,
+    segments: Vec<TranscriptSegment>,
+    p_sum: f64,
+    p_n: usize,
+    language: Option<String>,
+}
+
+/// Why a streamed transcription stopped: its source or the model.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError<E> {
+    #[error(transparent)]
+    Source(E),
+    #[error(transparent)]
+    Speech(SpeechError),
+}
+
+/// Where to cut audio without a VAD model: the start of the quietest
+/// 100 ms between `from` and `to`.
+fn quietest(samples: &[f32], from: usize, to: usize) -> usize {
+    let frame = SAMPLE_RATE as usize / 10;
+    let to = to.min(samples.len());
+    let mut best = (f32::MAX, to);
+    let mut at = from;
+    while at + frame <= to {
+        let energy: f32 = samples[at..at + frame].iter().map(|x| x * x).sum();
+        if energy < best.0 {
+            best = (energy, at);
+        }
+        at += frame / 2;
+    }
+    best.1.max(1)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpeechError {
@@ -24,8 +82,21 @@ pub enum SpeechError {
         #[source]
         source: Option<whisper_rs::WhisperError>,
     },
+    #[error(
+        "cannot load the VAD model {path}: {why} (a ggml Silero VAD file; scripts/fetch-silero-vad makes one)"
+    )]
+    LoadVad {
+        path: String,
+        why: &'static str,
+        #[source]
+        source: Option<whisper_rs::WhisperError>,
+    },
+    #[error("voice activity detection failed")]
+    Vad(#[source] whisper_rs::WhisperError),
     #[error("Whisper decoding failed")]
     Decode(#[source] whisper_rs::WhisperError),
+    #[error("the transcription was cancelled")]
+    Cancelled,
 }
 
 /// Per-request options.
@@ -35,6 +106,19 @@ pub struct TranscribeOptions {
     pub language: Option<String>,
     /// Return text tokens with their probabilities.
     pub token_probs: bool,
+    /// Return each segment's words with their times and probabilities.
+    pub word_timestamps: bool,
+    /// Set to stop decoding (the client went away, the job was cancelled):
+    /// checked between chunks and by whisper.cpp's abort callback.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl TranscribeOptions {
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 /// A loaded Whisper model and its pool of decoding states.
@@ -44,17 +128,134 @@ pub struct WhisperEngine {
     threads: usize,
     multilingual: bool,
     eot: i32,
+    vad: Option<Mutex<WhisperVadContext>>,
 }
 
 impl std::fmt::Debug for WhisperEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WhisperEngine")
             .field("threads", &self.threads)
+            .field("vad", &self.vad.is_some())
             .finish_non_exhaustive()
     }
 }
 
 static LOG_HOOKS: Once = Once::new();
+
+/// A stretch of the input placed in a chunk: `len` samples from `source` in
+/// the audio sit at `at` in the chunk.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Piece {
+    at: usize,
+    source: usize,
+    len: usize,
+}
+
+/// What one decoder call sees: pieces of the audio joined by short gaps.
+#[derive(Debug, Clone, PartialEq)]
+struct Chunk {
+    pieces: Vec<Piece>,
+    /// Where the window the pieces index into starts in the recording.
+    base: usize,
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        self.pieces.last().map_or(0, |p| p.at + p.len)
+    }
+
+    /// Seconds in the audio for centiseconds in the chunk; a time in a gap
+    /// maps to the end of the piece before it.
+    fn to_audio_s(&self, cs: i64) -> f64 {
+        let at = (cs.max(0) as usize).saturating_mul(SAMPLE_RATE as usize / 100);
+        let piece = self
+            .pieces
+            .iter()
+            .rev()
+            .find(|p| p.at <= at)
+            .or(self.pieces.first());
+        let sample = piece.map_or(at, |p| p.source + (at - p.at.min(at)).min(p.len));
+        (self.base + sample) as f64 / f64::from(SAMPLE_RATE)
+    }
+
+    /// The chunk's samples: borrowed when it is one piece, else copied with gaps.
+    fn samples<'a>(&self, audio: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match self.pieces.as_slice() {
+            [p] => std::borrow::Cow::Borrowed(&audio[p.source..p.source + p.len]),
+            _ => {
+                let mut out = vec![0f32; self.len()];
+                for p in &self.pieces {
+                    out[p.at..p.at + p.len].copy_from_slice(&audio[p.source..p.source + p.len]);
+                }
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+}
+
+/// Pack speech spans (sample ranges, in order) into chunks of at most
+/// `max` samples; a span longer than `max` is split.
+fn pack(spans: &[(usize, usize)], max: usize) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut current = Chunk {
+        pieces: Vec::new(),
+        base: 0,
+    };
+    for &(start, end) in spans {
+        let mut start = start;
+        while start < end {
+            let gap = if current.pieces.is_empty() {
+                0
+            } else {
+                GAP_SAMPLES
+            };
+            let need = end - start;
+            if !current.pieces.is_empty() && current.len() + gap + need > max {
+                // A span is never cut to fill a chunk: it starts the next one.
+                chunks.push(std::mem::replace(
+                    &mut current,
+                    Chunk {
+                        pieces: Vec::new(),
+                        base: 0,
+                    },
+                ));
+                continue;
+            }
+            // Only a span longer than a whole chunk is cut.
+            let len = need.min(max.saturating_sub(current.len() + gap).max(1));
+            let at = current.len() + gap;
+            current.pieces.push(Piece {
+                at,
+                source: start,
+                len,
+            });
+            start += len;
+        }
+    }
+    if !current.pieces.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+/// Whether a word is whisper.cpp's marker for non-speech (`[BLANK_AUDIO]`,
+/// `(music)`, `♪`) rather than something said. `depth` carries an open
+/// bracket across words (`(upbeat music)` is two words).
+fn is_marker(word: &str, depth: &mut i32) -> bool {
+    let starts_inside = *depth > 0;
+    let opens = word.starts_with(['[', '(']);
+    for c in word.chars() {
+        match c {
+            '[' | '(' => *depth += 1,
+            ']' | ')' => *depth = (*depth - 1).max(0),
+            _ => {}
+        }
+    }
+    let only_symbols = word
+        .chars()
+        .all(|c| matches!(c, '♪' | '♫' | '♬' | '*' | '-') || c.is_whitespace());
+    starts_inside || opens || only_symbols
+}
 
 impl WhisperEngine {
     /// Load a ggml model file. `threads` is per decoding state.
@@ -85,7 +286,36 @@ impl WhisperEngine {
             threads: threads.max(1),
             multilingual,
             eot,
+            vad: None,
         })
+    }
+
+    /// Skip silence and cut long audio at pauses with a Silero VAD model in
+    /// whisper.cpp's ggml format.
+    pub fn with_vad(mut self, path: &Path) -> Result<Self, SpeechError> {
+        let err = |why, source| SpeechError::LoadVad {
+            path: path.display().to_string(),
+            why,
+            source,
+        };
+        if !path.is_file() {
+            return Err(err("no such file", None));
+        }
+        let path_str = path
+            .to_str()
+            .ok_or_else(|| err("the path is not UTF-8", None))?;
+        let mut params = WhisperVadContextParams::new();
+        params.set_n_threads(self.threads.min(4) as i32);
+        params.set_use_gpu(false);
+        let vad = WhisperVadContext::new(path_str, params)
+            .map_err(|e| err("not a ggml Silero VAD model?", Some(e)))?;
+        self.vad = Some(Mutex::new(vad));
+        Ok(self)
+    }
+
+    /// Whether silence is found by a VAD model.
+    pub fn has_vad(&self) -> bool {
+        self.vad.is_some()
     }
 
     fn take_state(&self) -> Result<WhisperState, SpeechError> {
@@ -101,6 +331,35 @@ impl WhisperEngine {
         }
     }
 
+    /// The speech in `samples` as sample ranges, or the whole audio without a VAD model.
+    fn speech_spans(&self, samples: &[f32]) -> Result<Vec<(usize, usize)>, SpeechError> {
+        let Some(vad) = &self.vad else {
+            return Ok(vec![(0, samples.len())]);
+        };
+        let mut params = WhisperVadParams::new();
+        params.set_threshold(0.5);
+        params.set_min_speech_duration(250);
+        // A pause this long ends a span: where long audio may be cut.
+        params.set_min_silence_duration(300);
+        params.set_max_speech_duration(MAX_CHUNK_S);
+        params.set_speech_pad(200);
+        let mut vad = vad
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let segments = vad
+            .segments_from_samples(params, samples)
+            .map_err(SpeechError::Vad)?;
+        let per_cs = SAMPLE_RATE as usize / 100;
+        Ok(segments
+            .map(|s| {
+                let start = (s.start.max(0.0) as usize * per_cs).min(samples.len());
+                let end = (s.end.max(0.0) as usize * per_cs).min(samples.len());
+                (start, end)
+            })
+            .filter(|(s, e)| e > s)
+            .collect())
+    }
+
     /// Transcribe 16 kHz mono samples. Blocking: run it on a blocking thread.
     /// `progress` receives percentages as whisper.cpp works through the audio.
     pub fn transcribe(
@@ -109,29 +368,62 @@ impl WhisperEngine {
         opts: &TranscribeOptions,
         progress: Option<Box<dyn FnMut(i32) + Send>>,
     ) -> Result<Transcript, SpeechError> {
-        let duration_s = samples.len() as f64 / f64::from(SAMPLE_RATE);
-        let fallback_language = opts.language.clone().unwrap_or_else(|| "en".into());
-        let peak = samples.iter().fold(0f32, |m, s| m.max(s.abs()));
-        if samples.is_empty() || peak < SILENCE_PEAK {
-            return Ok(Transcript {
-                text: String::new(),
-                language: fallback_language,
-                duration_s,
-                confidence: 0.0,
-                no_speech: true,
-                segments: Vec::new(),
-            });
-        }
-        // whisper.cpp refuses less than 100 ms of audio; pad short clips with silence.
-        let min = SAMPLE_RATE as usize / 10 + 1;
-        let padded;
-        let input = if samples.len() < min {
-            padded = [samples, &vec![0.0; min - samples.len()]].concat();
-            &padded[..]
-        } else {
-            samples
-        };
+        let mut run = self.start(opts, progress, Some(samples.len()));
+        let result = self.window(&mut run, samples, 0, true, opts);
+        self.finish(run, result.map(|_| samples.len()), opts)
+    }
 
+    /// Transcribe audio pulled block by block from `next` (16 kHz mono; it
+    /// is asked for at least the given number of samples and answers `None`
+    /// at the end): at most [`WINDOW_S`] of samples are held at once, so
+    /// memory does not grow with the recording's length. Each window is cut
+    /// at a pause (VAD), or at its quietest moment without VAD; what follows
+    /// the cut is carried into the next window. `total_hint` (samples) scales
+    /// progress.
+    pub fn transcribe_stream<E>(
+        &self,
+        next: &mut dyn FnMut(usize) -> Result<Option<Vec<f32>>, E>,
+        total_hint: Option<usize>,
+        opts: &TranscribeOptions,
+        progress: Option<Box<dyn FnMut(i32) + Send>>,
+    ) -> Result<Transcript, StreamError<E>> {
+        let window = (WINDOW_S * SAMPLE_RATE as f32) as usize;
+        let mut run = self.start(opts, progress, total_hint);
+        let mut buf: Vec<f32> = Vec::with_capacity(window);
+        let mut base = 0usize;
+        let mut ended = false;
+        loop {
+            while !ended && buf.len() < window {
+                match next(window - buf.len()).map_err(StreamError::Source)? {
+                    Some(block) => buf.extend_from_slice(&block),
+                    None => ended = true,
+                }
+            }
+            if buf.is_empty() {
+                break;
+            }
+            let consumed = match self.window(&mut run, &buf, base, ended, opts) {
+                Ok(n) => n,
+                Err(e) => {
+                    return self.finish(run, Err(e), opts).map_err(StreamError::Speech);
+                }
+            };
+            buf.drain(..consumed.min(buf.len()));
+            base += consumed;
+            if ended && buf.is_empty() {
+                break;
+            }
+        }
+        self.finish(run, Ok(base), opts)
+            .map_err(StreamError::Speech)
+    }
+
+    fn start<'p>(
+        &self,
+        opts: &'p TranscribeOptions,
+        progress: Option<Box<dyn FnMut(i32) + Send>>,
+        total: Option<usize>,
+    ) -> Run<'p> {
         let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
         params.set_n_threads(self.threads as i32);
         params.set_print_progress(false);
@@ -139,77 +431,173 @@ impl WhisperEngine {
         params.set_print_special(false);
         params.set_print_timestamps(false);
         params.set_no_speech_thold(NO_SPEECH_THRESHOLD);
+        // Token times are a by-product of decoding: cheap, and words need them.
+        params.set_token_timestamps(true);
         let language = match (&opts.language, self.multilingual) {
             (Some(l), _) => Some(l.as_str()),
             (None, true) => Some("auto"),
             (None, false) => Some("en"),
         };
         params.set_language(language);
-        if let Some(cb) = progress {
-            params.set_progress_callback_safe(cb);
-        }
-
-        let mut state = self.take_state()?;
-        let result = state.full(params, input);
-        if let Err(e) = result {
-            // A state that failed mid-way is not reused.
-            return Err(SpeechError::Decode(e));
-        }
-        let language = if self.multilingual {
-            whisper_rs::get_lang_str(state.full_lang_id_from_state())
-                .unwrap_or("en")
-                .to_owned()
-        } else {
-            fallback_language
-        };
-        let mut segments = Vec::new();
-        let (mut p_sum, mut p_n) = (0f64, 0usize);
-        for i in 0..state.full_n_segments() {
-            let Some(seg) = state.get_segment(i) else {
-                continue;
-            };
-            let text = seg
-                .to_str_lossy()
-                .map(|t| t.trim().to_owned())
-                .unwrap_or_default();
-            let mut logp = Vec::new();
-            let mut tokens = Vec::new();
-            for t in 0..seg.n_tokens() {
-                let Some(tok) = seg.get_token(t) else {
-                    continue;
-                };
-                let data = tok.token_data();
-                if data.id >= self.eot {
-                    continue; // timestamps and other special tokens
-                }
-                logp.push(data.plog);
-                p_sum += f64::from(data.p);
-                p_n += 1;
-                if opts.token_probs {
-                    tokens.push(TokenProb {
-                        text: tok
-                            .to_str_lossy()
-                            .map(|s| s.into_owned())
-                            .unwrap_or_default(),
-                        p: data.p,
-                    });
-                }
-            }
-            let no_speech_prob = seg.no_speech_probability();
-            segments.push(TranscriptSegment {
-                start: seg.start_timestamp() as f64 / 100.0,
-                end: (seg.end_timestamp() as f64 / 100.0).min(duration_s.max(0.0)),
-                text,
-                avg_logprob: if logp.is_empty() {
-                    0.0
-                } else {
-                    logp.iter().sum::<f32>() / logp.len() as f32
-                },
-                no_speech_prob,
-                tokens: opts.token_probs.then_some(tokens),
+        // Progress on the recording's clock: (chunk start, chunk span) in samples.
+        let position = Arc::new(Mutex::new((0usize, 0usize)));
+        if let (Some(mut cb), Some(total)) = (progress, total) {
+            let position = position.clone();
+            params.set_progress_callback_safe(move |p: i32| {
+                let (start, span) = position.lock().map(|g| *g).unwrap_or((0, 0));
+                let done = start as f64 + span as f64 * f64::from(p.clamp(0, 100)) / 100.0;
+                cb((100.0 * done / total.max(1) as f64).round().min(100.0) as i32);
             });
         }
-        self.put_state(state);
+        if let Some(cancel) = opts.cancel.clone() {
+            // whisper-rs keeps this closure for the life of the process (its
+            // params have no Drop): one small box per request.
+            params.set_abort_callback_safe(move || cancel.load(Ordering::Relaxed));
+        }
+        Run {
+            params,
+            position,
+            state: None,
+            segments: Vec::new(),
+            p_sum: 0.0,
+            p_n: 0,
+            language: None,
+        }
+    }
+
+    /// Transcribe the speech in `samples` (which start `base` samples into
+    /// the recording) into `run`; returns how many samples were used. Unless
+    /// `last`, the tail after the last pause is left for the next window.
+    fn window(
+        &self,
+        run: &mut Run<'_>,
+        samples: &[f32],
+        base: usize,
+        last: bool,
+        opts: &TranscribeOptions,
+    ) -> Result<usize, SpeechError> {
+        if opts.cancelled() {
+            return Err(SpeechError::Cancelled);
+        }
+        let tail = (WINDOW_TAIL_S * SAMPLE_RATE as f32) as usize;
+        let limit = if last {
+            samples.len()
+        } else {
+            samples.len().saturating_sub(tail)
+        };
+        let peak = samples.iter().fold(0f32, |m, s| m.max(s.abs()));
+        if samples.is_empty() || peak < SILENCE_PEAK {
+            return Ok(limit.max(usize::from(last) * samples.len()));
+        }
+        let (spans, consumed) = if self.vad.is_some() {
+            let spans = self.speech_spans(samples)?;
+            // A span running past the limit waits for the next window.
+            let consumed = spans
+                .iter()
+                .find(|(_, end)| *end > limit)
+                .map_or(limit, |(start, _)| (*start).min(limit))
+                .max(if last { samples.len() } else { 0 });
+            // Spans are far shorter than a window, so one always ends before
+            // the limit; should none, the window still moves on.
+            let consumed = if consumed == 0 {
+                limit.max(1)
+            } else {
+                consumed
+            };
+            let spans: Vec<(usize, usize)> = spans
+                .into_iter()
+                .filter(|(_, end)| *end <= consumed)
+                .collect();
+            (spans, consumed)
+        } else {
+            let cut = if last {
+                samples.len()
+            } else {
+                quietest(samples, limit.saturating_sub(tail), limit)
+            };
+            (vec![(0, cut)], cut)
+        };
+        let max = if self.vad.is_some() {
+            (MAX_CHUNK_S * SAMPLE_RATE as f32) as usize
+        } else {
+            // Without VAD whisper.cpp walks the audio itself, window by window.
+            usize::MAX
+        };
+        let window_end_s = (base + samples.len()) as f64 / f64::from(SAMPLE_RATE);
+        for mut chunk in pack(&spans, max) {
+            if opts.cancelled() {
+                return Err(SpeechError::Cancelled);
+            }
+            chunk.base = base;
+            let first = chunk.pieces.first().map_or(0, |p| p.source);
+            let last_end = chunk.pieces.last().map_or(0, |p| p.source + p.len);
+            if let Ok(mut g) = run.position.lock() {
+                *g = (base + first, last_end - first);
+            }
+            let data = chunk.samples(samples);
+            // whisper.cpp refuses less than 100 ms of audio; pad short chunks with silence.
+            let min = SAMPLE_RATE as usize / 10 + 1;
+            let input: std::borrow::Cow<'_, [f32]> = if data.len() < min {
+                let mut padded = data.into_owned();
+                padded.resize(min, 0.0);
+                padded.into()
+            } else {
+                data
+            };
+            let state = match &mut run.state {
+                Some(s) => s,
+                None => run.state.insert(self.take_state()?),
+            };
+            if let Err(e) = state.full(run.params.clone(), &input) {
+                // A state that failed mid-way is not reused.
+                run.state = None;
+                return Err(if opts.cancelled() {
+                    SpeechError::Cancelled
+                } else {
+                    SpeechError::Decode(e)
+                });
+            }
+            if self.multilingual && run.language.is_none() {
+                run.language =
+                    whisper_rs::get_lang_str(state.full_lang_id_from_state()).map(str::to_owned);
+            }
+            let state = &*state;
+            self.collect(
+                state,
+                &chunk,
+                window_end_s,
+                opts,
+                &mut run.segments,
+                &mut run.p_sum,
+                &mut run.p_n,
+            );
+        }
+        Ok(consumed)
+    }
+
+    /// The transcript of a run over `used` samples, its state back in the pool.
+    fn finish(
+        &self,
+        run: Run<'_>,
+        used: Result<usize, SpeechError>,
+        opts: &TranscribeOptions,
+    ) -> Result<Transcript, SpeechError> {
+        let Run {
+            state,
+            mut segments,
+            p_sum,
+            p_n,
+            language,
+            ..
+        } = run;
+        if let Some(state) = state {
+            self.put_state(state);
+        }
+        let used = used?;
+        let duration_s = used as f64 / f64::from(SAMPLE_RATE);
+        let language = language
+            .or_else(|| opts.language.clone())
+            .unwrap_or_else(|| "en".into());
         segments.retain(|s| !s.text.is_empty());
         let text = segments
             .iter()
@@ -232,5 +620,318 @@ impl WhisperEngine {
             no_speech,
             segments,
         })
+    }
+
+    /// Transcribe decoded audio: per speaker when it kept two channels that
+    /// hold different sources ([`channels_apart`]), else its mono mix.
+    pub fn transcribe_pcm(
+        &self,
+        pcm: &super::Pcm,
+        opts: &TranscribeOptions,
+        progress: Option<Box<dyn FnMut(i32) + Send>>,
+    ) -> Result<Transcript, SpeechError> {
+        match &pcm.channels {
+            Some(ch) if channels_apart(ch) => self.transcribe_speakers(ch, opts, progress),
+            _ => self.transcribe(&pcm.samples, opts, progress),
+        }
+    }
+
+    /// Transcribe a recording with one speaker per channel: each channel on
+    /// its own, segments labelled `Speaker 1` (left) and `Speaker 2` (right)
+    /// and merged in time order. A segment heard in both channels (one
+    /// microphone picking up the other speaker) is kept only from the
+    /// channel where it is louder.
+    pub fn transcribe_speakers(
+        &self,
+        channels: &[Vec<f32>; 2],
+        opts: &TranscribeOptions,
+        progress: Option<Box<dyn FnMut(i32) + Send>>,
+    ) -> Result<Transcript, SpeechError> {
+        let progress = progress.map(|p| Arc::new(Mutex::new(p)));
+        let mut parts = Vec::new();
+        for (i, samples) in channels.iter().enumerate() {
+            let cb: Option<Box<dyn FnMut(i32) + Send>> = progress.clone().map(|p| {
+                Box::new(move |pct: i32| {
+                    if let Ok(mut f) = p.lock() {
+                        f((i as i32 * 100 + pct) / 2);
+                    }
+                }) as Box<dyn FnMut(i32) + Send>
+            });
+            parts.push(self.transcribe(samples, opts, cb)?);
+        }
+        let rms = |samples: &[f32], start: f64, end: f64| {
+            let sr = f64::from(SAMPLE_RATE);
+            let a = ((start * sr) as usize).min(samples.len());
+            let b = ((end * sr) as usize).clamp(a, samples.len());
+            let n = (b - a).max(1) as f64;
+            (samples[a..b]
+                .iter()
+                .map(|x| f64::from(*x).powi(2))
+                .sum::<f64>()
+                / n)
+                .sqrt()
+        };
+        let mut segments = Vec::new();
+        let (mut conf_sum, mut conf_n) = (0f64, 0usize);
+        let mut language = None;
+        for (i, part) in parts.into_iter().enumerate() {
+            let other = &channels[1 - i];
+            let own = &channels[i];
+            for mut seg in part.segments {
+                if rms(own, seg.start, seg.end) < rms(other, seg.start, seg.end) {
+                    continue;
+                }
+                seg.speaker = Some(format!("Speaker {}", i + 1));
+                segments.push(seg);
+            }
+            if !part.no_speech {
+                conf_sum += f64::from(part.confidence);
+                conf_n += 1;
+                language.get_or_insert(part.language);
+            }
+        }
+        segments.sort_by(|a, b| a.start.total_cmp(&b.start));
+        let text = segments
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let duration_s = channels[0].len() as f64 / f64::from(SAMPLE_RATE);
+        Ok(Transcript {
+            no_speech: segments.is_empty(),
+            text,
+            language: language
+                .or_else(|| opts.language.clone())
+                .unwrap_or_else(|| "en".into()),
+            duration_s,
+            confidence: if conf_n == 0 {
+                0.0
+            } else {
+                (conf_sum / conf_n as f64) as f32
+            },
+            segments,
+        })
+    }
+
+    /// Turn the state's segments for `chunk` into transcript segments on the
+    /// audio's clock, words and all, without non-speech markers.
+    #[allow(clippy::too_many_arguments)]
+    fn collect(
+        &self,
+        state: &WhisperState,
+        chunk: &Chunk,
+        duration_s: f64,
+        opts: &TranscribeOptions,
+        out: &mut Vec<TranscriptSegment>,
+        p_sum: &mut f64,
+        p_n: &mut usize,
+    ) {
+        for i in 0..state.full_n_segments() {
+            let Some(seg) = state.get_segment(i) else {
+                continue;
+            };
+            // Words from tokens: a token that starts with a space starts a word.
+            struct Building {
+                bytes: Vec<u8>,
+                start: i64,
+                end: i64,
+                probs: Vec<f32>,
+                logps: Vec<f32>,
+                tokens: Vec<TokenProb>,
+            }
+            let mut words: Vec<Building> = Vec::new();
+            for t in 0..seg.n_tokens() {
+                let Some(tok) = seg.get_token(t) else {
+                    continue;
+                };
+                let data = tok.token_data();
+                if data.id >= self.eot {
+                    continue; // timestamps and other special tokens
+                }
+                let bytes = tok.to_bytes().unwrap_or_default();
+                let new_word = bytes.first() == Some(&b' ') || words.is_empty();
+                if new_word {
+                    words.push(Building {
+                        bytes: Vec::new(),
+                        start: data.t0,
+                        end: data.t1,
+                        probs: Vec::new(),
+                        logps: Vec::new(),
+                        tokens: Vec::new(),
+                    });
+                }
+                if let Some(w) = words.last_mut() {
+                    w.bytes.extend_from_slice(bytes);
+                    w.end = w.end.max(data.t1);
+                    w.probs.push(data.p);
+                    w.logps.push(data.plog);
+                    if opts.token_probs {
+                        w.tokens.push(TokenProb {
+                            text: String::from_utf8_lossy(bytes).into_owned(),
+                            p: data.p,
+                        });
+                    }
+                }
+            }
+            let mut depth = 0;
+            let mut kept: Vec<(Word, Vec<f32>, Vec<TokenProb>)> = Vec::new();
+            for w in words {
+                let text = String::from_utf8_lossy(&w.bytes).trim().to_owned();
+                if text.is_empty() || is_marker(&text, &mut depth) {
+                    continue;
+                }
+                let probability = w.probs.iter().sum::<f32>() / w.probs.len().max(1) as f32;
+                let start = chunk.to_audio_s(w.start).min(duration_s);
+                let end = chunk.to_audio_s(w.end).min(duration_s).max(start);
+                kept.push((
+                    Word {
+                        word: text,
+                        start,
+                        end,
+                        probability,
+                    },
+                    w.logps,
+                    w.tokens,
+                ));
+            }
+            let seg_start = chunk.to_audio_s(seg.start_timestamp()).min(duration_s);
+            let seg_end = chunk
+                .to_audio_s(seg.end_timestamp())
+                .min(duration_s)
+                .max(seg_start);
+            let mut logp = Vec::new();
+            let mut tokens = Vec::new();
+            let mut words_out = Vec::new();
+            for (mut word, logps, toks) in kept {
+                for &p in &logps {
+                    *p_sum += f64::from(p.exp());
+                    *p_n += 1;
+                }
+                logp.extend(logps);
+                tokens.extend(toks);
+                // Token times can stray a little past the segment's own: keep
+                // words inside it and in order.
+                word.start = word.start.clamp(seg_start, seg_end);
+                word.end = word.end.clamp(word.start, seg_end);
+                if let Some(prev) = words_out.last().map(|w: &Word| w.end)
+                    && word.start < prev
+                {
+                    word.start = prev.min(seg_end);
+                    word.end = word.end.max(word.start);
+                }
+                words_out.push(word);
+            }
+            let text = words_out
+                .iter()
+                .map(|w| w.word.as_str())
+                .collect::<Vec<_>>()
+                .join(" ");
+            out.push(TranscriptSegment {
+                start: seg_start,
+                end: seg_end,
+                text,
+                avg_logprob: if logp.is_empty() {
+                    0.0
+                } else {
+                    logp.iter().sum::<f32>() / logp.len() as f32
+                },
+                no_speech_prob: seg.no_speech_probability(),
+                tokens: opts.token_probs.then_some(tokens),
+                words: opts.word_timestamps.then_some(words_out),
+                speaker: None,
+            });
+        }
+    }
+}
+
+/// Whether a stereo recording holds two different sources (one speaker per
+/// channel) rather than one source in both channels: the channels'
+/// correlation is low. A centred voice correlates near 1 across channels.
+pub fn channels_apart(channels: &[Vec<f32>; 2]) -> bool {
+    let [l, r] = channels;
+    let (mut lr, mut ll, mut rr) = (0f64, 0f64, 0f64);
+    for (a, b) in l.iter().zip(r) {
+        let (a, b) = (f64::from(*a), f64::from(*b));
+        lr += a * b;
+        ll += a * a;
+        rr += b * b;
+    }
+    if ll < 1e-6 || rr < 1e-6 {
+        // One silent channel: one speaker, nothing to separate.
+        return false;
+    }
+    (lr / (ll.sqrt() * rr.sqrt())).abs() < 0.5
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stereo_with_a_different_source_per_channel_is_apart() {
+        let tone = |f: f32| -> Vec<f32> {
+            (0..16_000)
+                .map(|i| (i as f32 * f * std::f32::consts::TAU / 16_000.0).sin())
+                .collect()
+        };
+        assert!(channels_apart(&[tone(220.0), tone(330.0)]));
+        let same = tone(220.0);
+        let quieter: Vec<f32> = same.iter().map(|x| x * 0.3).collect();
+        assert!(!channels_apart(&[same, quieter]));
+        assert!(!channels_apart(&[tone(220.0), vec![0.0; 16_000]]));
+    }
+
+    #[test]
+    fn markers_are_not_words() {
+        let mut depth = 0;
+        let words = ["[BLANK_AUDIO]", "Hello", "(upbeat", "music)", "there.", "♪"];
+        let kept: Vec<&str> = words
+            .into_iter()
+            .filter(|w| !is_marker(w, &mut depth))
+            .collect();
+        assert_eq!(kept, ["Hello", "there."]);
+    }
+
+    #[test]
+    fn spans_pack_into_chunks_within_the_limit_and_map_back() {
+        let sr = SAMPLE_RATE as usize;
+        // Three 10 s spans with pauses, and one 70 s span.
+        let spans = [
+            (0, 10 * sr),
+            (12 * sr, 22 * sr),
+            (40 * sr, 50 * sr),
+            (60 * sr, 130 * sr),
+        ];
+        let max = 28 * sr;
+        let chunks = pack(&spans, max);
+        assert!(chunks.iter().all(|c| c.len() <= max), "{chunks:?}");
+        // Every speech sample is in exactly one chunk.
+        let covered: usize = chunks.iter().flat_map(|c| &c.pieces).map(|p| p.len).sum();
+        assert_eq!(covered, 10 * sr * 3 + 70 * sr);
+        // The first chunk holds the first two spans joined by a short gap.
+        assert_eq!(chunks[0].pieces.len(), 2);
+        assert_eq!(chunks[0].pieces[1].at, 10 * sr + GAP_SAMPLES);
+        // 1 s into the second piece is 13 s into the audio.
+        let cs = ((10 * sr + GAP_SAMPLES + sr) / (sr / 100)) as i64;
+        assert!((chunks[0].to_audio_s(cs) - 13.0).abs() < 0.011);
+        // A time in the gap maps to the end of the piece before it.
+        let gap_cs = ((10 * sr + GAP_SAMPLES / 2) / (sr / 100)) as i64;
+        assert!((chunks[0].to_audio_s(gap_cs) - 10.0).abs() < 0.011);
+        // The copied samples put each piece where the mapping says.
+        let audio: Vec<f32> = (0..130 * sr).map(|i| i as f32).collect();
+        let data = chunks[0].samples(&audio);
+        assert_eq!(data[10 * sr + GAP_SAMPLES], (12 * sr) as f32);
+        assert_eq!(data[10 * sr + 1], 0.0);
+    }
+
+    #[test]
+    fn one_span_is_one_borrowed_chunk_without_a_limit() {
+        let chunks = pack(&[(0, 1000)], usize::MAX);
+        assert_eq!(chunks.len(), 1);
+        let audio = vec![0.5f32; 1000];
+        assert!(matches!(
+            chunks[0].samples(&audio),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

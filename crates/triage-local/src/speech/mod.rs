@@ -5,5 +5,5 @@ pub mod audio;
 pub mod engine;
 pub mod format;
 
-pub use audio::{AudioError, Pcm, decode};
-pub use engine::{SpeechError, TranscribeOptions, WhisperEngine};
+pub use audio::{AudioError, AudioStream, DecodeOptions, Pcm, decode, decode_file, probe_file};
+pub use engine::{SpeechError, StreamError, TranscribeOptions, WhisperEngine, channels_apart};

@@ -2,7 +2,7 @@
 //! tasks, multipart with `task`, `file` and an optional `overrides` JSON
 //! field) → `{"answer", "trace"}`, as `triage execute` prints.
 
-use super::audio::{AudioForm, read_audio_form};
+use super::audio::{AudioForm, SLOT_WAIT, check_length, read_audio_form};
 use super::chat::WireChatRequest;
 use super::{run, tier_and_cost};
 use crate::auth::{Caller, tagged};
@@ -39,7 +39,14 @@ pub async fn execute(State(state): State<Shared>, req: Request) -> Result<Respon
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
+    // Audio: admitted (the line shared with transcriptions and jobs) before
+    // the body is read, spooled to disk, and held until the task is done.
+    let mut _admitted = None;
+    let mut _upload = None;
+    let mut _slot = None;
     let (task, input, overrides) = if multipart {
+        check_length(&state, req.headers())?;
+        _admitted = Some(state.audio.admit()?);
         let mut form = Multipart::from_request(req, &state)
             .await
             .map_err(|e| ApiError::bad(e.body_text(), None))?;
@@ -48,24 +55,24 @@ pub async fn execute(State(state): State<Shared>, req: Request) -> Result<Respon
             task,
             overrides,
             ..
-        } = read_audio_form(&mut form).await?;
+        } = read_audio_form(&state, &mut form).await?;
         let task = task.ok_or_else(|| ApiError::bad("`task` is required", Some("task")))?;
-        let (name, bytes) =
-            file.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
+        let upload = AudioForm::required_file(file)?;
+        // The transcription inside the pipeline takes a Whisper slot like
+        // any other.
+        _slot = Some(state.audio.slot(SLOT_WAIT).await?);
         let overrides = match overrides {
             Some(o) => serde_json::from_str(&o).map_err(|e| {
                 ApiError::bad(format!("`overrides` is not valid: {e}"), Some("overrides"))
             })?,
             None => Overrides::default(),
         };
-        (
-            task,
-            Input::Audio {
-                bytes,
-                file_name: name,
-            },
-            overrides,
-        )
+        let input = Input::AudioFile {
+            path: upload.path.to_path_buf(),
+            file_name: upload.name.clone(),
+        };
+        _upload = Some(upload);
+        (task, input, overrides)
     } else {
         let bytes = axum::body::Bytes::from_request(req, &state)
             .await

@@ -22,7 +22,10 @@ use triage_engine::{Engine, Execution, Input, Overrides};
 /// Build the router.
 pub fn router(state: Shared) -> Router {
     let text_limit = state.limits.moderation_body_bytes;
-    let audio_limit = state.limits.audio_body_bytes;
+    // Uploads are spooled and bounded field by field (413 naming
+    // `audio_upload_bytes`); this outer bound only adds the form's framing.
+    let audio_limit = usize::try_from(state.limits.audio_upload_bytes.saturating_add(1 << 20))
+        .unwrap_or(usize::MAX);
     Router::new()
         .route("/health", get(info::health))
         .route("/ready", get(info::ready))
@@ -51,6 +54,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/jobs/{id}", get(crate::jobs::status))
         .route("/v1/jobs/{id}/result", get(crate::jobs::result))
         .route("/v1/jobs/{id}/events", get(crate::jobs::events))
+        .route("/v1/jobs/{id}/cancel", post(crate::jobs::cancel))
         .merge(crate::ui::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), observe))

@@ -104,6 +104,13 @@ impl Validator {
                     device,
                     positive_labels: l.positive_labels.clone(),
                     threads: l.threads,
+                    vad_model: l.vad_model.as_ref().map(|v| {
+                        if v.starts_with("./") || v.starts_with("../") {
+                            self.base_dir.join(v).display().to_string()
+                        } else {
+                            v.clone()
+                        }
+                    }),
                     batch,
                 },
             );

@@ -74,6 +74,7 @@ impl Validator {
             categories: raw.categories.clone(),
             max_audio_seconds: raw.max_audio_seconds,
             ui_edit: raw.ui.edit,
+            max_upload_bytes: raw.max_upload_bytes,
         }
     }
 }
