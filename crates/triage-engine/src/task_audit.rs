@@ -99,7 +99,9 @@ pub fn shape_of(task: &Task) -> Result<Option<Shape>, AuditError> {
                     _ => None,
                 })
                 .map(Some)
-                .ok_or_else(|| unsupported("pipeline with neither a transcribe nor an entities stage"))
+                .ok_or_else(|| {
+                    unsupported("pipeline with neither a transcribe nor an entities stage")
+                })
         }
     }
 }
@@ -529,16 +531,17 @@ fn worst_case(prices: &PriceTable, task: &Task, item: &TaskItem, today: &str) ->
 /// transcription of any audio at the table's highest per-minute price.
 fn all_llm(prices: &PriceTable, task: &Task, o: &Outcome, today: &str) -> f64 {
     let output = match &task.strategy {
-        Strategy::Router(r) => o
-            .route
-            .as_ref()
-            .and_then(|name| r.routes.get(name))
-            .map_or(ROUTE_TOKENS, |route| match &route.handler {
-                Handler::Model { max_tokens, .. } => max_tokens.map_or(ROUTE_TOKENS, u64::from),
-                Handler::Template { template, .. } => {
-                    template.chars().count().div_ceil(CHARS_PER_TOKEN) as u64
-                }
-            }),
+        Strategy::Router(r) => {
+            o.route
+                .as_ref()
+                .and_then(|name| r.routes.get(name))
+                .map_or(ROUTE_TOKENS, |route| match &route.handler {
+                    Handler::Model { max_tokens, .. } => max_tokens.map_or(ROUTE_TOKENS, u64::from),
+                    Handler::Template { template, .. } => {
+                        template.chars().count().div_ceil(CHARS_PER_TOKEN) as u64
+                    }
+                })
+        }
         _ => hosted_parts(task)
             .iter()
             .map(|p| p.2)
@@ -563,9 +566,27 @@ fn all_llm(prices: &PriceTable, task: &Task, o: &Outcome, today: &str) -> f64 {
 /// twenty spelled out (the usual way references are written).
 pub fn normalise_words(text: &str) -> Vec<String> {
     const NUMBERS: [&str; 21] = [
-        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-        "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-        "eighteen", "nineteen", "twenty",
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
+        "twenty",
     ];
     let cleaned: String = text
         .to_lowercase()
@@ -693,10 +714,7 @@ pub async fn audit_task(
             shadow: Some(0.0),
             ..Overrides::default()
         };
-        let outcome = match engine
-            .execute_traced(&task.name, input, &overrides)
-            .await
-        {
+        let outcome = match engine.execute_traced(&task.name, input, &overrides).await {
             Ok(e) => Outcome::from_run(Some(&e.answer), &e.trace, chars),
             Err(f) => {
                 if live.is_none() {
@@ -1027,7 +1045,10 @@ mod tests {
     #[test]
     fn word_error_counts_substitutions_insertions_and_deletions() {
         let r = normalise_words("He was not an ill-disposed young man.");
-        assert_eq!(r, ["he", "was", "not", "an", "ill", "disposed", "young", "man"]);
+        assert_eq!(
+            r,
+            ["he", "was", "not", "an", "ill", "disposed", "young", "man"]
+        );
         let h = normalise_words("he is not an ill disposed man, really");
         // was→is, young deleted, really inserted.
         assert_eq!(word_edits(&r, &h), 3);

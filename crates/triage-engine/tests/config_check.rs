@@ -98,8 +98,14 @@ fn per_label_bands_are_checked_and_read() {
         "{base}[[tasks.m.tiers]]\nname = \"a\"\nlocal = \"tox\"\n\
          bands = {{ toxic = {{ lo = 0.7, hi = 0.2 }}, spam = {{ lo = 0.1, hi = 0.9 }} }}\n{last}"
     ));
-    assert!(k.contains(&"tasks.m.tiers[0].bands.toxic".to_owned()), "{k:?}");
-    assert!(k.contains(&"tasks.m.tiers[0].bands.spam".to_owned()), "{k:?}");
+    assert!(
+        k.contains(&"tasks.m.tiers[0].bands.toxic".to_owned()),
+        "{k:?}"
+    );
+    assert!(
+        k.contains(&"tasks.m.tiers[0].bands.spam".to_owned()),
+        "{k:?}"
+    );
     // Bands for only some labels need the tier's lo/hi for the others.
     assert!(
         keys(&format!(
@@ -125,7 +131,11 @@ fn per_label_bands_are_checked_and_read() {
         let t = &c.tiers[0];
         assert_eq!(t.band_for("insult"), Some((0.3, 0.6)), "{tier}");
         assert!(t.band_for("toxic").is_some());
-        assert_eq!(c.tiers[1].band_for("insult"), None, "the last tier always answers");
+        assert_eq!(
+            c.tiers[1].band_for("insult"),
+            None,
+            "the last tier always answers"
+        );
     }
 }
 

@@ -155,8 +155,8 @@ impl Validator {
                 label_bands.insert(label.clone(), (lo, hi));
             }
             // Bands for every label stand in for the tier's own lo/hi.
-            let every_label = !c.labels.is_empty()
-                && c.labels.iter().all(|l| t.bands.contains_key(l));
+            let every_label =
+                !c.labels.is_empty() && c.labels.iter().all(|l| t.bands.contains_key(l));
             let band = match (t.hi, t.lo) {
                 (None, None) if i == last => None,
                 (None, None) if every_label => Some((0.0, 1.0)),
