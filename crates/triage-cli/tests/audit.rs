@@ -1635,7 +1635,7 @@ fn multi_label_calibration_chooses_and_writes_a_band_per_label() -> Result<()> {
     for ((off, not), g) in scores.iter().zip(&gold) {
         if outside(*off, t) && outside(*not, p) {
             accepted += 1;
-            right += usize::from((*off >= 0.5) == *g && (*not >= 0.5) == !*g);
+            right += usize::from((*off >= 0.5) == *g && (*not >= 0.5) != *g);
         }
     }
     assert!(
