@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use triage_engine::audit::{self, AuditOptions, Labelled, Mode, Replay};
 use triage_engine::calibrate::{self, CalibrateOptions, Target};
+use triage_engine::config::Task;
+use triage_engine::task_audit::{self, Shape};
 use triage_engine::{Config, Engine, Ledger};
 
 #[derive(Debug, Args)]
@@ -19,10 +21,13 @@ pub struct AuditArgs {
     /// The TOML config that declares the task.
     #[arg(long)]
     config: PathBuf,
-    /// The task's name (`[tasks.NAME]`): a moderation cascade whose first tier is local.
+    /// The task's name (`[tasks.NAME]`): a moderation cascade whose first tier is local, a router,
+    /// or a pipeline that transcribes or tags entities.
     #[arg(long)]
     task: String,
-    /// Labelled JSONL: {"text", "label"} (a task label, a list of them, or 0/1 for a single-label task).
+    /// Labelled JSONL: {"text", "label"} for moderation (a task label, a list of them, or 0/1 for a
+    /// single-label task), {"text", "route"} for routers, {"text", "entities"} for NER pipelines,
+    /// {"audio", "text"} for transcription (audio paths relative to this file).
     #[arg(long, required_unless_present = "from_ledger")]
     data: Option<PathBuf>,
     /// Call no hosted provider: escalated items are priced from the price table (default).
@@ -70,7 +75,9 @@ pub struct CalibrateArgs {
     config: PathBuf,
     #[arg(long)]
     task: String,
-    /// The local tier whose band (lo, hi) is chosen.
+    /// The local tier whose band (lo, hi; per label for a multi-label task) is chosen. A tier
+    /// after the first is calibrated on the items the local tiers before it escalate (replayed
+    /// with their configured bands).
     #[arg(long)]
     tier: String,
     /// Labelled JSONL, as for `triage audit`.
@@ -114,14 +121,17 @@ fn load_config(path: &Path) -> Result<Config> {
     Ok(config)
 }
 
-fn read_data(config: &Config, task: &str, path: &Path) -> Result<Vec<Labelled>> {
-    let t = config.task(task).with_context(|| {
+fn find_task<'a>(config: &'a Config, task: &str) -> Result<&'a Task> {
+    config.task(task).with_context(|| {
         format!(
             "unknown task `{task}`; the config declares: {}",
             config.tasks.keys().cloned().collect::<Vec<_>>().join(", ")
         )
-    })?;
-    let cascade = audit::cascade_of(t)?;
+    })
+}
+
+fn read_data(config: &Config, task: &str, path: &Path) -> Result<Vec<Labelled>> {
+    let cascade = audit::cascade_of(find_task(config, task)?)?;
     let bytes = crate::input::read_source(path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     Ok(audit::parse_labelled(
@@ -199,14 +209,6 @@ pub async fn audit(args: AuditArgs) -> Result<ExitCode> {
         bail!("give --data LABELLED.jsonl (or --from-ledger)");
     };
     let config = load_config(&args.config)?;
-    let items = read_data(&config, &args.task, data)?;
-    let task = config.task(&args.task).context("the task disappeared")?;
-    audit::replay_tier(task, None)?;
-    let items = match args.sample {
-        Some(0) => bail!("--sample must be at least 1"),
-        Some(n) => audit::sample(items, n, args.seed),
-        None => items,
-    };
     let mode = if args.live {
         Mode::Live {
             max_cost_usd: args.max_cost_usd.unwrap_or(0.0),
@@ -215,10 +217,27 @@ pub async fn audit(args: AuditArgs) -> Result<ExitCode> {
     } else {
         Mode::Offline
     };
+    if args.sample == Some(0) {
+        bail!("--sample must be at least 1");
+    }
+    if let Some(shape) = task_audit::shape_of(find_task(&config, &args.task)?)? {
+        return audit_task(&args, config, data, &shape, mode).await;
+    }
+    let items = read_data(&config, &args.task, data)?;
+    let task = config.task(&args.task).context("the task disappeared")?;
+    audit::replay_tier(task, None)?;
+    let items = match args.sample {
+        Some(n) => audit::sample(items, n, args.seed),
+        None => items,
+    };
     let (engine, replay) = replay(config, &args.task, None, items).await?;
     let escalated = {
-        let (lo, hi) = replay.band();
-        replay.items.iter().filter(|i| !i.accepted(lo, hi)).count()
+        let bands = replay.bands();
+        replay
+            .items
+            .iter()
+            .filter(|i| !i.accepted_bands(&bands))
+            .count()
     };
     let bar = progress_bar(escalated, "hosted");
     let tick = bar.clone();
@@ -227,6 +246,68 @@ pub async fn audit(args: AuditArgs) -> Result<ExitCode> {
         hosted_accuracy: args.hosted_accuracy,
     };
     let report = audit::audit(&engine, &replay, &opts, &mut move || tick.inc(1)).await?;
+    bar.finish_and_clear();
+    if let Some(out) = &args.out {
+        report::write(out, &report)?;
+    }
+    print_json(&report, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `triage audit` of a router or a pipeline: each item runs through the
+/// engine once (offline: a copy of the task without its hosted parts).
+async fn audit_task(
+    args: &AuditArgs,
+    config: Config,
+    data: &Path,
+    shape: &Shape,
+    mode: Mode,
+) -> Result<ExitCode> {
+    if let Some(out) = &args.out
+        && out
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+    {
+        bail!(
+            "--out {}: a PNG holds the band frontier of a moderation cascade; task `{}` has no band (use .html or .json)",
+            out.display(),
+            args.task
+        );
+    }
+    let bytes = crate::input::read_source(data)
+        .with_context(|| format!("cannot read {}", data.display()))?;
+    let base = data
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let (items, left_out) =
+        task_audit::parse_task_data(shape, &bytes, &data.display().to_string(), base)?;
+    let items = match args.sample {
+        Some(n) => audit::sample(items, n, args.seed),
+        None => items,
+    };
+    let task = find_task(&config, &args.task)?.clone();
+    let engine_config = match mode {
+        Mode::Offline => task_audit::offline_config(&config, &args.task)?,
+        Mode::Live { .. } => config,
+    };
+    let engine = Engine::new(engine_config).await?;
+    let bar = progress_bar(items.len(), "items");
+    let tick = bar.clone();
+    let opts = AuditOptions {
+        mode,
+        hosted_accuracy: args.hosted_accuracy,
+    };
+    let report = task_audit::audit_task(
+        &engine,
+        &task,
+        shape,
+        &items,
+        left_out,
+        &opts,
+        &mut move || tick.inc(1),
+    )
+    .await?;
     bar.finish_and_clear();
     if let Some(out) = &args.out {
         report::write(out, &report)?;
@@ -271,18 +352,27 @@ pub async fn calibrate(args: CalibrateArgs) -> Result<ExitCode> {
     };
     let calibration = calibrate::calibrate(&replay, target, &opts)?;
     if args.write {
+        let bands = calibration.bands(&replay.cascade.labels);
+        let written = calibrate::Written::of(&calibration, &bands);
         let bak = calibrate::write_band(
             &args.config,
             &args.task,
             &args.tier,
-            calibration.lo,
-            calibration.hi,
+            written,
             calibration.local_accuracy,
         )?;
+        let shown = match written {
+            calibrate::Written::One { lo, hi } => format!("lo = {lo}, hi = {hi}"),
+            calibrate::Written::PerLabel(b) => format!(
+                "bands {}",
+                b.iter()
+                    .map(|(l, lo, hi)| format!("{l} = {{ lo = {lo}, hi = {hi} }}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         eprintln!(
-            "wrote lo = {}, hi = {}, calibrated_accuracy = {:.4} to {} (previous version: {})",
-            calibration.lo,
-            calibration.hi,
+            "wrote {shown}, calibrated_accuracy = {:.4} to {} (previous version: {})",
             calibration.local_accuracy,
             args.config.display(),
             bak.display()

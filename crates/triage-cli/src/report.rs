@@ -51,6 +51,10 @@ pub fn check_out(path: &Path) -> Result<()> {
 pub fn write(path: &Path, report: &AuditReport) -> Result<()> {
     let bytes = match format_of(path) {
         Some(Format::Html) => html(report).into_bytes(),
+        Some(Format::Png) if report.band.is_none() => bail!(
+            "--out {}: a PNG holds the band frontier of a moderation cascade; use .html or .json",
+            path.display()
+        ),
         Some(Format::Png) => svg_to_png(&frontier_svg(report))?,
         Some(Format::Json) => serde_json::to_vec_pretty(report)?,
         None => bail!("--out {}: unknown report format", path.display()),
@@ -104,10 +108,8 @@ pub fn frontier_svg(report: &AuditReport) -> String {
     let max_cost = points
         .iter()
         .map(|p| p.cost_per_100k_usd)
-        .chain([
-            report.band.cost_per_100k_usd,
-            report.all_llm_cost_per_100k_usd,
-        ])
+        .chain(report.band.map(|b| b.cost_per_100k_usd))
+        .chain([report.all_llm_cost_per_100k_usd])
         .fold(0.0_f64, f64::max)
         .max(1e-9);
     let min_acc = points
@@ -194,8 +196,9 @@ pub fn frontier_svg(report: &AuditReport) -> String {
         "<polyline points=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>\n",
         front.join(" ")
     ));
-    let b = &report.band;
-    if let Some(a) = b.local_accuracy {
+    if let Some(b) = &report.band
+        && let Some(a) = b.local_accuracy
+    {
         let (bx, by) = (x(b.cost_per_100k_usd), y(a));
         // The label goes on the side of the marker with room for it.
         let (lx, anchor) = if bx > LEFT + 0.6 * pw {
@@ -248,10 +251,8 @@ pub fn html(r: &AuditReport) -> String {
          table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}\
          td:first-child,td:nth-child(2),th{{text-align:left}}</style></head><body>\n\
          <h1>Audit of <code>{task}</code> ({mode}, n = {n})</h1>\n\
-         <p>Cascade: <b>${cost:.2}</b> per 100k requests against <b>${all:.2}</b> for the all-LLM path \
-         ({savings} saved); overall accuracy {acc}. Local band lo = {lo}, hi = {hi}: \
-         the local tier answers {share:.1}% at accuracy {lacc}.</p>\n\
-         <h2>Cost against accuracy</h2>\n{svg}\n\
+         <p>The task: <b>${cost:.2}</b> per 100k requests against <b>${all:.2}</b> for the all-LLM path \
+         ({savings} saved); overall {metric} {acc}.{band}</p>\n{svg}\
          <h2>Tiers</h2>\n<table><tr><th>tier</th><th>model</th><th>share</th><th>accuracy</th>\
          <th>cost $</th><th>p50 ms</th><th>p99 ms</th></tr>\n{rows}</table>\n\
          <h2>Assumptions</h2>\n<ul>\n{assumptions}</ul>\n</body></html>\n",
@@ -262,11 +263,19 @@ pub fn html(r: &AuditReport) -> String {
         all = r.all_llm_cost_per_100k_usd,
         savings = r.savings_pct.map_or("–".into(), |s| format!("{s:.1}%")),
         acc = opt(r.accuracy, 4),
-        lo = r.band.lo,
-        hi = r.band.hi,
-        share = r.band.local_share * 100.0,
-        lacc = opt(r.band.local_accuracy, 4),
-        svg = frontier_svg(r),
+        metric = r.metric.unwrap_or("accuracy"),
+        band = r.band.map_or(String::new(), |b| format!(
+            " Local band lo = {}, hi = {}: the local tier answers {:.1}% at accuracy {}.",
+            b.lo,
+            b.hi,
+            b.local_share * 100.0,
+            opt(b.local_accuracy, 4)
+        )),
+        svg = if r.band.is_some() {
+            format!("<h2>Cost against accuracy</h2>\n{}\n", frontier_svg(r))
+        } else {
+            String::new()
+        },
     )
 }
 

@@ -909,3 +909,882 @@ model = "gpt-4o-mini"
     );
     Ok(())
 }
+
+fn shared() -> Option<PathBuf> {
+    let shared = std::env::var_os("TRIAGE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    if shared.join("data").is_dir() {
+        Some(shared)
+    } else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide the shared data"
+        );
+        eprintln!("SKIPPED: no shared data at {}", shared.display());
+        None
+    }
+}
+
+/// `triage moderate --model toxicity` on the JSONL file: P(offensive) per line.
+fn offensive_scores(data: &Path) -> Result<Vec<f64>> {
+    let out = triage(
+        &[
+            "moderate",
+            "--model",
+            "toxicity",
+            "--file",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    )?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout)?
+        .lines()
+        .map(|l| Ok(f(&serde_json::from_str::<Value>(l)?["scores"]["offensive"])))
+        .collect()
+}
+
+fn gold_bits(data: &str) -> Vec<bool> {
+    data.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["label"] == 1)
+        .collect()
+}
+
+fn router_config(dir: &Path, prices: &str) -> Result<PathBuf> {
+    let path = dir.join("router.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"{prices}
+
+[ledger]
+disabled = true
+
+[local.toxicity]
+model = "toxicity"
+
+[providers.openai]
+kind = "openai"
+api_key_env = "OPENAI_API_KEY"
+
+[tasks.replies]
+strategy = "router"
+
+[tasks.replies.intent]
+kind = "local"
+local = "toxicity"
+default = "not-offensive"
+min_score = 0.7
+
+[tasks.replies.routes.offensive]
+handler = "template"
+template = "Please keep it civil."
+
+[tasks.replies.routes.not-offensive]
+handler = "model"
+provider = "openai"
+model = "gpt-4o-mini"
+max_tokens = 100
+"#
+        ),
+    )?;
+    Ok(path)
+}
+
+/// tweeteval lines as router data: the route is the gold label's name.
+fn as_routes(data: &str) -> String {
+    data.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let route = if v["label"] == 1 {
+                "offensive"
+            } else {
+                "not-offensive"
+            };
+            format!("{}\n", json!({"text": v["text"], "route": route}))
+        })
+        .collect()
+}
+
+/// A router whose intent is the toxicity specialist: route accuracy, the
+/// share per route and the model route's price, checked against the
+/// specialist's own scores.
+#[test]
+fn router_audit_measures_route_accuracy_and_share_per_route() -> Result<()> {
+    let Some(data) = val_slice(120) else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::fs::copy(
+        repo.join("examples/prices.toml"),
+        dir.path().join("prices.toml"),
+    )?;
+    let config = router_config(dir.path(), "prices_file = \"prices.toml\"")?;
+    let text_path = dir.path().join("val.jsonl");
+    std::fs::write(&text_path, &data)?;
+    let data_path = dir.path().join("routes.jsonl");
+    std::fs::write(&data_path, as_routes(&data))?;
+    let html = dir.path().join("r.html");
+    let (c, d) = (config.to_str().unwrap(), data_path.to_str().unwrap());
+    let r = json_out(&triage(
+        &[
+            "audit",
+            "--config",
+            c,
+            "--task",
+            "replies",
+            "--data",
+            d,
+            "--offline",
+            "--json",
+            "--out",
+            html.to_str().unwrap(),
+        ],
+        &[],
+    )?)?;
+    for key in [
+        "n",
+        "task",
+        "tiers",
+        "accuracy",
+        "assumptions",
+        "cost_per_100k_usd",
+        "all_llm_cost_per_100k_usd",
+        "savings_pct",
+        "frontier",
+    ] {
+        assert!(r.get(key).is_some(), "no `{key}` in {r}");
+    }
+    assert_eq!(r["n"], 120);
+    assert_eq!(r["metric"], "route accuracy");
+    assert_eq!(r["frontier"], json!([]));
+
+    // The same texts through the specialist: the route is its top label when
+    // that is at least min_score (0.7), else the default.
+    let gold = gold_bits(&data);
+    let (mut right, mut to_offensive, mut offensive_right) = (0usize, 0usize, 0usize);
+    for (p, g) in offensive_scores(&text_path)?.iter().zip(&gold) {
+        let offensive = *p >= 0.7;
+        right += usize::from(offensive == *g);
+        if offensive {
+            to_offensive += 1;
+            offensive_right += usize::from(*g);
+        }
+    }
+    let tiers = r["tiers"].as_array().context("tiers")?;
+    let mut names: Vec<&str> = tiers.iter().map(|t| t["tier"].as_str().unwrap()).collect();
+    assert_eq!(names.remove(0), "intent");
+    names.sort_unstable();
+    assert_eq!(names, ["route:not-offensive", "route:offensive"]);
+    let tier = |name: &str| tiers.iter().find(|t| t["tier"] == name).unwrap();
+    let (intent, offensive, other) = (
+        tier("intent"),
+        tier("route:offensive"),
+        tier("route:not-offensive"),
+    );
+    assert_eq!(intent["model"], "local/toxicity");
+    assert_eq!(f(&intent["share"]), 1.0);
+    assert!(
+        (f(&intent["accuracy"]) - right as f64 / 120.0).abs() < 1e-12,
+        "{r}"
+    );
+    assert!((f(&r["accuracy"]) - right as f64 / 120.0).abs() < 1e-12);
+    assert!(f(&intent["cost_usd"]) > 0.0 && f(&intent["latency_ms_p50"]) > 0.0);
+    assert!((f(&offensive["share"]) - to_offensive as f64 / 120.0).abs() < 1e-12);
+    assert!((f(&other["share"]) - (120 - to_offensive) as f64 / 120.0).abs() < 1e-12);
+    assert!(
+        (f(&offensive["accuracy"]) - offensive_right as f64 / to_offensive as f64).abs() < 1e-12
+    );
+    // The template costs nothing; the model route is priced, not called.
+    assert_eq!(f(&offensive["cost_usd"]), 0.0);
+    assert_eq!(other["model"], "openai/gpt-4o-mini");
+    assert!(f(&other["cost_usd"]) > 0.0 && other["latency_ms_p50"].is_null());
+    let cost = f(&r["cost_per_100k_usd"]);
+    assert!(
+        cost > 0.0 && cost < f(&r["all_llm_cost_per_100k_usd"]),
+        "{r}"
+    );
+    assert!(f(&r["savings_pct"]) > 0.0);
+    assert!(r["assumptions"].as_array().unwrap().iter().any(|a| {
+        a.as_str()
+            .unwrap()
+            .contains("offline: no hosted provider was called")
+    }));
+    let page = std::fs::read_to_string(&html)?;
+    assert!(page.contains("route:not-offensive") && page.contains("route accuracy"));
+    assert!(!page.contains("<svg"), "no band, no frontier plot");
+
+    let png = dir.path().join("r.png");
+    let out = triage(
+        &[
+            "audit",
+            "--config",
+            c,
+            "--task",
+            "replies",
+            "--data",
+            d,
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        &[],
+    )?;
+    assert!(!out.status.success() && stderr(&out).contains("has no band"));
+    assert!(!png.exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_router_audit_caches_answers_and_stops_at_the_spending_cap() -> Result<()> {
+    let Some(data) = val_slice(30) else {
+        return Ok(());
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let base = fake_openai(calls.clone()).await?;
+    let dir = tempfile::tempdir()?;
+    // $0.08 per answer (8 completion tokens); the worst case before a call is
+    // its whole max_tokens (100): $1.
+    let config = router_config(
+        dir.path(),
+        "[[price]]\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\neffective = \"2024-07-18\"\ninput_per_mtok = 0.0\noutput_per_mtok = 10000.0",
+    )?;
+    let data_path = dir.path().join("routes.jsonl");
+    std::fs::write(&data_path, as_routes(&data))?;
+    let run = |cache: &str, cap: &str| {
+        let args: Vec<String> = [
+            "audit",
+            "--config",
+            config.to_str().unwrap(),
+            "--task",
+            "replies",
+            "--data",
+            data_path.to_str().unwrap(),
+            "--live",
+            "--max-cost-usd",
+            cap,
+            "--cache",
+            dir.path().join(cache).to_str().unwrap(),
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec();
+        let base = base.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            triage(
+                &args,
+                &[
+                    ("TRIAGE_PROVIDER_OPENAI_BASE_URL", base.as_str()),
+                    ("OPENAI_API_KEY", "sk-test-not-a-real-key"),
+                ],
+            )
+        })
+    };
+    let r = json_out(&run("cache", "100").await??)?;
+    assert_eq!(r["mode"], "live");
+    let model_route = |r: &Value| {
+        r["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tier"] == "route:not-offensive")
+            .cloned()
+            .unwrap()
+    };
+    let routed = (f(&model_route(&r)["share"]) * 30.0).round() as usize;
+    assert!(routed > 8, "too few items for the model route: {r}");
+    assert_eq!(calls.load(Ordering::SeqCst), routed);
+    assert_eq!(r["live"]["calls"], 30);
+    assert!((f(&r["live"]["spent_usd"]) - 0.08 * routed as f64).abs() < 1e-9);
+    assert!((f(&model_route(&r)["cost_usd"]) - 0.08 * routed as f64).abs() < 1e-9);
+    assert!(f(&model_route(&r)["latency_ms_p50"]) > 0.0);
+
+    let r2 = json_out(&run("cache", "100").await??)?;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        routed,
+        "the rerun called the provider"
+    );
+    assert_eq!(r2["live"]["cached"], 30);
+    assert_eq!(f(&r2["live"]["spent_usd"]), 0.0);
+    assert_eq!(r2["accuracy"], r["accuracy"]);
+    assert_eq!(r2["tiers"], r["tiers"]);
+
+    // A fresh cache and a $1.50 cap: an item runs only while its $1 worst
+    // case fits, so the spend stays under the cap and the rest wait.
+    let r3 = json_out(&run("cache2", "1.5").await??)?;
+    let live = &r3["live"];
+    let spent = f(&live["spent_usd"]);
+    assert!(spent <= 1.5 && spent + 1.0 > 1.5, "{live}");
+    assert!(f(&live["skipped_over_budget"]) > 0.0, "{live}");
+    assert_eq!(
+        f(&live["calls"]) as usize + f(&live["skipped_over_budget"]) as usize,
+        30
+    );
+    assert_eq!(r3["n"], live["calls"]);
+    Ok(())
+}
+
+/// CoNLL-2003 validation sentences as `{"text", "entities"}` with character
+/// offsets (tokens joined by spaces).
+fn conll_as_entities(shared: &Path, n: usize) -> Result<String> {
+    let text = std::fs::read_to_string(shared.join("data/ner/conll2003/validation.jsonl"))?;
+    let mut out = String::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()).take(n) {
+        let v: Value = serde_json::from_str(line)?;
+        let tokens: Vec<&str> = v["tokens"]
+            .as_array()
+            .context("tokens")?
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let tags: Vec<&str> = v["tags"]
+            .as_array()
+            .context("tags")?
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let mut sentence = String::new();
+        let mut spans = Vec::new();
+        let mut open: Option<(String, usize, usize)> = None;
+        for (tok, tag) in tokens.iter().zip(&tags) {
+            if !sentence.is_empty() {
+                sentence.push(' ');
+            }
+            let start = sentence.chars().count();
+            sentence.push_str(tok);
+            let end = sentence.chars().count();
+            let (bio, ty) = tag.split_once('-').unwrap_or((tag, ""));
+            match (bio, &mut open) {
+                ("I", Some((t, _, e))) if t == ty => *e = end,
+                ("B" | "I", _) => {
+                    spans.extend(open.take());
+                    open = Some((ty.to_owned(), start, end));
+                }
+                _ => spans.extend(open.take()),
+            }
+        }
+        spans.extend(open.take());
+        let entities: Vec<Value> = spans
+            .into_iter()
+            .map(|(label, start, end)| json!({"label": label, "start": start, "end": end}))
+            .collect();
+        out.push_str(&format!(
+            "{}\n",
+            json!({"text": sentence, "entities": entities})
+        ));
+    }
+    Ok(out)
+}
+
+/// A text pipeline with the default NER specialist: entity-level precision,
+/// recall and F1 against CoNLL-2003, checked against `triage entities`.
+#[test]
+fn ner_audit_scores_entities_by_type_and_text() -> Result<()> {
+    let Some(shared) = shared() else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("ner.toml");
+    std::fs::write(
+        &config,
+        "[ledger]\ndisabled = true\n\n[local.ner]\nmodel = \"ner\"\n\n\
+         [tasks.people]\nstrategy = \"pipeline\"\n\n\
+         [[tasks.people.stages]]\nname = \"entities\"\nkind = \"entities\"\nlocal = \"ner\"\n\
+         entities = [\"PER\", \"ORG\", \"LOC\"]\n",
+    )?;
+    let data = conll_as_entities(&shared, 60)?;
+    let data_path = dir.path().join("ner.jsonl");
+    std::fs::write(&data_path, &data)?;
+    let d = data_path.to_str().unwrap();
+    let r = json_out(&triage(
+        &[
+            "audit",
+            "--config",
+            config.to_str().unwrap(),
+            "--task",
+            "people",
+            "--data",
+            d,
+            "--json",
+        ],
+        &[],
+    )?)?;
+    assert_eq!(r["n"], 60);
+    assert_eq!(r["metric"], "entity-level F1");
+
+    // Only the texts: `triage entities` passes other input fields through.
+    let texts_path = dir.path().join("texts.jsonl");
+    let texts: String = data
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            format!("{}\n", json!({"text": v["text"]}))
+        })
+        .collect();
+    std::fs::write(&texts_path, texts)?;
+    let out = triage(
+        &[
+            "entities",
+            "--model",
+            "ner",
+            "--aggregation",
+            "simple",
+            "--file",
+            texts_path.to_str().unwrap(),
+        ],
+        &[],
+    )?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (mut tp, mut predicted, mut gold_n, mut misc) = (0usize, 0usize, 0usize, 0usize);
+    for (tagged, line) in String::from_utf8(out.stdout)?.lines().zip(data.lines()) {
+        let item: Value = serde_json::from_str(line)?;
+        let chars: Vec<char> = item["text"].as_str().unwrap().chars().collect();
+        let mut gold: Vec<(String, String)> = Vec::new();
+        for e in item["entities"].as_array().unwrap() {
+            let label = e["label"].as_str().unwrap().to_owned();
+            if label == "MISC" {
+                misc += 1;
+                continue;
+            }
+            let (s, en) = (e["start"].as_u64().unwrap(), e["end"].as_u64().unwrap());
+            let t: String = chars[s as usize..en as usize].iter().collect();
+            if !gold.contains(&(label.clone(), t.clone())) {
+                gold.push((label, t));
+            }
+        }
+        let mut got: Vec<(String, String)> = Vec::new();
+        for e in serde_json::from_str::<Value>(tagged)?["entities"]
+            .as_array()
+            .unwrap()
+        {
+            let label = e["label"].as_str().unwrap().to_owned();
+            let t = e["text"].as_str().unwrap().trim().to_owned();
+            if ["PER", "ORG", "LOC"].contains(&label.as_str())
+                && !t.is_empty()
+                && !got.contains(&(label.clone(), t.clone()))
+            {
+                got.push((label, t));
+            }
+        }
+        tp += got.iter().filter(|g| gold.contains(g)).count();
+        predicted += got.len();
+        gold_n += gold.len();
+    }
+    let (p, rc) = (tp as f64 / predicted as f64, tp as f64 / gold_n as f64);
+    let f1 = 2.0 * p * rc / (p + rc);
+    let stage = &r["tiers"][0];
+    assert_eq!(stage["tier"], "entities");
+    assert_eq!(f(&stage["share"]), 1.0);
+    assert!((f(&stage["precision"]) - p).abs() < 1e-12, "{r} vs P {p}");
+    assert!((f(&stage["recall"]) - rc).abs() < 1e-12, "{r} vs R {rc}");
+    assert!((f(&stage["accuracy"]) - f1).abs() < 1e-12);
+    assert!((f(&r["accuracy"]) - f1).abs() < 1e-12);
+    // A sanity bound: these first sentences are mostly upper-case headlines.
+    assert!(f1 > 0.6, "entity F1 {f1} of the default NER specialist");
+    assert!(misc > 0);
+    assert!(
+        r["assumptions"].as_array().unwrap().iter().any(|a| a
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{misc} gold entit"))),
+        "{r}"
+    );
+    Ok(())
+}
+
+/// Transcribe with the real Whisper tiny.en, then a hosted summary (priced
+/// offline): WER against the development clips' references.
+#[test]
+fn transcription_audit_reports_word_error_rate() -> Result<()> {
+    let Some(shared) = shared() else {
+        return Ok(());
+    };
+    let ggml = shared.join("models/whisper-tiny.en/ggml-model-f16.bin");
+    let dir = tempfile::tempdir()?;
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::fs::copy(
+        repo.join("examples/prices.toml"),
+        dir.path().join("prices.toml"),
+    )?;
+    let config = dir.path().join("speech.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "prices_file = \"prices.toml\"\n\n[ledger]\ndisabled = true\n\n\
+             [local.whisper]\nmodel = \"{}\"\nkind = \"whisper\"\n\n\
+             [providers.openai]\nkind = \"openai\"\napi_key_env = \"OPENAI_API_KEY\"\n\n\
+             [tasks.notes]\nstrategy = \"pipeline\"\n\n\
+             [[tasks.notes.stages]]\nname = \"transcribe\"\nkind = \"transcribe\"\nlocal = \"whisper\"\n\n\
+             [[tasks.notes.stages]]\nname = \"summary\"\nkind = \"summarize\"\n\
+             tiers = [{{ provider = \"openai\", model = \"gpt-4o-mini\" }}]\n",
+            ggml.display()
+        ),
+    )?;
+    // The shared manifest is already {"audio", "text"} with paths relative
+    // to it; a copy elsewhere names the files absolutely.
+    let speech = shared.join("data/speech");
+    let manifest = std::fs::read_to_string(speech.join("manifest.jsonl"))?;
+    let data: String = manifest
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(4)
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v["audio"] = json!(speech.join(v["audio"].as_str().unwrap()));
+            format!("{v}\n")
+        })
+        .collect();
+    let data_path = dir.path().join("speech.jsonl");
+    std::fs::write(&data_path, data)?;
+    let r = json_out(&triage(
+        &[
+            "audit",
+            "--config",
+            config.to_str().unwrap(),
+            "--task",
+            "notes",
+            "--data",
+            data_path.to_str().unwrap(),
+            "--json",
+        ],
+        &[],
+    )?)?;
+    assert_eq!(r["n"], 4);
+    assert_eq!(r["metric"], "1 - WER");
+    let wer = f(&r["wer"]);
+    assert!(
+        (0.0..0.2).contains(&wer),
+        "WER {wer} of tiny.en on clean clips: {r}"
+    );
+    assert!((f(&r["accuracy"]) - (1.0 - wer)).abs() < 1e-12);
+    let (stt, summary) = (&r["tiers"][0], &r["tiers"][1]);
+    assert_eq!(stt["tier"], "transcribe");
+    assert_eq!(f(&stt["wer"]), wer);
+    assert_eq!(f(&stt["share"]), 1.0);
+    assert!(f(&stt["latency_ms_p50"]) > 0.0 && f(&stt["cost_usd"]) > 0.0);
+    assert_eq!(summary["model"], "openai/gpt-4o-mini");
+    assert!(summary["accuracy"].is_null() && summary["latency_ms_p50"].is_null());
+    assert!(f(&summary["cost_usd"]) > 0.0);
+    // Whisper-1 at $0.006 a minute and gpt-4o-mini for every meeting cost
+    // more than local transcription and the same summary.
+    assert!(
+        f(&r["cost_per_100k_usd"]) < f(&r["all_llm_cost_per_100k_usd"]),
+        "{r}"
+    );
+    Ok(())
+}
+
+/// Two local tiers: the second is calibrated on what the first escalates,
+/// replayed with the first's configured band.
+#[test]
+fn calibrating_a_middle_tier_replays_the_tiers_before_it() -> Result<()> {
+    let Some(data) = val_slice(200) else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("two.toml");
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::fs::copy(
+        repo.join("examples/prices.toml"),
+        dir.path().join("prices.toml"),
+    )?;
+    std::fs::write(
+        &config,
+        "prices_file = \"prices.toml\"\n[ledger]\ndisabled = true\n\n\
+         [local.fast]\nmodel = \"toxicity\"\n[local.second]\nmodel = \"toxicity\"\n\n\
+         [providers.openai]\nkind = \"openai\"\napi_key_env = \"OPENAI_API_KEY\"\n\n\
+         [tasks.moderation]\nstrategy = \"cascade\"\nkind = \"moderation\"\nlabels = [\"toxic\"]\n\n\
+         # the first tier: only very sure answers\n\
+         [[tasks.moderation.tiers]]\nname = \"fast\"\nlocal = \"fast\"\nlo = 0.1\nhi = 0.9\n\n\
+         [[tasks.moderation.tiers]]\nname = \"second\"\nlocal = \"second\"\nlo = 0.3\nhi = 0.7\n\n\
+         [[tasks.moderation.tiers]]\nname = \"llm\"\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\n",
+    )?;
+    let data_path = dir.path().join("val.jsonl");
+    std::fs::write(&data_path, &data)?;
+    let (c, d) = (config.to_str().unwrap(), data_path.to_str().unwrap());
+    let cal = json_out(&triage(
+        &[
+            "calibrate",
+            "--config",
+            c,
+            "--task",
+            "moderation",
+            "--tier",
+            "second",
+            "--data",
+            d,
+            "--target-local-share",
+            "0.5",
+            "--write",
+            "--json",
+        ],
+        &[],
+    )?)?;
+    assert_eq!(cal["tier"], "second");
+    assert_eq!(cal["n"], 200);
+    // Only the items the first tier left inside (0.1, 0.9) reach the second.
+    let scores = offensive_scores(&data_path)?;
+    let gold = gold_bits(&data);
+    let reaching: Vec<(f64, bool)> = scores
+        .iter()
+        .zip(&gold)
+        .filter(|(p, _)| **p > 0.1 && **p < 0.9)
+        .map(|(p, g)| (*p, *g))
+        .collect();
+    assert_eq!(cal["reached"], reaching.len(), "{cal}");
+    let (lo, hi) = (f(&cal["lo"]), f(&cal["hi"]));
+    let accepted: Vec<&(f64, bool)> = reaching
+        .iter()
+        .filter(|(p, _)| *p <= lo || *p >= hi)
+        .collect();
+    let share = accepted.len() as f64 / reaching.len() as f64;
+    assert!((f(&cal["local_share"]) - share).abs() < 1e-12, "{cal}");
+    assert!(share >= 0.5);
+    let right = accepted.iter().filter(|(p, g)| (*p >= 0.5) == *g).count();
+    assert!((f(&cal["local_accuracy"]) - right as f64 / accepted.len() as f64).abs() < 1e-12);
+    // Written into the second tier only; the first keeps its band and comment.
+    let after = std::fs::read_to_string(&config)?;
+    assert!(after.contains("# the first tier: only very sure answers\n[[tasks.moderation.tiers]]\nname = \"fast\"\nlocal = \"fast\"\nlo = 0.1\nhi = 0.9\n"), "{after}");
+    assert!(
+        after.contains(&format!(
+            "name = \"second\"\nlocal = \"second\"\nlo = {lo}\nhi = {hi}\ncalibrated_accuracy = "
+        )),
+        "{after}"
+    );
+    Ok(())
+}
+
+/// Two task labels from the toxicity specialist's two classes: calibrate
+/// chooses a band per label, writes `bands`, and audit applies them.
+#[test]
+fn multi_label_calibration_chooses_and_writes_a_band_per_label() -> Result<()> {
+    let Some(data) = val_slice(200) else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::fs::copy(
+        repo.join("examples/prices.toml"),
+        dir.path().join("prices.toml"),
+    )?;
+    let config = dir.path().join("two-labels.toml");
+    std::fs::write(
+        &config,
+        "prices_file = \"prices.toml\"\n[ledger]\ndisabled = true\n\n\
+         [local.toxicity]\nmodel = \"toxicity\"\n\n\
+         [providers.openai]\nkind = \"openai\"\napi_key_env = \"OPENAI_API_KEY\"\n\n\
+         [tasks.tone]\nstrategy = \"cascade\"\nkind = \"moderation\"\nlabels = [\"toxic\", \"polite\"]\n\n\
+         [[tasks.tone.tiers]]\nname = \"local\"\nlocal = \"toxicity\"\nlo = 0.2\nhi = 0.8  # kept\n\
+         map = { offensive = \"toxic\", not-offensive = \"polite\" }\n\n\
+         [[tasks.tone.tiers]]\nname = \"llm\"\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\n",
+    )?;
+    let labelled: String = data
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let label = if v["label"] == 1 { "toxic" } else { "polite" };
+            format!("{}\n", json!({"text": v["text"], "label": [label]}))
+        })
+        .collect();
+    let data_path = dir.path().join("tone.jsonl");
+    std::fs::write(&data_path, &labelled)?;
+    let (c, d) = (config.to_str().unwrap(), data_path.to_str().unwrap());
+    let cal = json_out(&triage(
+        &[
+            "calibrate",
+            "--config",
+            c,
+            "--task",
+            "tone",
+            "--tier",
+            "local",
+            "--data",
+            d,
+            "--target-accuracy",
+            "0.85",
+            "--write",
+            "--json",
+        ],
+        &[],
+    )?)?;
+    let band = |label: &str| (f(&cal["lo"][label]), f(&cal["hi"][label]));
+    let (t, p) = (band("toxic"), band("polite"));
+    assert!(cal["rule"].as_str().unwrap().contains("band per label"));
+
+    // The per-label rule by hand on the specialist's own scores.
+    let scores: Vec<(f64, f64)> = {
+        let out = triage(&["moderate", "--model", "toxicity", "--file", d], &[])?;
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout)?
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    f(&v["scores"]["offensive"]),
+                    f(&v["scores"]["not-offensive"]),
+                )
+            })
+            .collect()
+    };
+    let gold = gold_bits(&data);
+    let outside = |s: f64, (lo, hi): (f64, f64)| s <= lo || s >= hi;
+    let (mut accepted, mut right) = (0usize, 0usize);
+    for ((off, not), g) in scores.iter().zip(&gold) {
+        if outside(*off, t) && outside(*not, p) {
+            accepted += 1;
+            right += usize::from((*off >= 0.5) == *g && (*not >= 0.5) != *g);
+        }
+    }
+    assert!(
+        (f(&cal["local_share"]) - accepted as f64 / 200.0).abs() < 1e-12,
+        "{cal}"
+    );
+    let acc = right as f64 / accepted as f64;
+    assert!((f(&cal["local_accuracy"]) - acc).abs() < 1e-12);
+    assert!(acc - 1.645 * (acc * (1.0 - acc) / accepted as f64).sqrt() >= 0.85);
+
+    // Written as bands per label; the tier's lo/hi and comment are kept.
+    let after = std::fs::read_to_string(&config)?;
+    assert!(after.contains("hi = 0.8  # kept"), "{after}");
+    let doc: toml::Table = after.parse()?;
+    let tier = &doc["tasks"]["tone"]["tiers"][0];
+    for (label, (lo, hi)) in [("toxic", t), ("polite", p)] {
+        let b = &tier["bands"][label];
+        assert_eq!(b["lo"].as_float(), Some(lo), "{after}");
+        assert_eq!(b["hi"].as_float(), Some(hi), "{after}");
+    }
+    assert!(after.contains("bands = { toxic = { lo = "), "{after}");
+    let check = triage(&["config", "check", c], &[])?;
+    assert!(check.status.success(), "{}", stderr(&check));
+    // Audit reads the written bands back: the same share and accuracy.
+    let r = json_out(&triage(
+        &[
+            "audit", "--config", c, "--task", "tone", "--data", d, "--json",
+        ],
+        &[],
+    )?)?;
+    assert!(
+        (f(&r["tiers"][0]["share"]) - f(&cal["local_share"])).abs() < 1e-12,
+        "{r}"
+    );
+    assert!((f(&r["tiers"][0]["accuracy"]) - acc).abs() < 1e-12);
+    Ok(())
+}
+
+#[test]
+fn bad_input_of_other_shapes_is_refused_before_any_work() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let config = d.join("c.toml");
+    std::fs::write(
+        &config,
+        "[ledger]\ndisabled = true\n\n\
+         [local.toxicity]\nmodel = \"./no-such-model\"\n\
+         [local.ner]\nmodel = \"./no-such-model\"\nkind = \"tagger\"\n\
+         [local.whisper]\nmodel = \"./no-such-model.bin\"\nkind = \"whisper\"\n\n\
+         [providers.openai]\nkind = \"openai\"\napi_key_env = \"OPENAI_API_KEY\"\n\n\
+         [tasks.router]\nstrategy = \"router\"\n\
+         [tasks.router.intent]\nkind = \"local\"\nlocal = \"toxicity\"\ndefault = \"ok\"\n\
+         [tasks.router.routes.ok]\nhandler = \"template\"\ntemplate = \"fine\"\n\
+         [tasks.router.routes.offensive]\nhandler = \"template\"\ntemplate = \"no\"\n\n\
+         [tasks.llm_router]\nstrategy = \"router\"\n\
+         [tasks.llm_router.intent]\nkind = \"llm\"\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\ndefault = \"ok\"\n\
+         [tasks.llm_router.routes.ok]\nhandler = \"template\"\ntemplate = \"fine\"\n\n\
+         [tasks.ner]\nstrategy = \"pipeline\"\n\
+         [[tasks.ner.stages]]\nname = \"e\"\nkind = \"entities\"\nlocal = \"ner\"\n\n\
+         [tasks.stt]\nstrategy = \"pipeline\"\n\
+         [[tasks.stt.stages]]\nname = \"t\"\nkind = \"transcribe\"\nlocal = \"whisper\"\n\n\
+         [tasks.chat]\nstrategy = \"cascade\"\nkind = \"chat\"\n\
+         [[tasks.chat.tiers]]\nname = \"llm\"\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\n\n\
+         [tasks.late]\nstrategy = \"cascade\"\nkind = \"moderation\"\nlabels = [\"toxic\"]\n\
+         [[tasks.late.tiers]]\nname = \"hosted\"\nprovider = \"openai\"\nmodel = \"omni-moderation-latest\"\noperation = \"moderation\"\nlo = 0.2\nhi = 0.8\n\
+         [[tasks.late.tiers]]\nname = \"local\"\nlocal = \"toxicity\"\nlo = 0.2\nhi = 0.8\n\
+         [[tasks.late.tiers]]\nname = \"llm\"\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\n",
+    )?;
+    let before = std::fs::read_to_string(&config)?;
+    let data_path = d.join("d.jsonl");
+    let check = |args: &[&str], data: &str, want: &str| -> Result<()> {
+        std::fs::write(&data_path, data)?;
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend([
+            "--config",
+            config.to_str().unwrap(),
+            "--data",
+            data_path.to_str().unwrap(),
+        ]);
+        let out = triage(&full, &[])?;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = stderr(&out);
+        assert!(err.contains(want), "{args:?}: wanted `{want}` in {err}");
+        assert!(
+            !err.contains("no-such-model"),
+            "a model was loaded first: {err}"
+        );
+        Ok(())
+    };
+    let audit = |task: &'static str| ["audit", "--task", task];
+    check(
+        &audit("router"),
+        "{\"text\": \"hi\", \"route\": \"refund\"}\n",
+        "route `refund` is not one of the router's routes (offensive, ok)",
+    )?;
+    check(
+        &audit("router"),
+        "{\"text\": \"hi\", \"label\": 1}\n",
+        "no string field `route`",
+    )?;
+    check(&audit("router"), "\n", "has no labelled items")?;
+    check(
+        &audit("llm_router"),
+        "{\"text\": \"hi\", \"route\": \"ok\"}\n",
+        "cannot be audited offline: its intent step is an LLM",
+    )?;
+    check(
+        &audit("ner"),
+        "{\"text\": \"Angela Merkel\", \"entities\": [{\"label\": \"POLITICIAN\", \"text\": \"Angela Merkel\"}]}\n",
+        "entity label `POLITICIAN` is not one the task extracts (PER, ORG)",
+    )?;
+    check(
+        &audit("ner"),
+        "{\"text\": \"Paris\", \"entities\": [{\"label\": \"LOC\", \"start\": 0, \"end\": 9}]}\n",
+        "are not a span of the text's 5 characters",
+    )?;
+    check(&audit("ner"), "", "has no labelled items")?;
+    check(
+        &audit("stt"),
+        "{\"audio\": \"missing.wav\", \"text\": \"hello\"}\n",
+        "line 1: audio file",
+    )?;
+    check(&audit("chat"), "{\"text\": \"hi\"}\n", "is a chat cascade")?;
+    check(
+        &[
+            "calibrate",
+            "--task",
+            "late",
+            "--tier",
+            "local",
+            "--target-accuracy",
+            "0.9",
+        ],
+        "{\"text\": \"hi\", \"label\": 0}\n",
+        "`hosted` is hosted",
+    )?;
+    check(
+        &[
+            "calibrate",
+            "--task",
+            "router",
+            "--tier",
+            "x",
+            "--target-accuracy",
+            "0.9",
+        ],
+        "{\"text\": \"hi\", \"route\": \"ok\"}\n",
+        "calibrate the bands of moderation cascades",
+    )?;
+    assert_eq!(std::fs::read_to_string(&config)?, before);
+    Ok(())
+}

@@ -43,10 +43,20 @@ pub enum AuditError {
     #[error("{origin} has no labelled items")]
     Empty { origin: String },
     #[error(
-        "task `{task}` is a {what}; audit and calibrate replay moderation cascades \
-         (labelled {{\"text\", \"label\"}} data) only"
+        "task `{task}` is a {what}; audit takes moderation cascades ({{\"text\", \"label\"}}), \
+         routers ({{\"text\", \"route\"}}), NER pipelines ({{\"text\", \"entities\"}}) and \
+         transcription pipelines ({{\"audio\", \"text\"}}), and calibrate the bands of \
+         moderation cascades"
     )]
     Unsupported { task: String, what: &'static str },
+    #[error("task `{task}` cannot be audited offline: {why}; use --live --max-cost-usd X")]
+    NeedsLive { task: String, why: &'static str },
+    #[error("item {item} failed")]
+    Item {
+        item: usize,
+        #[source]
+        source: EngineError,
+    },
     #[error("task `{task}` has no tier `{tier}`; its tiers are: {known}")]
     UnknownTier {
         task: String,
@@ -58,6 +68,15 @@ pub enum AuditError {
         task: String,
         tier: String,
         why: &'static str,
+    },
+    #[error(
+        "tier `{tier}` of task `{task}` is reached only by what tier `{before}` escalates, and \
+         `{before}` is hosted: calibrating `{tier}` replays the tiers before it, which must be local"
+    )]
+    HostedBefore {
+        task: String,
+        tier: String,
+        before: String,
     },
     #[error("local tier `{tier}` failed on item {item}")]
     Local {
@@ -98,8 +117,9 @@ pub fn cascade_of(task: &Task) -> Result<&Cascade, AuditError> {
 }
 
 /// The tier to replay: `name`, else the first. It must be a local classifier
-/// with a band (not the last tier, which always answers), and the first
-/// tier, since only then does every item reach it.
+/// with a band (not the last tier, which always answers). A later tier is
+/// reached by the items the tiers before it escalate, so those are replayed
+/// with their configured bands: they must be local classifiers too.
 pub fn replay_tier<'a>(
     task: &'a Task,
     name: Option<&str>,
@@ -142,10 +162,15 @@ pub fn replay_tier<'a>(
             "is the last tier (it always answers), so it has no band to audit",
         ));
     }
-    if index != 0 {
-        return Err(not(
-            "is not the first tier; only the first tier sees every item",
-        ));
+    if let Some(hosted) = c.tiers[..index]
+        .iter()
+        .find(|t| !matches!(t.kind, TierKind::Local { .. }))
+    {
+        return Err(AuditError::HostedBefore {
+            task: task.name.clone(),
+            tier: tier.name.clone(),
+            before: hosted.name.clone(),
+        });
     }
     Ok((index, tier))
 }
@@ -243,7 +268,7 @@ pub fn parse_labelled(
 }
 
 /// `n` items drawn at random (seeded) without replacement, in file order.
-pub fn sample(items: Vec<Labelled>, n: usize, seed: u64) -> Vec<Labelled> {
+pub fn sample<T>(items: Vec<T>, n: usize, seed: u64) -> Vec<T> {
     use rand::SeedableRng;
     if n >= items.len() {
         return items;
@@ -286,6 +311,14 @@ impl ScoredItem {
         self.scores.iter().all(|s| outside_band(*s, lo, hi))
     }
 
+    /// The same with a band per label (in the cascade's label order).
+    pub fn accepted_bands(&self, bands: &[(f64, f64)]) -> bool {
+        self.scores
+            .iter()
+            .zip(bands)
+            .all(|(s, (lo, hi))| outside_band(*s, *lo, *hi))
+    }
+
     /// Whether the local answer (flagged at the task's threshold) matches
     /// every label.
     pub fn correct(&self, threshold: f64) -> bool {
@@ -307,15 +340,98 @@ pub struct BandPoint {
     pub cost_per_100k_usd: f64,
 }
 
-/// The local tier's scores for every item, and the prices around them.
+/// The local tier's scores for every item that reaches it, and the prices
+/// around them.
 #[derive(Debug, Clone)]
 pub struct Replay {
     pub task: String,
     pub tier: Tier,
     pub cascade: Cascade,
+    /// The items that reach the tier (all of them for the first tier).
     pub items: Vec<ScoredItem>,
+    /// What the tiers before it did with the other items.
+    pub before: Before,
     /// Hosted models with no price-table entry (priced at 0).
     pub unpriced: Vec<String>,
+}
+
+/// The earlier tiers of a replayed middle tier, replayed with their
+/// configured bands.
+#[derive(Debug, Clone, Default)]
+pub struct Before {
+    pub tiers: Vec<String>,
+    /// Items they answered, and how many of those right.
+    pub answered: usize,
+    pub correct: usize,
+    /// Their compute over all items (the ones they answered and the ones
+    /// they escalated): it does not depend on the replayed tier's band.
+    pub cost_usd: f64,
+}
+
+/// A local classifier tier's specialist.
+fn classifier<'e>(
+    engine: &'e Engine,
+    task: &Task,
+    tier: &Tier,
+) -> Result<(&'e triage_local::ModelHandle, Vec<String>, bool), AuditError> {
+    let TierKind::Local { specialist: name } = &tier.kind else {
+        return Err(AuditError::NotReplayable {
+            task: task.name.clone(),
+            tier: tier.name.clone(),
+            why: "is not a local specialist",
+        });
+    };
+    match engine.specialists.get(name)? {
+        Specialist::Classifier {
+            handle,
+            positive_labels,
+            gpu,
+        } => Ok((handle, positive_labels.clone(), *gpu)),
+        _ => Err(EngineError::UnknownSpecialist(name.clone()).into()),
+    }
+}
+
+/// One local tier's scores for `text`, per task label in the cascade's
+/// order, and the time it took.
+async fn score(
+    c: &Cascade,
+    tier: &Tier,
+    (handle, positive_labels): (&triage_local::ModelHandle, &[String]),
+    text: &str,
+    item: usize,
+) -> Result<(Vec<f64>, std::time::Duration), AuditError> {
+    let started = Instant::now();
+    let classified = handle
+        .classify(text, true)
+        .await
+        .map_err(|source| AuditError::Local {
+            tier: tier.name.clone(),
+            item,
+            source: EngineError::Local {
+                name: match &tier.kind {
+                    TierKind::Local { specialist } => specialist.clone(),
+                    _ => tier.name.clone(),
+                },
+                source,
+            },
+        })?;
+    let elapsed = started.elapsed();
+    let scores = local_scores(c, tier, positive_labels, &classified);
+    Ok((
+        c.labels
+            .iter()
+            .map(|l| scores.get(l).copied().unwrap_or(0.0))
+            .collect(),
+        elapsed,
+    ))
+}
+
+/// A tier's configured band per task label (the cascade's order).
+pub fn tier_bands(c: &Cascade, tier: &Tier) -> Vec<(f64, f64)> {
+    c.labels
+        .iter()
+        .map(|l| tier.band_for(l).unwrap_or((0.0, 1.0)))
+        .collect()
 }
 
 fn hosted_usage(tier: &Tier, chars: usize, labels: usize) -> Usage {
@@ -367,22 +483,19 @@ impl Replay {
         let c = cascade_of(task)?.clone();
         let (index, tier) = replay_tier(task, tier)?;
         let tier = tier.clone();
-        let TierKind::Local { specialist: name } = &tier.kind else {
-            return Err(AuditError::NotReplayable {
-                task: task.name.clone(),
-                tier: tier.name.clone(),
-                why: "is not a local specialist",
-            });
+        let (handle, positive_labels, gpu) = classifier(engine, task, &tier)?;
+        let earlier = c.tiers[..index]
+            .iter()
+            .map(|t| {
+                classifier(engine, task, t).map(|(h, p, g)| (t.clone(), tier_bands(&c, t), h, p, g))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut before = Before {
+            tiers: earlier.iter().map(|e| e.0.name.clone()).collect(),
+            ..Before::default()
         };
-        let specialist = engine.specialists.get(name)?.clone();
-        let Specialist::Classifier {
-            handle,
-            positive_labels,
-            gpu,
-        } = &specialist
-        else {
-            return Err(EngineError::UnknownSpecialist(name.clone()).into());
-        };
+        let gpu = &gpu;
+        let positive_labels = &positive_labels;
         let prices = &engine.config.prices;
         let today = PriceTable::today();
         let strongest = strongest(prices, task).cloned();
@@ -393,22 +506,33 @@ impl Replay {
             }
         }
         let mut scored = Vec::with_capacity(items.len());
-        for (i, item) in items.into_iter().enumerate() {
-            let started = Instant::now();
-            let classified =
-                handle
-                    .classify(&item.text, true)
-                    .await
-                    .map_err(|source| AuditError::Local {
-                        tier: tier.name.clone(),
-                        item: i + 1,
-                        source: EngineError::Local {
-                            name: name.clone(),
-                            source,
-                        },
-                    })?;
-            let elapsed = started.elapsed();
-            let scores = local_scores(&c, &tier, positive_labels, &classified);
+        'items: for (i, item) in items.into_iter().enumerate() {
+            for (t, bands, h, p, g) in &earlier {
+                let (scores, elapsed) = score(&c, t, (*h, p.as_slice()), &item.text, i + 1).await?;
+                before.cost_usd += prices.compute_cost(elapsed, *g);
+                if scores
+                    .iter()
+                    .zip(bands)
+                    .all(|(s, (lo, hi))| outside_band(*s, *lo, *hi))
+                {
+                    before.answered += 1;
+                    let right = scores
+                        .iter()
+                        .zip(&c.labels)
+                        .all(|(s, l)| (*s >= c.threshold) == item.labels.contains(l));
+                    before.correct += usize::from(right);
+                    progress();
+                    continue 'items;
+                }
+            }
+            let (scores, elapsed) = score(
+                &c,
+                &tier,
+                (handle, positive_labels.as_slice()),
+                &item.text,
+                i + 1,
+            )
+            .await?;
             let chars = item.text.chars().count();
             let escalation_usd = c.tiers[index + 1..]
                 .iter()
@@ -435,11 +559,7 @@ impl Replay {
                     .unwrap_or(0.0),
             };
             scored.push(ScoredItem {
-                scores: c
-                    .labels
-                    .iter()
-                    .map(|l| scores.get(l).copied().unwrap_or(0.0))
-                    .collect(),
+                scores,
                 gold: c.labels.iter().map(|l| item.labels.contains(l)).collect(),
                 text: item.text,
                 local_cost_usd: prices.compute_cost(elapsed, *gpu),
@@ -454,12 +574,19 @@ impl Replay {
             tier,
             cascade: c,
             items: scored,
+            before,
             unpriced,
         })
     }
 
+    /// Items that reach the replayed tier.
     pub fn n(&self) -> usize {
         self.items.len()
+    }
+
+    /// All items, including those the tiers before it answered.
+    pub fn n_total(&self) -> usize {
+        self.items.len() + self.before.answered
     }
 
     /// The configured band of the replayed tier.
@@ -467,9 +594,29 @@ impl Replay {
         self.tier.band.unwrap_or((0.0, 1.0))
     }
 
+    /// The configured band of every label (per-label `bands` included).
+    pub fn bands(&self) -> Vec<(f64, f64)> {
+        tier_bands(&self.cascade, &self.tier)
+    }
+
     /// Share, accuracy and estimated cost of band (`lo`, `hi`) over the
     /// items, each counted `weights[i]` times (all once when `None`).
     pub fn point(&self, lo: f64, hi: f64, weights: Option<&[u32]>) -> BandPoint {
+        let bands = vec![(lo, hi); self.cascade.labels.len()];
+        self.point_with(&bands, (lo, hi), weights)
+    }
+
+    /// [`Replay::point`] with a band per label; `shown` is the `lo`/`hi`
+    /// the point reports. Share and accuracy are over the items that reach
+    /// the tier; the cost is per item of all of them, the earlier tiers'
+    /// compute included.
+    pub fn point_with(
+        &self,
+        bands: &[(f64, f64)],
+        shown: (f64, f64),
+        weights: Option<&[u32]>,
+    ) -> BandPoint {
+        let (lo, hi) = shown;
         let (mut total, mut accepted, mut correct, mut cost) = (0.0, 0.0, 0.0, 0.0);
         for (i, item) in self.items.iter().enumerate() {
             let w = f64::from(weights.map_or(1, |w| w[i]));
@@ -478,7 +625,7 @@ impl Replay {
             }
             total += w;
             cost += w * item.local_cost_usd;
-            if item.accepted(lo, hi) {
+            if item.accepted_bands(bands) {
                 accepted += w;
                 if item.correct(self.cascade.threshold) {
                     correct += w;
@@ -492,10 +639,11 @@ impl Replay {
             hi,
             local_share: if total > 0.0 { accepted / total } else { 0.0 },
             local_accuracy: (accepted > 0.0).then(|| correct / accepted),
-            cost_per_100k_usd: if total > 0.0 {
-                cost / total * 100_000.0
-            } else {
-                0.0
+            cost_per_100k_usd: {
+                let all = self.n_total().max(1) as f64;
+                let reached = self.items.len() as f64 / all;
+                let per_item = if total > 0.0 { cost / total } else { 0.0 };
+                (self.before.cost_usd / all + per_item * reached) * 100_000.0
             },
         }
     }
@@ -565,6 +713,14 @@ pub struct TierReport {
     pub cost_usd: f64,
     pub latency_ms_p50: Option<f64>,
     pub latency_ms_p99: Option<f64>,
+    /// Transcription: the word error rate of this stage (`accuracy` is 1 − it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wer: Option<f64>,
+    /// NER: entity-level precision and recall of this stage (`accuracy` is F1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recall: Option<f64>,
 }
 
 /// What live mode did with the hosted providers.
@@ -598,9 +754,23 @@ pub struct AuditReport {
     pub frontier: Vec<BandPoint>,
     /// `offline` or `live`.
     pub mode: &'static str,
-    /// The replayed tier's configured band, as a point of the frontier.
-    pub band: BandPoint,
+    /// The replayed tier's configured band, as a point of the frontier
+    /// (moderation cascades only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub band: Option<BandPoint>,
     pub live: Option<LiveStats>,
+    /// What `accuracy` measures, for routers and pipelines (`route
+    /// accuracy`, `entity-level F1`, `1 - WER`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metric: Option<&'static str>,
+    /// Transcription: the word error rate over all items.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wer: Option<f64>,
+    /// NER: entity-level precision and recall over all items.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recall: Option<f64>,
 }
 
 /// A hosted answer kept on disk, keyed by the hosted path and the text.
@@ -703,6 +873,7 @@ pub async fn audit(
     let c = &replay.cascade;
     let n = replay.n();
     let (lo, hi) = replay.band();
+    let bands = replay.bands();
     let hosted: Vec<&Tier> = c
         .tiers
         .iter()
@@ -746,7 +917,7 @@ pub async fn audit(
         local.cost += item.local_cost_usd;
         local.latencies.push(item.local_latency_ms);
         total_cost += item.local_cost_usd;
-        if item.accepted(lo, hi) {
+        if item.accepted_bands(&bands) {
             local.answered += 1;
             local.measured += 1;
             if item.correct(c.threshold) {
@@ -926,6 +1097,9 @@ pub async fn audit(
             cost_usd: tt.cost,
             latency_ms_p50: percentile(&tt.latencies, 0.5),
             latency_ms_p99: percentile(&tt.latencies, 0.99),
+            wer: None,
+            precision: None,
+            recall: None,
         });
     }
     let per_100k = |x: f64| if n > 0 { x / n as f64 * 100_000.0 } else { 0.0 };
@@ -941,8 +1115,12 @@ pub async fn audit(
         savings_pct: (all_llm > 0.0).then(|| 100.0 * (1.0 - total_cost / all_llm)),
         frontier: replay.frontier(),
         mode: if live.is_some() { "live" } else { "offline" },
-        band: replay.point(lo, hi, None),
+        band: Some(replay.point_with(&bands, (lo, hi), None)),
         live,
+        metric: None,
+        wer: None,
+        precision: None,
+        recall: None,
     })
 }
 

@@ -5,6 +5,7 @@
 
 use crate::audit::{BandPoint, Replay, round};
 use crate::config::Config;
+use indexmap::IndexMap;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -60,20 +61,50 @@ pub struct Ci95 {
     pub resamples: usize,
 }
 
+/// A band bound: one number, or one per task label for a multi-label task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Bound {
+    One(f64),
+    PerLabel(IndexMap<String, f64>),
+}
+
 /// `triage calibrate`'s answer (key order used by acceptance checks).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Calibration {
     pub tier: String,
-    pub lo: f64,
-    pub hi: f64,
+    /// A number, or for a multi-label task an object with one per label.
+    pub lo: Bound,
+    pub hi: Bound,
     pub local_share: f64,
     pub local_accuracy: f64,
     pub ci95: Ci95,
     pub cost_per_100k_usd: f64,
+    /// All items.
     pub n: usize,
+    /// Items that reach the tier (fewer than `n` for a tier after others,
+    /// replayed with their configured bands); `local_share` and
+    /// `local_accuracy` are over these.
+    pub reached: usize,
     pub target: Target,
     /// How the accuracy target was applied.
     pub rule: String,
+}
+
+impl Calibration {
+    /// The chosen band of every task label, in the cascade's order.
+    pub fn bands(&self, labels: &[String]) -> Vec<(String, f64, f64)> {
+        labels
+            .iter()
+            .map(|l| {
+                let get = |b: &Bound| match b {
+                    Bound::One(x) => *x,
+                    Bound::PerLabel(m) => m.get(l).copied().unwrap_or(0.0),
+                };
+                (l.clone(), get(&self.lo), get(&self.hi))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +157,20 @@ pub fn calibrate(
             )));
         }
         _ => {}
+    }
+    if replay.n() == 0 {
+        return Err(CalibrateError::Unreachable {
+            what: format!(
+                "no item reaches tier `{}`: the tiers before it ({}) answer all {}",
+                replay.tier.name,
+                replay.before.tiers.join(", "),
+                replay.n_total()
+            ),
+            best: "nothing to calibrate on".into(),
+        });
+    }
+    if replay.cascade.labels.len() > 1 {
+        return calibrate_per_label(replay, target, opts);
     }
     let n = replay.n();
     let min_share = opts.min_accepted as f64 / n.max(1) as f64;
@@ -189,24 +234,198 @@ pub fn calibrate(
                     .map_or("no band accepts enough items".into(), describe),
             })?,
     };
+    let bands = vec![(chosen.lo, chosen.hi); replay.cascade.labels.len()];
     Ok(Calibration {
         tier: replay.tier.name.clone(),
-        lo: chosen.lo,
-        hi: chosen.hi,
+        lo: Bound::One(chosen.lo),
+        hi: Bound::One(chosen.hi),
         local_share: chosen.local_share,
         local_accuracy: acc(&chosen),
-        ci95: bootstrap(replay, chosen.lo, chosen.hi, opts),
+        ci95: bootstrap(replay, &bands, opts),
         cost_per_100k_usd: chosen.cost_per_100k_usd,
-        n,
+        n: replay.n_total(),
+        reached: n,
         target,
-        rule: match target {
-            Target::Accuracy(_) => rule(opts),
-            Target::LocalShare(_) => "the most accurate band with at least the target share".into(),
-            Target::MaxCostPer100k(_) => {
-                "the most accurate band within the cost (price-table estimate for escalated items)"
-                    .into()
+        rule: rule_for(target, opts),
+    })
+}
+
+fn rule_for(target: Target, opts: &CalibrateOptions) -> String {
+    match target {
+        Target::Accuracy(_) => rule(opts),
+        Target::LocalShare(_) => "the most accurate band with at least the target share".into(),
+        Target::MaxCostPer100k(_) => {
+            "the most accurate band within the cost (price-table estimate for escalated items)"
+                .into()
+        }
+    }
+}
+
+/// How good a band is for `target`: bands that meet it beat bands that do
+/// not; among those that meet it, the target's objective (then the other
+/// figure) decides; among those that do not, the nearest to meeting it.
+fn rank(p: &BandPoint, target: Target, opts: &CalibrateOptions, n: usize) -> (bool, f64, f64) {
+    let acc = p.local_accuracy.unwrap_or(0.0);
+    let enough = p.local_accuracy.is_some()
+        && p.local_share * n as f64 + 1e-9 >= opts.min_accepted.min(n) as f64;
+    match target {
+        Target::Accuracy(t) => {
+            let meets = match opts.margin {
+                Some(m) => acc >= t + m,
+                None => lower_bound(p, n) >= t,
+            };
+            if enough && meets {
+                (true, p.local_share, acc)
+            } else {
+                (
+                    false,
+                    if enough { lower_bound(p, n) } else { -1.0 },
+                    p.local_share,
+                )
             }
-        },
+        }
+        Target::LocalShare(s) => {
+            if enough && p.local_share >= s {
+                (true, acc, p.local_share)
+            } else {
+                (false, if enough { p.local_share } else { -1.0 }, acc)
+            }
+        }
+        Target::MaxCostPer100k(x) => {
+            if enough && p.cost_per_100k_usd <= x {
+                (true, acc, p.local_share)
+            } else {
+                (
+                    false,
+                    if enough {
+                        -p.cost_per_100k_usd
+                    } else {
+                        f64::MIN
+                    },
+                    acc,
+                )
+            }
+        }
+    }
+}
+
+fn better(a: (bool, f64, f64), b: (bool, f64, f64)) -> bool {
+    if a.0 != b.0 {
+        return a.0;
+    }
+    if (a.1 - b.1).abs() > 1e-12 {
+        return a.1 > b.1;
+    }
+    a.2 > b.2 + 1e-12
+}
+
+/// A band per label for a multi-label task: start from the best common band
+/// on the grid, then search each label's band with the others held
+/// (coordinate ascent, until a round changes nothing; at most 5 rounds).
+/// Each label's grid is the single-label one (`lo` 0–0.5 × `hi` 0.5–1 in
+/// steps of 0.01), so a round is 2,601 re-scorings per label.
+fn calibrate_per_label(
+    replay: &Replay,
+    target: Target,
+    opts: &CalibrateOptions,
+) -> Result<Calibration, CalibrateError> {
+    let n = replay.n();
+    let labels = replay.cascade.labels.clone();
+    let steps: Vec<f64> = (0..=GRID)
+        .map(|a| round(a as f64 * 0.5 / GRID as f64))
+        .collect();
+    let eval = |bands: &[(f64, f64)]| {
+        let p = replay.point_with(bands, bands[0], None);
+        (rank(&p, target, opts, n), p)
+    };
+    let mut best: Vec<(f64, f64)> = vec![(0.0, 1.0); labels.len()];
+    let mut best_rank = eval(&best).0;
+    for lo in &steps {
+        for hi in &steps {
+            let bands = vec![(*lo, round(0.5 + hi)); labels.len()];
+            let (r, _) = eval(&bands);
+            if better(r, best_rank) {
+                best = bands;
+                best_rank = r;
+            }
+        }
+    }
+    for _round in 0..5 {
+        let mut changed = false;
+        for j in 0..labels.len() {
+            for lo in &steps {
+                for hi in &steps {
+                    let mut bands = best.clone();
+                    bands[j] = (*lo, round(0.5 + hi));
+                    let (r, _) = eval(&bands);
+                    if better(r, best_rank) {
+                        best = bands;
+                        best_rank = r;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    let (rank, chosen) = eval(&best);
+    let describe_bands = |bands: &[(f64, f64)], p: &BandPoint| {
+        let per: Vec<String> = labels
+            .iter()
+            .zip(bands)
+            .map(|(l, (lo, hi))| format!("{l} {lo}–{hi}"))
+            .collect();
+        format!(
+            "local accuracy {:.4} at local share {:.4} (bands {}, ${:.4} per 100k)",
+            p.local_accuracy.unwrap_or(0.0),
+            p.local_share,
+            per.join(", "),
+            p.cost_per_100k_usd
+        )
+    };
+    if !rank.0 {
+        let what = match target {
+            Target::Accuracy(t) => format!(
+                "no per-label bands reach local accuracy {t} ({}) on {n} items with at least {} accepted",
+                rule(opts),
+                opts.min_accepted
+            ),
+            Target::LocalShare(s) => {
+                format!("no per-label bands let the local tier answer {s} of {n} items")
+            }
+            Target::MaxCostPer100k(x) => {
+                format!("no per-label bands cost at most ${x} per 100k requests")
+            }
+        };
+        return Err(CalibrateError::Unreachable {
+            what,
+            best: if chosen.local_accuracy.is_some() {
+                describe_bands(&best, &chosen)
+            } else {
+                "no band accepts enough items".into()
+            },
+        });
+    }
+    let per = |f: fn(&(f64, f64)) -> f64| {
+        Bound::PerLabel(labels.iter().cloned().zip(best.iter().map(f)).collect())
+    };
+    Ok(Calibration {
+        tier: replay.tier.name.clone(),
+        lo: per(|b| b.0),
+        hi: per(|b| b.1),
+        local_share: chosen.local_share,
+        local_accuracy: chosen.local_accuracy.unwrap_or(0.0),
+        ci95: bootstrap(replay, &best, opts),
+        cost_per_100k_usd: chosen.cost_per_100k_usd,
+        n: replay.n_total(),
+        reached: n,
+        target,
+        rule: format!(
+            "{}, with a band per label (coordinate search from the best common band)",
+            rule_for(target, opts)
+        ),
     })
 }
 
@@ -225,8 +444,9 @@ fn lower_bound(p: &BandPoint, n: usize) -> f64 {
     a - 1.645 * (a * (1.0 - a) / k).sqrt()
 }
 
-/// Percentile bootstrap over items (resampled with replacement, seeded).
-fn bootstrap(replay: &Replay, lo: f64, hi: f64, opts: &CalibrateOptions) -> Ci95 {
+/// Percentile bootstrap over the items that reach the tier (resampled with
+/// replacement, seeded).
+fn bootstrap(replay: &Replay, bands: &[(f64, f64)], opts: &CalibrateOptions) -> Ci95 {
     let n = replay.n();
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let (mut share, mut accuracy, mut cost) = (Vec::new(), Vec::new(), Vec::new());
@@ -236,7 +456,11 @@ fn bootstrap(replay: &Replay, lo: f64, hi: f64, opts: &CalibrateOptions) -> Ci95
         for _ in 0..n {
             weights[rng.random_range(0..n)] += 1;
         }
-        let p = replay.point(lo, hi, Some(&weights));
+        let p = replay.point_with(
+            bands,
+            bands.first().copied().unwrap_or((0.0, 1.0)),
+            Some(&weights),
+        );
         share.push(p.local_share);
         if let Some(a) = p.local_accuracy {
             accuracy.push(a);
@@ -339,16 +563,52 @@ fn set_number(t: &mut dyn toml_edit::TableLike, key: &str, v: f64) {
     t.insert(key, toml_edit::Item::Value(value));
 }
 
-/// Write `lo`, `hi` and `calibrated_accuracy` into tier `tier` of task
-/// `task` in `path`, with toml_edit (comments and layout kept). The edited
-/// text is validated first, the original is kept as `path.bak`, and the new
-/// file replaces the old by a rename in the same folder. Returns the `.bak`.
+/// The band to write: the tier's `lo`/`hi`, or `bands` per label.
+#[derive(Debug, Clone, Copy)]
+pub enum Written<'a> {
+    One { lo: f64, hi: f64 },
+    PerLabel(&'a [(String, f64, f64)]),
+}
+
+impl Written<'_> {
+    /// What a calibration chose, in the form the config takes.
+    pub fn of<'b>(c: &Calibration, bands: &'b [(String, f64, f64)]) -> Written<'b> {
+        match (&c.lo, &c.hi) {
+            (Bound::One(lo), Bound::One(hi)) => Written::One { lo: *lo, hi: *hi },
+            _ => Written::PerLabel(bands),
+        }
+    }
+}
+
+fn set_bands(t: &mut dyn toml_edit::TableLike, bands: &[(String, f64, f64)]) {
+    let decor = t
+        .get("bands")
+        .and_then(|i| i.as_value())
+        .map(|v| v.decor().clone());
+    let mut table = toml_edit::InlineTable::new();
+    for (label, lo, hi) in bands {
+        let mut one = toml_edit::InlineTable::new();
+        one.insert("lo", (*lo).into());
+        one.insert("hi", (*hi).into());
+        table.insert(label, toml_edit::Value::InlineTable(one));
+    }
+    let mut value = toml_edit::Value::InlineTable(table);
+    if let Some(d) = decor {
+        *value.decor_mut() = d;
+    }
+    t.insert("bands", toml_edit::Item::Value(value));
+}
+
+/// Write the band (`lo`/`hi`, or per-label `bands`) and
+/// `calibrated_accuracy` into tier `tier` of task `task` in `path`, with
+/// toml_edit (comments and layout kept). The edited text is validated
+/// first, the original is kept as `path.bak`, and the new file replaces the
+/// old by a rename in the same folder. Returns the `.bak`.
 pub fn write_band(
     path: &Path,
     task: &str,
     tier: &str,
-    lo: f64,
-    hi: f64,
+    band: Written<'_>,
     calibrated_accuracy: f64,
 ) -> Result<PathBuf, WriteError> {
     let shown = path.display().to_string();
@@ -372,27 +632,28 @@ pub fn write_band(
         .and_then(|t| t.get_mut("tiers"))
         .ok_or_else(|| edit(format!("no `tasks.{task}.tiers`")))?;
     let named = |t: &dyn toml_edit::TableLike| t.get("name").and_then(|n| n.as_str()) == Some(tier);
-    let values = [
-        ("lo", lo),
-        ("hi", hi),
-        ("calibrated_accuracy", round(calibrated_accuracy)),
-    ];
+    let edit_tier = |t: &mut dyn toml_edit::TableLike| {
+        match band {
+            Written::One { lo, hi } => {
+                set_number(t, "lo", lo);
+                set_number(t, "hi", hi);
+            }
+            Written::PerLabel(bands) => set_bands(t, bands),
+        }
+        set_number(t, "calibrated_accuracy", round(calibrated_accuracy));
+    };
     let mut found = false;
     if let Some(array) = tiers.as_array_of_tables_mut() {
         for t in array.iter_mut() {
             if named(&*t) {
-                for (k, v) in values {
-                    set_number(t, k, v);
-                }
+                edit_tier(t);
                 found = true;
             }
         }
     } else if let Some(array) = tiers.as_array_mut() {
         for t in array.iter_mut().filter_map(|v| v.as_inline_table_mut()) {
             if named(&*t) {
-                for (k, v) in values {
-                    set_number(t, k, v);
-                }
+                edit_tier(t);
                 found = true;
             }
         }

@@ -21,6 +21,7 @@ pub mod redact;
 pub mod specialists;
 pub mod speech;
 pub mod strategy;
+pub mod task_audit;
 
 pub use config::{Config, ConfigError};
 pub use engine::{Engine, Execution, Failure, Input, Overrides};

@@ -88,6 +88,58 @@ fn bands_labels_and_maps_are_checked() {
 }
 
 #[test]
+fn per_label_bands_are_checked_and_read() {
+    let base = format!(
+        "{PROVIDER}[local.tox]\nmodel = \"toxicity\"\n\
+         [tasks.m]\nstrategy = \"cascade\"\nkind = \"moderation\"\nlabels = [\"toxic\", \"insult\"]\n"
+    );
+    let last = "[[tasks.m.tiers]]\nname = \"c\"\nprovider = \"openai\"\nmodel = \"m\"\n";
+    let k = keys(&format!(
+        "{base}[[tasks.m.tiers]]\nname = \"a\"\nlocal = \"tox\"\n\
+         bands = {{ toxic = {{ lo = 0.7, hi = 0.2 }}, spam = {{ lo = 0.1, hi = 0.9 }} }}\n{last}"
+    ));
+    assert!(
+        k.contains(&"tasks.m.tiers[0].bands.toxic".to_owned()),
+        "{k:?}"
+    );
+    assert!(
+        k.contains(&"tasks.m.tiers[0].bands.spam".to_owned()),
+        "{k:?}"
+    );
+    // Bands for only some labels need the tier's lo/hi for the others.
+    assert!(
+        keys(&format!(
+            "{base}[[tasks.m.tiers]]\nname = \"a\"\nlocal = \"tox\"\n\
+             bands = {{ toxic = {{ lo = 0.1, hi = 0.9 }} }}\n{last}"
+        ))
+        .contains(&"tasks.m.tiers[0]".to_owned())
+    );
+    // Bands for every label stand alone; with lo/hi they override them.
+    for tier in [
+        "bands = { toxic = { lo = 0.1, hi = 0.9 }, insult = { lo = 0.3, hi = 0.6 } }\n",
+        "lo = 0.2\nhi = 0.8\nbands = { insult = { lo = 0.3, hi = 0.6 } }\n",
+    ] {
+        let config = Config::from_toml(
+            &format!("{base}[[tasks.m.tiers]]\nname = \"a\"\nlocal = \"tox\"\n{tier}{last}"),
+            "test.toml",
+            Path::new("/tmp"),
+        )
+        .unwrap_or_else(|e| panic!("{tier}: {e}"));
+        let triage_engine::config::Strategy::Cascade(c) = &config.tasks["m"].strategy else {
+            panic!("not a cascade")
+        };
+        let t = &c.tiers[0];
+        assert_eq!(t.band_for("insult"), Some((0.3, 0.6)), "{tier}");
+        assert!(t.band_for("toxic").is_some());
+        assert_eq!(
+            c.tiers[1].band_for("insult"),
+            None,
+            "the last tier always answers"
+        );
+    }
+}
+
+#[test]
 fn pipeline_stage_types_must_line_up() {
     let k = keys(
         "[local.ner]\nmodel = \"ner\"\n[local.whisper]\nmodel = \"x.bin\"\nkind = \"whisper\"\n\

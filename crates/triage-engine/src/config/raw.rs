@@ -214,6 +214,11 @@ pub struct RawTier {
     /// Accept when every label's probability is ≥ hi or ≤ lo.
     pub hi: Option<f64>,
     pub lo: Option<f64>,
+    /// Per task label bands of a multi-label moderation tier
+    /// (`bands = { toxic = { lo = 0.1, hi = 0.9 } }`); a label not named
+    /// here uses the tier's `lo`/`hi`.
+    #[serde(default)]
+    pub bands: IndexMap<String, RawBand>,
     /// The local accuracy `triage calibrate --write` measured for this band;
     /// `triage audit --from-ledger` warns when shadow agreement falls below it.
     pub calibrated_accuracy: Option<f64>,
@@ -225,6 +230,13 @@ pub struct RawTier {
     /// Further targets tried by the gateway if this tier's provider fails.
     #[serde(default)]
     pub fallback: Vec<RawTarget>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct RawBand {
+    pub lo: Option<f64>,
+    pub hi: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, Clone)]

@@ -118,6 +118,9 @@ pub struct Tier {
     pub kind: TierKind,
     /// `None` for the last tier: it always answers.
     pub band: Option<(f64, f64)>,
+    /// Moderation: bands of single task labels (`bands`), overriding `band`
+    /// for those labels. Empty on the last tier.
+    pub label_bands: IndexMap<String, (f64, f64)>,
     /// What calibration promised for the band (`calibrated_accuracy`).
     pub calibrated_accuracy: Option<f64>,
     pub map: IndexMap<String, String>,
@@ -126,6 +129,13 @@ pub struct Tier {
 }
 
 impl Tier {
+    /// The band that decides `label`: its own, else the tier's. `None` for
+    /// the last tier.
+    pub fn band_for(&self, label: &str) -> Option<(f64, f64)> {
+        self.band
+            .map(|b| self.label_bands.get(label).copied().unwrap_or(b))
+    }
+
     pub fn model_name(&self) -> String {
         match &self.kind {
             TierKind::Local { specialist } => format!("local/{specialist}"),

@@ -64,11 +64,14 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
         let band = if i == last {
             None
         } else {
-            tier.band.map(|(lo, hi)| {
-                (
-                    run.overrides.lo.unwrap_or(lo),
-                    run.overrides.hi.unwrap_or(hi),
-                )
+            let (olo, ohi) = (run.overrides.lo, run.overrides.hi);
+            tier.band.map(|(lo, hi)| Band {
+                default: (olo.unwrap_or(lo), ohi.unwrap_or(hi)),
+                labels: tier
+                    .label_bands
+                    .iter()
+                    .map(|(l, (lo, hi))| (l.clone(), (olo.unwrap_or(*lo), ohi.unwrap_or(*hi))))
+                    .collect(),
             })
         };
         let started = Instant::now();
@@ -101,7 +104,7 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
                     continue;
                 }
             };
-        let (decision, reason, score) = decide(&verdict, band);
+        let (decision, reason, score) = decide(&verdict, band.as_ref());
         let local_specialist = match &tier.kind {
             TierKind::Local { specialist } => Some(specialist.clone()),
             _ => None,
@@ -481,8 +484,21 @@ fn parse_scores(c: &Cascade, text: &str) -> Option<IndexMap<String, f64>> {
     Some(scores)
 }
 
+/// A tier's acceptance band: the tier's own, and any per-label ones.
+#[derive(Debug, Clone)]
+struct Band {
+    default: (f64, f64),
+    labels: IndexMap<String, (f64, f64)>,
+}
+
+impl Band {
+    fn of(&self, label: &str) -> (f64, f64) {
+        self.labels.get(label).copied().unwrap_or(self.default)
+    }
+}
+
 /// Accept, or escalate with the reason; the score is the least certain label's.
-fn decide(verdict: &Verdict, band: Option<(f64, f64)>) -> (Decision, String, Option<f64>) {
+fn decide(verdict: &Verdict, band: Option<&Band>) -> (Decision, String, Option<f64>) {
     match verdict {
         Verdict::Refusal(reason) => (Decision::Accepted, format!("refusal: {reason}"), None),
         Verdict::Scores(scores) => {
@@ -494,29 +510,51 @@ fn decide(verdict: &Verdict, band: Option<(f64, f64)>) -> (Decision, String, Opt
             let score = pivot.as_ref().map(|p| p.1);
             match band {
                 None => (Decision::Accepted, "last tier".into(), score),
-                Some((lo, hi)) => {
+                Some(band) => {
+                    let (lo, hi) = band.default;
                     let uncertain: Vec<String> = scores
                         .iter()
-                        .filter(|(_, s)| !outside_band(**s, lo, hi))
-                        .map(|(l, s)| format!("{l}={s:.3}"))
+                        .filter(|(l, s)| {
+                            let (lo, hi) = band.of(l);
+                            !outside_band(**s, lo, hi)
+                        })
+                        .map(|(l, s)| {
+                            if !band.labels.is_empty() {
+                                let (lo, hi) = band.of(l);
+                                format!("{l}={s:.3} inside ({lo}, {hi})")
+                            } else {
+                                format!("{l}={s:.3}")
+                            }
+                        })
                         .collect();
+                    let shown = if band.labels.is_empty() {
+                        format!("({lo}, {hi})")
+                    } else {
+                        "their bands".to_owned()
+                    };
                     if uncertain.is_empty() {
                         (
                             Decision::Accepted,
-                            format!("confident: outside ({lo}, {hi})"),
+                            format!("confident: outside {shown}"),
+                            score,
+                        )
+                    } else if band.labels.is_empty() {
+                        (
+                            Decision::Escalated,
+                            format!("uncertain: {} inside ({lo}, {hi})", uncertain.join(", ")),
                             score,
                         )
                     } else {
                         (
                             Decision::Escalated,
-                            format!("uncertain: {} inside ({lo}, {hi})", uncertain.join(", ")),
+                            format!("uncertain: {}", uncertain.join(", ")),
                             score,
                         )
                     }
                 }
             }
         }
-        Verdict::Text { confidence, .. } => match (band, confidence) {
+        Verdict::Text { confidence, .. } => match (band.map(|b| b.default), confidence) {
             (None, _) => (Decision::Accepted, "last tier".into(), *confidence),
             (Some((_, hi)), Some(p)) if *p >= hi => (
                 Decision::Accepted,
@@ -685,4 +723,36 @@ fn spawn_shadow(
             });
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scores(pairs: &[(&str, f64)]) -> Verdict {
+        Verdict::Scores(pairs.iter().map(|(l, s)| ((*l).to_owned(), *s)).collect())
+    }
+
+    #[test]
+    fn a_label_with_its_own_band_is_judged_by_it() {
+        let band = Band {
+            default: (0.2, 0.8),
+            labels: IndexMap::from([("insult".to_owned(), (0.4, 0.6))]),
+        };
+        // 0.35 is inside the default band but outside insult's own.
+        let (d, reason, _) = decide(&scores(&[("toxic", 0.1), ("insult", 0.35)]), Some(&band));
+        assert_eq!(d, Decision::Accepted, "{reason}");
+        let (d, reason, _) = decide(&scores(&[("toxic", 0.35), ("insult", 0.1)]), Some(&band));
+        assert_eq!(d, Decision::Escalated);
+        assert_eq!(reason, "uncertain: toxic=0.350 inside (0.2, 0.8)");
+        let (d, _, _) = decide(&scores(&[("toxic", 0.9), ("insult", 0.5)]), Some(&band));
+        assert_eq!(d, Decision::Escalated);
+        // Without per-label bands the reason reads as before.
+        let plain = Band {
+            default: (0.2, 0.8),
+            labels: IndexMap::new(),
+        };
+        let (_, reason, _) = decide(&scores(&[("toxic", 0.9)]), Some(&plain));
+        assert_eq!(reason, "confident: outside (0.2, 0.8)");
+    }
 }

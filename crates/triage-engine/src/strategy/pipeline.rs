@@ -297,7 +297,8 @@ fn text_of(input: Input, task: &str) -> Result<String, EngineError> {
     }
 }
 
-fn type_key(ty: &str) -> String {
+/// The answer's key for an entity type (`PER` → `people`).
+pub(crate) fn type_key(ty: &str) -> String {
     match ty {
         "PER" => "people".into(),
         "ORG" => "organisations".into(),

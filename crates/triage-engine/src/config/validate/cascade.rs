@@ -124,8 +124,42 @@ impl Validator {
                     continue;
                 }
             };
+            let mut label_bands = IndexMap::new();
+            for (label, b) in &t.bands {
+                let bk = format!("{tk}.bands.{label}");
+                if kind != CascadeKind::Moderation {
+                    self.problem(
+                        &bk,
+                        "per-label bands apply to moderation cascades",
+                        "use hi on a chat tier",
+                    );
+                    continue;
+                }
+                if !c.labels.contains(label) {
+                    self.problem(
+                        &bk,
+                        format!("`{label}` is not one of the task's labels"),
+                        format!("use one of: {}", c.labels.join(", ")),
+                    );
+                    continue;
+                }
+                let (lo, hi) = (b.lo.unwrap_or(0.0), b.hi.unwrap_or(1.0));
+                if !band_ok(hi) || !band_ok(lo) || lo > hi {
+                    self.problem(
+                        &bk,
+                        format!("band lo = {lo}, hi = {hi} is not 0 ≤ lo ≤ hi ≤ 1"),
+                        format!("e.g. {label} = {{ lo = 0.1, hi = 0.9 }}"),
+                    );
+                    continue;
+                }
+                label_bands.insert(label.clone(), (lo, hi));
+            }
+            // Bands for every label stand in for the tier's own lo/hi.
+            let every_label =
+                !c.labels.is_empty() && c.labels.iter().all(|l| t.bands.contains_key(l));
             let band = match (t.hi, t.lo) {
                 (None, None) if i == last => None,
+                (None, None) if every_label => Some((0.0, 1.0)),
                 (None, None) if kind == CascadeKind::Chat => {
                     self.problem(
                         &tk,
@@ -138,7 +172,7 @@ impl Validator {
                     self.problem(
                         &tk,
                         "a tier before the last needs an acceptance band",
-                        "add hi = 0.9 and lo = 0.1 (accept when every label is ≥ hi or ≤ lo)",
+                        "add hi = 0.9 and lo = 0.1 (accept when every label is ≥ hi or ≤ lo), or bands for every label",
                     );
                     None
                 }
@@ -180,10 +214,17 @@ impl Validator {
                     );
                 }
             }
+            if i == last && !t.bands.is_empty() {
+                self.warnings.push(format!(
+                    "{tk}: the last tier always answers; its bands are ignored"
+                ));
+                label_bands.clear();
+            }
             tiers.push(Tier {
                 name: t.name.clone(),
                 kind: tier_kind,
                 band,
+                label_bands,
                 calibrated_accuracy: t.calibrated_accuracy,
                 map: t.map.clone(),
                 timeout: t.timeout_ms.map(Duration::from_millis),
