@@ -6,7 +6,9 @@
 pub mod aggregation;
 pub mod delta;
 pub mod device;
+mod encoder;
 pub mod error;
+mod matmul;
 pub mod metrics;
 pub mod model;
 pub mod resolve;
