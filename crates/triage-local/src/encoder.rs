@@ -152,11 +152,7 @@ fn dense(view: &BertView, name: &str, inp: usize, out: usize) -> Result<Dense> {
         &tensor(view, &format!("{name}.bias"))?,
     )?;
     if (d.inp, d.out) != (inp, out) {
-        candle_core::bail!(
-            "{name} is {}×{}, expected {inp}×{out}",
-            d.out,
-            d.inp
-        );
+        candle_core::bail!("{name} is {}×{}, expected {inp}×{out}", d.out, d.inp);
     }
     Ok(d)
 }
@@ -480,7 +476,7 @@ fn softmax_rows(x: &mut [f32], cols: usize) {
 pub(crate) fn exp(x: f32) -> f32 {
     // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.3).min(88.3);
+    let x = x.clamp(-87.3, 88.3);
     let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     // x − k·ln 2 in two parts, so the reduction loses nothing.
     let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
@@ -495,7 +491,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// Eigen and XLA use for f32, exact to f32 rounding beyond |x| = 4.
 #[inline(always)]
 pub(crate) fn erf(x: f32) -> f32 {
-    let x = x.max(-4.0).min(4.0);
+    let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = -2.726_142_3e-10_f32;
     p = p * x2 + 2.770_681_4e-8;

@@ -135,8 +135,12 @@ mod tests {
     #[test]
     fn matches_the_naive_product_plain_and_transposed() {
         let (m, n, k) = (37, 19, 70);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+            .collect();
         let want = naive(m, n, k, &a, &b);
         let mut got = vec![1.0; m * n];
         gemm(

@@ -365,20 +365,21 @@ impl LocalModel {
             path: checkpoint.path.clone(),
             source,
         };
-        let encoder = if device.is_cpu() {
-            let view = BertView::new(checkpoint.clone(), family, bert_cfg.hidden_size);
-            Encoder::Cpu(Box::new(
-                CpuEncoder::load(&view, &bert_cfg).map_err(weights_error)?,
-            ))
-        } else {
-            let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(
-                BertView::new(checkpoint.clone(), family, bert_cfg.hidden_size),
-            );
-            let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
-            Encoder::Candle(Box::new(
-                BertModel::load(vb, &bert_cfg).map_err(weights_error)?,
-            ))
-        };
+        let encoder =
+            if device.is_cpu() {
+                let view = BertView::new(checkpoint.clone(), family, bert_cfg.hidden_size);
+                Encoder::Cpu(Box::new(
+                    CpuEncoder::load(&view, &bert_cfg).map_err(weights_error)?,
+                ))
+            } else {
+                let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(
+                    BertView::new(checkpoint.clone(), family, bert_cfg.hidden_size),
+                );
+                let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
+                Encoder::Candle(Box::new(
+                    BertModel::load(vb, &bert_cfg).map_err(weights_error)?,
+                ))
+            };
 
         let max_length = max_length(dir, &cfg, family).min(bert_cfg.max_position_embeddings);
         let tokenizer =
