@@ -27,7 +27,8 @@ struct Cli {
     /// Device to run local models on: cpu, cuda, cuda:N or metal.
     #[arg(long, global = true, default_value = "cpu", env = "TRIAGE_DEVICE")]
     device: String,
-    /// CPU threads for model compute (default: all cores).
+    /// Cores to use (default: all): split between the async workers (a quarter,
+    /// at least one), the encoders and, for `serve`, Whisper, never more threads than cores.
     #[arg(long, global = true, env = "TRIAGE_THREADS")]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -169,15 +170,21 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    if let Some(n) = cli.threads {
-        // candle sizes its CPU kernels from RAYON_NUM_THREADS; no other thread exists yet.
-        #[expect(unsafe_code, reason = "set before any thread is spawned")]
-        unsafe {
-            std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
-        }
+    // One budget for every pool: the async workers, the encoders' compute
+    // pool and whisper.cpp (which only `serve` runs beside the encoders).
+    let budget = triage_local::ThreadBudget::split(
+        cli.threads
+            .unwrap_or_else(triage_local::ThreadBudget::available_cores),
+        matches!(cli.command, Command::Serve(_)),
+    );
+    tracing::debug!(?budget, "thread budget");
+    // The encoders' pool (rayon) sizes itself from RAYON_NUM_THREADS; no other thread exists yet.
+    #[expect(unsafe_code, reason = "set before any thread is spawned")]
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", budget.compute.to_string());
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cli.threads.unwrap_or(2).clamp(1, 4))
+        .worker_threads(budget.async_workers)
         .enable_all()
         .build()
     {
@@ -187,7 +194,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(dispatch(cli));
+    let result = runtime.block_on(dispatch(cli, budget));
     // Blocking work still running (a job's transcription past the drain
     // deadline) must not hold the exit: `serve` has already committed the
     // ledgers by now.
@@ -201,7 +208,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
+async fn dispatch(cli: Cli, budget: triage_local::ThreadBudget) -> Result<std::process::ExitCode> {
     let device = cli.device.parse::<triage_local::DeviceSpec>()?.open()?;
     match cli.command {
         Command::Moderate { io, windows } => {
@@ -216,13 +223,14 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Costs(args) => engine_cmds::costs(args).await,
         Command::Audit(args) => audit::audit(args).await,
         Command::Calibrate(args) => audit::calibrate(args).await,
-        Command::Serve(args) => serve::run(args, &cli.device, cli.threads).await,
+        Command::Serve(args) => serve::run(args, &cli.device, budget.whisper).await,
         Command::Transcribe(args) => {
             let gpu = !matches!(
                 cli.device.parse::<triage_local::DeviceSpec>()?,
                 triage_local::DeviceSpec::Cpu
             );
-            transcribe::run(args, cli.threads, gpu).await
+            // Transcription alone: whisper.cpp takes the compute share.
+            transcribe::run(args, budget.compute, gpu).await
         }
         Command::Embed { io, normalize } => run::texts(io, Job::Embed { normalize }, &device).await,
         Command::Eval(args) => eval::run(args, &device).await,

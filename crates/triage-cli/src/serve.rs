@@ -185,17 +185,15 @@ fn table<'a>(t: &'a mut Table, path: &[&str]) -> Result<&'a mut Table> {
 async fn default_with_flags(
     args: &ServeArgs,
     device: &str,
-    threads: Option<usize>,
+    whisper_threads: usize,
 ) -> Result<Config> {
     let mut doc: Table =
         toml::from_str(default_config::TOML).context("the embedded default config is not TOML")?;
     for specialist in ["toxicity", "whisper"] {
         table(&mut doc, &["local", specialist])?.insert("device".into(), device.into());
     }
-    if let Some(n) = threads {
-        let n = i64::try_from(n).unwrap_or(i64::MAX);
-        table(&mut doc, &["local", "whisper"])?.insert("threads".into(), n.into());
-    }
+    let n = i64::try_from(whisper_threads).unwrap_or(i64::MAX);
+    table(&mut doc, &["local", "whisper"])?.insert("threads".into(), n.into());
     if let Some(model) = &args.moderation_model {
         table(&mut doc, &["local", "toxicity"])?.insert("model".into(), model.clone().into());
         // Another model has other labels: the task scores each of them.
@@ -269,11 +267,21 @@ async fn default_with_flags(
     )?)
 }
 
-pub async fn run(args: ServeArgs, device: &str, threads: Option<usize>) -> Result<ExitCode> {
+pub async fn run(args: ServeArgs, device: &str, whisper_threads: usize) -> Result<ExitCode> {
     let (config, what) = match &args.config {
-        Some(path) => (Config::load(path)?, path.display().to_string()),
+        Some(path) => {
+            let mut config = Config::load(path)?;
+            // A Whisper specialist without `threads` takes its share of the budget.
+            for spec in config.local.values_mut() {
+                if spec.kind == triage_engine::config::LocalKind::Whisper && spec.threads.is_none()
+                {
+                    spec.threads = Some(whisper_threads);
+                }
+            }
+            (config, path.display().to_string())
+        }
         None => (
-            default_with_flags(&args, device, threads).await?,
+            default_with_flags(&args, device, whisper_threads).await?,
             "the default specialists".to_owned(),
         ),
     };

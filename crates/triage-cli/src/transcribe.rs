@@ -55,15 +55,10 @@ fn error_line(file: &str, kind: &str, message: String) -> Value {
     json!({"file": file, "error": {"kind": kind, "message": message}})
 }
 
-pub async fn run(args: TranscribeArgs, threads: Option<usize>, gpu: bool) -> Result<ExitCode> {
+pub async fn run(args: TranscribeArgs, threads: usize, gpu: bool) -> Result<ExitCode> {
     let path = triage_local::resolve::resolve_whisper(&args.model)
         .await
         .with_context(|| format!("cannot resolve Whisper model `{}`", args.model))?;
-    let threads = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-    });
     let vad = if args.no_vad {
         None
     } else {

@@ -6,6 +6,7 @@ use crate::config::{LocalKind, LocalSpec};
 use crate::error::EngineError;
 use indexmap::IndexMap;
 use std::sync::Arc;
+pub use triage_local::CacheStats;
 use triage_local::speech::WhisperEngine;
 use triage_local::{ModelHandle, ModelRef};
 
@@ -88,10 +89,13 @@ impl Specialists {
                     let path = triage_local::resolve::resolve_whisper(&spec.model)
                         .await
                         .map_err(err)?;
+                    // Unset: its share of the machine's thread budget.
                     let threads = spec.threads.unwrap_or_else(|| {
-                        std::thread::available_parallelism()
-                            .map(|n| n.get())
-                            .unwrap_or(2)
+                        triage_local::ThreadBudget::split(
+                            triage_local::ThreadBudget::available_cores(),
+                            true,
+                        )
+                        .whisper
                     });
                     let vad = triage_local::resolve::resolve_vad(spec.vad_model.as_deref())
                         .map_err(err)?;
@@ -130,6 +134,19 @@ impl Specialists {
             .iter()
             .filter(|(_, s)| !s.is_alive())
             .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Each classifier's answer-cache counters, for those whose cache is on.
+    pub fn cache_stats(&self) -> Vec<(String, CacheStats)> {
+        self.map
+            .iter()
+            .filter_map(|(name, s)| match s {
+                Specialist::Classifier { handle, .. } => {
+                    handle.cache_stats().map(|c| (name.clone(), c))
+                }
+                _ => None,
+            })
             .collect()
     }
 

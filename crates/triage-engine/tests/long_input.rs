@@ -157,3 +157,32 @@ async fn an_input_over_max_input_tokens_is_refused_before_any_tier_runs() {
         "{local:?}"
     );
 }
+
+#[tokio::test]
+async fn repeat_texts_are_scored_from_the_cache_at_no_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeOpenAi::start(vec![
+        Reply::Moderation(vec![("harassment", 0.01)]),
+        Reply::Moderation(vec![("harassment", 0.01)]),
+    ])
+    .await;
+    let engine = engine(&fake, &dir, "cache_entries = 16\n").await;
+    let overrides = Overrides::default();
+    let run = || {
+        engine.execute(
+            "moderation",
+            Input::Text("Thanks for the  quick reply, see you on Monday!".into()),
+            &overrides,
+        )
+    };
+    let first = run().await.unwrap();
+    let second = run().await.unwrap();
+    let stats = engine.specialists.cache_stats();
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert_eq!(stats[0].0, "toxicity");
+    assert_eq!((stats[0].1.hits, stats[0].1.misses), (1, 1), "{stats:?}");
+    let local = |e: &triage_engine::Execution| e.trace.tiers[0].clone();
+    assert_eq!(local(&first).score, local(&second).score);
+    assert!(local(&first).cost_usd > 0.0);
+    assert_eq!(local(&second).cost_usd, 0.0, "a cache hit runs no model");
+}

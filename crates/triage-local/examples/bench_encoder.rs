@@ -32,6 +32,10 @@ fn main() -> anyhow::Result<()> {
         .map(str::parse)
         .collect::<Result<_, _>>()?;
     let model = LocalModel::load(std::path::Path::new(&dir), &dir, &Device::Cpu)?;
+    let set = std::path::Path::new(&sentences_file)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     for &batch in &batches {
         let mut pos = 0usize;
@@ -59,14 +63,40 @@ fn main() -> anyhow::Result<()> {
         };
         run()?; // warm-up
         let start = Instant::now();
+        let cpu_start = cpu_seconds();
         let mut done = 0usize;
         while start.elapsed() < Duration::from_secs_f64(seconds) {
             run()?;
             done += batch;
         }
         let rate = done as f64 / start.elapsed().as_secs_f64();
-        let line = serde_json::json!({"impl": "triage-candle", "model": dir, "batch": batch, "threads": threads, "texts_per_s": rate});
+        let cpu = cpu_seconds() - cpu_start;
+        let per_cpu_s = if cpu > 0.0 { done as f64 / cpu } else { 0.0 };
+        let line = serde_json::json!({"impl": "triage", "model": dir, "set": set, "batch": batch, "threads": threads, "texts_per_s": rate, "texts_per_cpu_s": per_cpu_s});
         println!("{line}");
     }
     Ok(())
+}
+
+/// CPU time (user + system) of this process so far, all threads, from
+/// /proc/self/stat: on a loaded machine, texts per CPU-second compare the
+/// work each side does, whatever share of the cores it got.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line; here, from field 3
+    // (the state) on, indices 11 and 12. Ticks are 1/100 s on Linux.
+    (ticks(11) + ticks(12)) / 100.0
 }

@@ -4,22 +4,28 @@
 //! worker thread with a batching queue.
 
 pub mod aggregation;
+pub mod cache;
 pub mod delta;
 pub mod device;
+mod encoder;
 pub mod error;
+mod matmul;
 pub mod metrics;
 pub mod model;
 pub mod resolve;
 pub mod speech;
+pub mod threads;
 pub mod tokenize;
 pub mod train;
 pub mod weights;
 pub mod worker;
 
+pub use cache::CacheStats;
 pub use device::DeviceSpec;
 pub use error::{LocalError, Result};
 pub use model::{Activation, LocalModel, ModelInfo};
 pub use resolve::{HubSettings, ModelRef, resolve, resolve_with};
+pub use threads::ThreadBudget;
 pub use worker::{BatchConfig, DEFAULT_MAX_INPUT_TOKENS, ModelHandle, Timing};
 
 /// Resolve `reference` (and the base of a delta folder) and load it on `device`.

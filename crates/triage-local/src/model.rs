@@ -2,6 +2,7 @@
 //! head, built from a Hugging Face folder (`config.json`, weights, tokenizer).
 
 use crate::aggregation::{self, TokenPrediction};
+use crate::encoder::{CpuEncoder, Packed, Sequence};
 use crate::error::{LocalError, Result};
 use crate::tokenize::{Encoded, EncodedText, TextTokenizer};
 use crate::weights::{BertView, Checkpoint, Family};
@@ -57,10 +58,17 @@ pub struct ModelInfo {
 /// 0.5 GB of activations for a base-size encoder at 512-token windows.
 pub const PASS_PADDED_TOKENS: usize = 8192;
 
+/// The encoder: our own on the CPU (see `encoder`), candle-transformers'
+/// `BertModel` on a GPU.
+enum Encoder {
+    Cpu(Box<CpuEncoder>),
+    Candle(Box<BertModel>),
+}
+
 pub struct LocalModel {
     pub info: ModelInfo,
     pub tokenizer: TextTokenizer,
-    encoder: BertModel,
+    encoder: Encoder,
     head: Head,
     device: Device,
     pad_id: u32,
@@ -353,16 +361,25 @@ impl LocalModel {
             LocalTask::Embedding => Head::MeanPool,
         };
 
-        let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(BertView::new(
-            checkpoint.clone(),
-            family,
-            bert_cfg.hidden_size,
-        ));
-        let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
-        let encoder = BertModel::load(vb, &bert_cfg).map_err(|source| LocalError::Weights {
+        let weights_error = |source| LocalError::Weights {
             path: checkpoint.path.clone(),
             source,
-        })?;
+        };
+        let encoder =
+            if device.is_cpu() {
+                let view = BertView::new(checkpoint.clone(), family, bert_cfg.hidden_size);
+                Encoder::Cpu(Box::new(
+                    CpuEncoder::load(&view, &bert_cfg).map_err(weights_error)?,
+                ))
+            } else {
+                let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(
+                    BertView::new(checkpoint.clone(), family, bert_cfg.hidden_size),
+                );
+                let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
+                Encoder::Candle(Box::new(
+                    BertModel::load(vb, &bert_cfg).map_err(weights_error)?,
+                ))
+            };
 
         let max_length = max_length(dir, &cfg, family).min(bert_cfg.max_position_embeddings);
         let tokenizer =
@@ -406,8 +423,28 @@ impl LocalModel {
         }
     }
 
-    /// Run the encoder over a padded batch; returns hidden states and the mask.
-    fn encode_batch(&self, batch: &[&Encoded]) -> candle_core::Result<(Tensor, Tensor)> {
+    /// Run the CPU encoder over a batch, packed without padding.
+    fn encode_packed(
+        cpu: &CpuEncoder,
+        batch: &[&Encoded],
+        first_only: bool,
+    ) -> candle_core::Result<Packed> {
+        let seqs: Vec<Sequence<'_>> = batch
+            .iter()
+            .map(|e| Sequence {
+                ids: &e.ids,
+                type_ids: &e.type_ids,
+            })
+            .collect();
+        cpu.forward(&seqs, first_only)
+    }
+
+    /// Run the candle encoder over a padded batch; returns hidden states and the mask.
+    fn encode_batch(
+        &self,
+        encoder: &BertModel,
+        batch: &[&Encoded],
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let width = batch.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
         let n = batch.len();
         let mut ids = Vec::with_capacity(n * width);
@@ -425,7 +462,7 @@ impl LocalModel {
         let ids = Tensor::from_vec(ids, (n, width), &self.device)?;
         let types = Tensor::from_vec(types, (n, width), &self.device)?;
         let mask = Tensor::from_vec(mask, (n, width), &self.device)?;
-        let hidden = self.encoder.forward(&ids, &types, Some(&mask))?;
+        let hidden = encoder.forward(&ids, &types, Some(&mask))?;
         Ok((hidden, mask))
     }
 
@@ -442,8 +479,18 @@ impl LocalModel {
             return Err(self.wrong_head());
         };
         let run = || -> candle_core::Result<Vec<Vec<f32>>> {
-            let (hidden, _) = self.encode_batch(batch)?;
-            let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+            let cls = match &self.encoder {
+                Encoder::Cpu(cpu) => {
+                    let packed = Self::encode_packed(cpu, batch, true)?;
+                    let n = batch.len();
+                    let h = packed.hidden.len() / n.max(1);
+                    Tensor::from_vec(packed.hidden, (n, h), &self.device)?
+                }
+                Encoder::Candle(encoder) => {
+                    let (hidden, _) = self.encode_batch(encoder, batch)?;
+                    hidden.narrow(1, 0, 1)?.squeeze(1)?
+                }
+            };
             let x = match (pooler, pre_classifier) {
                 (Some(p), _) => p.forward(&cls)?.tanh()?,
                 (None, Some(p)) => p.forward(&cls)?.relu()?,
@@ -467,7 +514,24 @@ impl LocalModel {
             return Err(self.wrong_head());
         };
         let run = || -> candle_core::Result<Vec<Vec<Vec<f32>>>> {
-            let (hidden, _) = self.encode_batch(batch)?;
+            if let Encoder::Cpu(cpu) = &self.encoder {
+                let packed = Self::encode_packed(cpu, batch, false)?;
+                let rows = packed.starts.last().copied().unwrap_or(0);
+                let h = packed.hidden.len() / rows.max(1);
+                let hidden = Tensor::from_vec(packed.hidden, (rows, h), &self.device)?;
+                let logits = (classifier.forward(&hidden)? / f64::from(self.info.temperature))?;
+                let probs = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+                let mut probs = probs.into_iter();
+                return Ok(packed
+                    .starts
+                    .windows(2)
+                    .map(|w| probs.by_ref().take(w[1] - w[0]).collect())
+                    .collect());
+            }
+            let Encoder::Candle(encoder) = &self.encoder else {
+                return Err(candle_core::Error::Msg("no encoder".into()));
+            };
+            let (hidden, _) = self.encode_batch(encoder, batch)?;
             let logits = (classifier.forward(&hidden)? / f64::from(self.info.temperature))?;
             let probs = candle_nn::ops::softmax(&logits, D::Minus1)?.to_dtype(DType::F32)?;
             let mut all = probs.to_vec3::<f32>()?;
@@ -483,7 +547,30 @@ impl LocalModel {
     pub fn embed_windows(&self, batch: &[&Encoded]) -> Result<Vec<Vec<f32>>> {
         self.require(LocalTask::Embedding)?;
         let run = || -> candle_core::Result<Vec<Vec<f32>>> {
-            let (hidden, mask) = self.encode_batch(batch)?;
+            let encoder = match &self.encoder {
+                Encoder::Cpu(cpu) => {
+                    let packed = Self::encode_packed(cpu, batch, false)?;
+                    let rows = packed.starts.last().copied().unwrap_or(0);
+                    let h = packed.hidden.len() / rows.max(1);
+                    return Ok(packed
+                        .starts
+                        .windows(2)
+                        .map(|w| {
+                            let mut mean = vec![0f32; h];
+                            for row in packed.hidden[w[0] * h..w[1] * h].chunks_exact(h) {
+                                for (m, v) in mean.iter_mut().zip(row) {
+                                    *m += v;
+                                }
+                            }
+                            let count = (w[1] - w[0]).max(1) as f32;
+                            mean.iter_mut().for_each(|m| *m /= count);
+                            mean
+                        })
+                        .collect());
+                }
+                Encoder::Candle(encoder) => encoder,
+            };
+            let (hidden, mask) = self.encode_batch(encoder, batch)?;
             let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
             let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
             let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;

@@ -7,6 +7,7 @@
 //! `max_input_tokens` is refused before it is queued; a panic inside a
 //! forward pass fails that batch with a typed error and the worker carries on.
 
+use crate::cache::{CacheStats, ScoreCache};
 use crate::error::{LocalError, Result};
 use crate::model::{LocalModel, ModelInfo};
 use crate::tokenize::EncodedText;
@@ -33,6 +34,9 @@ pub struct BatchConfig {
     /// Longest input accepted, in tokens; longer is refused with
     /// [`LocalError::InputTooLong`] before any model work.
     pub max_input_tokens: usize,
+    /// Classification answers kept for repeat texts (see `cache`); 0 turns
+    /// the cache off.
+    pub cache_entries: usize,
 }
 
 /// The default `max_input_tokens`.
@@ -50,6 +54,7 @@ impl Default for BatchConfig {
             max_batch_size: 32,
             max_wait: Duration::from_millis(2),
             max_input_tokens: DEFAULT_MAX_INPUT_TOKENS,
+            cache_entries: 0,
         }
     }
 }
@@ -94,6 +99,7 @@ pub struct ModelHandle {
     tokenizer: Arc<crate::tokenize::TextTokenizer>,
     config: BatchConfig,
     alive: Arc<AtomicBool>,
+    cache: Option<Arc<ScoreCache>>,
 }
 
 /// Marks the worker gone when its thread ends, however it ends.
@@ -130,11 +136,18 @@ impl ModelHandle {
             tokenizer,
             config,
             alive,
+            cache: (config.cache_entries > 0)
+                .then(|| Arc::new(ScoreCache::new(config.cache_entries))),
         })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The classification cache's counters, when the cache is on.
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.cache.as_ref().map(|c| c.stats())
     }
 
     /// Whether the worker thread is still running (`/ready` reports one that is not).
@@ -178,6 +191,15 @@ impl ModelHandle {
 
     async fn submit(&self, op: Op, text: &str, all_windows: bool) -> Result<(Answer, Timing)> {
         let encoded = self.encode(text, all_windows).await?;
+        self.submit_encoded(op, text, encoded).await
+    }
+
+    async fn submit_encoded(
+        &self,
+        op: Op,
+        text: &str,
+        encoded: EncodedText,
+    ) -> Result<(Answer, Timing)> {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             op,
@@ -218,8 +240,25 @@ impl ModelHandle {
         text: &str,
         windows: bool,
     ) -> Result<(Classification, Timing)> {
-        match self.submit(Op::Classify, text, windows).await? {
-            (Answer::Classified(c), t) => Ok((c, t)),
+        let encoded = self.encode(text, windows).await?;
+        // A text that fits one window scores the same with or without
+        // `windows`, so its token ids alone are the key.
+        let cached = match (&self.cache, encoded.windows.as_slice()) {
+            (Some(cache), [only]) => Some((cache, only.ids.clone())),
+            _ => None,
+        };
+        if let Some((cache, key)) = &cached
+            && let Some(hit) = cache.get(key)
+        {
+            return Ok((hit, Timing::default()));
+        }
+        match self.submit_encoded(Op::Classify, text, encoded).await? {
+            (Answer::Classified(c), t) => {
+                if let Some((cache, key)) = cached {
+                    cache.insert(key, c.clone());
+                }
+                Ok((c, t))
+            }
             _ => Err(self.mismatch()),
         }
     }
@@ -332,17 +371,22 @@ fn compute(model: &LocalModel, batch: &[Job]) -> Result<Vec<Answer>> {
     }
 }
 
-fn run_batch(model: &LocalModel, batch: Vec<Job>) {
-    let span = tracing::debug_span!(parent: &batch[0].span, "batch", model = %model.info.name, size = batch.len());
-    let _enter = span.enter();
-    let started = Instant::now();
+/// `compute`, with a panic inside turned into a typed error.
+fn compute_caught(model: &LocalModel, batch: &[Job]) -> Result<Vec<Answer>> {
     // A panic in candle (a bad shape, a kernel bug) fails this batch, not the worker.
-    let answers = catch_unwind(AssertUnwindSafe(|| compute(model, &batch))).unwrap_or_else(|_| {
+    catch_unwind(AssertUnwindSafe(|| compute(model, batch))).unwrap_or_else(|_| {
         tracing::error!(model = %model.info.name, "a forward pass panicked");
         Err(LocalError::Panicked {
             model: model.info.name.clone(),
         })
-    });
+    })
+}
+
+fn run_batch(model: &LocalModel, batch: Vec<Job>) {
+    let span = tracing::debug_span!(parent: &batch[0].span, "batch", model = %model.info.name, size = batch.len());
+    let _enter = span.enter();
+    let started = Instant::now();
+    let answers = compute_caught(model, &batch);
     let elapsed = started.elapsed();
     let total: usize = batch.iter().map(|j| j.encoded.padded_tokens()).sum();
     let timing = |job: &Job| Timing {
@@ -360,23 +404,29 @@ fn run_batch(model: &LocalModel, batch: Vec<Job>) {
                 let _ = job.reply.send(Ok((answer, t)));
             }
         }
-        Err(e) => {
+        Err(e) if batch.len() == 1 => {
             tracing::warn!(error = %e, "batch failed");
-            let msg = e.to_string();
-            let panicked = matches!(e, LocalError::Panicked { .. });
-            let mut batch = batch.into_iter();
-            if let Some(first) = batch.next() {
-                let _ = first.reply.send(Err(e));
+            if let Some(job) = batch.into_iter().next() {
+                let _ = job.reply.send(Err(e));
             }
+        }
+        Err(e) => {
+            // One bad item must not fail its neighbours, and each caller is
+            // owed its own error with its own kind: run each item alone.
+            tracing::warn!(error = %e, size = batch.len(), "batch failed; running its items one by one");
             for job in batch {
-                let err = if panicked {
-                    LocalError::Panicked {
+                let alone = std::slice::from_ref(&job);
+                let started = Instant::now();
+                let result = compute_caught(model, alone).and_then(|mut a| {
+                    a.pop().ok_or_else(|| LocalError::WorkerGone {
                         model: model.info.name.clone(),
-                    }
-                } else {
-                    LocalError::Compute(candle_core::Error::Msg(msg.clone()))
+                    })
+                });
+                let t = Timing {
+                    queue: started.saturating_duration_since(job.queued_at),
+                    compute: started.elapsed(),
                 };
-                let _ = job.reply.send(Err(err));
+                let _ = job.reply.send(result.map(|a| (a, t)));
             }
         }
     }

@@ -6,6 +6,7 @@
 mod common;
 
 mod bad_input;
+mod fuzz;
 mod hub;
 mod reference;
 mod runtime;

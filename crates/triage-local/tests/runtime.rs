@@ -95,3 +95,40 @@ async fn wrong_task_is_a_typed_error() -> anyhow::Result<()> {
     assert!(!t.truncated);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeat_texts_are_answered_from_the_cache_with_counts() -> anyhow::Result<()> {
+    let dir = model_dir("distilbert-seq-multilabel");
+    let handle = ModelHandle::spawn(
+        LocalModel::load(&dir, "cached", &Device::Cpu)?,
+        BatchConfig {
+            cache_entries: 2,
+            ..BatchConfig::default()
+        },
+    )?;
+    let (first, t1) = handle.classify_timed("you are an idiot", false).await?;
+    // The same text, and one the model's tokenizer cannot tell from it.
+    let (again, t2) = handle.classify_timed("you are an idiot", false).await?;
+    let (spaced, _) = handle
+        .classify_timed("  you   are an\tidiot ", true)
+        .await?;
+    assert_eq!(again.scores, first.scores);
+    assert_eq!(spaced.scores, first.scores);
+    assert!(t1.compute > Duration::ZERO);
+    assert_eq!(t2.compute, Duration::ZERO, "a hit runs no model");
+    let stats = handle.cache_stats().expect("the cache is on");
+    assert_eq!((stats.hits, stats.misses, stats.entries), (2, 1, 1));
+    // Other texts are misses, and the cache keeps only two.
+    for t in ["have a nice day", "see you tomorrow", "thanks a lot"] {
+        handle.classify(t, false).await?;
+    }
+    let stats = handle.cache_stats().expect("the cache is on");
+    assert_eq!((stats.hits, stats.misses, stats.entries), (2, 4, 2));
+    // Off by default.
+    let plain = ModelHandle::spawn(
+        LocalModel::load(&dir, "plain", &Device::Cpu)?,
+        BatchConfig::default(),
+    )?;
+    assert!(plain.cache_stats().is_none());
+    Ok(())
+}

@@ -15,6 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use triage_core::trace::{Decision, TierTrace, Trace};
+use triage_engine::specialists::CacheStats;
 
 /// The label every request for a task the config does not have counts under.
 pub const UNKNOWN_TASK: &str = "unknown";
@@ -317,16 +318,53 @@ impl Metrics {
         }
     }
 
-    /// [`Metrics::render`] plus the ledger's queue and write counts (read
-    /// from the ledger when asked rather than copied into counters).
-    pub fn render_with(&self, ledger: Option<&triage_engine::ledger::LedgerHealth>) -> String {
+    /// [`Metrics::render`] plus the ledger's queue and write counts and the
+    /// classifiers' answer-cache counters (read from their owners when asked
+    /// rather than copied into counters).
+    pub fn render_with(
+        &self,
+        ledger: Option<&triage_engine::ledger::LedgerHealth>,
+        caches: &[(String, CacheStats)],
+    ) -> String {
         let mut out = self.render();
-        let Some(l) = ledger else { return out };
         let body = out
             .strip_suffix("# EOF\n")
             .map(str::len)
             .unwrap_or(out.len());
         let mut extra = String::new();
+        if !caches.is_empty() {
+            let escape = |v: &str| {
+                v.replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n")
+            };
+            let hits: Vec<u64> = caches.iter().map(|(_, c)| c.hits).collect();
+            let misses: Vec<u64> = caches.iter().map(|(_, c)| c.misses).collect();
+            for (name, help, values) in [
+                (
+                    "triage_local_cache_hits",
+                    "Classifications answered from the answer cache, by specialist.",
+                    hits,
+                ),
+                (
+                    "triage_local_cache_misses",
+                    "Classifications the answer cache did not hold, by specialist.",
+                    misses,
+                ),
+            ] {
+                extra.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+                for ((specialist, _), value) in caches.iter().zip(values) {
+                    extra.push_str(&format!(
+                        "{name}_total{{specialist=\"{}\"}} {value}\n",
+                        escape(specialist)
+                    ));
+                }
+            }
+        }
+        let Some(l) = ledger else {
+            out.insert_str(body, &extra);
+            return out;
+        };
         let mut metric = |name: &str, kind: &str, help: &str, suffix: &str, value: String| {
             extra.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{suffix} {value}\n"
@@ -410,6 +448,27 @@ mod tests {
             text.contains(r#"triage_cost_usd_total{task="mod\"eration\nx",tier="local"} 0.5"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn cache_counters_render_per_specialist_before_the_end_marker() {
+        let m = Metrics::default();
+        let stats = CacheStats {
+            hits: 7,
+            misses: 3,
+            entries: 3,
+        };
+        let text = m.render_with(None, &[("toxicity".into(), stats)]);
+        assert!(
+            text.contains("# TYPE triage_local_cache_hits counter\ntriage_local_cache_hits_total{specialist=\"toxicity\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("triage_local_cache_misses_total{specialist=\"toxicity\"} 3\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(!m.render_with(None, &[]).contains("cache"));
     }
 
     #[test]

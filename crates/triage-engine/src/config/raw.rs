@@ -154,6 +154,8 @@ pub struct RawLocal {
     pub max_wait_ms: Option<u64>,
     /// Longest input accepted, in tokens (default 32,768); longer is a 413.
     pub max_input_tokens: Option<usize>,
+    /// Classifiers: recent answers kept for repeat texts (default 0: off).
+    pub cache_entries: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

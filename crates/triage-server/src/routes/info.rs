@@ -46,7 +46,10 @@ pub(crate) async fn ready(State(state): State<Shared>) -> Response {
 pub(crate) async fn metrics(State(state): State<Shared>) -> Response {
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        state.metrics.render_with(state.ledger_health().as_ref()),
+        state.metrics.render_with(
+            state.ledger_health().as_ref(),
+            &state.engine.current().specialists.cache_stats(),
+        ),
     )
         .into_response()
 }

@@ -95,6 +95,7 @@ impl Validator {
                 max_wait: l
                     .max_wait_ms
                     .map_or(defaults.max_wait, std::time::Duration::from_millis),
+                cache_entries: l.cache_entries.unwrap_or(defaults.cache_entries),
             };
             out.insert(
                 name.clone(),
