@@ -82,8 +82,10 @@ pub async fn execute(args: ExecuteArgs) -> Result<ExitCode> {
     let input = match (&args.text, &args.file) {
         (Some(t), _) => Input::Text(t.clone()),
         (None, Some(f)) if task.takes_audio() => {
-            if !f.is_file() {
-                bail!("cannot read the audio file {} (--file)", f.display());
+            // Opened here so a missing or unreadable file is named with
+            // its cause before any model loads.
+            if let Err(e) = std::fs::File::open(f) {
+                bail!("cannot read the audio file {} (--file): {e}", f.display());
             }
             // Read as it is decoded: a long recording is never in memory whole.
             Input::AudioFile {

@@ -451,7 +451,7 @@ impl Engine {
             match &input {
                 Input::Text(t) => Some(t.clone()),
                 Input::Chat(c) => serde_json::to_string(&c.messages).ok(),
-                Input::Audio { .. } => None,
+                Input::Audio { .. } | Input::AudioFile { .. } => None,
             }
         } else {
             None

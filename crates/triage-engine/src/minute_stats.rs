@@ -270,6 +270,6 @@ mod tests {
         h[2] = 100; // (10, 25]
         let p50 = quantile_ms(&h, 0.5).unwrap();
         assert!((p50 - 17.5).abs() < 1e-9, "{p50}");
-        assert_eq!(quantile_ms(&vec![0; NB], 0.5), None);
+        assert_eq!(quantile_ms(&[0; NB], 0.5), None);
     }
 }

@@ -392,6 +392,44 @@ pub async fn resolve_whisper(reference: &str) -> Result<PathBuf> {
         })
 }
 
+/// The file name `scripts/fetch-silero-vad` writes.
+pub const SILERO_VAD_FILE: &str = "ggml-silero-v5.1.2.bin";
+
+/// The Silero VAD model (whisper.cpp's ggml form) for Whisper: `configured`
+/// (a file that must exist), else `TRIAGE_VAD_MODEL`, else
+/// `${TRIAGE_CACHE:-~/.cache/triage}/silero-vad/ggml-silero-v5.1.2.bin` when
+/// `scripts/fetch-silero-vad` has put it there; `None` without one (then
+/// silence is found only when it is digital silence).
+pub fn resolve_vad(configured: Option<&str>) -> Result<Option<PathBuf>> {
+    let must_exist = |p: PathBuf| {
+        if p.is_file() {
+            Ok(Some(p))
+        } else {
+            Err(LocalError::Io {
+                path: p,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such VAD model file"),
+            })
+        }
+    };
+    if let Some(c) = configured {
+        return must_exist(PathBuf::from(c));
+    }
+    if let Some(p) = std::env::var_os("TRIAGE_VAD_MODEL").filter(|p| !p.is_empty()) {
+        return must_exist(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("TRIAGE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .map(|c| c.join("triage"))
+        });
+    Ok(cache
+        .map(|c| c.join("silero-vad").join(SILERO_VAD_FILE))
+        .filter(|p| p.is_file()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,42 +488,4 @@ mod tests {
         assert!(msg.contains("nobody/no-such-model@main"), "{msg}");
         assert!(msg.contains("triage models pull"), "{msg}");
     }
-}
-
-/// The file name `scripts/fetch-silero-vad` writes.
-pub const SILERO_VAD_FILE: &str = "ggml-silero-v5.1.2.bin";
-
-/// The Silero VAD model (whisper.cpp's ggml form) for Whisper: `configured`
-/// (a file that must exist), else `TRIAGE_VAD_MODEL`, else
-/// `${TRIAGE_CACHE:-~/.cache/triage}/silero-vad/ggml-silero-v5.1.2.bin` when
-/// `scripts/fetch-silero-vad` has put it there; `None` without one (then
-/// silence is found only when it is digital silence).
-pub fn resolve_vad(configured: Option<&str>) -> Result<Option<PathBuf>> {
-    let must_exist = |p: PathBuf| {
-        if p.is_file() {
-            Ok(Some(p))
-        } else {
-            Err(LocalError::Io {
-                path: p,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such VAD model file"),
-            })
-        }
-    };
-    if let Some(c) = configured {
-        return must_exist(PathBuf::from(c));
-    }
-    if let Some(p) = std::env::var_os("TRIAGE_VAD_MODEL").filter(|p| !p.is_empty()) {
-        return must_exist(PathBuf::from(p));
-    }
-    let cache = std::env::var_os("TRIAGE_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .map(|c| c.join("triage"))
-        });
-    Ok(cache
-        .map(|c| c.join("silero-vad").join(SILERO_VAD_FILE))
-        .filter(|p| p.is_file()))
 }

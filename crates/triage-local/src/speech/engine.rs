@@ -29,6 +29,9 @@ const SILENCE_PEAK: f32 = 1e-3;
 pub const MAX_CHUNK_S: f32 = 28.0;
 /// Silence put between two speech spans packed into one chunk.
 const GAP_SAMPLES: usize = SAMPLE_RATE as usize / 10;
+/// Silence between a segment's edge and its first or last word longer than
+/// this means the segment spans a gap VAD cut out (its pauses are 0.3 s).
+const GAP_S: f64 = 1.0;
 /// Most audio a streamed transcription holds at once (5 minutes: 19 MB).
 pub const WINDOW_S: f32 = 300.0;
 /// The end of a window that waits for the next one unless a pause comes
@@ -452,7 +455,13 @@ impl WhisperEngine {
         if let Some(cancel) = opts.cancel.clone() {
             // whisper-rs keeps this closure for the life of the process (its
             // params have no Drop): one small box per request.
-            params.set_abort_callback_safe(move || cancel.load(Ordering::Relaxed));
+            // whisper-rs 0.16's trampoline reads its user data as the
+            // closure's own type `F`, but stores a `Box<dyn FnMut>` there:
+            // only with `F` = `Box<dyn FnMut() -> bool>` do the two agree
+            // (any other closure is read as garbage, which aborted every
+            // decode with error -6).
+            let check: Box<dyn FnMut() -> bool> = Box::new(move || cancel.load(Ordering::Relaxed));
+            params.set_abort_callback_safe::<_, Box<dyn FnMut() -> bool>>(check);
         }
         Run {
             params,
@@ -826,6 +835,26 @@ impl WhisperEngine {
                 .map(|w| w.word.as_str())
                 .collect::<Vec<_>>()
                 .join(" ");
+            // A segment whisper drew across the gap between two speech
+            // spans of a chunk would start (or end) in the other span: when
+            // its words are more than a pause away from its edge, they say
+            // where its speech really is.
+            let (seg_start, seg_end) = match (words_out.first(), words_out.last()) {
+                (Some(first), Some(last)) => {
+                    let start = if first.start - seg_start > GAP_S {
+                        first.start
+                    } else {
+                        seg_start
+                    };
+                    let end = if seg_end - last.end > GAP_S {
+                        last.end
+                    } else {
+                        seg_end
+                    };
+                    (start, end.max(start))
+                }
+                _ => (seg_start, seg_end),
+            };
             out.push(TranscriptSegment {
                 start: seg_start,
                 end: seg_end,

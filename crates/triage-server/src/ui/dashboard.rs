@@ -101,8 +101,13 @@ pub fn window(
     rows: &[WindowRow],
     per_minute: Vec<MinutePoint>,
 ) -> Window {
-    let mut tasks: BTreeMap<&str, (TaskWindow, Vec<i64>, BTreeMap<&str, (TierWindow, Vec<i64>)>)> =
-        BTreeMap::new();
+    // Per task: its totals and latency histogram, then the same per tier.
+    type TaskAcc<'a> = (
+        TaskWindow,
+        Vec<i64>,
+        BTreeMap<&'a str, (TierWindow, Vec<i64>)>,
+    );
+    let mut tasks: BTreeMap<&str, TaskAcc<'_>> = BTreeMap::new();
     for r in rows {
         let (t, th, tiers) = tasks.entry(r.task.as_str()).or_default();
         t.task = r.task.clone();
