@@ -642,31 +642,16 @@ impl Ledger {
 
     /// The request's summary row, if stored.
     pub async fn request(&self, request_id: &str) -> Result<Option<RequestRecord>, LedgerError> {
-        let row = sqlx::query(
-            "SELECT request_id, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name, trace, input_text
-             FROM requests WHERE request_id = $1",
-        )
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM requests WHERE request_id = $1"
+        )))
         .bind(request_id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            Ok(RequestRecord {
-                request_id: r.try_get(0)?,
-                task: r.try_get(1)?,
-                answered_by: r.try_get(2)?,
-                model: r.try_get(3)?,
-                outcome: r.try_get(4)?,
-                latency_ms: r.try_get(5)?,
-                cost_usd: r.try_get(6)?,
-                all_llm_cost_usd: r.try_get(7)?,
-                caller_id: r.try_get(8)?,
-                key_name: r.try_get(9)?,
-                trace: r.try_get(10)?,
-                input_text: r.try_get(11)?,
-            })
-        })
-        .transpose()
-        .map_err(|e: sqlx::Error| e.into())
+        row.as_ref()
+            .map(request_from_row)
+            .transpose()
+            .map_err(|e: sqlx::Error| e.into())
     }
 
     /// The newest requests first (before `before_ms` when given), filtered by
@@ -676,9 +661,7 @@ impl Ledger {
         &self,
         filter: &RecentFilter,
     ) -> Result<Vec<RecentRequest>, LedgerError> {
-        let mut sql = "SELECT request_id, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name, trace, input_text, ts_ms
-             FROM requests WHERE 1 = 1"
-            .to_owned();
+        let mut sql = format!("SELECT {RECORD_COLUMNS}, ts_ms FROM requests WHERE 1 = 1");
         let mut n = 0;
         let mut binds: Vec<&str> = Vec::new();
         for (col, v) in [
@@ -711,21 +694,8 @@ impl Ledger {
         rows.iter()
             .map(|r| {
                 Ok(RecentRequest {
-                    ts_ms: r.try_get(12)?,
-                    record: RequestRecord {
-                        request_id: r.try_get(0)?,
-                        task: r.try_get(1)?,
-                        answered_by: r.try_get(2)?,
-                        model: r.try_get(3)?,
-                        outcome: r.try_get(4)?,
-                        latency_ms: r.try_get(5)?,
-                        cost_usd: r.try_get(6)?,
-                        all_llm_cost_usd: r.try_get(7)?,
-                        caller_id: r.try_get(8)?,
-                        key_name: r.try_get(9)?,
-                        trace: r.try_get(10)?,
-                        input_text: r.try_get(11)?,
-                    },
+                    ts_ms: r.try_get(RECORD_COLUMN_COUNT)?,
+                    record: request_from_row(r)?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -893,6 +863,28 @@ impl AttemptSink for Ledger {
     fn record(&self, attempt: &Attempt) {
         Ledger::record(self, AttemptRecord::from_attempt(attempt));
     }
+}
+
+/// The `requests` columns a [`RequestRecord`] is read from, in the order
+/// [`request_from_row`] reads them.
+const RECORD_COLUMNS: &str = "request_id, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name, trace, input_text";
+const RECORD_COLUMN_COUNT: usize = 12;
+
+fn request_from_row(r: &sqlx::any::AnyRow) -> Result<RequestRecord, sqlx::Error> {
+    Ok(RequestRecord {
+        request_id: r.try_get(0)?,
+        task: r.try_get(1)?,
+        answered_by: r.try_get(2)?,
+        model: r.try_get(3)?,
+        outcome: r.try_get(4)?,
+        latency_ms: r.try_get(5)?,
+        cost_usd: r.try_get(6)?,
+        all_llm_cost_usd: r.try_get(7)?,
+        caller_id: r.try_get(8)?,
+        key_name: r.try_get(9)?,
+        trace: r.try_get(10)?,
+        input_text: r.try_get(11)?,
+    })
 }
 
 async fn migrate(pool: &AnyPool) -> Result<(), LedgerError> {
