@@ -212,13 +212,7 @@ async fn dispatch(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Audit(args) => audit::audit(args).await,
         Command::Calibrate(args) => audit::calibrate(args).await,
         Command::Serve(args) => serve::run(args, &cli.device, cli.threads).await,
-        Command::Transcribe(args) => {
-            let gpu = !matches!(
-                cli.device.parse::<triage_local::DeviceSpec>()?,
-                triage_local::DeviceSpec::Cpu
-            );
-            transcribe::run(args, cli.threads, gpu).await
-        }
+        Command::Transcribe(args) => transcribe::run(args, cli.threads, cli.device.parse()?).await,
         Command::Embed { io, normalize } => run::texts(io, Job::Embed { normalize }, &device).await,
         Command::Eval(args) => eval::run(args, &device).await,
         Command::Models {

@@ -44,7 +44,11 @@ fn error_line(file: &str, kind: &str, message: String) -> Value {
     json!({"file": file, "error": {"kind": kind, "message": message}})
 }
 
-pub async fn run(args: TranscribeArgs, threads: Option<usize>, gpu: bool) -> Result<ExitCode> {
+pub async fn run(
+    args: TranscribeArgs,
+    threads: Option<usize>,
+    device: triage_local::DeviceSpec,
+) -> Result<ExitCode> {
     let path = triage_local::resolve::resolve_whisper(&args.model)
         .await
         .with_context(|| format!("cannot resolve Whisper model `{}`", args.model))?;
@@ -54,7 +58,7 @@ pub async fn run(args: TranscribeArgs, threads: Option<usize>, gpu: bool) -> Res
             .unwrap_or(2)
     });
     let engine = Arc::new(
-        tokio::task::spawn_blocking(move || WhisperEngine::load(&path, threads, gpu)).await??,
+        tokio::task::spawn_blocking(move || WhisperEngine::load(&path, threads, device)).await??,
     );
     let opts = TranscribeOptions {
         language: args.language.clone(),

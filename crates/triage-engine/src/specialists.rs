@@ -93,8 +93,9 @@ impl Specialists {
                             .map(|n| n.get())
                             .unwrap_or(2)
                     });
+                    let device = spec.device;
                     let engine = tokio::task::spawn_blocking(move || {
-                        WhisperEngine::load(&path, threads, gpu)
+                        WhisperEngine::load(&path, threads, device)
                     })
                     .await
                     .map_err(|e| EngineError::LoadSpecialist {

@@ -73,7 +73,7 @@ fn edits(reference: &[String], hypothesis: &[String]) -> usize {
 
 fn engine() -> Option<Arc<WhisperEngine>> {
     let model = crate::common::whisper_model()?;
-    match WhisperEngine::load(&model, 2, false) {
+    match WhisperEngine::load(&model, 2, triage_local::DeviceSpec::Cpu) {
         Ok(e) => Some(Arc::new(e)),
         Err(e) => panic!("the Whisper model must load: {e}"),
     }
