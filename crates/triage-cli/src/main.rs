@@ -225,12 +225,8 @@ async fn dispatch(cli: Cli, budget: triage_local::ThreadBudget) -> Result<std::p
         Command::Calibrate(args) => audit::calibrate(args).await,
         Command::Serve(args) => serve::run(args, &cli.device, budget.whisper).await,
         Command::Transcribe(args) => {
-            let gpu = !matches!(
-                cli.device.parse::<triage_local::DeviceSpec>()?,
-                triage_local::DeviceSpec::Cpu
-            );
             // Transcription alone: whisper.cpp takes the compute share.
-            transcribe::run(args, budget.compute, gpu).await
+            transcribe::run(args, budget.compute, cli.device.parse()?).await
         }
         Command::Embed { io, normalize } => run::texts(io, Job::Embed { normalize }, &device).await,
         Command::Eval(args) => eval::run(args, &device).await,

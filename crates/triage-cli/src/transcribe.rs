@@ -55,7 +55,11 @@ fn error_line(file: &str, kind: &str, message: String) -> Value {
     json!({"file": file, "error": {"kind": kind, "message": message}})
 }
 
-pub async fn run(args: TranscribeArgs, threads: usize, gpu: bool) -> Result<ExitCode> {
+pub async fn run(
+    args: TranscribeArgs,
+    threads: usize,
+    device: triage_local::DeviceSpec,
+) -> Result<ExitCode> {
     let path = triage_local::resolve::resolve_whisper(&args.model)
         .await
         .with_context(|| format!("cannot resolve Whisper model `{}`", args.model))?;
@@ -67,7 +71,7 @@ pub async fn run(args: TranscribeArgs, threads: usize, gpu: bool) -> Result<Exit
     };
     let engine = Arc::new(
         tokio::task::spawn_blocking(move || {
-            let engine = WhisperEngine::load(&path, threads, gpu)?;
+            let engine = WhisperEngine::load(&path, threads, device)?;
             match vad {
                 Some(vad) => engine.with_vad(&vad),
                 None => Ok(engine),

@@ -99,8 +99,9 @@ impl Specialists {
                     });
                     let vad = triage_local::resolve::resolve_vad(spec.vad_model.as_deref())
                         .map_err(err)?;
+                    let device = spec.device;
                     let engine = tokio::task::spawn_blocking(move || {
-                        let engine = WhisperEngine::load(&path, threads, gpu)?;
+                        let engine = WhisperEngine::load(&path, threads, device)?;
                         match vad {
                             Some(vad) => engine.with_vad(&vad),
                             None => Ok(engine),

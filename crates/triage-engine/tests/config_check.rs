@@ -217,3 +217,32 @@ fn a_provider_needs_its_key_variable_named_and_a_url() {
         ]
     );
 }
+
+#[test]
+fn a_specialist_on_a_gpu_gets_gpu_batches_and_each_limit_can_be_set() -> anyhow::Result<()> {
+    let config = Config::from_toml(
+        "[local.gpu]\nmodel = \"toxicity\"\nkind = \"classifier\"\ndevice = \"cuda:1\"\n\
+         [local.cpu]\nmodel = \"toxicity\"\nkind = \"classifier\"\n\
+         [local.tuned]\nmodel = \"toxicity\"\nkind = \"classifier\"\ndevice = \"cuda\"\n\
+         max_batch_size = 64\nmax_pass_tokens = 4096\n",
+        "test.toml",
+        Path::new("/tmp"),
+    )?;
+    let gpu = &config.local["gpu"];
+    assert_eq!(gpu.device, triage_local::DeviceSpec::Cuda(1));
+    assert_eq!(gpu.batch, triage_local::BatchConfig::for_device(true));
+    assert!(gpu.batch.max_batch_size > config.local["cpu"].batch.max_batch_size);
+    assert!(gpu.batch.max_pass_tokens > config.local["cpu"].batch.max_pass_tokens);
+    assert_eq!(
+        config.local["cpu"].batch,
+        triage_local::BatchConfig::default()
+    );
+    let tuned = &config.local["tuned"].batch;
+    assert_eq!((tuned.max_batch_size, tuned.max_pass_tokens), (64, 4096));
+    assert_eq!(tuned.max_batch_tokens, 65_536);
+    assert!(
+        keys("[local.t]\nmodel = \"toxicity\"\nkind = \"classifier\"\nmax_pass_tokens = 0\n")
+            .contains(&"local.t.max_pass_tokens".to_string())
+    );
+    Ok(())
+}

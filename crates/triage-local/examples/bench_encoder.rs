@@ -5,9 +5,9 @@
 //!
 //! SENTENCES is a text file, one sentence a line (scripts/bench/sentences.txt);
 //! batches take consecutive sentences, cycling, as the PyTorch script does.
+//! TRIAGE_BENCH_DEVICE=cuda:0 runs it on a GPU (in F16, as `triage` does).
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
-use candle_core::Device;
 use std::time::{Duration, Instant};
 use triage_core::LocalTask;
 use triage_local::LocalModel;
@@ -31,7 +31,9 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    let model = LocalModel::load(std::path::Path::new(&dir), &dir, &Device::Cpu)?;
+    let device_name = std::env::var("TRIAGE_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = device_name.parse::<triage_local::DeviceSpec>()?.open()?;
+    let model = LocalModel::load(std::path::Path::new(&dir), &dir, &device)?;
     let set = std::path::Path::new(&sentences_file)
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -72,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         let rate = done as f64 / start.elapsed().as_secs_f64();
         let cpu = cpu_seconds() - cpu_start;
         let per_cpu_s = if cpu > 0.0 { done as f64 / cpu } else { 0.0 };
-        let line = serde_json::json!({"impl": "triage", "model": dir, "set": set, "batch": batch, "threads": threads, "texts_per_s": rate, "texts_per_cpu_s": per_cpu_s});
+        let line = serde_json::json!({"impl": "triage", "model": dir, "device": device_name, "set": set, "batch": batch, "threads": threads, "texts_per_s": rate, "texts_per_cpu_s": per_cpu_s});
         println!("{line}");
     }
     Ok(())

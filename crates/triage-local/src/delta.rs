@@ -96,13 +96,14 @@ pub fn load_checkpoint(
     dir: &Path,
     manifest: &DeltaManifest,
     base_dir: &Path,
+    dtype: DType,
     device: &Device,
 ) -> Result<Checkpoint> {
     verify(&weights_file(base_dir), manifest.base_sha256.as_deref())?;
-    let mut checkpoint = Checkpoint::load_dir(base_dir, DType::F32, device)?;
+    let mut checkpoint = Checkpoint::load_dir(base_dir, dtype, device)?;
     let delta = dir.join(manifest.delta.as_deref().unwrap_or("delta.safetensors"));
     verify(&delta, manifest.delta_sha256.as_deref())?;
-    checkpoint.overlay(Checkpoint::load_file(&delta, DType::F32, device)?);
+    checkpoint.overlay(Checkpoint::load_file(&delta, dtype, device)?);
     Ok(checkpoint)
 }
 

@@ -64,6 +64,52 @@ pub enum LocalError {
         feature: &'static str,
     },
 
+    #[error(
+        "device `{device}`: no NVIDIA driver found (libcuda.so.1 could not be loaded). Fix: on a \
+         machine with an NVIDIA GPU, install the NVIDIA driver for CUDA 13.4 or newer (or add \
+         the folder that holds libcuda.so.1 to LD_LIBRARY_PATH); or run with --device cpu"
+    )]
+    CudaDriverMissing { device: String },
+
+    #[error(
+        "device `{device}`: the NVIDIA driver supports CUDA {found}, but this build's GPU code \
+         needs CUDA {needed} or newer. Fix: upgrade the driver (`nvidia-smi` shows the CUDA \
+         version it supports), or run with --device cpu"
+    )]
+    CudaDriverTooOld {
+        device: String,
+        found: String,
+        needed: String,
+    },
+
+    #[cfg(feature = "cuda")]
+    #[error(
+        "device `{device}`: the NVIDIA driver is installed but CUDA cannot start (no GPU visible \
+         to this process, or the driver and kernel module disagree). Fix: check `nvidia-smi` and \
+         CUDA_VISIBLE_DEVICES, or run with --device cpu"
+    )]
+    CudaDriver {
+        device: String,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+
+    #[error(
+        "device `{device}` does not exist: this machine has {count} CUDA GPU(s), numbered from 0. \
+         Fix: pick one that `nvidia-smi -L` lists, or run with --device cpu"
+    )]
+    CudaNoSuchDevice { device: String, count: usize },
+
+    #[error(
+        "device `{device}` cannot be opened: the GPU may be busy, in exclusive mode or out of \
+         memory. Fix: check `nvidia-smi`, or run with --device cpu"
+    )]
+    CudaUnavailable {
+        device: String,
+        #[source]
+        source: candle_core::Error,
+    },
+
     #[error("model `{model}` does {actual}, not {wanted}")]
     WrongTask {
         model: String,

@@ -21,7 +21,7 @@ pub mod weights;
 pub mod worker;
 
 pub use cache::CacheStats;
-pub use device::DeviceSpec;
+pub use device::{DeviceSpec, encoder_dtype};
 pub use error::{LocalError, Result};
 pub use model::{Activation, LocalModel, ModelInfo};
 pub use resolve::{HubSettings, ModelRef, resolve, resolve_with};

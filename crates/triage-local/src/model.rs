@@ -1,4 +1,4 @@
-//! A loaded local model: encoder (candle-transformers `BertModel`) plus our
+//! A loaded local model: encoder (candle-transformers' BERT layers) plus our
 //! head, built from a Hugging Face folder (`config.json`, weights, tokenizer).
 
 use crate::aggregation::{self, TokenPrediction};
@@ -7,8 +7,8 @@ use crate::error::{LocalError, Result};
 use crate::tokenize::{Encoded, EncodedText, TextTokenizer};
 use crate::weights::{BertView, Checkpoint, Family};
 use candle_core::{D, DType, Device, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
-use candle_transformers::models::bert::{self, BertModel};
+use candle_nn::{LayerNorm, Linear, Module, VarBuilder};
+use candle_transformers::models::bert::{self, BertEncoder};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
@@ -58,11 +58,69 @@ pub struct ModelInfo {
 /// 0.5 GB of activations for a base-size encoder at 512-token windows.
 pub const PASS_PADDED_TOKENS: usize = 8192;
 
-/// The encoder: our own on the CPU (see `encoder`), candle-transformers'
-/// `BertModel` on a GPU.
+/// The encoder: our own on the CPU in F32 (see `encoder`), candle's layers
+/// on a GPU or in half precision.
 enum Encoder {
     Cpu(Box<CpuEncoder>),
-    Candle(Box<BertModel>),
+    Candle(Box<CandleEncoder>),
+}
+
+/// BERT's embeddings and candle-transformers' encoder layers (the GPU and
+/// half precision path), with the
+/// attention bias made here. candle's `BertModel` builds the bias as
+/// `(1 - mask) * f32::MIN` in the model's dtype: in F16 or BF16 `f32::MIN`
+/// rounds to -inf and `0 * -inf` is NaN for every kept token, so a half
+/// precision model with padding would answer NaN. The embeddings are the
+/// same sums and layer norm as candle's (which are private to it).
+struct CandleEncoder {
+    word: candle_nn::Embedding,
+    position: candle_nn::Embedding,
+    token_type: candle_nn::Embedding,
+    norm: LayerNorm,
+    layers: BertEncoder,
+    dtype: DType,
+}
+
+impl CandleEncoder {
+    fn load(vb: VarBuilder, cfg: &bert::Config) -> candle_core::Result<Self> {
+        let emb = vb.pp("embeddings");
+        let h = cfg.hidden_size;
+        Ok(Self {
+            word: candle_nn::embedding(cfg.vocab_size, h, emb.pp("word_embeddings"))?,
+            position: candle_nn::embedding(
+                cfg.max_position_embeddings,
+                h,
+                emb.pp("position_embeddings"),
+            )?,
+            token_type: candle_nn::embedding(
+                cfg.type_vocab_size,
+                h,
+                emb.pp("token_type_embeddings"),
+            )?,
+            norm: candle_nn::layer_norm(h, cfg.layer_norm_eps, emb.pp("LayerNorm"))?,
+            layers: BertEncoder::load(vb.pp("encoder"), cfg)?,
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Hidden states `(batch, seq, hidden)` in the model's dtype.
+    fn forward(&self, ids: &Tensor, types: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, seq) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
+        let x = (self.word.forward(ids)? + self.token_type.forward(types)?)?
+            .broadcast_add(&self.position.forward(&positions)?)?;
+        let x = self.norm.forward(&x)?;
+        // PyTorch adds torch.finfo(dtype).min. In F32 that is kept (the
+        // fixtures match to 1e-6); in half precision -1e4 keeps the sum with
+        // a score finite, and exp(-1e4) is 0 all the same.
+        let fill = match self.dtype {
+            DType::F32 | DType::F64 => f64::from(f32::MIN),
+            _ => -1e4,
+        };
+        let keep = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
+        let bias = ((keep.ones_like()? - keep)? * fill)?.to_dtype(self.dtype)?;
+        self.layers.forward(&x, &bias)
+    }
 }
 
 pub struct LocalModel {
@@ -72,6 +130,8 @@ pub struct LocalModel {
     head: Head,
     device: Device,
     pad_id: u32,
+    /// Most padded tokens in one forward pass (see [`PASS_PADDED_TOKENS`]).
+    pass_tokens: usize,
 }
 
 impl std::fmt::Debug for LocalModel {
@@ -252,6 +312,19 @@ impl LocalModel {
         name: &str,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_as(dir, base, name, device, crate::encoder_dtype(device))
+    }
+
+    /// As [`Self::load_with_base`], computing in `dtype` (F32, F16 or BF16)
+    /// whatever the device: the tests run the half precision path on the CPU
+    /// against the PyTorch fixtures.
+    pub fn load_as(
+        dir: &Path,
+        base: Option<&Path>,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let manifest = crate::delta::DeltaManifest::read(dir)?.filter(|m| m.base.is_some());
         let (weights_from, tokenizer_dir) = match (&manifest, base) {
             (Some(m), Some(base)) => (
@@ -301,8 +374,8 @@ impl LocalModel {
         let labels = labels_from(&cfg, &config_path)?;
         let bert_cfg = bert_config(&cfg, family, &config_path)?;
         let checkpoint = Arc::new(match weights_from {
-            Some((m, base)) => crate::delta::load_checkpoint(dir, m, base, device)?,
-            None => Checkpoint::load_dir(dir, DType::F32, device)?,
+            Some((m, base)) => crate::delta::load_checkpoint(dir, m, base, dtype, device)?,
+            None => Checkpoint::load_dir(dir, dtype, device)?,
         });
 
         let task = if architecture.ends_with("ForSequenceClassification") {
@@ -366,7 +439,7 @@ impl LocalModel {
             source,
         };
         let encoder =
-            if device.is_cpu() {
+            if device.is_cpu() && dtype == DType::F32 {
                 let view = BertView::new(checkpoint.clone(), family, bert_cfg.hidden_size);
                 Encoder::Cpu(Box::new(
                     CpuEncoder::load(&view, &bert_cfg).map_err(weights_error)?,
@@ -375,9 +448,9 @@ impl LocalModel {
                 let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = Box::new(
                     BertView::new(checkpoint.clone(), family, bert_cfg.hidden_size),
                 );
-                let vb = VarBuilder::from_backend(backend, DType::F32, device.clone());
+                let vb = VarBuilder::from_backend(backend, dtype, device.clone());
                 Encoder::Candle(Box::new(
-                    BertModel::load(vb, &bert_cfg).map_err(weights_error)?,
+                    CandleEncoder::load(vb, &bert_cfg).map_err(weights_error)?,
                 ))
             };
 
@@ -408,7 +481,14 @@ impl LocalModel {
             head,
             device: device.clone(),
             pad_id: u32::try_from(bert_cfg.pad_token_id).unwrap_or(0),
+            pass_tokens: PASS_PADDED_TOKENS,
         })
+    }
+
+    /// Change the padded-token budget of one forward pass (at least one
+    /// window always runs).
+    pub fn set_pass_tokens(&mut self, tokens: usize) {
+        self.pass_tokens = tokens.max(1);
     }
 
     fn require(&self, wanted: LocalTask) -> Result<()> {
@@ -442,7 +522,7 @@ impl LocalModel {
     /// Run the candle encoder over a padded batch; returns hidden states and the mask.
     fn encode_batch(
         &self,
-        encoder: &BertModel,
+        encoder: &CandleEncoder,
         batch: &[&Encoded],
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let width = batch.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
@@ -462,7 +542,7 @@ impl LocalModel {
         let ids = Tensor::from_vec(ids, (n, width), &self.device)?;
         let types = Tensor::from_vec(types, (n, width), &self.device)?;
         let mask = Tensor::from_vec(mask, (n, width), &self.device)?;
-        let hidden = encoder.forward(&ids, &types, Some(&mask))?;
+        let hidden = encoder.forward(&ids, &types, &mask)?;
         Ok((hidden, mask))
     }
 
@@ -496,7 +576,8 @@ impl LocalModel {
                 (None, Some(p)) => p.forward(&cls)?.relu()?,
                 (None, None) => cls,
             };
-            let logits = (classifier.forward(&x)? / f64::from(self.info.temperature))?;
+            let logits = classifier.forward(&x)?.to_dtype(DType::F32)?;
+            let logits = (logits / f64::from(self.info.temperature))?;
             let probs = match activation {
                 Activation::Softmax => candle_nn::ops::softmax(&logits, D::Minus1)?,
                 Activation::Sigmoid => candle_nn::ops::sigmoid(&logits)?,
@@ -532,8 +613,9 @@ impl LocalModel {
                 return Err(candle_core::Error::Msg("no encoder".into()));
             };
             let (hidden, _) = self.encode_batch(encoder, batch)?;
-            let logits = (classifier.forward(&hidden)? / f64::from(self.info.temperature))?;
-            let probs = candle_nn::ops::softmax(&logits, D::Minus1)?.to_dtype(DType::F32)?;
+            let logits = classifier.forward(&hidden)?.to_dtype(DType::F32)?;
+            let logits = (logits / f64::from(self.info.temperature))?;
+            let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
             let mut all = probs.to_vec3::<f32>()?;
             for (row, e) in all.iter_mut().zip(batch) {
                 row.truncate(e.len());
@@ -571,6 +653,7 @@ impl LocalModel {
                 Encoder::Candle(encoder) => encoder,
             };
             let (hidden, mask) = self.encode_batch(encoder, batch)?;
+            let hidden = hidden.to_dtype(DType::F32)?;
             let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
             let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
             let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
@@ -590,7 +673,7 @@ impl LocalModel {
     }
 
     /// Run `pass` over `windows` in forward passes of at most
-    /// [`PASS_PADDED_TOKENS`] padded tokens (and at least one window), shortest
+    /// `pass_tokens` padded tokens (and at least one window), shortest
     /// windows together so short texts are not padded to long ones; results
     /// come back in the order of `windows`. A long text's windows thus spread
     /// over several passes and memory stays bounded whatever its length.
@@ -608,7 +691,7 @@ impl LocalModel {
         while at < order.len() {
             let mut end = at + 1;
             while end < order.len()
-                && (end + 1 - at) * windows[order[end]].len() <= PASS_PADDED_TOKENS
+                && (end + 1 - at) * windows[order[end]].len() <= self.pass_tokens
             {
                 end += 1;
             }

@@ -2,16 +2,32 @@
 //! (fixtures written by scripts/fixtures/make_fixtures.py).
 
 use crate::common::{assert_close, f32s, model_dir, reference};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use serde_json::Value;
 use triage_core::{Aggregation, LocalTask};
 use triage_local::LocalModel;
 use triage_local::tokenize::EncodedText;
 
 const TOL: f32 = 1e-4;
+/// Half precision, as the encoders run on a GPU, here on the CPU against the
+/// same F32 PyTorch reference. F16 keeps 11 significant bits (relative error
+/// 4.9e-4 a value) and the error grows through the layers; the largest
+/// differences measured on these fixtures (see the commit) stay under a
+/// quarter of this. scripts/gpu-check holds the CUDA build to the same bound.
+const TOL_F16: f32 = 1e-2;
 
 fn load(name: &str) -> anyhow::Result<LocalModel> {
-    Ok(LocalModel::load(&model_dir(name), name, &Device::Cpu)?)
+    load_in(name, DType::F32)
+}
+
+fn load_in(name: &str, dtype: DType) -> anyhow::Result<LocalModel> {
+    Ok(LocalModel::load_as(
+        &model_dir(name),
+        None,
+        name,
+        &Device::Cpu,
+        dtype,
+    )?)
 }
 
 fn cases(reference: &Value) -> &[Value] {
@@ -22,8 +38,13 @@ fn cases(reference: &Value) -> &[Value] {
 }
 
 fn check_sequence_model(name: &str) -> anyhow::Result<()> {
-    let model = load(name)?;
+    check_sequence_model_in(name, DType::F32, TOL)
+}
+
+fn check_sequence_model_in(name: &str, dtype: DType, tol: f32) -> anyhow::Result<()> {
+    let model = load_in(name, dtype)?;
     assert_eq!(model.info.task, LocalTask::SequenceClassification);
+    let mut worst = 0f32;
     let reference = reference(name)?;
     let cases = cases(&reference);
     assert!(cases.len() >= 10, "{name}: too few reference cases");
@@ -51,7 +72,8 @@ fn check_sequence_model(name: &str) -> anyhow::Result<()> {
             .collect();
         for (how, got) in [("single", &single[i]), ("batched", &batched[i])] {
             let ours: Vec<f32> = got.scores.iter().map(|s| s.score).collect();
-            assert_close(&ours, &want, TOL, &format!("{name} case {i} ({how})"));
+            assert_close(&ours, &want, tol, &format!("{name} case {i} ({how})"));
+            worst = worst.max(max_diff(&ours, &want));
             assert_eq!(
                 got.truncated,
                 case["truncated"].as_bool().unwrap_or(false),
@@ -59,7 +81,15 @@ fn check_sequence_model(name: &str) -> anyhow::Result<()> {
             );
         }
     }
+    eprintln!("{name} in {dtype:?}: largest difference from PyTorch {worst:.2e}");
     Ok(())
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -78,8 +108,16 @@ fn bert_single_label_from_pytorch_bin_matches_pytorch() -> anyhow::Result<()> {
 }
 
 fn check_token_model(name: &str) -> anyhow::Result<()> {
-    let model = load(name)?;
+    check_token_model_in(name, DType::F32, TOL)
+}
+
+/// In half precision the entity lists are not compared: a token whose top
+/// two labels lie within the F16 error of each other may flip, and the
+/// probabilities compared here already bound how far it can be off.
+fn check_token_model_in(name: &str, dtype: DType, tol: f32) -> anyhow::Result<()> {
+    let model = load_in(name, dtype)?;
     assert_eq!(model.info.task, LocalTask::TokenClassification);
+    let mut worst = 0f32;
     let reference = reference(name)?;
     let cases = cases(&reference);
     let mut nonempty = 0;
@@ -103,9 +141,14 @@ fn check_token_model(name: &str) -> anyhow::Result<()> {
             assert_close(
                 ours,
                 &f32s(theirs),
-                TOL,
+                tol,
                 &format!("{name} case {i} token {t}"),
             );
+            worst = worst.max(max_diff(ours, &f32s(theirs)));
+        }
+        if dtype != DType::F32 {
+            nonempty += 1;
+            continue;
         }
 
         // Where the reference's top two labels of a token tie (to float
@@ -160,6 +203,7 @@ fn check_token_model(name: &str) -> anyhow::Result<()> {
             }
         }
     }
+    eprintln!("{name} in {dtype:?}: largest difference from PyTorch {worst:.2e}");
     assert!(nonempty > 0, "{name}: the reference has no entities at all");
     assert!(
         ties <= 2,
@@ -176,6 +220,18 @@ fn bert_token_classifier_matches_the_pipeline() -> anyhow::Result<()> {
 #[test]
 fn distilbert_token_classifier_matches_the_pipeline() -> anyhow::Result<()> {
     check_token_model("distilbert-token")
+}
+
+#[test]
+fn f16_sequence_classifiers_match_pytorch_within_the_half_precision_bound() -> anyhow::Result<()> {
+    check_sequence_model_in("distilbert-seq-multilabel", DType::F16, TOL_F16)?;
+    check_sequence_model_in("bert-seq-single", DType::F16, TOL_F16)
+}
+
+#[test]
+fn f16_token_classifiers_match_pytorch_within_the_half_precision_bound() -> anyhow::Result<()> {
+    check_token_model_in("bert-token", DType::F16, TOL_F16)?;
+    check_token_model_in("distilbert-token", DType::F16, TOL_F16)
 }
 
 #[test]
@@ -208,7 +264,14 @@ fn minilm_mean_pooled_embeddings_match_sentence_transformers() -> anyhow::Result
     let Some(dir) = crate::common::minilm_dir() else {
         return Ok(());
     };
-    let model = LocalModel::load(&dir, "all-MiniLM-L6-v2", &Device::Cpu)?;
+    for (dtype, tol) in [(DType::F32, TOL), (DType::F16, TOL_F16)] {
+        check_minilm(&dir, dtype, tol)?;
+    }
+    Ok(())
+}
+
+fn check_minilm(dir: &std::path::Path, dtype: DType, tol: f32) -> anyhow::Result<()> {
+    let model = LocalModel::load_as(dir, None, "all-MiniLM-L6-v2", &Device::Cpu, dtype)?;
     assert_eq!(model.info.task, LocalTask::Embedding);
     let reference = reference("all-MiniLM-L6-v2")?;
     let texts: Vec<&str> = reference["texts"]
@@ -225,9 +288,19 @@ fn minilm_mean_pooled_embeddings_match_sentence_transformers() -> anyhow::Result
         .map(|t| model.tokenizer.encode(t, false))
         .collect::<Result<_, _>>()?;
     let ours = model.embed(&encoded.iter().collect::<Vec<_>>())?;
+    let mut worst = 0f32;
     for (i, (o, w)) in ours.iter().zip(&want).enumerate() {
-        assert_close(&o.vector, &f32s(w), TOL, &format!("MiniLM text {i}"));
+        assert_close(
+            &o.vector,
+            &f32s(w),
+            tol,
+            &format!("MiniLM text {i} ({dtype:?})"),
+        );
+        worst = worst.max(max_diff(&o.vector, &f32s(w)));
     }
+    eprintln!(
+        "all-MiniLM-L6-v2 in {dtype:?}: largest difference from sentence-transformers {worst:.2e}"
+    );
     let find = |s: &str| texts.iter().position(|t| *t == s);
     let cos = |a: &[f32], b: &[f32]| {
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
@@ -240,10 +313,35 @@ fn minilm_mean_pooled_embeddings_match_sentence_transformers() -> anyhow::Result
         find("A man is eating a piece of bread."),
         find("The stock market crashed today."),
     ) {
-        assert!((cos(&ours[a].vector, &ours[b].vector) - 0.7553).abs() < 1e-3);
-        assert!((cos(&ours[a].vector, &ours[c].vector) - 0.0088).abs() < 1e-3);
+        assert!((cos(&ours[a].vector, &ours[b].vector) - 0.7553).abs() < tol.max(1e-3));
+        assert!((cos(&ours[a].vector, &ours[c].vector) - 0.0088).abs() < tol.max(1e-3));
     } else {
         panic!("reference texts lack the cosine probes");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_smaller_pass_budget_gives_the_same_scores_in_more_passes() -> anyhow::Result<()> {
+    let mut model = load("distilbert-seq-multilabel")?;
+    let reference = reference("distilbert-seq-multilabel")?;
+    let encoded: Vec<EncodedText> = cases(&reference)
+        .iter()
+        .map(|c| {
+            model
+                .tokenizer
+                .encode(c["text"].as_str().unwrap_or_default(), false)
+        })
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&EncodedText> = encoded.iter().collect();
+    let one_pass = model.classify(&refs)?;
+    // One window a pass: every text runs alone, unpadded.
+    model.set_pass_tokens(1);
+    let many_passes = model.classify(&refs)?;
+    for (a, b) in one_pass.iter().zip(&many_passes) {
+        let a: Vec<f32> = a.scores.iter().map(|s| s.score).collect();
+        let b: Vec<f32> = b.scores.iter().map(|s| s.score).collect();
+        assert_close(&a, &b, 1e-5, "one pass vs one window a pass");
     }
     Ok(())
 }

@@ -73,7 +73,7 @@ fn edits(reference: &[String], hypothesis: &[String]) -> usize {
 
 fn engine() -> Option<Arc<WhisperEngine>> {
     let model = crate::common::whisper_model()?;
-    match WhisperEngine::load(&model, 2, false) {
+    match WhisperEngine::load(&model, 2, triage_local::DeviceSpec::Cpu) {
         Ok(e) => Some(Arc::new(e)),
         Err(e) => panic!("the Whisper model must load: {e}"),
     }
@@ -389,7 +389,9 @@ fn vad_model() -> Option<std::path::PathBuf> {
 
 fn engine_with_vad() -> Option<Arc<WhisperEngine>> {
     let (model, vad) = (crate::common::whisper_model()?, vad_model()?);
-    match WhisperEngine::load(&model, 2, false).and_then(|e| e.with_vad(&vad)) {
+    match WhisperEngine::load(&model, 2, triage_local::DeviceSpec::Cpu)
+        .and_then(|e| e.with_vad(&vad))
+    {
         Ok(e) => Some(Arc::new(e)),
         Err(e) => panic!("Whisper with VAD must load: {e}"),
     }

@@ -148,8 +148,10 @@ pub struct RawLocal {
     pub queue_capacity: Option<usize>,
     /// Most texts in one forward pass.
     pub max_batch_size: Option<usize>,
-    /// Most tokens in one forward pass.
+    /// Most padded tokens in one batch.
     pub max_batch_tokens: Option<usize>,
+    /// Most padded tokens in one forward pass (a bigger batch runs in several).
+    pub max_pass_tokens: Option<usize>,
     /// How long the first request of a batch may wait for company.
     pub max_wait_ms: Option<u64>,
     /// Longest input accepted, in tokens (default 32,768); longer is a 413.

@@ -11,6 +11,7 @@
 //! here with the standalone VAD context.
 
 use super::audio::SAMPLE_RATE;
+use crate::DeviceSpec;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
@@ -100,6 +101,8 @@ pub enum SpeechError {
     Decode(#[source] whisper_rs::WhisperError),
     #[error("the transcription was cancelled")]
     Cancelled,
+    #[error("cannot run Whisper on the requested device")]
+    Device(#[source] crate::LocalError),
 }
 
 /// Per-request options.
@@ -261,8 +264,13 @@ fn is_marker(word: &str, depth: &mut i32) -> bool {
 }
 
 impl WhisperEngine {
-    /// Load a ggml model file. `threads` is per decoding state.
-    pub fn load(path: &Path, threads: usize, use_gpu: bool) -> Result<Self, SpeechError> {
+    /// Load a ggml model file. `threads` is per decoding state. On
+    /// `cuda:N` whisper.cpp runs on GPU N with flash attention (its CUDA
+    /// kernels for it are compiled in; on the CPU it stays off, where it is
+    /// not faster for Whisper's short sequences). A GPU device is opened
+    /// first, so a missing driver or GPU is the same typed error as for the
+    /// encoders, not a silent fall back to the CPU.
+    pub fn load(path: &Path, threads: usize, device: DeviceSpec) -> Result<Self, SpeechError> {
         LOG_HOOKS.call_once(whisper_rs::install_logging_hooks);
         let err = |why: &'static str, source: Option<whisper_rs::WhisperError>| SpeechError::Load {
             path: path.display().to_string(),
@@ -272,8 +280,15 @@ impl WhisperEngine {
         if !path.is_file() {
             return Err(err("no such file", None));
         }
+        if device != DeviceSpec::Cpu {
+            device.open().map_err(SpeechError::Device)?;
+        }
+        let gpu_device = device.gpu_index().unwrap_or(0);
         let params = WhisperContextParameters {
-            use_gpu,
+            use_gpu: device != DeviceSpec::Cpu,
+            flash_attn: matches!(device, DeviceSpec::Cuda(_)),
+            gpu_device: i32::try_from(gpu_device)
+                .map_err(|_| err("the GPU index is out of range", None))?,
             ..Default::default()
         };
         let path_str = path

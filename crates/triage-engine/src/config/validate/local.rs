@@ -62,7 +62,10 @@ impl Validator {
             } else {
                 l.model.clone()
             };
-            let defaults = triage_local::BatchConfig::default();
+            let defaults = triage_local::BatchConfig::for_device(!matches!(
+                device,
+                triage_local::DeviceSpec::Cpu
+            ));
             let mut positive = |field: &str, v: Option<usize>, default: usize| match v {
                 Some(0) => {
                     self.problem(format!("{key}.{field}"), "is 0", "use a positive number");
@@ -91,6 +94,11 @@ impl Validator {
                     "max_input_tokens",
                     l.max_input_tokens,
                     defaults.max_input_tokens,
+                ),
+                max_pass_tokens: positive(
+                    "max_pass_tokens",
+                    l.max_pass_tokens,
+                    defaults.max_pass_tokens,
                 ),
                 max_wait: l
                     .max_wait_ms
