@@ -556,14 +556,18 @@ fn escalation_estimate(
 
 /// The local tiers before a replayed tier, each with its configured bands.
 struct Earlier<'e> {
-    tiers: Vec<(
-        Tier,
-        Vec<(f64, f64)>,
-        &'e triage_local::ModelHandle,
-        Vec<String>,
-        bool,
-    )>,
+    tiers: Vec<EarlierTier<'e>>,
 }
+
+/// A tier, its bands, its model, the model's positive labels, and whether
+/// it runs on a GPU (for its compute price).
+type EarlierTier<'e> = (
+    Tier,
+    Vec<(f64, f64)>,
+    &'e triage_local::ModelHandle,
+    Vec<String>,
+    bool,
+);
 
 impl<'e> Earlier<'e> {
     fn of(engine: &'e Engine, task: &Task, c: &Cascade, index: usize) -> Result<Self, AuditError> {
