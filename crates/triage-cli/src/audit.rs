@@ -75,9 +75,10 @@ pub struct CalibrateArgs {
     config: PathBuf,
     #[arg(long)]
     task: String,
-    /// The local tier whose band (lo, hi; per label for a multi-label task) is chosen. A tier
-    /// after the first is calibrated on the items the local tiers before it escalate (replayed
-    /// with their configured bands).
+    /// The tier whose band (lo, hi; per label for a multi-label task) is chosen. A tier after
+    /// the first is calibrated on the items the local tiers before it escalate (replayed with
+    /// their configured bands). A hosted tier with a band (hosted moderation or a cheap LLM
+    /// before the strong one) is asked for its scores: it needs --live --max-cost-usd X.
     #[arg(long)]
     tier: String,
     /// Labelled JSONL, as for `triage audit`.
@@ -101,6 +102,15 @@ pub struct CalibrateArgs {
     /// Write lo, hi and calibrated_accuracy into the config (a .bak is kept).
     #[arg(long)]
     write: bool,
+    /// A hosted --tier: send the items that reach it to its provider (answers cached on disk).
+    #[arg(long, requires = "max_cost_usd")]
+    live: bool,
+    /// With --live: never start a call that could take this run's spend past this many dollars.
+    #[arg(long)]
+    max_cost_usd: Option<f64>,
+    /// With --live: where answers are cached [default: $TRIAGE_DATA_DIR/audit-cache, else the data dir].
+    #[arg(long)]
+    cache: Option<PathBuf>,
     /// Calibrate on a random sample of N items (seeded).
     #[arg(long)]
     sample: Option<usize>,
@@ -267,9 +277,10 @@ async fn audit_task(
         && out
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+        && !task_audit::has_knob(find_task(&config, &args.task)?)
     {
         bail!(
-            "--out {}: a PNG holds the band frontier of a moderation cascade; task `{}` has no band (use .html or .json)",
+            "--out {}: a PNG holds the frontier, and task `{}` has no setting to re-score (a router's local intent has min_score, a summarize stage min_transcript_confidence with two models); use .html or .json",
             out.display(),
             args.task
         );
@@ -332,10 +343,24 @@ pub async fn calibrate(args: CalibrateArgs) -> Result<ExitCode> {
     {
         bail!("--margin {m} is not between 0 and 1");
     }
+    if let Some(x) = args.max_cost_usd
+        && !(x.is_finite() && x >= 0.0)
+    {
+        bail!("--max-cost-usd {x} is not a dollar amount");
+    }
     let config = load_config(&args.config)?;
     let items = read_data(&config, &args.task, &args.data)?;
     let task = config.task(&args.task).context("the task disappeared")?;
-    audit::replay_tier(task, Some(&args.tier))?;
+    let (_, _, hosted) = audit::calibration_tier(task, &args.tier)?;
+    let live = match (hosted, args.live, args.max_cost_usd) {
+        (true, true, Some(cap)) => Some((cap, args.cache.clone().unwrap_or_else(default_cache))),
+        (true, _, _) => bail!(
+            "tier `{}` of task `{}` is hosted: calibrating it asks its provider for the scores of the items that reach it; give --live --max-cost-usd X (answers are cached, so a rerun is free)",
+            args.tier,
+            args.task
+        ),
+        (false, _, _) => None,
+    };
     if args.write {
         calibrate::check_writable(&args.config)?;
     }
@@ -344,13 +369,47 @@ pub async fn calibrate(args: CalibrateArgs) -> Result<ExitCode> {
         Some(n) => audit::sample(items, n, args.seed),
         None => items,
     };
-    let (_engine, replay) = replay(config, &args.task, Some(&args.tier), items).await?;
+    let (replay, live) = match live {
+        None => (
+            replay(config, &args.task, Some(&args.tier), items).await?.1,
+            None,
+        ),
+        Some((cap, cache_dir)) => {
+            let engine = Engine::new(config).await?;
+            let bar = progress_bar(items.len(), "items");
+            let tick = bar.clone();
+            let (replay, stats) = Replay::run_hosted(
+                &engine,
+                &args.task,
+                &args.tier,
+                items,
+                cap,
+                &cache_dir,
+                &mut move || tick.inc(1),
+            )
+            .await?;
+            bar.finish_and_clear();
+            if stats.skipped_over_budget + stats.failed > 0 {
+                eprintln!(
+                    "warning: {} item(s) reaching tier `{}` were left out ({} over --max-cost-usd {}, {} failed); the band is chosen on the {} it scored",
+                    stats.skipped_over_budget + stats.failed,
+                    args.tier,
+                    stats.skipped_over_budget,
+                    cap,
+                    stats.failed,
+                    replay.n()
+                );
+            }
+            (replay, Some(stats))
+        }
+    };
     let opts = CalibrateOptions {
         margin: args.margin,
         seed: args.seed,
         ..CalibrateOptions::default()
     };
-    let calibration = calibrate::calibrate(&replay, target, &opts)?;
+    let mut calibration = calibrate::calibrate(&replay, target, &opts)?;
+    calibration.live = live;
     if args.write {
         let bands = calibration.bands(&replay.cascade.labels);
         let written = calibrate::Written::of(&calibration, &bands);

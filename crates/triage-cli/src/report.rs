@@ -5,7 +5,7 @@
 use crate::eval::{svg_to_png, xml_escape};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
-use triage_engine::audit::{AuditReport, BandPoint};
+use triage_engine::audit::{AuditReport, Frontier};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -51,9 +51,10 @@ pub fn check_out(path: &Path) -> Result<()> {
 pub fn write(path: &Path, report: &AuditReport) -> Result<()> {
     let bytes = match format_of(path) {
         Some(Format::Html) => html(report).into_bytes(),
-        Some(Format::Png) if report.band.is_none() => bail!(
-            "--out {}: a PNG holds the band frontier of a moderation cascade; use .html or .json",
-            path.display()
+        Some(Format::Png) if report.frontier.is_empty() => bail!(
+            "--out {}: a PNG holds the frontier, and task `{}` has no setting to re-score; use .html or .json",
+            path.display(),
+            report.task
         ),
         Some(Format::Png) => svg_to_png(&frontier_svg(report))?,
         Some(Format::Json) => serde_json::to_vec_pretty(report)?,
@@ -62,36 +63,82 @@ pub fn write(path: &Path, report: &AuditReport) -> Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Bands no other band beats on both cost and local accuracy, by cost.
-fn pareto(points: &[BandPoint]) -> Vec<BandPoint> {
-    let mut v: Vec<BandPoint> = points
+/// One point of the plot: a band of a moderation cascade's local tier, or a
+/// setting of a router's or pipeline's knob.
+#[derive(Debug, Clone, PartialEq)]
+struct Point {
+    cost: f64,
+    accuracy: Option<f64>,
+    share: f64,
+    /// `lo 0.2 hi 0.8`, `min_score 0.7`.
+    setting: String,
+}
+
+/// The frontier as plot points, the configured one, and what the y axis and
+/// the share are.
+fn points(r: &AuditReport) -> (Vec<Point>, Option<Point>, &'static str, &'static str) {
+    match &r.frontier {
+        Frontier::Bands(v) => {
+            let band = |p: &triage_engine::audit::BandPoint| Point {
+                cost: p.cost_per_100k_usd,
+                accuracy: p.local_accuracy,
+                share: p.local_share,
+                setting: format!("band {}–{}", p.lo, p.hi),
+            };
+            (
+                v.iter().map(band).collect(),
+                r.band.as_ref().map(band),
+                "local accuracy",
+                "local",
+            )
+        }
+        Frontier::Knob(v) => {
+            let knob = |p: &triage_engine::audit::KnobPoint| Point {
+                cost: p.cost_per_100k_usd,
+                accuracy: p.accuracy,
+                share: p.share,
+                setting: format!("{} {}", p.knob, p.value),
+            };
+            let share = match v.first().map(|p| p.knob) {
+                Some("min_score") => "without a model",
+                _ => "at the first model",
+            };
+            (
+                v.iter().map(knob).collect(),
+                r.setting.as_ref().map(knob),
+                r.metric.unwrap_or("accuracy"),
+                share,
+            )
+        }
+    }
+}
+
+/// Points no other point beats on both cost and accuracy, by cost.
+fn pareto(points: &[Point]) -> Vec<Point> {
+    let mut v: Vec<Point> = points
         .iter()
-        .filter(|p| p.local_accuracy.is_some())
-        .copied()
+        .filter(|p| p.accuracy.is_some())
+        .cloned()
         .collect();
     v.sort_by(|a, b| {
-        a.cost_per_100k_usd.total_cmp(&b.cost_per_100k_usd).then(
-            b.local_accuracy
+        a.cost.total_cmp(&b.cost).then(
+            b.accuracy
                 .unwrap_or(0.0)
-                .total_cmp(&a.local_accuracy.unwrap_or(0.0)),
+                .total_cmp(&a.accuracy.unwrap_or(0.0)),
         )
     });
-    let mut out: Vec<BandPoint> = Vec::new();
+    let mut out: Vec<Point> = Vec::new();
     for p in v {
-        let acc = p.local_accuracy.unwrap_or(0.0);
-        if out
-            .last()
-            .is_none_or(|q| acc > q.local_accuracy.unwrap_or(0.0))
-        {
+        let acc = p.accuracy.unwrap_or(0.0);
+        if out.last().is_none_or(|q| acc > q.accuracy.unwrap_or(0.0)) {
             out.push(p);
         }
     }
     out
 }
 
-/// Cost per 100k requests (x) against the local tier's accuracy (y) for
-/// every band of the frontier; the Pareto front as a line and the
-/// configured band marked.
+/// Cost per 100k requests (x) against accuracy (y) for every point of the
+/// frontier; the Pareto front as a line and the configured setting marked.
 pub fn frontier_svg(report: &AuditReport) -> String {
     const W: f64 = 720.0;
     const H: f64 = 460.0;
@@ -100,27 +147,24 @@ pub fn frontier_svg(report: &AuditReport) -> String {
     const TOP: f64 = 50.0;
     const BOTTOM: f64 = 60.0;
     let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
-    let points: Vec<&BandPoint> = report
-        .frontier
-        .iter()
-        .filter(|p| p.local_accuracy.is_some())
-        .collect();
+    let (all, chosen, y_title, share_is) = points(report);
+    let points: Vec<&Point> = all.iter().filter(|p| p.accuracy.is_some()).collect();
     let max_cost = points
         .iter()
-        .map(|p| p.cost_per_100k_usd)
-        .chain(report.band.map(|b| b.cost_per_100k_usd))
+        .map(|p| p.cost)
+        .chain(chosen.as_ref().map(|b| b.cost))
         .chain([report.all_llm_cost_per_100k_usd])
         .fold(0.0_f64, f64::max)
         .max(1e-9);
     let min_acc = points
         .iter()
-        .filter_map(|p| p.local_accuracy)
+        .filter_map(|p| p.accuracy)
         .fold(1.0_f64, f64::min);
     let y0 = ((min_acc * 10.0).floor() / 10.0).clamp(0.0, 0.9);
     let x = |c: f64| LEFT + (c / max_cost).clamp(0.0, 1.0) * pw;
     let y = |a: f64| TOP + (1.0 - ((a - y0) / (1.0 - y0)).clamp(0.0, 1.0)) * ph;
     let title = format!(
-        "{}: cost against local accuracy over {} bands (n = {})",
+        "{}: cost against {y_title} over {} settings (n = {})",
         report.task,
         report.frontier.len(),
         report.n
@@ -158,7 +202,7 @@ pub fn frontier_svg(report: &AuditReport) -> String {
         "<line x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{:.1}\" stroke=\"black\"/>\n\
          <line x1=\"{LEFT}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n\
          <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">$ per 100k requests (all-LLM: {:.2})</text>\n\
-         <text x=\"18\" y=\"{:.1}\" text-anchor=\"middle\" transform=\"rotate(-90 18 {:.1})\">local accuracy</text>\n",
+         <text x=\"18\" y=\"{:.1}\" text-anchor=\"middle\" transform=\"rotate(-90 18 {:.1})\">{}</text>\n",
         TOP + ph,
         TOP + ph,
         LEFT + pw,
@@ -168,38 +212,32 @@ pub fn frontier_svg(report: &AuditReport) -> String {
         report.all_llm_cost_per_100k_usd,
         TOP + ph / 2.0,
         TOP + ph / 2.0,
+        xml_escape(y_title),
     ));
     for p in &points {
         s.push_str(&format!(
             "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#9ecae1\">\
-             <title>lo {} hi {}: share {:.3}, accuracy {:.4}, ${:.4} per 100k</title></circle>\n",
-            x(p.cost_per_100k_usd),
-            y(p.local_accuracy.unwrap_or(0.0)),
-            p.lo,
-            p.hi,
-            p.local_share,
-            p.local_accuracy.unwrap_or(0.0),
-            p.cost_per_100k_usd
+             <title>{}: share {share_is} {:.3}, accuracy {:.4}, ${:.4} per 100k</title></circle>\n",
+            x(p.cost),
+            y(p.accuracy.unwrap_or(0.0)),
+            xml_escape(&p.setting),
+            p.share,
+            p.accuracy.unwrap_or(0.0),
+            p.cost
         ));
     }
-    let front: Vec<String> = pareto(&report.frontier)
+    let front: Vec<String> = pareto(&all)
         .iter()
-        .map(|p| {
-            format!(
-                "{:.1},{:.1}",
-                x(p.cost_per_100k_usd),
-                y(p.local_accuracy.unwrap_or(0.0))
-            )
-        })
+        .map(|p| format!("{:.1},{:.1}", x(p.cost), y(p.accuracy.unwrap_or(0.0))))
         .collect();
     s.push_str(&format!(
         "<polyline points=\"{}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>\n",
         front.join(" ")
     ));
-    if let Some(b) = &report.band
-        && let Some(a) = b.local_accuracy
+    if let Some(b) = &chosen
+        && let Some(a) = b.accuracy
     {
-        let (bx, by) = (x(b.cost_per_100k_usd), y(a));
+        let (bx, by) = (x(b.cost), y(a));
         // The label goes on the side of the marker with room for it.
         let (lx, anchor) = if bx > LEFT + 0.6 * pw {
             (bx - 10.0, "end")
@@ -208,11 +246,10 @@ pub fn frontier_svg(report: &AuditReport) -> String {
         };
         s.push_str(&format!(
             "<circle cx=\"{bx:.1}\" cy=\"{by:.1}\" r=\"7\" fill=\"none\" stroke=\"#d62728\" stroke-width=\"3\" class=\"chosen\"/>\n\
-             <text x=\"{lx:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\" fill=\"#d62728\">band {}–{}: {:.0}% local at {:.3}</text>\n",
+             <text x=\"{lx:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\" fill=\"#d62728\">{}: {:.0}% {share_is} at {:.3}</text>\n",
             by - 12.0,
-            b.lo,
-            b.hi,
-            b.local_share * 100.0,
+            xml_escape(&b.setting),
+            b.share * 100.0,
             a
         ));
     }
@@ -264,14 +301,24 @@ pub fn html(r: &AuditReport) -> String {
         savings = r.savings_pct.map_or("–".into(), |s| format!("{s:.1}%")),
         acc = opt(r.accuracy, 4),
         metric = r.metric.unwrap_or("accuracy"),
-        band = r.band.map_or(String::new(), |b| format!(
-            " Local band lo = {}, hi = {}: the local tier answers {:.1}% at accuracy {}.",
-            b.lo,
-            b.hi,
-            b.local_share * 100.0,
-            opt(b.local_accuracy, 4)
-        )),
-        svg = if r.band.is_some() {
+        band = match (&r.band, &r.setting) {
+            (Some(b), _) => format!(
+                " Local band lo = {}, hi = {}: the local tier answers {:.1}% at accuracy {}.",
+                b.lo,
+                b.hi,
+                b.local_share * 100.0,
+                opt(b.local_accuracy, 4)
+            ),
+            (None, Some(k)) => format!(
+                " Configured {} = {}: share {:.1}%, ${:.2} per 100k.",
+                k.knob,
+                k.value,
+                k.share * 100.0,
+                k.cost_per_100k_usd
+            ),
+            (None, None) => String::new(),
+        },
+        svg = if !r.frontier.is_empty() {
             format!("<h2>Cost against accuracy</h2>\n{}\n", frontier_svg(r))
         } else {
             String::new()
@@ -283,13 +330,12 @@ pub fn html(r: &AuditReport) -> String {
 mod tests {
     use super::*;
 
-    fn point(lo: f64, hi: f64, share: f64, acc: f64, cost: f64) -> BandPoint {
-        BandPoint {
-            lo,
-            hi,
-            local_share: share,
-            local_accuracy: Some(acc),
-            cost_per_100k_usd: cost,
+    fn point(lo: f64, hi: f64, share: f64, acc: f64, cost: f64) -> Point {
+        Point {
+            cost,
+            accuracy: Some(acc),
+            share,
+            setting: format!("{lo} {hi}"),
         }
     }
 
@@ -302,7 +348,7 @@ mod tests {
             point(0.1, 0.9, 0.3, 0.95, 2.0),
         ];
         let front = pareto(&pts);
-        let his: Vec<f64> = front.iter().map(|p| p.hi).collect();
-        assert_eq!(his, vec![0.5, 0.7, 0.9]);
+        let his: Vec<&str> = front.iter().map(|p| p.setting.as_str()).collect();
+        assert_eq!(his, vec!["0.5 0.5", "0.3 0.7", "0.1 0.9"]);
     }
 }

@@ -485,7 +485,7 @@ fn bad_input_is_refused_before_any_work() -> Result<()> {
         d,
         &["calibrate", "--tier", "llm", "--target-accuracy", "0.9"],
         ok,
-        "is not a local specialist",
+        "is the last tier (it always answers)",
     )?;
     refused(d, &["audit", "--task", "nope"], ok, "unknown task `nope`")?;
     refused(d, &["audit", "--out", "r.pdf"], ok, ".html, .png or .json")?;
@@ -553,8 +553,12 @@ fn bad_input_is_refused_before_any_work() -> Result<()> {
 /// A fake of OpenAI's chat endpoint: answers the moderation JSON schema
 /// (`toxic` high when the text has an obvious insult) and counts calls.
 async fn fake_openai(calls: Arc<AtomicUsize>) -> Result<String> {
+    serve(chat_app(calls)).await
+}
+
+fn chat_app(calls: Arc<AtomicUsize>) -> axum::Router {
     use axum::routing::post;
-    let app = axum::Router::new().route(
+    axum::Router::new().route(
         "/v1/chat/completions",
         post(move |body: axum::Json<Value>| {
             let calls = calls.clone();
@@ -566,10 +570,7 @@ async fn fake_openai(calls: Arc<AtomicUsize>) -> Result<String> {
                     .and_then(|m| m["content"].as_str())
                     .unwrap_or_default()
                     .to_lowercase();
-                let rude = ["idiot", "stupid", "shit", "fuck", "ass"]
-                    .iter()
-                    .any(|w| user.contains(w));
-                let content = json!({"toxic": if rude { 0.9 } else { 0.1 }}).to_string();
+                let content = json!({"toxic": if rude(&user) { 0.9 } else { 0.1 }}).to_string();
                 axum::Json(json!({
                     "id": "chatcmpl-fake",
                     "object": "chat.completion",
@@ -580,7 +581,10 @@ async fn fake_openai(calls: Arc<AtomicUsize>) -> Result<String> {
                 }))
             }
         }),
-    );
+    )
+}
+
+async fn serve(app: axum::Router) -> Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -1059,7 +1063,6 @@ fn router_audit_measures_route_accuracy_and_share_per_route() -> Result<()> {
     }
     assert_eq!(r["n"], 120);
     assert_eq!(r["metric"], "route accuracy");
-    assert_eq!(r["frontier"], json!([]));
 
     // The same texts through the specialist: the route is its top label when
     // that is at least min_score (0.7), else the default.
@@ -1112,9 +1115,49 @@ fn router_audit_measures_route_accuracy_and_share_per_route() -> Result<()> {
             .unwrap()
             .contains("offline: no hosted provider was called")
     }));
+    // The frontier re-scores the intent's min_score from each item's top
+    // label and score: its point at the configured 0.7 is this audit, and
+    // at 0.9 only the surest offensive items keep the template route.
+    let frontier = r["frontier"].as_array().context("frontier")?;
+    assert!(frontier.len() >= 21);
+    assert!(frontier.iter().all(|p| p["knob"] == "min_score"));
+    let at = |m: f64| {
+        frontier
+            .iter()
+            .find(|p| (f(&p["value"]) - m).abs() < 1e-12)
+            .unwrap_or_else(|| panic!("no min_score {m}"))
+    };
+    assert_eq!(r["setting"], *at(0.7));
+    assert!((f(&at(0.7)["accuracy"]) - f(&r["accuracy"])).abs() < 1e-12);
+    assert!(
+        (f(&at(0.7)["cost_per_100k_usd"]) - cost).abs() < 1e-9,
+        "{r}"
+    );
+    assert!((f(&at(0.7)["share"]) - f(&offensive["share"])).abs() < 1e-12);
+    let scores = offensive_scores(&text_path)?;
+    let surest = scores.iter().filter(|p| **p >= 0.9).count();
+    let right_at_09 = scores
+        .iter()
+        .zip(&gold)
+        .filter(|(p, g)| (**p >= 0.9) == **g)
+        .count();
+    assert!((f(&at(0.9)["share"]) - surest as f64 / 120.0).abs() < 1e-12);
+    assert!((f(&at(0.9)["accuracy"]) - right_at_09 as f64 / 120.0).abs() < 1e-12);
+    // Fewer template answers, more model calls: never cheaper.
+    for w in frontier.windows(2) {
+        assert!(f(&w[0]["value"]) <= f(&w[1]["value"]));
+        assert!(f(&w[0]["share"]) >= f(&w[1]["share"]));
+        assert!(f(&w[0]["cost_per_100k_usd"]) <= f(&w[1]["cost_per_100k_usd"]) + 1e-12);
+    }
+    assert!(r["assumptions"].as_array().unwrap().iter().any(|a| {
+        a.as_str()
+            .unwrap()
+            .starts_with("frontier: the intent's min_score")
+    }));
     let page = std::fs::read_to_string(&html)?;
     assert!(page.contains("route:not-offensive") && page.contains("route accuracy"));
-    assert!(!page.contains("<svg"), "no band, no frontier plot");
+    assert!(page.contains("<svg") && page.contains("class=\"chosen\""));
+    assert!(page.contains("min_score 0.7"));
 
     let png = dir.path().join("r.png");
     let out = triage(
@@ -1131,8 +1174,8 @@ fn router_audit_measures_route_accuracy_and_share_per_route() -> Result<()> {
         ],
         &[],
     )?;
-    assert!(!out.status.success() && stderr(&out).contains("has no band"));
-    assert!(!png.exists());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(std::fs::read(&png)?.starts_with(b"\x89PNG\r\n\x1a\n"));
     Ok(())
 }
 
@@ -1419,7 +1462,8 @@ fn transcription_audit_reports_word_error_rate() -> Result<()> {
              [tasks.notes]\nstrategy = \"pipeline\"\n\n\
              [[tasks.notes.stages]]\nname = \"transcribe\"\nkind = \"transcribe\"\nlocal = \"whisper\"\n\n\
              [[tasks.notes.stages]]\nname = \"summary\"\nkind = \"summarize\"\n\
-             tiers = [{{ provider = \"openai\", model = \"gpt-4o-mini\" }}]\n",
+             min_transcript_confidence = 0.5\n\
+             tiers = [{{ provider = \"openai\", model = \"gpt-4o-mini\" }}, {{ provider = \"openai\", model = \"gpt-4o\" }}]\n",
             ggml.display()
         ),
     )?;
@@ -1468,6 +1512,29 @@ fn transcription_audit_reports_word_error_rate() -> Result<()> {
     assert_eq!(summary["model"], "openai/gpt-4o-mini");
     assert!(summary["accuracy"].is_null() && summary["latency_ms_p50"].is_null());
     assert!(f(&summary["cost_usd"]) > 0.0);
+    // The frontier varies the summary's min_transcript_confidence: at 0 every
+    // transcript goes to gpt-4o-mini, at 1 all to gpt-4o; WER stays.
+    let frontier = r["frontier"].as_array().context("frontier")?;
+    let at = |m: f64| {
+        frontier
+            .iter()
+            .find(|p| (f(&p["value"]) - m).abs() < 1e-12)
+            .unwrap_or_else(|| panic!("no setting {m}"))
+    };
+    assert!(
+        frontier
+            .iter()
+            .all(|p| p["knob"] == "min_transcript_confidence")
+    );
+    assert_eq!(f(&at(0.0)["share"]), 1.0);
+    assert_eq!(f(&at(1.0)["share"]), 0.0);
+    assert!(f(&at(1.0)["cost_per_100k_usd"]) > f(&at(0.0)["cost_per_100k_usd"]));
+    assert!(frontier.iter().all(|p| p["accuracy"] == r["accuracy"]));
+    assert_eq!(r["setting"], *at(0.5));
+    assert!(
+        (f(&at(0.5)["cost_per_100k_usd"]) - f(&r["cost_per_100k_usd"])).abs() < 1e-9,
+        "{r}"
+    );
     // Whisper-1 at $0.006 a minute and gpt-4o-mini for every meeting cost
     // more than local transcription and the same summary.
     assert!(
@@ -1702,7 +1769,11 @@ fn bad_input_of_other_shapes_is_refused_before_any_work() -> Result<()> {
          [tasks.late]\nstrategy = \"cascade\"\nkind = \"moderation\"\nlabels = [\"toxic\"]\n\
          [[tasks.late.tiers]]\nname = \"hosted\"\nprovider = \"openai\"\nmodel = \"omni-moderation-latest\"\noperation = \"moderation\"\nlo = 0.2\nhi = 0.8\n\
          [[tasks.late.tiers]]\nname = \"local\"\nlocal = \"toxicity\"\nlo = 0.2\nhi = 0.8\n\
-         [[tasks.late.tiers]]\nname = \"llm\"\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\n",
+         [[tasks.late.tiers]]\nname = \"llm\"\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\n\n\
+         [tasks.three]\nstrategy = \"cascade\"\nkind = \"moderation\"\nlabels = [\"toxic\"]\n\
+         [[tasks.three.tiers]]\nname = \"local\"\nlocal = \"toxicity\"\nlo = 0.2\nhi = 0.8\n\
+         [[tasks.three.tiers]]\nname = \"hosted\"\nprovider = \"openai\"\nmodel = \"omni-moderation-latest\"\noperation = \"moderation\"\nlo = 0.2\nhi = 0.8\n\
+         [[tasks.three.tiers]]\nname = \"llm\"\nprovider = \"openai\"\nmodel = \"gpt-4o-mini\"\n",
     )?;
     let before = std::fs::read_to_string(&config)?;
     let data_path = d.join("d.jsonl");
@@ -1785,6 +1856,496 @@ fn bad_input_of_other_shapes_is_refused_before_any_work() -> Result<()> {
         "{\"text\": \"hi\", \"route\": \"ok\"}\n",
         "calibrate the bands of moderation cascades",
     )?;
+    let hosted = |extra: &[&'static str]| {
+        let mut v = vec![
+            "calibrate",
+            "--task",
+            "three",
+            "--tier",
+            "hosted",
+            "--target-accuracy",
+            "0.9",
+        ];
+        v.extend_from_slice(extra);
+        v
+    };
+    let ok = "{\"text\": \"hi\", \"label\": 0}\n";
+    check(
+        &hosted(&[]),
+        ok,
+        "is hosted: calibrating it asks its provider",
+    )?;
+    check(
+        &hosted(&["--live", "--max-cost-usd=-1"]),
+        ok,
+        "--max-cost-usd -1 is not a dollar amount",
+    )?;
+    check(
+        &hosted(&["--live", "--max-cost-usd", "1"]),
+        "{\"text\": \"hi\", \"label\": \"spam\"}\n",
+        "label `spam`",
+    )?;
+    check(
+        &[
+            "calibrate",
+            "--task",
+            "three",
+            "--tier",
+            "llm",
+            "--target-accuracy",
+            "0.9",
+            "--live",
+            "--max-cost-usd",
+            "1",
+        ],
+        ok,
+        "is the last tier",
+    )?;
     assert_eq!(std::fs::read_to_string(&config)?, before);
+    Ok(())
+}
+
+/// What the fake hosted moderation answers for `text` (OpenAI's
+/// `harassment` category): an obvious insult scores 0.55–0.95, anything else
+/// 0–0.56, spread by the text's length so that some answers fall inside the
+/// band (0.3, 0.7) and go on to the LLM.
+fn fake_harassment(text: &str) -> f64 {
+    let len = text.chars().count();
+    if rude(text) {
+        0.55 + (len % 5) as f64 * 0.1
+    } else {
+        (len % 8) as f64 * 0.08
+    }
+}
+
+/// [`fake_harassment`] as the cascade reads it: OpenAI's moderation scores
+/// are parsed as 32-bit floats.
+fn harassment_read(text: &str) -> f64 {
+    f64::from(fake_harassment(text) as f32)
+}
+
+/// The fake LLM's verdict (as `fake_openai`): toxic when there is an insult.
+fn rude(text: &str) -> bool {
+    let lower = text.to_lowercase();
+    ["idiot", "stupid", "shit", "fuck", "ass"]
+        .iter()
+        .any(|w| lower.contains(w))
+}
+
+/// A fake of OpenAI speaking both wire formats a three-tier moderation
+/// cascade uses: `/v1/moderations` (scores from [`fake_harassment`]) and
+/// `/v1/chat/completions` (as [`fake_openai`]). Counts each.
+async fn fake_moderation_and_chat(
+    moderations: Arc<AtomicUsize>,
+    chats: Arc<AtomicUsize>,
+) -> Result<String> {
+    use axum::routing::post;
+    let app = chat_app(chats).route(
+        "/v1/moderations",
+        post(move |body: axum::Json<Value>| {
+            let moderations = moderations.clone();
+            async move {
+                moderations.fetch_add(1, Ordering::SeqCst);
+                let input = match &body.0["input"] {
+                    Value::Array(a) => a
+                        .first()
+                        .and_then(|x| x.as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    v => v.as_str().unwrap_or_default().to_owned(),
+                };
+                let score = fake_harassment(&input);
+                axum::Json(json!({
+                    "id": "modr-fake",
+                    "model": "omni-moderation-2024-09-26",
+                    "results": [{
+                        "flagged": score >= 0.5,
+                        "categories": {"harassment": score >= 0.5, "violence": false},
+                        "category_scores": {"harassment": score, "violence": 0.01}
+                    }]
+                }))
+            }
+        }),
+    );
+    serve(app).await
+}
+
+/// Local toxicity specialist, then hosted moderation ($0.01 a request) with
+/// its own band, then gpt-4o-mini ($0.10 for the fakes' 100 prompt tokens).
+const THREE_TIERS: &str = r#"# three tiers: local, hosted moderation, LLM
+[ledger]
+disabled = true
+
+[[price]]
+provider = "openai"
+model = "gpt-4o-mini"
+effective = "2024-07-18"
+input_per_mtok = 1000.0
+output_per_mtok = 0.0
+
+[[price]]
+provider = "openai"
+model = "omni-moderation-latest"
+effective = "2024-09-26"
+input_per_mtok = 0.0
+output_per_mtok = 0.0
+per_request = 0.01
+
+[local.toxicity]
+model = "toxicity"
+
+[providers.openai]
+kind = "openai"
+api_key_env = "OPENAI_API_KEY"
+
+[tasks.moderation]
+strategy = "cascade"
+kind = "moderation"
+labels = ["toxic"]
+
+[[tasks.moderation.tiers]]
+name = "local"
+local = "toxicity"
+lo = 0.2
+hi = 0.8
+
+# the middle tier: hosted moderation
+[[tasks.moderation.tiers]]
+name = "hosted-moderation"
+provider = "openai"
+model = "omni-moderation-latest"
+operation = "moderation"
+lo = 0.3   # its band decides what goes on to the LLM
+hi = 0.7
+map = { harassment = "toxic" }
+
+[[tasks.moderation.tiers]]
+name = "llm"
+provider = "openai"
+model = "gpt-4o-mini"
+"#;
+
+/// Run `triage` off the async runtime (the fakes live on it).
+async fn triage_async(args: Vec<String>, env: Vec<(String, String)>) -> Result<Output> {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        triage(&args, &env)
+    })
+    .await?
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The items the local tier escalates under (0.2, 0.8): (text, P(offensive), gold).
+fn escalated_by_local(data_path: &Path, data: &str) -> Result<Vec<(String, f64, bool)>> {
+    let scores = offensive_scores(data_path)?;
+    let gold = gold_bits(data);
+    Ok(data
+        .lines()
+        .zip(scores.iter().zip(&gold))
+        .filter(|(_, (p, _))| **p > 0.2 && **p < 0.8)
+        .map(|(l, (p, g))| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["text"].as_str().unwrap().to_owned(), *p, *g)
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_tier_audit_reports_every_tier_offline_and_live() -> Result<()> {
+    let Some(data) = val_slice(150) else {
+        return Ok(());
+    };
+    let (moderations, chats) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let base = fake_moderation_and_chat(moderations.clone(), chats.clone()).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("three.toml");
+    std::fs::write(&config, THREE_TIERS)?;
+    let data_path = dir.path().join("val.jsonl");
+    std::fs::write(&data_path, &data)?;
+    let (c, d) = (config.to_str().unwrap(), data_path.to_str().unwrap());
+    let env = vec![
+        ("TRIAGE_PROVIDER_OPENAI_BASE_URL".to_owned(), base.clone()),
+        (
+            "OPENAI_API_KEY".to_owned(),
+            "sk-test-not-a-real-key".to_owned(),
+        ),
+    ];
+    let cache = dir.path().join("cache");
+    let live_args = strings(&[
+        "audit",
+        "--config",
+        c,
+        "--task",
+        "moderation",
+        "--data",
+        d,
+        "--live",
+        "--max-cost-usd",
+        "100",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--json",
+    ]);
+    let r = json_out(&triage_async(live_args.clone(), env.clone()).await?)?;
+
+    // By hand: what the local tier escalates, what hosted moderation keeps
+    // (outside (0.3, 0.7)) and what goes on to the LLM.
+    let escalated = escalated_by_local(&data_path, &data)?;
+    let (kept, passed): (Vec<_>, Vec<_>) = escalated.iter().partition(|(t, _, _)| {
+        let s = harassment_read(t);
+        s <= 0.3 || s >= 0.7
+    });
+    assert!(
+        kept.len() >= 5 && passed.len() >= 5,
+        "{} kept, {} passed",
+        kept.len(),
+        passed.len()
+    );
+    assert_eq!(moderations.load(Ordering::SeqCst), escalated.len());
+    assert_eq!(chats.load(Ordering::SeqCst), passed.len());
+    let tiers = r["tiers"].as_array().context("tiers")?;
+    let names: Vec<&str> = tiers.iter().map(|t| t["tier"].as_str().unwrap()).collect();
+    assert_eq!(names, ["local", "hosted-moderation", "llm"]);
+    let (local, middle, llm) = (&tiers[0], &tiers[1], &tiers[2]);
+    assert!((f(&local["share"]) - (150 - escalated.len()) as f64 / 150.0).abs() < 1e-12);
+    assert!(
+        (f(&middle["share"]) - kept.len() as f64 / 150.0).abs() < 1e-12,
+        "{r}"
+    );
+    assert!(
+        (f(&llm["share"]) - passed.len() as f64 / 150.0).abs() < 1e-12,
+        "{r}"
+    );
+    let right = |v: &[&(String, f64, bool)], flag: &dyn Fn(&str) -> bool| {
+        v.iter().filter(|(t, _, g)| flag(t) == *g).count() as f64 / v.len() as f64
+    };
+    assert!((f(&middle["accuracy"]) - right(&kept, &|t| harassment_read(t) >= 0.5)).abs() < 1e-12);
+    assert!((f(&llm["accuracy"]) - right(&passed, &rude)).abs() < 1e-12);
+    // Each hosted tier's bill and its measured latency.
+    assert!((f(&middle["cost_usd"]) - 0.01 * escalated.len() as f64).abs() < 1e-9);
+    assert!((f(&llm["cost_usd"]) - 0.10 * passed.len() as f64).abs() < 1e-9);
+    for t in [middle, llm] {
+        assert!(
+            f(&t["latency_ms_p50"]) > 0.0 && f(&t["latency_ms_p99"]) >= f(&t["latency_ms_p50"])
+        );
+    }
+    let cost = f(&r["cost_per_100k_usd"]);
+    let sum: f64 = tiers.iter().map(|t| f(&t["cost_usd"])).sum();
+    assert!((sum / 150.0 * 100_000.0 - cost).abs() < 1e-6);
+    // The frontier prices what was escalated at what it cost live: its point
+    // at the configured band is this audit; all-local costs the local compute.
+    let frontier = r["frontier"].as_array().context("frontier")?;
+    let at = |lo: f64, hi: f64| {
+        frontier
+            .iter()
+            .find(|p| f(&p["lo"]) == lo && f(&p["hi"]) == hi)
+            .unwrap_or_else(|| panic!("no band {lo}-{hi}"))
+    };
+    assert!(
+        (f(&at(0.2, 0.8)["cost_per_100k_usd"]) - cost).abs() < 1e-9,
+        "{r}"
+    );
+    assert!((f(&r["band"]["cost_per_100k_usd"]) - cost).abs() < 1e-9);
+    assert!(
+        (f(&at(0.5, 0.5)["cost_per_100k_usd"]) - f(&local["cost_usd"]) / 150.0 * 100_000.0).abs()
+            < 1e-9
+    );
+
+    // The rerun is free and finds the same figures.
+    let r2 = json_out(&triage_async(live_args, env.clone()).await?)?;
+    assert_eq!(moderations.load(Ordering::SeqCst), escalated.len());
+    assert_eq!(chats.load(Ordering::SeqCst), passed.len());
+    assert_eq!(r2["live"]["cached"], escalated.len());
+    for (a, b) in r2["tiers"].as_array().unwrap().iter().zip(tiers).skip(1) {
+        assert_eq!(a["share"], b["share"]);
+        assert_eq!(a["accuracy"], b["accuracy"]);
+        assert_eq!(a["cost_usd"], b["cost_usd"]);
+    }
+
+    // Offline calls nothing: the middle tier's band needs its scores, so it
+    // is priced for every escalated item and answers none, as stated.
+    let off = json_out(
+        &triage_async(
+            strings(&[
+                "audit",
+                "--config",
+                c,
+                "--task",
+                "moderation",
+                "--data",
+                d,
+                "--offline",
+                "--json",
+            ]),
+            env,
+        )
+        .await?,
+    )?;
+    assert_eq!(moderations.load(Ordering::SeqCst), escalated.len());
+    let tiers = off["tiers"].as_array().unwrap();
+    assert_eq!(f(&tiers[1]["share"]), 0.0);
+    assert!(tiers[1]["latency_ms_p50"].is_null());
+    assert!((f(&tiers[1]["cost_usd"]) - 0.01 * escalated.len() as f64).abs() < 1e-9);
+    assert!((f(&tiers[2]["share"]) - escalated.len() as f64 / 150.0).abs() < 1e-12);
+    assert!(off["assumptions"].as_array().unwrap().iter().any(|a| {
+        a.as_str()
+            .unwrap()
+            .contains("the band of hosted tier(s) `hosted-moderation`")
+    }));
+    let cost = f(&off["cost_per_100k_usd"]);
+    let frontier = off["frontier"].as_array().unwrap();
+    let point = frontier
+        .iter()
+        .find(|p| f(&p["lo"]) == 0.2 && f(&p["hi"]) == 0.8)
+        .unwrap();
+    assert!((f(&point["cost_per_100k_usd"]) - cost).abs() < 1e-9);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calibrating_a_hosted_middle_tier_asks_it_once_and_stops_at_the_cap() -> Result<()> {
+    let Some(data) = val_slice(150) else {
+        return Ok(());
+    };
+    let (moderations, chats) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let base = fake_moderation_and_chat(moderations.clone(), chats.clone()).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("three.toml");
+    std::fs::write(&config, THREE_TIERS)?;
+    let data_path = dir.path().join("val.jsonl");
+    std::fs::write(&data_path, &data)?;
+    let (c, d) = (config.to_str().unwrap(), data_path.to_str().unwrap());
+    let env = vec![
+        ("TRIAGE_PROVIDER_OPENAI_BASE_URL".to_owned(), base.clone()),
+        (
+            "OPENAI_API_KEY".to_owned(),
+            "sk-test-not-a-real-key".to_owned(),
+        ),
+    ];
+    let calibrate = |cache: &str, cap: &str, write: bool| {
+        let mut args = strings(&[
+            "calibrate",
+            "--config",
+            c,
+            "--task",
+            "moderation",
+            "--tier",
+            "hosted-moderation",
+            "--data",
+            d,
+            "--target-local-share",
+            "0.6",
+            "--live",
+            "--max-cost-usd",
+            cap,
+            "--cache",
+            dir.path().join(cache).to_str().unwrap(),
+            "--json",
+        ]);
+        if write {
+            args.push("--write".into());
+        }
+        triage_async(args, env.clone())
+    };
+
+    // Without --live it is refused before any work.
+    let out = triage_async(
+        strings(&[
+            "calibrate",
+            "--config",
+            c,
+            "--task",
+            "moderation",
+            "--tier",
+            "hosted-moderation",
+            "--data",
+            d,
+            "--target-local-share",
+            "0.6",
+        ]),
+        env.clone(),
+    )
+    .await?;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is hosted: calibrating it asks its provider"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(moderations.load(Ordering::SeqCst), 0);
+
+    let cal = json_out(&calibrate("cache", "100", true).await?)?;
+    let escalated = escalated_by_local(&data_path, &data)?;
+    assert_eq!(cal["tier"], "hosted-moderation");
+    assert_eq!(cal["n"], 150);
+    assert_eq!(cal["reached"], escalated.len(), "{cal}");
+    assert_eq!(moderations.load(Ordering::SeqCst), escalated.len());
+    assert_eq!(
+        chats.load(Ordering::SeqCst),
+        0,
+        "calibrating the middle tier asked the LLM"
+    );
+    assert_eq!(cal["live"]["calls"], escalated.len());
+    assert!((f(&cal["live"]["spent_usd"]) - 0.01 * escalated.len() as f64).abs() < 1e-9);
+    // The chosen band by hand, on the fake's scores of the items that reach it.
+    let (lo, hi) = (f(&cal["lo"]), f(&cal["hi"]));
+    let accepted: Vec<&(String, f64, bool)> = escalated
+        .iter()
+        .filter(|(t, _, _)| {
+            let s = harassment_read(t);
+            s <= lo || s >= hi
+        })
+        .collect();
+    let share = accepted.len() as f64 / escalated.len() as f64;
+    assert!(share >= 0.6, "{cal}");
+    assert!((f(&cal["local_share"]) - share).abs() < 1e-12, "{cal}");
+    let right = accepted
+        .iter()
+        .filter(|(t, _, g)| (harassment_read(t) >= 0.5) == *g)
+        .count();
+    assert!((f(&cal["local_accuracy"]) - right as f64 / accepted.len() as f64).abs() < 1e-12);
+    // Written into the hosted tier only, its comment kept.
+    let after = std::fs::read_to_string(&config)?;
+    assert!(
+        after.contains("name = \"local\"\nlocal = \"toxicity\"\nlo = 0.2\nhi = 0.8\n"),
+        "{after}"
+    );
+    assert!(
+        after.contains(&format!(
+            "lo = {lo}   # its band decides what goes on to the LLM\nhi = {hi}\n"
+        )),
+        "{after}"
+    );
+    assert!(after.contains("calibrated_accuracy = "));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("three.toml.bak"))?,
+        THREE_TIERS
+    );
+    let check = triage_async(strings(&["config", "check", c]), Vec::new()).await?;
+    assert!(check.status.success(), "{}", stderr(&check));
+
+    // Again on the same cache: no call, the same band.
+    std::fs::write(&config, THREE_TIERS)?;
+    let again = json_out(&calibrate("cache", "100", false).await?)?;
+    assert_eq!(moderations.load(Ordering::SeqCst), escalated.len());
+    assert_eq!(again["live"]["cached"], escalated.len());
+    assert_eq!(
+        (again["lo"].clone(), again["hi"].clone()),
+        (cal["lo"].clone(), cal["hi"].clone())
+    );
+
+    // A fresh cache and a $0.105 cap: ten calls at $0.01, the rest left out.
+    let out = calibrate("cache2", "0.105", false).await?;
+    let capped = json_out(&out)?;
+    assert_eq!(capped["live"]["calls"], 10);
+    assert_eq!(capped["live"]["skipped_over_budget"], escalated.len() - 10);
+    assert!(f(&capped["live"]["spent_usd"]) <= 0.105);
+    assert_eq!(capped["reached"], 10);
+    assert!(stderr(&out).contains("were left out"), "{}", stderr(&out));
+    assert_eq!(moderations.load(Ordering::SeqCst), escalated.len() + 10);
     Ok(())
 }

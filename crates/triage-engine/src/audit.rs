@@ -8,6 +8,7 @@
 //! estimated from the text ([`Mode::Offline`]), or sent to the hosted tiers
 //! through the gateway with a disk cache and a spending cap ([`Mode::Live`]).
 
+use crate::answer_cache::{AnswerCache, Cached};
 use crate::config::{Cascade, CascadeKind, Strategy, Task, Tier, TierKind};
 use crate::engine::{Engine, Input, Overrides};
 use crate::error::EngineError;
@@ -16,9 +17,9 @@ use crate::strategy::cascade::{local_scores, outside_band};
 use crate::strategy::{CHARS_PER_TOKEN, strongest};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
+use triage_cloud::gateway::Target;
 use triage_cloud::prices::PriceTable;
 use triage_core::TaskAnswer;
 use triage_core::llm::Usage;
@@ -124,6 +125,26 @@ pub fn replay_tier<'a>(
     task: &'a Task,
     name: Option<&str>,
 ) -> Result<(usize, &'a Tier), AuditError> {
+    find_tier(task, name, false)
+}
+
+/// The tier `triage calibrate --tier NAME` chooses a band for: a local
+/// classifier as [`replay_tier`] takes, or a hosted tier with a band (its
+/// band decides what goes on to the next tier), whose scores are asked of
+/// its provider ([`Replay::run_hosted`]). Returns whether it is hosted.
+pub fn calibration_tier<'a>(
+    task: &'a Task,
+    name: &str,
+) -> Result<(usize, &'a Tier, bool), AuditError> {
+    let (index, tier) = find_tier(task, Some(name), true)?;
+    Ok((index, tier, !matches!(tier.kind, TierKind::Local { .. })))
+}
+
+fn find_tier<'a>(
+    task: &'a Task,
+    name: Option<&str>,
+    allow_hosted: bool,
+) -> Result<(usize, &'a Tier), AuditError> {
     let c = cascade_of(task)?;
     let index = match name {
         None => 0,
@@ -152,14 +173,14 @@ pub fn replay_tier<'a>(
         tier: tier.name.clone(),
         why,
     };
-    if !matches!(tier.kind, TierKind::Local { .. }) {
+    if !allow_hosted && !matches!(tier.kind, TierKind::Local { .. }) {
         return Err(not(
             "is not a local specialist; audit and calibrate replay the local tier",
         ));
     }
     if tier.band.is_none() {
         return Err(not(
-            "is the last tier (it always answers), so it has no band to audit",
+            "is the last tier (it always answers), so it has no band to audit or calibrate",
         ));
     }
     if let Some(hosted) = c.tiers[..index]
@@ -340,6 +361,46 @@ pub struct BandPoint {
     pub cost_per_100k_usd: f64,
 }
 
+/// One setting of a router's or pipeline's knob re-scored over the audit's
+/// items (the knob is named in [`KnobPoint::knob`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KnobPoint {
+    /// `min_score` (a router's local intent: below it the default route
+    /// answers) or `min_transcript_confidence` (a summarize stage: below it
+    /// the transcript goes to its second model).
+    pub knob: &'static str,
+    pub value: f64,
+    /// Router: the items answered by a route that calls no model; pipeline:
+    /// the items summarized by the stage's first model.
+    pub share: f64,
+    /// The report's metric (route accuracy, 1 − WER) at this setting.
+    pub accuracy: Option<f64>,
+    pub cost_per_100k_usd: f64,
+}
+
+/// The audit re-scored over a grid: bands of a moderation cascade's local
+/// tier, or settings of a router's or pipeline's knob. Serialised as the
+/// list of points either way.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Frontier {
+    Bands(Vec<BandPoint>),
+    Knob(Vec<KnobPoint>),
+}
+
+impl Frontier {
+    pub fn len(&self) -> usize {
+        match self {
+            Frontier::Bands(v) => v.len(),
+            Frontier::Knob(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The local tier's scores for every item that reaches it, and the prices
 /// around them.
 #[derive(Debug, Clone)]
@@ -469,6 +530,139 @@ fn tier_estimate(
     )
 }
 
+/// Hosted models after tier `index` with no price-table entry.
+fn unpriced_after(prices: &PriceTable, c: &Cascade, index: usize, today: &str) -> Vec<String> {
+    c.tiers[index + 1..]
+        .iter()
+        .filter(|t| tier_estimate(prices, t, 1, c.labels.len(), today).is_none())
+        .map(Tier::model_name)
+        .collect()
+}
+
+/// Price-table estimate of the tiers after `index`, each called once on an
+/// item of `chars` characters (the escalation path's upper bound).
+fn escalation_estimate(
+    prices: &PriceTable,
+    c: &Cascade,
+    index: usize,
+    chars: usize,
+    today: &str,
+) -> f64 {
+    c.tiers[index + 1..]
+        .iter()
+        .map(|t| tier_estimate(prices, t, chars, c.labels.len(), today).unwrap_or(0.0))
+        .sum()
+}
+
+/// The local tiers before a replayed tier, each with its configured bands.
+struct Earlier<'e> {
+    tiers: Vec<EarlierTier<'e>>,
+}
+
+/// A tier, its bands, its model, the model's positive labels, and whether
+/// it runs on a GPU (for its compute price).
+type EarlierTier<'e> = (
+    Tier,
+    Vec<(f64, f64)>,
+    &'e triage_local::ModelHandle,
+    Vec<String>,
+    bool,
+);
+
+impl<'e> Earlier<'e> {
+    fn of(engine: &'e Engine, task: &Task, c: &Cascade, index: usize) -> Result<Self, AuditError> {
+        let tiers = c.tiers[..index]
+            .iter()
+            .map(|t| {
+                classifier(engine, task, t).map(|(h, p, g)| (t.clone(), tier_bands(c, t), h, p, g))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { tiers })
+    }
+
+    /// Run the earlier tiers on `item` (1-based `no`) with their bands:
+    /// whether one of them answered it; their compute goes to `before`.
+    async fn answer(
+        &self,
+        c: &Cascade,
+        item: &Labelled,
+        no: usize,
+        before: &mut Before,
+        prices: &PriceTable,
+    ) -> Result<bool, AuditError> {
+        for (t, bands, h, p, g) in &self.tiers {
+            let (scores, elapsed) = score(c, t, (*h, p.as_slice()), &item.text, no).await?;
+            before.cost_usd += prices.compute_cost(elapsed, *g);
+            if scores
+                .iter()
+                .zip(bands)
+                .all(|(s, (lo, hi))| outside_band(*s, *lo, *hi))
+            {
+                before.answered += 1;
+                let right = scores
+                    .iter()
+                    .zip(&c.labels)
+                    .all(|(s, l)| (*s >= c.threshold) == item.labels.contains(l));
+                before.correct += usize::from(right);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// The all-LLM path for one item of `chars` characters: the strongest
+/// priced model of the task, else the last tier's estimate.
+fn all_llm_usd(
+    prices: &PriceTable,
+    strongest: Option<&Target>,
+    c: &Cascade,
+    chars: usize,
+    today: &str,
+) -> f64 {
+    match strongest {
+        Some(t) => prices
+            .cost(
+                &t.provider,
+                &t.model,
+                &Usage {
+                    input_tokens: (chars + PROMPT_CHARS).div_ceil(CHARS_PER_TOKEN) as u64,
+                    output_tokens: OUTPUT_TOKENS_PER_LABEL * c.labels.len() as u64,
+                    ..Usage::default()
+                },
+                0.0,
+                today,
+            )
+            .unwrap_or(0.0),
+        None => c
+            .tiers
+            .last()
+            .and_then(|t| tier_estimate(prices, t, chars, c.labels.len(), today))
+            .unwrap_or(0.0),
+    }
+}
+
+/// A hosted tier's scores for one text, kept in the answer cache so that
+/// calibrating again on the same data calls nothing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedScores {
+    path: String,
+    text: String,
+    /// Per task label, in the cascade's order.
+    scores: Vec<f64>,
+    cost_usd: f64,
+    latency_ms: f64,
+}
+
+impl Cached for CachedScores {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn input(&self) -> &str {
+        &self.text
+    }
+}
+
 impl Replay {
     /// Run the task's local tier (`tier`, else the first) once on each item.
     /// `progress` is called after each item.
@@ -484,46 +678,23 @@ impl Replay {
         let (index, tier) = replay_tier(task, tier)?;
         let tier = tier.clone();
         let (handle, positive_labels, gpu) = classifier(engine, task, &tier)?;
-        let earlier = c.tiers[..index]
-            .iter()
-            .map(|t| {
-                classifier(engine, task, t).map(|(h, p, g)| (t.clone(), tier_bands(&c, t), h, p, g))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let earlier = Earlier::of(engine, task, &c, index)?;
         let mut before = Before {
-            tiers: earlier.iter().map(|e| e.0.name.clone()).collect(),
+            tiers: earlier.tiers.iter().map(|e| e.0.name.clone()).collect(),
             ..Before::default()
         };
-        let gpu = &gpu;
-        let positive_labels = &positive_labels;
         let prices = &engine.config.prices;
         let today = PriceTable::today();
         let strongest = strongest(prices, task).cloned();
-        let mut unpriced = Vec::new();
-        for t in &c.tiers[index + 1..] {
-            if tier_estimate(prices, t, 1, c.labels.len(), &today).is_none() {
-                unpriced.push(t.model_name());
-            }
-        }
+        let unpriced = unpriced_after(prices, &c, index, &today);
         let mut scored = Vec::with_capacity(items.len());
-        'items: for (i, item) in items.into_iter().enumerate() {
-            for (t, bands, h, p, g) in &earlier {
-                let (scores, elapsed) = score(&c, t, (*h, p.as_slice()), &item.text, i + 1).await?;
-                before.cost_usd += prices.compute_cost(elapsed, *g);
-                if scores
-                    .iter()
-                    .zip(bands)
-                    .all(|(s, (lo, hi))| outside_band(*s, *lo, *hi))
-                {
-                    before.answered += 1;
-                    let right = scores
-                        .iter()
-                        .zip(&c.labels)
-                        .all(|(s, l)| (*s >= c.threshold) == item.labels.contains(l));
-                    before.correct += usize::from(right);
-                    progress();
-                    continue 'items;
-                }
+        for (i, item) in items.into_iter().enumerate() {
+            if earlier
+                .answer(&c, &item, i + 1, &mut before, prices)
+                .await?
+            {
+                progress();
+                continue;
             }
             let (scores, elapsed) = score(
                 &c,
@@ -534,38 +705,14 @@ impl Replay {
             )
             .await?;
             let chars = item.text.chars().count();
-            let escalation_usd = c.tiers[index + 1..]
-                .iter()
-                .map(|t| tier_estimate(prices, t, chars, c.labels.len(), &today).unwrap_or(0.0))
-                .sum();
-            let all_llm_usd = match &strongest {
-                Some(t) => prices
-                    .cost(
-                        &t.provider,
-                        &t.model,
-                        &Usage {
-                            input_tokens: (chars + PROMPT_CHARS).div_ceil(CHARS_PER_TOKEN) as u64,
-                            output_tokens: OUTPUT_TOKENS_PER_LABEL * c.labels.len() as u64,
-                            ..Usage::default()
-                        },
-                        0.0,
-                        &today,
-                    )
-                    .unwrap_or(0.0),
-                None => c
-                    .tiers
-                    .last()
-                    .and_then(|t| tier_estimate(prices, t, chars, c.labels.len(), &today))
-                    .unwrap_or(0.0),
-            };
             scored.push(ScoredItem {
                 scores,
                 gold: c.labels.iter().map(|l| item.labels.contains(l)).collect(),
-                text: item.text,
-                local_cost_usd: prices.compute_cost(elapsed, *gpu),
+                local_cost_usd: prices.compute_cost(elapsed, gpu),
                 local_latency_ms: elapsed.as_secs_f64() * 1000.0,
-                escalation_usd,
-                all_llm_usd,
+                escalation_usd: escalation_estimate(prices, &c, index, chars, &today),
+                all_llm_usd: all_llm_usd(prices, strongest.as_ref(), &c, chars, &today),
+                text: item.text,
             });
             progress();
         }
@@ -577,6 +724,138 @@ impl Replay {
             before,
             unpriced,
         })
+    }
+
+    /// Replay a hosted tier with a band (`triage calibrate --tier NAME` of
+    /// hosted moderation or a cheap LLM before the strong one): the local
+    /// tiers before it run with their configured bands, and each item they
+    /// escalate is sent to that tier alone through the engine (redaction,
+    /// retries and fallbacks apply), its label scores cached in
+    /// `cache_dir`. No call starts that could take this run's spend past
+    /// `max_cost_usd`: such items are left out (counted in the returned
+    /// stats as `skipped_over_budget`), as are items whose call failed.
+    /// The tier's call is its "local" cost and latency in the replay; what
+    /// it escalates is priced for the tiers after it from the price table.
+    pub async fn run_hosted(
+        engine: &Engine,
+        task_name: &str,
+        tier: &str,
+        items: Vec<Labelled>,
+        max_cost_usd: f64,
+        cache_dir: &std::path::Path,
+        progress: &mut (dyn FnMut() + Send),
+    ) -> Result<(Self, LiveStats), AuditError> {
+        let task = engine.task(task_name)?;
+        let c = cascade_of(task)?.clone();
+        let (index, tier, _) = calibration_tier(task, tier)?;
+        let tier = tier.clone();
+        let earlier = Earlier::of(engine, task, &c, index)?;
+        let mut before = Before {
+            tiers: earlier.tiers.iter().map(|e| e.0.name.clone()).collect(),
+            ..Before::default()
+        };
+        let prices = &engine.config.prices;
+        let today = PriceTable::today();
+        let strongest = strongest(prices, task).cloned();
+        let mut unpriced = unpriced_after(prices, &c, index, &today);
+        if tier_estimate(prices, &tier, 1, c.labels.len(), &today).is_none() {
+            unpriced.insert(0, tier.model_name());
+        }
+        let path = format!("scores:{}={}", tier.name, tier.model_name());
+        let mut cache = AnswerCache::<CachedScores>::open(cache_dir, &task.name)?;
+        let mut stats = LiveStats {
+            max_cost_usd,
+            cache: cache.file().display().to_string(),
+            ..LiveStats::default()
+        };
+        let overrides = Overrides {
+            tiers: Some(vec![tier.name.clone()]),
+            shadow: Some(0.0),
+            ..Overrides::default()
+        };
+        let mut scored = Vec::with_capacity(items.len());
+        for (i, item) in items.into_iter().enumerate() {
+            if earlier
+                .answer(&c, &item, i + 1, &mut before, prices)
+                .await?
+            {
+                progress();
+                continue;
+            }
+            let chars = item.text.chars().count();
+            let answer = if let Some(a) = cache.get(&path, &item.text) {
+                stats.cached += 1;
+                Some(a.clone())
+            } else if stats.spent_usd + worst_case(engine, &[&tier], chars, c.labels.len())
+                > max_cost_usd
+            {
+                stats.skipped_over_budget += 1;
+                None
+            } else {
+                stats.calls += 1;
+                match engine
+                    .execute_traced(&task.name, Input::Text(item.text.clone()), &overrides)
+                    .await
+                {
+                    Ok(e) => {
+                        stats.spent_usd += e.trace.cost_usd;
+                        let scores = match &e.answer {
+                            TaskAnswer::Scores(s) => c
+                                .labels
+                                .iter()
+                                .map(|l| s.labels.get(l).copied().unwrap_or(0.0))
+                                .collect(),
+                            // A refusal is an answer that flags every label
+                            // it could mean: sure, and positive.
+                            _ => vec![1.0; c.labels.len()],
+                        };
+                        let a = CachedScores {
+                            path: path.clone(),
+                            text: item.text.clone(),
+                            scores,
+                            cost_usd: e.trace.cost_usd,
+                            latency_ms: e.trace.tiers.iter().map(|t| t.latency_ms).sum(),
+                        };
+                        cache.put(a.clone())?;
+                        Some(a)
+                    }
+                    Err(f) => {
+                        stats.spent_usd += f.trace.cost_usd;
+                        stats.failed += 1;
+                        tracing::warn!(
+                            "item {}: tier `{}` failed: {}",
+                            i + 1,
+                            tier.name,
+                            crate::error::chain(&f.error)
+                        );
+                        None
+                    }
+                }
+            };
+            if let Some(a) = answer {
+                scored.push(ScoredItem {
+                    scores: a.scores,
+                    gold: c.labels.iter().map(|l| item.labels.contains(l)).collect(),
+                    local_cost_usd: a.cost_usd,
+                    local_latency_ms: a.latency_ms,
+                    escalation_usd: escalation_estimate(prices, &c, index, chars, &today),
+                    all_llm_usd: all_llm_usd(prices, strongest.as_ref(), &c, chars, &today),
+                    text: item.text,
+                });
+            }
+            progress();
+        }
+        Ok((
+            Self {
+                task: task.name.clone(),
+                tier,
+                cascade: c,
+                items: scored,
+                before,
+                unpriced,
+            },
+            stats,
+        ))
     }
 
     /// Items that reach the replayed tier.
@@ -751,13 +1030,17 @@ pub struct AuditReport {
     pub cost_per_100k_usd: f64,
     pub all_llm_cost_per_100k_usd: f64,
     pub savings_pct: Option<f64>,
-    pub frontier: Vec<BandPoint>,
+    pub frontier: Frontier,
     /// `offline` or `live`.
     pub mode: &'static str,
     /// The replayed tier's configured band, as a point of the frontier
     /// (moderation cascades only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub band: Option<BandPoint>,
+    /// Routers and pipelines: the configured setting of the frontier's knob,
+    /// as a point of the frontier.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setting: Option<KnobPoint>,
     pub live: Option<LiveStats>,
     /// What `accuracy` measures, for routers and pipelines (`route
     /// accuracy`, `entity-level F1`, `1 - WER`).
@@ -785,56 +1068,12 @@ struct CachedAnswer {
     ran: Vec<(String, f64, f64)>,
 }
 
-struct Cache {
-    file: PathBuf,
-    answers: HashMap<(String, String), CachedAnswer>,
-}
-
-impl Cache {
-    fn open(dir: &Path, task: &str) -> Result<Self, AuditError> {
-        let file = dir.join(format!("{task}.jsonl"));
-        let io = |source| AuditError::Cache {
-            path: file.display().to_string(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let mut answers = HashMap::new();
-        match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                // A line cut short by an interrupted run is skipped: that
-                // item is simply asked again.
-                for a in text
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<CachedAnswer>(l).ok())
-                {
-                    answers.insert((a.path.clone(), a.text.clone()), a);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
-        }
-        Ok(Self { file, answers })
+impl Cached for CachedAnswer {
+    fn path(&self) -> &str {
+        &self.path
     }
-
-    fn get(&self, path: &str, text: &str) -> Option<&CachedAnswer> {
-        self.answers.get(&(path.to_owned(), text.to_owned()))
-    }
-
-    fn put(&mut self, a: CachedAnswer) -> Result<(), AuditError> {
-        let io = |source| AuditError::Cache {
-            path: self.file.display().to_string(),
-            source,
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.file)
-            .map_err(io)?;
-        let mut line = serde_json::to_string(&a).unwrap_or_default();
-        line.push('\n');
-        f.write_all(line.as_bytes()).map_err(io)?;
-        self.answers.insert((a.path.clone(), a.text.clone()), a);
-        Ok(())
+    fn input(&self) -> &str {
+        &self.text
     }
 }
 
@@ -894,15 +1133,13 @@ pub async fn audit(
             cache_dir,
             max_cost_usd,
         } => {
+            let cache = AnswerCache::<CachedAnswer>::open(cache_dir, &replay.task)?;
             live = Some(LiveStats {
                 max_cost_usd: *max_cost_usd,
-                cache: cache_dir
-                    .join(format!("{}.jsonl", replay.task))
-                    .display()
-                    .to_string(),
+                cache: cache.file().display().to_string(),
                 ..LiveStats::default()
             });
-            Some(Cache::open(cache_dir, &replay.task)?)
+            Some(cache)
         }
         Mode::Offline => None,
     };
@@ -911,7 +1148,11 @@ pub async fn audit(
     let mut all_llm = 0.0;
     let mut correct_all = 0usize;
     let labels = &c.labels;
-    for item in &replay.items {
+    // What each escalated item cost the hosted tiers live (or from the
+    // cache): the frontier prices those items at that instead of the
+    // every-tier estimate, so its point at the configured band is this audit.
+    let mut measured: Vec<Option<f64>> = vec![None; replay.items.len()];
+    for (idx, item) in replay.items.iter().enumerate() {
         all_llm += item.all_llm_usd;
         let local = tally.entry(replay.tier.name.clone()).or_default();
         local.cost += item.local_cost_usd;
@@ -940,7 +1181,8 @@ pub async fn audit(
             if let Some(a) = cache.get(&path, &item.text) {
                 stats.cached += 1;
                 answer = Some(a.clone());
-            } else if stats.spent_usd + worst_case(engine, &hosted, item, labels.len())
+            } else if stats.spent_usd
+                + worst_case(engine, &hosted, item.text.chars().count(), labels.len())
                 > *max_cost_usd
             {
                 stats.skipped_over_budget += 1;
@@ -989,6 +1231,7 @@ pub async fn audit(
                     Err(f) => {
                         stats.spent_usd += f.trace.cost_usd;
                         stats.failed += 1;
+                        measured[idx] = Some(f.trace.cost_usd);
                         for t in &f.trace.tiers {
                             let e = tally.entry(t.tier.clone()).or_default();
                             e.cost += t.cost_usd;
@@ -1007,6 +1250,7 @@ pub async fn audit(
         }
         match answer {
             Some(a) => {
+                measured[idx] = Some(a.ran.iter().map(|r| r.1).sum());
                 for (t, cost, ms) in &a.ran {
                     let e = tally.entry(t.clone()).or_default();
                     e.cost += cost;
@@ -1063,6 +1307,17 @@ pub async fn audit(
             "hosted accuracy {} (--hosted-accuracy) on those {assumed} item(s)",
             opts.hosted_accuracy
         ));
+        let middle: Vec<&str> = hosted[..hosted.len().saturating_sub(1)]
+            .iter()
+            .filter(|t| t.band.is_some())
+            .map(|t| t.name.as_str())
+            .collect();
+        if !middle.is_empty() {
+            assumptions.push(format!(
+                "the band of hosted tier(s) `{}` needs their scores, so it is not applied to those item(s): each pays for them and answers none (their share 0); --live measures it",
+                middle.join("`, `")
+            ));
+        }
     }
     if let Some(s) = &live
         && s.failed > 0
@@ -1102,6 +1357,21 @@ pub async fn audit(
             recall: None,
         });
     }
+    let priced = if measured.iter().any(Option::is_some) {
+        let mut r = replay.clone();
+        for (item, m) in r.items.iter_mut().zip(&measured) {
+            if let Some(m) = m {
+                item.escalation_usd = *m;
+            }
+        }
+        assumptions.push(
+            "frontier: an item the configured band escalated costs what its hosted tiers cost in this run (or the cache); one it kept local is priced as one call to each hosted tier"
+                .into(),
+        );
+        std::borrow::Cow::Owned(r)
+    } else {
+        std::borrow::Cow::Borrowed(replay)
+    };
     let per_100k = |x: f64| if n > 0 { x / n as f64 * 100_000.0 } else { 0.0 };
     Ok(AuditReport {
         n,
@@ -1113,9 +1383,10 @@ pub async fn audit(
         cost_per_100k_usd: per_100k(total_cost),
         all_llm_cost_per_100k_usd: per_100k(all_llm),
         savings_pct: (all_llm > 0.0).then(|| 100.0 * (1.0 - total_cost / all_llm)),
-        frontier: replay.frontier(),
+        frontier: Frontier::Bands(priced.frontier()),
         mode: if live.is_some() { "live" } else { "offline" },
-        band: Some(replay.point_with(&bands, (lo, hi), None)),
+        band: Some(priced.point_with(&bands, (lo, hi), None)),
+        setting: None,
         live,
         metric: None,
         wer: None,
@@ -1124,12 +1395,12 @@ pub async fn audit(
     })
 }
 
-/// The most one escalated item can cost before it is sent: every hosted tier
-/// once, an LLM writing its full `max_tokens` (64 by default).
-fn worst_case(engine: &Engine, hosted: &[&Tier], item: &ScoredItem, labels: usize) -> f64 {
+/// The most one escalated item of `chars` characters can cost before it is
+/// sent: every tier of `hosted` once, an LLM writing its full `max_tokens`
+/// (64 by default).
+fn worst_case(engine: &Engine, hosted: &[&Tier], chars: usize, labels: usize) -> f64 {
     let prices = &engine.config.prices;
     let today = PriceTable::today();
-    let chars = item.text.chars().count();
     hosted
         .iter()
         .map(|t| {

@@ -89,6 +89,10 @@ pub struct Calibration {
     pub target: Target,
     /// How the accuracy target was applied.
     pub rule: String,
+    /// A hosted tier: what was asked of its provider (set by the caller
+    /// that replayed it live).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<crate::audit::LiveStats>,
 }
 
 impl Calibration {
@@ -247,6 +251,7 @@ pub fn calibrate(
         reached: n,
         target,
         rule: rule_for(target, opts),
+        live: None,
     })
 }
 
@@ -426,6 +431,7 @@ fn calibrate_per_label(
             "{}, with a band per label (coordinate search from the best common band)",
             rule_for(target, opts)
         ),
+        live: None,
     })
 }
 

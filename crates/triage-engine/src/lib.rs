@@ -7,6 +7,7 @@
 // built at most once per request, so its size costs nothing measurable.
 #![allow(clippy::result_large_err)]
 
+pub mod answer_cache;
 pub mod audit;
 pub mod background;
 pub mod budget;

@@ -10,16 +10,18 @@
 //! table. Live, the real task runs, with the answers cached on disk and no
 //! call started that could pass the spending cap.
 
+use crate::answer_cache::{AnswerCache, Cached};
 use crate::audit::{
-    AuditError, AuditOptions, AuditReport, LiveStats, Mode, TierReport, percentile,
+    AuditError, AuditOptions, AuditReport, Frontier, KnobPoint, LiveStats, Mode, TierReport,
+    percentile, round,
 };
 use crate::config::{Config, Handler, Intent, StageKind, Strategy, Task};
 use crate::engine::{Engine, Input, Overrides};
 use crate::strategy::pipeline::type_key;
+use crate::strategy::router::classifier_label;
 use crate::strategy::{CHARS_PER_TOKEN, strongest};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use triage_cloud::gateway::Target;
 use triage_cloud::prices::PriceTable;
@@ -306,6 +308,13 @@ struct Outcome {
     /// (tier, decision, dollars, milliseconds) of every tier that ran.
     ran: Vec<(String, Decision, f64, f64)>,
     failed: bool,
+    /// A local intent step's top label and score, to re-score the router at
+    /// another `min_score` (absent from cache lines written before them:
+    /// such an item keeps its route at every setting).
+    #[serde(default)]
+    intent_label: Option<String>,
+    #[serde(default)]
+    intent_score: Option<f64>,
 }
 
 impl Outcome {
@@ -324,6 +333,10 @@ impl Outcome {
                 .find_map(|t| t.tier.strip_prefix("route:").map(str::to_owned)),
             ..Outcome::default()
         };
+        if let Some(intent) = trace.tiers.iter().find(|t| t.tier == "intent") {
+            o.intent_score = intent.score;
+            o.intent_label = classifier_label(&intent.reason).map(str::to_owned);
+        }
         match answer {
             Some(TaskAnswer::Route(r)) => o.route = Some(r.route.clone()),
             Some(TaskAnswer::Pipeline(p)) => {
@@ -348,60 +361,12 @@ struct CachedOutcome {
     outcome: Outcome,
 }
 
-/// The live answer cache: one JSON line per item, keyed by the task's
-/// hosted path and the input (the text, or the audio file with its size and
-/// modification time).
-struct Cache {
-    file: PathBuf,
-    answers: HashMap<(String, String), Outcome>,
-}
-
-impl Cache {
-    fn open(dir: &Path, task: &str) -> Result<Self, AuditError> {
-        let file = dir.join(format!("{task}.jsonl"));
-        let io = |source| AuditError::Cache {
-            path: file.display().to_string(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let mut answers = HashMap::new();
-        match std::fs::read_to_string(&file) {
-            Ok(text) => {
-                // A line cut short by an interrupted run (or one written by
-                // a moderation audit of another task) is skipped.
-                for a in text
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<CachedOutcome>(l).ok())
-                {
-                    answers.insert((a.path, a.input), a.outcome);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
-        }
-        Ok(Self { file, answers })
+impl Cached for CachedOutcome {
+    fn path(&self) -> &str {
+        &self.path
     }
-
-    fn put(&mut self, path: &str, input: &str, outcome: &Outcome) -> Result<(), AuditError> {
-        let io = |source| AuditError::Cache {
-            path: self.file.display().to_string(),
-            source,
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.file)
-            .map_err(io)?;
-        let line = serde_json::to_string(&CachedOutcome {
-            path: path.to_owned(),
-            input: input.to_owned(),
-            outcome: outcome.clone(),
-        })
-        .unwrap_or_default();
-        f.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
-        self.answers
-            .insert((path.to_owned(), input.to_owned()), outcome.clone());
-        Ok(())
+    fn input(&self) -> &str {
+        &self.input
     }
 }
 
@@ -669,26 +634,24 @@ pub async fn audit_task(
         Mode::Live {
             cache_dir,
             max_cost_usd,
-        } => (
-            Some(Cache::open(cache_dir, &task.name)?),
-            Some(LiveStats {
+        } => {
+            let cache = AnswerCache::<CachedOutcome>::open(cache_dir, &task.name)?;
+            let stats = LiveStats {
                 max_cost_usd: *max_cost_usd,
-                cache: cache_dir
-                    .join(format!("{}.jsonl", task.name))
-                    .display()
-                    .to_string(),
+                cache: cache.file().display().to_string(),
                 ..LiveStats::default()
-            }),
-        ),
+            };
+            (Some(cache), Some(stats))
+        }
         Mode::Offline => (None, None),
     };
     let mut outcomes: Vec<(usize, Outcome)> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let key = input_key(&item.input);
         if let (Some(c), Some(stats)) = (cache.as_mut(), live.as_mut()) {
-            if let Some(o) = c.answers.get(&(path.clone(), key.clone())) {
+            if let Some(o) = c.get(&path, &key) {
                 stats.cached += 1;
-                outcomes.push((i, o.clone()));
+                outcomes.push((i, o.outcome.clone()));
                 progress();
                 continue;
             }
@@ -733,7 +696,11 @@ pub async fn audit_task(
             if outcome.failed {
                 stats.failed += 1;
             } else {
-                c.put(&path, &key, &outcome)?;
+                c.put(CachedOutcome {
+                    path: path.clone(),
+                    input: key,
+                    outcome: outcome.clone(),
+                })?;
             }
         }
         outcomes.push((i, outcome));
@@ -1009,6 +976,21 @@ fn report(
         "local tiers priced by measured compute time at the [compute] rate; all-LLM path: every item to the strongest priced model of the task (and audio to the dearest per-minute transcription)"
             .into(),
     );
+    let (frontier, setting) = match knob_frontier(
+        task, items, outcomes, offline, accuracy, prices, today,
+    ) {
+        Some((points, setting, why)) => {
+            assumptions.push(why);
+            (points, Some(setting))
+        }
+        None => {
+            assumptions.push(
+                "frontier: empty, this task has no setting to re-score (a router's local intent has min_score, a summarize stage min_transcript_confidence with two models)"
+                    .into(),
+            );
+            (Vec::new(), None)
+        }
+    };
     let per_100k = |x: f64| if n > 0 { x / n as f64 * 100_000.0 } else { 0.0 };
     AuditReport {
         n,
@@ -1019,9 +1001,10 @@ fn report(
         cost_per_100k_usd: per_100k(total),
         all_llm_cost_per_100k_usd: per_100k(all),
         savings_pct: (all > 0.0).then(|| 100.0 * (1.0 - total / all)),
-        frontier: Vec::new(),
+        frontier: Frontier::Knob(frontier),
         mode: if offline { "offline" } else { "live" },
         band: None,
+        setting,
         live,
         metric: Some(shape.metric()),
         wer,
@@ -1035,6 +1018,204 @@ fn report(
         } else {
             None
         },
+    }
+}
+
+/// Whether the audit of `task` has a frontier: a router whose intent is a
+/// local classifier (`min_score`), or a pipeline with a summarize stage that
+/// gates two models on transcript confidence.
+pub fn has_knob(task: &Task) -> bool {
+    match &task.strategy {
+        Strategy::Router(r) => matches!(r.intent, Intent::Local { .. }),
+        Strategy::Pipeline(p) => p.stages.iter().any(|s| {
+            matches!(&s.kind, StageKind::Summarize {
+                targets,
+                min_transcript_confidence: Some(_),
+                ..
+            } if targets.len() > 1)
+        }),
+        Strategy::Cascade(_) => false,
+    }
+}
+
+/// Settings of a frontier's knob: 0 to 1 in steps of 0.05, and the
+/// configured one.
+fn knob_grid(configured: f64) -> Vec<f64> {
+    let mut v: Vec<f64> = (0..=20).map(|i| round(f64::from(i) / 20.0)).collect();
+    if !v.contains(&configured) {
+        v.push(configured);
+        v.sort_by(f64::total_cmp);
+    }
+    v
+}
+
+/// The audit re-scored over the task's knob, with no item run again:
+/// a router with a local intent over its `min_score` (each item's top label
+/// and score are in its outcome), or a pipeline over the first summarize
+/// stage that gates on transcript confidence with two models. Returns the
+/// points, the configured setting's point and what was assumed; `None`
+/// when the task has no such knob.
+#[allow(clippy::too_many_arguments)]
+fn knob_frontier(
+    task: &Task,
+    items: &[TaskItem],
+    outcomes: &[(usize, Outcome)],
+    offline: bool,
+    accuracy: Option<f64>,
+    prices: &PriceTable,
+    today: &str,
+) -> Option<(Vec<KnobPoint>, KnobPoint, String)> {
+    let n = outcomes.len();
+    if n == 0 {
+        return None;
+    }
+    let parts = hosted_parts(task);
+    let part = |name: &str| parts.iter().find(|p| p.0 == name);
+    let estimate = |name: &str, o: &Outcome, target: usize| {
+        part(name)
+            .and_then(|(_, targets, output, prompt)| {
+                targets
+                    .get(target)
+                    .and_then(|t| price(prices, t, o.chars + prompt, *output, today))
+            })
+            .unwrap_or(0.0)
+    };
+    let measured = |name: &str, o: &Outcome| {
+        o.ran
+            .iter()
+            .filter(|t| t.0 == name)
+            .map(|t| t.2)
+            .sum::<f64>()
+    };
+    // What ran and is not a hosted part: the local steps, the templates.
+    let local = |o: &Outcome| {
+        o.ran
+            .iter()
+            .filter(|t| part(&t.0).is_none())
+            .map(|t| t.2)
+            .sum::<f64>()
+    };
+    let per_100k = |x: f64| x / n as f64 * 100_000.0;
+    match &task.strategy {
+        Strategy::Router(r) => {
+            let Intent::Local {
+                default, min_score, ..
+            } = &r.intent
+            else {
+                return None;
+            };
+            let hosted = |route: &str| {
+                r.routes
+                    .get(route)
+                    .is_some_and(|x| matches!(x.handler, Handler::Model { .. }))
+            };
+            let point = |m: f64| {
+                let (mut right, mut templated, mut cost) = (0usize, 0usize, 0.0);
+                for (i, o) in outcomes {
+                    let route = match (&o.intent_label, o.intent_score) {
+                        (Some(l), Some(s)) if s >= m && r.routes.contains_key(l) => l.as_str(),
+                        (Some(_), Some(_)) => default.as_str(),
+                        _ => o.intent_route.as_deref().unwrap_or(default),
+                    };
+                    if let Gold::Route(want) = &items[*i].gold {
+                        right += usize::from(route == want);
+                    }
+                    cost += local(o);
+                    let name = format!("route:{route}");
+                    if hosted(route) {
+                        cost += if !offline && o.intent_route.as_deref() == Some(route) {
+                            measured(&name, o)
+                        } else {
+                            estimate(&name, o, 0)
+                        };
+                    } else {
+                        templated += 1;
+                    }
+                }
+                KnobPoint {
+                    knob: "min_score",
+                    value: m,
+                    share: templated as f64 / n as f64,
+                    accuracy: Some(right as f64 / n as f64),
+                    cost_per_100k_usd: per_100k(cost),
+                }
+            };
+            let points: Vec<KnobPoint> = knob_grid(*min_score).into_iter().map(point).collect();
+            let setting = point(*min_score);
+            Some((
+                points,
+                setting,
+                format!(
+                    "frontier: the intent's min_score from 0 to 1 in steps of 0.05 (and the configured {min_score}), re-scored from each item's top label and score: below it the default route `{default}` answers; `share` is the items answered by a route that calls no model, `accuracy` route accuracy; a model route costs what it cost in this run where the item took it live, else its price-table estimate"
+                ),
+            ))
+        }
+        Strategy::Pipeline(p) => {
+            let (stage, min) = p.stages.iter().find_map(|s| match &s.kind {
+                StageKind::Summarize {
+                    targets,
+                    min_transcript_confidence: Some(min),
+                    ..
+                } if targets.len() > 1 => Some((s.name.clone(), *min)),
+                _ => None,
+            })?;
+            // The pipeline's other hosted stages cost the same at every
+            // setting: measured live, estimated offline (at the model the
+            // transcript's confidence chose, as the report prices them).
+            let others = |o: &Outcome| {
+                parts
+                    .iter()
+                    .filter(|q| q.0 != stage)
+                    .map(|q| {
+                        if offline {
+                            let second = p.stages.iter().any(|s| {
+                                s.name == q.0
+                                    && matches!(&s.kind, StageKind::Summarize {
+                                        min_transcript_confidence: Some(m),
+                                        targets,
+                                        ..
+                                    } if targets.len() > 1
+                                        && o.transcript_confidence.is_some_and(|c| c < *m))
+                            });
+                            estimate(&q.0, o, usize::from(second))
+                        } else {
+                            measured(&q.0, o)
+                        }
+                    })
+                    .sum::<f64>()
+            };
+            let point = |m: f64| {
+                let (mut first, mut cost) = (0usize, 0.0);
+                for (_, o) in outcomes {
+                    let second = o.transcript_confidence.is_some_and(|c| c < m);
+                    let was = o.transcript_confidence.is_some_and(|c| c < min);
+                    first += usize::from(!second);
+                    cost += local(o) + others(o);
+                    cost += if !offline && second == was {
+                        measured(&stage, o)
+                    } else {
+                        estimate(&stage, o, usize::from(second))
+                    };
+                }
+                KnobPoint {
+                    knob: "min_transcript_confidence",
+                    value: m,
+                    share: first as f64 / n as f64,
+                    accuracy,
+                    cost_per_100k_usd: per_100k(cost),
+                }
+            };
+            let points: Vec<KnobPoint> = knob_grid(min).into_iter().map(point).collect();
+            let setting = point(min);
+            Some((
+                points,
+                setting,
+                format!(
+                    "frontier: stage `{stage}`'s min_transcript_confidence from 0 to 1 in steps of 0.05 (and the configured {min}): below it the transcript goes to the stage's second model; `share` is the items its first model summarizes; `accuracy` is the pipeline's metric, which this setting does not change (summaries have no labels); the stage costs what it cost in this run where the item went to the same model live, else its price-table estimate"
+                ),
+            ))
+        }
+        Strategy::Cascade(_) => None,
     }
 }
 

@@ -17,6 +17,24 @@ use triage_core::answer::{RouteAnswer, RouteHandler};
 use triage_core::llm::{Answer, ChatRequest, JsonSchema, Message, Role};
 use triage_core::trace::{Decision, TierTrace};
 
+/// How a local intent step's trace reason names the classifier's top label:
+/// `route=LABEL: classifier`, or `route=DEFAULT: classifier unsure (LABEL
+/// SCORE)` below `min_score`. [`classifier_label`] reads it back.
+const CLASSIFIER: &str = ": classifier";
+const UNSURE: &str = ": classifier unsure (";
+
+/// The classifier's top label in a local intent step's trace reason, so
+/// that `triage audit` can re-score the router at another `min_score`.
+pub(crate) fn classifier_label(reason: &str) -> Option<&str> {
+    if let Some((_, rest)) = reason.split_once(UNSURE) {
+        return rest
+            .strip_suffix(')')
+            .and_then(|r| r.rsplit_once(' '))
+            .map(|(label, _)| label);
+    }
+    reason.strip_prefix("route=")?.strip_suffix(CLASSIFIER)
+}
+
 pub async fn run(run: &mut Run<'_>, r: &Router, input: Input) -> Result<Answered, EngineError> {
     let text = match input {
         Input::Text(t) => t,
@@ -314,15 +332,12 @@ async fn intent(run: &mut Run<'_>, r: &Router, text: &str) -> Result<String, Eng
             let (route, reason, score) = match top {
                 Some(t) if f64::from(t.score) >= *min_score && r.routes.contains_key(&t.label) => (
                     t.label.clone(),
-                    format!("route={}: classifier", t.label),
+                    format!("route={}{CLASSIFIER}", t.label),
                     Some(f64::from(t.score)),
                 ),
                 Some(t) => (
                     default.clone(),
-                    format!(
-                        "route={default}: classifier unsure ({} {:.3})",
-                        t.label, t.score
-                    ),
+                    format!("route={default}{UNSURE}{} {:.3})", t.label, t.score),
                     Some(f64::from(t.score)),
                 ),
                 None => (default.clone(), format!("route={default}"), None),
@@ -550,4 +565,19 @@ async fn retrieve(
         0.0,
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_intent_reason_gives_back_the_classifier_label() {
+        let sure = format!("route={}{CLASSIFIER}", "refund");
+        let unsure = format!("route=other{UNSURE}{} {:.3})", "not offensive", 0.4567);
+        assert_eq!(classifier_label(&sure), Some("refund"));
+        assert_eq!(classifier_label(&unsure), Some("not offensive"));
+        assert_eq!(classifier_label("route=other"), None);
+        assert_eq!(classifier_label("route=x: rule 2"), None);
+    }
 }
