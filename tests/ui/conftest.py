@@ -145,11 +145,14 @@ def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
     started = {}
 
-    def get(example: str, editable: bool = False) -> Server:
-        k = (example, editable)
+    def get(example: str, editable: bool = False, extra: str = "", name: str = "") -> Server:
+        """A server on a copy of `example` (with `extra` TOML appended; give
+        such a server its own `name`), started once per session."""
+        k = (example, editable, extra)
         if k not in started:
-            extra = "\n[server.ui]\nedit = true\n" if editable else ""
-            d = tmp / ("edit" if editable else "ro")
+            if editable:
+                extra = "\n[server.ui]\nedit = true\n" + extra
+            d = tmp / (name or ("edit" if editable else "ro"))
             d.mkdir(exist_ok=True)
             started[k] = Server(d, example, extra)
         return started[k]

@@ -197,3 +197,259 @@ def test_the_dashboard_shows_the_numbers_of_metrics(servers, page):
         page.wait_for_selector('[data-window="hour"]')
     assert float(got) == ok + err
     page.screenshot(path=str(artifacts() / "dashboard.png"), full_page=True)
+
+
+def test_add_a_tier_check_it_save_it_and_use_it(servers, page):
+    server = servers("moderation.toml", editable=True)
+    open_graph(page, server)
+    form = page.locator('section.task[data-task="moderation"] form.add-tier')
+    # Before the last tier by default (the last always answers).
+    assert form.locator('select[name="at"] option:checked').inner_text() == "before llm"
+    form.locator('input[name="tier-name"]').fill("second-opinion")
+    form.locator('input[name="provider"]').fill("openai")
+    form.locator('input[name="model"]').fill("gpt-4o-mini")
+    # No band before the last tier: the validator's message is beside the form
+    # (the new tier is not drawn yet), not beside the tier drawn in its place.
+    form.locator("button.check").click()
+    page.wait_for_selector("form.add-tier.invalid")
+    own = form.locator(".problems").inner_text()
+    assert "tasks.moderation.tiers[2]" in own and "band" in own, own
+    drawn_llm = page.locator('.node[data-key="tasks.moderation.tiers[2]"]')
+    assert drawn_llm.locator(".problems").inner_text() == ""
+    form.locator("button.save").click()
+    page.wait_for_selector("form.add-tier .status.error")
+    assert server.config.read_text() == server.original
+    page.screenshot(path=str(artifacts() / "designer-add-tier-invalid.png"), full_page=True)
+    # With a band it is saved before llm, comments kept, and the engine runs it.
+    form.locator('input[name="lo"]').fill("0.3")
+    form.locator('input[name="hi"]').fill("0.7")
+    form.locator("button.save").click()
+    page.wait_for_selector("text=Saved as version")
+    saved = server.config.read_text()
+    assert saved.index('name = "second-opinion"') < saved.index('name = "llm"'), saved
+    assert saved.index('name = "hosted-moderation"') < saved.index('name = "second-opinion"'), saved
+    assert "# On tweeteval-offensive validation" in saved
+    page.wait_for_selector('.node[data-key="tasks.moderation.tiers[2]"] .name:text-is("second-opinion")')
+    page.wait_for_selector('.node[data-key="tasks.moderation.tiers[3]"] .name:text-is("llm")')
+    assert "band 0.3 – 0.7" in page.locator('.node[data-key="tasks.moderation.tiers[2]"]').inner_text()
+    _, _, raw = server.call("GET", "/ui/api/config")
+    tiers = [n["name"] for t in json.loads(raw)["tasks"] if t["name"] == "moderation" for n in t["nodes"] if n["kind"] == "tier"]
+    assert tiers == ["local", "hosted-moderation", "second-opinion", "llm"], tiers
+    page.screenshot(path=str(artifacts() / "designer-add-tier-saved.png"), full_page=True)
+    # Back to the example for the other tests: roll back to the first version.
+    _, _, raw = server.call("GET", "/ui/api/history")
+    status, _, body = server.call(
+        "POST", "/ui/api/config/rollback", {"version": json.loads(raw)["version"], "number": 1}
+    )
+    assert status == 200, body
+    assert server.config.read_text() == server.original
+
+
+# A second task beside the example's cascade: a router that answers from
+# templates, and a route whose provider is down (its requests fail).
+FAQ = """
+[providers.unreachable]
+kind = "openai_compatible"
+base_url = "http://127.0.0.1:9/v1"
+
+[tasks.faq]
+strategy = "router"
+
+[tasks.faq.intent]
+kind = "rules"
+default = "hours"
+rules = [{ route = "greeting", any = ["hello"] }, { route = "human", any = ["agent"] }]
+
+[tasks.faq.routes.hours]
+handler = "template"
+template = "We are open 9 to 5."
+
+[tasks.faq.routes.greeting]
+handler = "template"
+template = "Hello there."
+
+[tasks.faq.routes.human]
+handler = "model"
+provider = "unreachable"
+model = "m"
+"""
+
+
+def shown_requests(page):
+    """(task, answered by, outcome) of each row of the explorer's table."""
+    # Read in one go: the view re-renders while a filter applies.
+    rows = page.eval_on_selector_all(
+        "table.requests tr[data-request]",
+        """rows => rows.map(r => ["task", "answered_by", "outcome"].map(
+            c => r.querySelector(`td[data-col="${c}"]`).textContent))""",
+    )
+    return [tuple(r) for r in rows]
+
+
+def wait_rows(page, want, timeout=15):
+    """Poll until the table shows exactly `want` rows (sorted), for re-renders."""
+    deadline = time.time() + timeout
+    got = None
+    while time.time() < deadline:
+        try:
+            got = sorted(shown_requests(page))
+        except Exception as e:  # the table was replaced while read
+            got = e
+        if got == sorted(want):
+            return got
+        time.sleep(0.1)
+    page.screenshot(path=str(artifacts() / "explorer-failed.png"), full_page=True)
+    raise AssertionError(f"explorer shows {got}, want {sorted(want)}")
+
+
+def test_the_explorer_filters_a_known_set_of_requests(servers, page):
+    server = servers("moderation.toml", extra=FAQ, name="explorer")
+    made = []
+    for i in range(3):
+        status, _, body = server.call("POST", "/v1/execute", {"task": "faq", "input": f"hello {i}"})
+        assert status == 200, body
+        made.append(("faq", "route:greeting", "answered"))
+    for i in range(2):
+        status, _, body = server.call("POST", "/v1/execute", {"task": "faq", "input": f"when are you open {i}"})
+        assert status == 200, body
+        made.append(("faq", "route:hours", "answered"))
+    for i in range(2):
+        status, _, body = server.call("POST", "/v1/execute", {"task": "faq", "input": f"an agent please {i}"})
+        assert status >= 500, body
+    status, mod = execute(server)
+    assert status in (200, 503), mod
+    page.goto(f"{server.base}/ui/#key={ADMIN_KEY}")
+    page.wait_for_selector("section.task")
+    page.goto(f"{server.base}/ui/#view=requests")
+    page.wait_for_selector("table.requests")
+    # The failed ones and the moderation request: read what the ledger kept
+    # for them, then check every filter against the whole known set.
+    deadline = time.time() + 15
+    while len(shown_requests(page)) < 8 and time.time() < deadline:
+        page.reload()
+        page.wait_for_selector("table.requests")
+    everything = shown_requests(page)
+    assert len(everything) == 8, everything
+    failed = [r for r in everything if r[0] == "faq" and r[2] == "failed"]
+    assert len(failed) == 2, everything
+    moderation = [r for r in everything if r[0] == "moderation"]
+    assert len(moderation) == 1 and moderation[0][1] in ("local", "hosted-moderation", "llm", "–"), everything
+    assert sorted(r for r in everything if r[0] == "faq" and r[2] == "answered") == sorted(made)
+
+    page.select_option('select[name="task"]', "faq")
+    wait_rows(page, [r for r in everything if r[0] == "faq"])
+    tier = page.locator('input[name="tier"]')
+    tier.fill("route:greeting")
+    tier.press("Enter")
+    wait_rows(page, [r for r in made if r[1] == "route:greeting"])
+    # The trace of one: its tier, decision and cost.
+    row = page.locator("table.requests tr[data-request]").first
+    row.locator("details summary").click()
+    trace = row.locator("table.trace")
+    trace.wait_for()
+    assert "route:greeting" in trace.inner_text() and "accepted" in trace.inner_text(), trace.inner_text()
+    page.screenshot(path=str(artifacts() / "explorer-trace.png"), full_page=True)
+    tier.fill("")
+    tier.press("Enter")
+    page.select_option('select[name="outcome"]', "failed")
+    wait_rows(page, failed)
+    page.select_option('select[name="task"]', "moderation")
+    wait_rows(page, [r for r in moderation if r[2] == "failed"])
+    page.select_option('select[name="outcome"]', "")
+    wait_rows(page, moderation)
+    page.screenshot(path=str(artifacts() / "explorer.png"), full_page=True)
+
+
+# Short labelled texts for a small offline audit (1 = offensive).
+AUDIT_DATA = [
+    ("you are a worthless idiot and everyone hates you", 1),
+    ("shut up you stupid moron", 1),
+    ("what a pathetic loser, go away", 1),
+    ("I will find you and hurt you", 1),
+    ("this is garbage written by an imbecile", 1),
+    ("you disgusting pig", 1),
+    ("nobody cares about your dumb opinion, idiot", 1),
+    ("get lost, you useless fool", 1),
+    ("thank you so much for your help today", 0),
+    ("the meeting is moved to three o'clock", 0),
+    ("I love this song, it makes my day", 0),
+    ("can you send me the report by friday", 0),
+    ("what a beautiful sunset over the lake", 0),
+    ("congratulations on the new job!", 0),
+    ("the train was late again this morning", 0),
+    ("I disagree, but I see your point", 0),
+    ("this movie was so bad it was almost funny", 0),
+    ("damn, I missed the bus", 0),
+    ("he is not the smartest player on the team", 0),
+    ("that referee was terrible tonight", 0),
+]
+
+
+def test_the_audit_view_follows_the_frontier_with_the_band_slider(servers, page, tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    server = servers("moderation.toml")
+    for f in ("prices.toml", "moderation.toml"):
+        shutil.copy(EXAMPLES / f, tmp_path / f)
+    config = tmp_path / "moderation.toml"
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in AUDIT_DATA))
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.update(HF_HUB_OFFLINE="1", TRIAGE_DATA_DIR=str(tmp_path / "data"))
+    out = subprocess.run(
+        [os.environ["TRIAGE_BIN"], "audit", "--config", str(config), "--task", "moderation",
+         "--data", str(data), "--offline", "--json"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    path = tmp_path / "report.json"
+    path.write_text(out.stdout)
+    points = sorted(report["frontier"], key=lambda p: p["cost_per_100k_usd"])
+    assert len(points) > 10 and report["band"], report.keys()
+    configured = next(i for i, p in enumerate(points) if (p["lo"], p["hi"]) == (report["band"]["lo"], report["band"]["hi"]))
+
+    page.goto(f"{server.base}/ui/#key={ADMIN_KEY}")
+    page.wait_for_selector("section.task")
+    page.goto(f"{server.base}/ui/#view=audit")
+    page.set_input_files('input[type="file"]', str(path))
+    slider = page.locator("input.band-slider")
+    slider.wait_for()
+    assert int(slider.get_attribute("max")) == len(points) - 1
+
+    def shown():
+        stat = lambda name: page.locator(f'[data-stat="{name}"]')
+        acc = stat("local_accuracy").get_attribute("data-value")
+        return (
+            float(stat("band").get_attribute("data-lo")),
+            float(stat("band").get_attribute("data-hi")),
+            float(stat("cost_per_100k_usd").get_attribute("data-value")),
+            None if acc == "" else float(acc),
+            float(stat("local_share").get_attribute("data-value")),
+        )
+
+    def want(i):
+        p = points[i]
+        return (p["lo"], p["hi"], p["cost_per_100k_usd"], p["local_accuracy"], p["local_share"])
+
+    # It opens at the configured band, whose cost is the report's own.
+    assert slider.input_value() == str(configured)
+    assert shown() == want(configured)
+    assert abs(shown()[2] - report["cost_per_100k_usd"]) < 1e-9
+    cx = {}
+    for i in (0, len(points) // 2, len(points) - 1):
+        slider.fill(str(i))
+        assert shown() == want(i), (i, shown(), want(i))
+        circle = page.locator("svg.frontier circle.chosen")
+        if points[i]["local_accuracy"] is not None:
+            cx[i] = float(circle.get_attribute("cx"))
+    # The keyboard moves it one point at a time.
+    slider.focus()
+    page.keyboard.press("ArrowLeft")
+    assert shown() == want(len(points) - 2)
+    page.screenshot(path=str(artifacts() / "audit.png"), full_page=True)
+    # The chosen point moves right as the cost grows.
+    xs = [cx[i] for i in sorted(cx)]
+    assert xs == sorted(xs) and len(set(xs)) > 1, cx

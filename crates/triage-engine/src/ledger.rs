@@ -23,6 +23,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, mpsc, oneshot};
 use triage_cloud::gateway::{Attempt, AttemptOutcome, AttemptSink};
 
+/// Whether this build can open a PostgreSQL ledger (the `postgres`
+/// feature); tests in other crates, which cannot see the feature, ask this.
+pub const POSTGRES: bool = cfg!(feature = "postgres");
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("cannot open the ledger at {url}: {source}")]
@@ -115,6 +119,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "ALTER TABLE requests ADD COLUMN trace TEXT;
         ALTER TABLE requests ADD COLUMN input_text TEXT",
     ),
+    // The per-minute backfill's cursor, for ledgers whose step 4 was the
+    // earlier one that summed the old rows itself (no cursor: nothing to do).
+    (6, crate::minute_stats::BACKFILL_TABLE),
 ];
 
 /// One attempt as stored.
@@ -496,6 +503,10 @@ impl Ledger {
             failing: Mutex::new(None),
         });
         tokio::spawn(writer(pool.clone(), rx, shared.clone()));
+        tokio::spawn(backfill_minutes(
+            pool.clone(),
+            crate::minute_stats::BACKFILL_CHUNK,
+        ));
         Ok(Self {
             pool,
             tx,
@@ -792,6 +803,13 @@ impl Ledger {
         Ok(crate::minute_stats::window(&self.pool, since_ms).await?)
     }
 
+    /// Rows older than this (unix ms) are not in the per-minute totals yet:
+    /// a ledger from before them is summed in the background after it opens.
+    /// `None` once every row is counted.
+    pub async fn minute_backfill_before(&self) -> Result<Option<i64>, LedgerError> {
+        Ok(crate::minute_stats::backfill_before(&self.pool).await?)
+    }
+
     /// Totals since `since_ms` (unix milliseconds), grouped by task, tier or model.
     pub async fn summary(
         &self,
@@ -930,6 +948,33 @@ async fn migrate(pool: &AnyPool) -> Result<(), LedgerError> {
         tx.commit().await.map_err(err)?;
     }
     Ok(())
+}
+
+/// Sum the rows from before the per-minute totals into them (see
+/// [`crate::minute_stats::backfill`]); a chunk that fails (the database busy
+/// past its timeout, another replica's chunk in the way) is tried again.
+async fn backfill_minutes(pool: AnyPool, chunk: i64) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match crate::minute_stats::backfill(&pool, chunk).await {
+            Ok(0) => return,
+            Ok(chunks) => {
+                tracing::info!(
+                    chunks,
+                    "per-minute totals: the older ledger rows are summed"
+                );
+                return;
+            }
+            Err(e) => {
+                if pool.is_closed() {
+                    return;
+                }
+                tracing::warn!(error = %e, "per-minute totals: summing older rows failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
 }
 
 /// Most rows written in one transaction.
@@ -1363,6 +1408,109 @@ mod tests {
         assert_eq!(
             again.request("r1").await.unwrap().unwrap().answered_by,
             "llm"
+        );
+    }
+
+    /// A ledger from before the per-minute totals gets them summed from its
+    /// rows, chunk by chunk, exactly once even with two backfills at once
+    /// (a reloaded engine, or two replicas), to the totals the writer keeps.
+    #[tokio::test]
+    async fn older_rows_are_summed_once_into_the_minute_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+        let ledger = Ledger::open(&url).await.unwrap();
+        let now = millis(SystemTime::now());
+        // 60 requests over 30 minutes (several per timestamp), 2 attempts each.
+        for i in 0..60_i64 {
+            let ts = now - (i / 2) * 60_000 - 1;
+            let id = format!("r{i}");
+            let (tier, outcome) = if i % 3 == 0 {
+                ("llm", "failed")
+            } else {
+                ("local", "answered")
+            };
+            ledger.record(AttemptRecord {
+                latency_ms: (i * 7 % 300) as f64,
+                ..rec(&id, "local", 0.0001, "answered").clone_with_ts(ts)
+            });
+            ledger.record(rec(&id, tier, 0.002, outcome).clone_with_ts(ts));
+            ledger.send(Queued::Request(
+                Box::new(RequestRecord {
+                    answered_by: tier.into(),
+                    outcome: outcome.into(),
+                    latency_ms: (i * 13 % 900) as f64,
+                    cost_usd: 0.002,
+                    all_llm_cost_usd: 0.01,
+                    ..request(&id, None)
+                }),
+                ts,
+            ));
+        }
+        ledger.flush().await.unwrap();
+        let since = now - 3_600_000;
+        let (kept, kept_points) = ledger.minute_window(since).await.unwrap();
+        assert_eq!(
+            kept.iter()
+                .filter(|r| r.kind == "request")
+                .map(|r| r.n)
+                .sum::<i64>(),
+            60
+        );
+        assert_eq!(ledger.minute_backfill_before().await.unwrap(), None);
+        // As a ledger from before the totals: none kept, a cursor past the rows.
+        let pool = ledger.pool().clone();
+        pool.execute("DELETE FROM minute_stats").await.unwrap();
+        pool.execute(AssertSqlSafe(format!(
+            "INSERT INTO minute_stats_backfill (id, before_ms) VALUES (1, {})",
+            now + 1
+        )))
+        .await
+        .unwrap();
+        assert_eq!(
+            ledger.minute_backfill_before().await.unwrap(),
+            Some(now + 1)
+        );
+        // Chunks of 7 requests: every boundary falls inside a minute, and
+        // two rows share each timestamp.
+        tokio::join!(
+            backfill_minutes(pool.clone(), 7),
+            backfill_minutes(pool.clone(), 7)
+        );
+        assert_eq!(ledger.minute_backfill_before().await.unwrap(), None);
+        let (again, again_points) = ledger.minute_window(since).await.unwrap();
+        assert_eq!(again.len(), kept.len());
+        for (a, b) in again.iter().zip(&kept) {
+            assert_eq!(
+                (
+                    &a.kind,
+                    &a.task,
+                    &a.tier,
+                    &a.decision,
+                    a.n,
+                    &a.latency_histogram
+                ),
+                (
+                    &b.kind,
+                    &b.task,
+                    &b.tier,
+                    &b.decision,
+                    b.n,
+                    &b.latency_histogram
+                )
+            );
+            assert!((a.cost_usd - b.cost_usd).abs() < 1e-12, "{a:?} {b:?}");
+            assert!((a.all_llm_cost_usd - b.all_llm_cost_usd).abs() < 1e-12);
+            assert!((a.latency_ms_sum - b.latency_ms_sum).abs() < 1e-9);
+        }
+        assert_eq!(
+            again_points
+                .iter()
+                .map(|p| (p.minute, p.requests))
+                .collect::<Vec<_>>(),
+            kept_points
+                .iter()
+                .map(|p| (p.minute, p.requests))
+                .collect::<Vec<_>>()
         );
     }
 

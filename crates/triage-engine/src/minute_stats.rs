@@ -15,10 +15,15 @@ pub const LATENCY_BUCKETS_MS: [f64; 11] = [
 ];
 const NB: usize = LATENCY_BUCKETS_MS.len() + 1;
 
-/// The schema step that creates the table and sums the rows already there.
+/// The schema step that creates the table, and the backfill's cursor: rows
+/// already in the ledger are summed afterwards by [`backfill`], newest
+/// first, while the server runs. (Summed here, inside the migration, 5M
+/// rows held `triage serve` back for 25 s before it was ready.) The cursor
+/// starts just past the newest row there is; every row written from now on
+/// is counted by the writer.
 pub(crate) fn migration() -> String {
     let cols: Vec<String> = (0..NB).map(|i| format!("h{i} BIGINT NOT NULL")).collect();
-    let mut sql = format!(
+    format!(
         "CREATE TABLE minute_stats (
         minute BIGINT NOT NULL,
         kind TEXT NOT NULL,
@@ -31,25 +36,147 @@ pub(crate) fn migration() -> String {
         latency_ms_sum DOUBLE PRECISION NOT NULL,
         {},
         PRIMARY KEY (minute, kind, task, tier, decision)
-    );",
-        cols.join(", ")
     );
-    for (kind, table, tier, all) in [
-        ("request", "requests", "answered_by", "all_llm_cost_usd"),
-        ("attempt", "attempts", "tier", "0.0"),
-    ] {
+    {BACKFILL_TABLE};
+    INSERT INTO minute_stats_backfill (id, before_ms)
+        SELECT 1, COALESCE(MAX(newest), 0) + 1 FROM (
+            SELECT MAX(ts_ms) AS newest FROM requests
+            UNION ALL SELECT MAX(ts_ms) AS newest FROM attempts
+        ) AS n",
+        cols.join(", ")
+    )
+}
+
+/// The backfill's cursor: rows with `ts_ms < before_ms` are not summed yet.
+/// No row: nothing left. (Its own schema step for ledgers whose step 4
+/// summed the old rows itself; there it stays empty.)
+pub(crate) const BACKFILL_TABLE: &str = "CREATE TABLE IF NOT EXISTS minute_stats_backfill (
+        id BIGINT PRIMARY KEY,
+        before_ms BIGINT NOT NULL
+    )";
+
+/// The rows each source table adds: (kind, table, tier column, all-LLM cost).
+const SOURCES: [(&str, &str, &str, &str); 2] = [
+    ("request", "requests", "answered_by", "all_llm_cost_usd"),
+    ("attempt", "attempts", "tier", "0.0"),
+];
+
+/// Requests summed per backfill transaction: a chunk holds SQLite's write
+/// lock for a fraction of a second, so the ledger's writer is not held up.
+pub(crate) const BACKFILL_CHUNK: i64 = 20_000;
+
+fn histogram_columns() -> String {
+    (0..NB)
+        .map(|i| format!("h{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `SET` of an upsert that adds the new row's sums to the old one's.
+fn add_on_conflict() -> String {
+    let updates: Vec<String> = ["n", "cost_usd", "all_llm_cost_usd", "latency_ms_sum"]
+        .iter()
+        .map(|c| c.to_string())
+        .chain((0..NB).map(|i| format!("h{i}")))
+        .map(|c| format!("{c} = minute_stats.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        "ON CONFLICT (minute, kind, task, tier, decision) DO UPDATE SET {}",
+        updates.join(", ")
+    )
+}
+
+/// Sum the rows the ledger held before it had per-minute totals into them,
+/// newest first (so the dashboard's hour and day fill first), a chunk per
+/// transaction. Each chunk moves the cursor in the transaction that adds its
+/// sums, so a crash repeats no row; a replica (or a reloaded engine) that
+/// read the same cursor claims nothing and reads it again. Returns the
+/// chunks summed.
+pub(crate) async fn backfill(pool: &sqlx::AnyPool, chunk: i64) -> Result<u64, sqlx::Error> {
+    let mut chunks = 0;
+    while backfill_chunk(pool, chunk).await? {
+        chunks += 1;
+        tokio::task::yield_now().await;
+    }
+    Ok(chunks)
+}
+
+/// One chunk; false once nothing is left.
+async fn backfill_chunk(pool: &sqlx::AnyPool, chunk: i64) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let Some(before) = sqlx::query("SELECT before_ms FROM minute_stats_backfill WHERE id = 1")
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.try_get::<i64, _>(0))
+        .transpose()?
+    else {
+        return Ok(false);
+    };
+    // The chunk is [lo, before), so every row of one timestamp falls in one
+    // chunk; the last chunk takes all that is left.
+    let lo = sqlx::query(
+        "SELECT ts_ms FROM requests WHERE ts_ms < $1 ORDER BY ts_ms DESC LIMIT 1 OFFSET $2",
+    )
+    .bind(before)
+    .bind(chunk)
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(|r| r.try_get::<i64, _>(0))
+    .transpose()?;
+    let claimed =
+        match lo {
+            Some(lo) => sqlx::query(
+                "UPDATE minute_stats_backfill SET before_ms = $1 WHERE id = 1 AND before_ms = $2",
+            )
+            .bind(lo)
+            .bind(before)
+            .execute(&mut *tx)
+            .await?,
+            None => {
+                sqlx::query("DELETE FROM minute_stats_backfill WHERE id = 1 AND before_ms = $1")
+                    .bind(before)
+                    .execute(&mut *tx)
+                    .await?
+            }
+        }
+        .rows_affected();
+    if claimed == 0 {
+        // Another ledger on this database moved the cursor first.
+        tx.rollback().await?;
+        return Ok(true);
+    }
+    for (kind, table, tier, all) in SOURCES {
         let buckets: Vec<String> = (0..NB)
             .map(|i| format!("CAST(SUM({}) AS BIGINT)", bucket_case(i)))
             .collect();
-        sql.push_str(&format!(
+        // Constant text; the range is bound.
+        let sql = format!(
             "INSERT INTO minute_stats (minute, kind, task, tier, decision, n, cost_usd, all_llm_cost_usd, latency_ms_sum, {hs})
              SELECT ts_ms / 60000, '{kind}', task, {tier}, outcome, COUNT(*), SUM(cost_usd), SUM({all}), SUM(latency_ms), {b}
-             FROM {table} GROUP BY ts_ms / 60000, task, {tier}, outcome;",
-            hs = (0..NB).map(|i| format!("h{i}")).collect::<Vec<_>>().join(", "),
+             FROM {table} WHERE ts_ms >= $1 AND ts_ms < $2 GROUP BY ts_ms / 60000, task, {tier}, outcome
+             {upsert}",
+            hs = histogram_columns(),
             b = buckets.join(", "),
-        ));
+            upsert = add_on_conflict(),
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(lo.unwrap_or(i64::MIN))
+            .bind(before)
+            .execute(&mut *tx)
+            .await?;
     }
-    sql
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Where the backfill stands: rows before this (unix ms) are not in the
+/// totals yet; `None` once every row is.
+pub(crate) async fn backfill_before(pool: &sqlx::AnyPool) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query("SELECT before_ms FROM minute_stats_backfill WHERE id = 1")
+        .fetch_optional(pool)
+        .await?
+        .map(|r| r.try_get::<i64, _>(0))
+        .transpose()
 }
 
 fn bucket_case(i: usize) -> String {
@@ -118,22 +245,15 @@ pub(crate) async fn add(
     if sums.is_empty() {
         return Ok(());
     }
-    let hs: Vec<String> = (0..NB).map(|i| format!("h{i}")).collect();
     let params: Vec<String> = (1..=9 + NB).map(|i| format!("${i}")).collect();
-    let updates: Vec<String> = ["n", "cost_usd", "all_llm_cost_usd", "latency_ms_sum"]
-        .iter()
-        .map(|c| c.to_string())
-        .chain(hs.iter().cloned())
-        .map(|c| format!("{c} = minute_stats.{c} + excluded.{c}"))
-        .collect();
     // Constant column names; values are bound.
     let sql = format!(
         "INSERT INTO minute_stats (minute, kind, task, tier, decision, n, cost_usd, all_llm_cost_usd, latency_ms_sum, {})
          VALUES ({})
-         ON CONFLICT (minute, kind, task, tier, decision) DO UPDATE SET {}",
-        hs.join(", "),
+         {}",
+        histogram_columns(),
         params.join(", "),
-        updates.join(", ")
+        add_on_conflict()
     );
     for ((minute, kind, task, tier, decision), s) in sums {
         let mut q = sqlx::query(AssertSqlSafe(sql.clone()))

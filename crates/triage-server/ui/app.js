@@ -249,6 +249,7 @@ async function graphView(root, ctx) {
         ),
         t.description ? h("p", { class: "description" }, t.description) : null,
         h("div", { class: "scroll" }, drawTask(t, ctx)),
+        taskDecorators.map((d) => d(t, ctx)),
       ),
     ),
   );
@@ -261,6 +262,9 @@ const EXTRA_VIEWS = ["dashboard.js", "explorer.js", "designer.js", "audit.js"];
 
 // Functions (element, node, task, ctx) that add controls to a graph's nodes.
 export const decorators = [];
+// Functions (task, ctx) that return an element (or null) for the foot of a
+// task's section.
+export const taskDecorators = [];
 // Functions (ctx) that return an element for the top of the graph view.
 const toolbars = [];
 export function registerToolbar(f) {

@@ -1,4 +1,4 @@
-// The audit view: a `triage audit --out report.json` report, read in the
+// The audit view: a `triage audit --json` (or `--out report.json`) report, read in the
 // browser (the file never leaves it), with a band slider over the frontier
 // showing the cost against the local tier's accuracy of each band.
 
@@ -63,18 +63,24 @@ function render(root) {
     return;
   }
   const points = report.frontier.slice().sort((a, b) => a.cost_per_100k_usd - b.cost_per_100k_usd);
-  let i = Math.max(0, points.findIndex((p) => p.lo === report.band.lo && p.hi === report.band.hi));
+  // Start at the configured band (none for a report without one).
+  const band = report.band;
+  let i = Math.max(0, points.findIndex((p) => band && p.lo === band.lo && p.hi === band.hi));
   const info = h("div", { class: "cards" });
   const plotBox = h("div", {});
   const slider = h("input", { type: "range", min: 0, max: points.length - 1, value: i, class: "band-slider", "aria-label": "band" });
   const update = () => {
     const p = points[i];
+    // data-value: the point's own number, for a reader that wants more
+    // digits than the card shows (the browser tests compare them).
+    const stat = (name, value, text, label) =>
+      h("div", { class: "stat", "data-stat": name, "data-value": value === null ? "" : value }, h("div", { class: "v" }, text), h("div", { class: "k" }, label));
     fill(
       info,
-      h("div", { class: "stat" }, h("div", { class: "v" }, `${p.lo} – ${p.hi}`), h("div", { class: "k" }, "band (lo – hi)")),
-      h("div", { class: "stat" }, h("div", { class: "v" }, pct(p.local_share)), h("div", { class: "k" }, "answered locally")),
-      h("div", { class: "stat" }, h("div", { class: "v" }, p.local_accuracy === null ? "–" : p.local_accuracy.toFixed(3)), h("div", { class: "k" }, "local accuracy")),
-      h("div", { class: "stat" }, h("div", { class: "v" }, "$" + p.cost_per_100k_usd.toFixed(2)), h("div", { class: "k" }, "per 100k requests")),
+      h("div", { class: "stat", "data-stat": "band", "data-lo": p.lo, "data-hi": p.hi }, h("div", { class: "v" }, `${p.lo} – ${p.hi}`), h("div", { class: "k" }, "band (lo – hi)")),
+      stat("local_share", p.local_share, pct(p.local_share), "answered locally"),
+      stat("local_accuracy", p.local_accuracy, p.local_accuracy === null ? "–" : p.local_accuracy.toFixed(3), "local accuracy"),
+      stat("cost_per_100k_usd", p.cost_per_100k_usd, "$" + p.cost_per_100k_usd.toFixed(2), "per 100k requests"),
     );
     fill(plotBox, frontierPlot(points, p));
   };

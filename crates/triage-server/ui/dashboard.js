@@ -145,6 +145,13 @@ async function dashboardView(root, ctx) {
     h("h3", {}, "Since the server started (/metrics)"),
     h("div", { class: "cards" }, stat("requests", String(total), "since-start-requests"), stat("spent", usd(spent), "since-start-cost")),
     sinceStart(d.since_start),
+    d.backfill_before_ms
+      ? h(
+          "p",
+          { class: "warnings", "data-backfill": d.backfill_before_ms },
+          `Ledger rows from before ${new Date(d.backfill_before_ms).toLocaleString()} are still being summed into the per-minute totals (newest first); the windows below are short of them until then.`,
+        )
+      : null,
     d.windows ? d.windows.map(windowView) : h("p", { class: "meta" }, "No ledger: only the counters since start."),
     d.budgets.length
       ? h(

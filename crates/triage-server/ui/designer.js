@@ -1,30 +1,52 @@
 // The designer: edit a cascade tier's band, provider and model, move or
 // remove tiers, add a task from a template; every change is checked by the
 // server's validator (the one `triage config check` uses) and its problems
-// are shown beside the node they name. Plus the history view: every kept
+// are shown beside the node they name (a tier not drawn yet: beside the
+// form that adds it). Plus the history view: every kept
 // version, its diff, and rollback.
 
-import { decorators, fill, h, json, registerView, registerToolbar } from "./app.js";
+import { decorators, fill, h, json, registerView, registerToolbar, taskDecorators } from "./app.js";
 
 function tierIndex(node) {
   const m = /\.tiers\[(\d+)\]$/.exec(node.key);
   return m ? Number(m[1]) : null;
 }
 
+// A tier being added at `at` of `task`: the validator numbers the tiers of
+// the edited file, so its key names the new tier and those after it are one
+// place further on than the ones drawn.
+function placeNewTier(p, added) {
+  const prefix = `tasks.${added.task}.tiers[`;
+  if (!p.key.startsWith(prefix)) return { key: p.key };
+  const m = /^(\d+)\](.*)$/s.exec(p.key.slice(prefix.length));
+  if (!m) return { key: p.key };
+  const j = Number(m[1]);
+  if (j === added.at) return { key: p.key, own: true };
+  return { key: j > added.at ? `${prefix}${j - 1}]${m[2]}` : p.key };
+}
+
 // Problems from a refused edit, each beside the node whose key it starts with.
-function showProblems(root, problems, fallbackEl) {
-  for (const el of root.querySelectorAll(".node")) {
+function showProblems(root, problems, fallbackEl, added) {
+  for (const el of root.querySelectorAll(".node, .add-tier")) {
     el.classList.remove("invalid");
     el.querySelector(".problems").textContent = "";
   }
   const nodes = [...root.querySelectorAll(".node")];
-  for (const p of problems) {
+  for (const raw of problems) {
+    const placed = added ? placeNewTier(raw, added) : { key: raw.key };
+    if (placed.own) {
+      added.el.classList.add("invalid");
+      added.el.querySelector(".problems").append(h("div", { class: "problem" }, `${raw.key}: ${raw.message}${raw.fix ? " (" + raw.fix + ")" : ""}`));
+      continue;
+    }
+    const p = { ...raw, key: placed.key };
     const owner =
       nodes
         .filter((n) => p.key === n.dataset.key || p.key.startsWith(n.dataset.key + "."))
         .sort((a, b) => b.dataset.key.length - a.dataset.key.length)[0] ||
       nodes.find((n) => p.key.startsWith(n.dataset.key));
-    const text = `${p.key}: ${p.message}${p.fix ? " (" + p.fix + ")" : ""}`;
+    // The message names the key of the edited file, as `triage config check` would.
+    const text = `${raw.key}: ${p.message}${p.fix ? " (" + p.fix + ")" : ""}`;
     if (owner) {
       owner.classList.add("invalid");
       owner.querySelector(".problems").append(h("div", { class: "problem" }, text));
@@ -35,7 +57,8 @@ function showProblems(root, problems, fallbackEl) {
 }
 
 // Send edits: check only, or save and reload. Returns true when saved.
-async function submit(ctx, edits, save, status) {
+// `added`: {task, at, el} when the edits add a tier (see placeNewTier).
+async function submit(ctx, edits, save, status, added) {
   const root = document.querySelector('.view[data-view="graph"]') || document;
   status.textContent = save ? "Saving…" : "Checking…";
   status.className = "status";
@@ -60,7 +83,7 @@ async function submit(ctx, edits, save, status) {
         "The config file changed since this page read it (edited by hand or saved elsewhere). Reload the page to see it; nothing was overwritten.";
     } else {
       status.textContent = e.message;
-      if (e.body && e.body.problems) showProblems(root, e.body.problems, status);
+      if (e.body && e.body.problems) showProblems(root, e.body.problems, status, added);
     }
   }
   return false;
@@ -149,6 +172,67 @@ function bandForm(el, node, task, ctx) {
 decorators.push((el, node, task, ctx) => {
   if (!ctx.config || !ctx.config.editable) return;
   if (task.strategy === "cascade" && node.kind === "tier") bandForm(el, node, task, ctx);
+});
+
+// Below each cascade: a new tier's name, target, band and place (before
+// the last tier by default: the last always answers).
+function addTierForm(task, ctx) {
+  const tiers = task.nodes.filter((n) => n.kind === "tier");
+  const status = h("span", { class: "status", role: "status" });
+  const field = (name, label, attrs = {}) => h("input", { name, placeholder: label, "aria-label": label, ...attrs });
+  const name = field("tier-name", "tier name", { required: true });
+  const provider = field("provider", "provider (or local)");
+  const model = field("model", "model (or specialist)");
+  const lo = field("lo", "lo", { type: "number", step: "0.01", min: "0", max: "1" });
+  const hi = field("hi", "hi", { type: "number", step: "0.01", min: "0", max: "1" });
+  const at = h(
+    "select",
+    { name: "at", "aria-label": "place" },
+    tiers.map((t, i) => h("option", { value: i, selected: i === tiers.length - 1 }, "before " + t.name)),
+    h("option", { value: tiers.length, selected: tiers.length === 0 }, "at the end"),
+  );
+  const num = (el) => (el.value === "" ? null : Number(el.value));
+  const edits = () => {
+    const local = provider.value === "local";
+    return [
+      {
+        op: "add_tier",
+        task: task.name,
+        name: name.value,
+        provider: local ? null : provider.value || null,
+        model: local ? null : model.value || null,
+        local: local ? model.value : null,
+        lo: num(lo),
+        hi: num(hi),
+        at: Number(at.value),
+      },
+    ];
+  };
+  const form = h(
+    "form",
+    { class: "add-tier", "data-task": task.name },
+    "Add a tier: ",
+    name,
+    provider,
+    model,
+    lo,
+    hi,
+    at,
+    h("button", { type: "button", class: "check", onclick: () => form.reportValidity() && submit(ctx, edits(), false, status, { task: task.name, at: Number(at.value), el: form }) }, "Check"),
+    h("button", { type: "submit", class: "save" }, "Add"),
+    status,
+    h("div", { class: "problems", role: "alert" }),
+  );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    submit(ctx, edits(), true, status, { task: task.name, at: Number(at.value), el: form });
+  });
+  return form;
+}
+
+taskDecorators.push((task, ctx) => {
+  if (!ctx.config || !ctx.config.editable || task.strategy !== "cascade") return null;
+  return addTierForm(task, ctx);
 });
 
 registerToolbar((ctx) => {

@@ -40,7 +40,10 @@ async function explorerView(root, ctx) {
     }
     throw e;
   }
-  const tasks = ctx.config ? ctx.config.tasks.map((t) => t.name) : [];
+  // Every task of the config, not only those on this (filtered) page, so a
+  // filter can go from one task to another.
+  if (!ctx.config) ctx.config = await json("/ui/api/config");
+  const tasks = ctx.config.tasks.map((t) => t.name);
   const input = (name, placeholder) =>
     h("input", {
       name,
@@ -79,9 +82,11 @@ async function explorerView(root, ctx) {
     },
     ["", "answered", "refused", "failed"].map((o) => h("option", { value: o, selected: o === state.outcome }, o || "every outcome")),
   );
+  // Enter in the tier box applies it (change) and would submit the form.
+  const filters = h("form", { class: "filters", onsubmit: (ev) => ev.preventDefault() }, "Filter: ", taskSelect, input("tier", "answering tier"), outcome);
   fill(
     root,
-    h("form", { class: "filters" }, "Filter: ", taskSelect, input("tier", "answering tier"), outcome),
+    filters,
     data.store_text ? null : h("p", { class: "meta" }, "Request texts are not stored ([ledger] store_text = false)."),
     h(
       "table",
@@ -92,9 +97,9 @@ async function explorerView(root, ctx) {
           "tr",
           { "data-request": r.request_id },
           h("td", { title: r.request_id }, new Date(r.ts_ms).toLocaleTimeString()),
-          h("td", {}, r.task),
-          h("td", {}, r.answered_by || "–"),
-          h("td", {}, r.outcome),
+          h("td", { "data-col": "task" }, r.task),
+          h("td", { "data-col": "answered_by" }, r.answered_by || "–"),
+          h("td", { "data-col": "outcome" }, r.outcome),
           h("td", {}, r.latency_ms.toFixed(1) + " ms"),
           h("td", {}, usd(r.cost_usd)),
           h("td", {}, usd(r.all_llm_cost_usd)),

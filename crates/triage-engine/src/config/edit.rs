@@ -43,8 +43,9 @@ pub enum Edit {
         task: String,
         tier: usize,
     },
-    /// Append a tier (placed before the last one, which always answers,
-    /// when `before_last`).
+    /// A new tier at index `at` (at the end when absent). The last tier
+    /// always answers, so a tier meant to pass uncertain inputs on goes
+    /// before it, with a band.
     AddTier {
         task: String,
         name: String,
@@ -53,6 +54,7 @@ pub enum Edit {
         local: Option<String>,
         lo: Option<f64>,
         hi: Option<f64>,
+        at: Option<usize>,
     },
     /// A new task from a template (`cascade`, `router`, `pipeline`), wired
     /// to the first provider and specialist the file has.
@@ -233,18 +235,38 @@ fn apply_one(doc: &mut DocumentMut, edit: &Edit) -> Result<(), EditError> {
             local,
             lo,
             hi,
+            at,
         } => {
             let arr = tiers(doc, task)?;
+            let n = arr.len();
+            let at = at.unwrap_or(n);
+            if at > n {
+                return Err(target(
+                    format!("tasks.{task}.tiers"),
+                    format!("a new tier goes at 0 to {n}"),
+                ));
+            }
             let mut t = Table::new();
             t.insert("name", value(name.as_str()));
             set_opt(&mut t, "local", local);
             set_opt(&mut t, "provider", provider);
             set_opt(&mut t, "model", model);
-            if let (Some(lo), Some(hi)) = (lo, hi) {
+            // A chat tier needs only hi; the validator says what is missing.
+            if let Some(lo) = lo {
                 t.insert("lo", value(*lo));
+            }
+            if let Some(hi) = hi {
                 t.insert("hi", value(*hi));
             }
-            arr.push(t);
+            // The old tables keep their places in the file; the new one has
+            // none, so it is written right after the tier before it (or
+            // after the task's header when it goes first).
+            let mut tables: Vec<Table> = arr.iter().cloned().collect();
+            tables.insert(at, t);
+            arr.clear();
+            for t in tables {
+                arr.push(t);
+            }
         }
         Edit::AddTask { name, template } => add_task(doc, name, template)?,
     }
@@ -639,6 +661,77 @@ model = "gpt-4o-mini"
             .map(|t| t["name"].as_str().unwrap().to_owned())
             .collect();
         assert_eq!(names, ["mid", "local", "llm"]);
+    }
+
+    fn tier_names(text: &str) -> Vec<String> {
+        let doc: toml::Table = toml::from_str(text).unwrap();
+        doc["tasks"]["m"]["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn add_tier(at: Option<usize>, lo: Option<f64>, hi: Option<f64>) -> Edit {
+        Edit::AddTier {
+            task: "m".into(),
+            name: "extra".into(),
+            provider: Some("openai".into()),
+            model: Some("omni-moderation-latest".into()),
+            local: None,
+            lo,
+            hi,
+            at,
+        }
+    }
+
+    #[test]
+    fn a_tier_is_added_before_the_last_and_validated() {
+        let out = apply(CASCADE, &[add_tier(Some(2), Some(0.25), Some(0.75))]).unwrap();
+        assert_eq!(tier_names(&out), ["local", "mid", "extra", "llm"]);
+        // Written between the tables it sits between, comments kept.
+        let extra = out.find("name = \"extra\"").unwrap();
+        assert!(out.find("name = \"mid\"").unwrap() < extra, "{out}");
+        assert!(extra < out.find("name = \"llm\"").unwrap(), "{out}");
+        assert!(out.contains("lo = 0.2 # calibrated") && out.contains("# the local tier"));
+        let c = Config::from_toml(&out, "t", Path::new(".")).unwrap();
+        let crate::config::Strategy::Cascade(m) = &c.tasks["m"].strategy else {
+            panic!("not a cascade")
+        };
+        assert_eq!(m.tiers[2].band, Some((0.25, 0.75)));
+        // First place: after the task's header, before the old first tier.
+        let out = apply(CASCADE, &[add_tier(Some(0), Some(0.1), Some(0.9))]).unwrap();
+        assert_eq!(tier_names(&out), ["extra", "local", "mid", "llm"]);
+        // At the end, the old last tier has no band: the validator names it.
+        let out = apply(CASCADE, &[add_tier(None, None, None)]).unwrap();
+        assert_eq!(tier_names(&out), ["local", "mid", "llm", "extra"]);
+        let ConfigError::Invalid { problems, .. } =
+            Config::from_toml(&out, "t", Path::new(".")).unwrap_err()
+        else {
+            panic!("not a validation error")
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key.starts_with("tasks.m.tiers[2]")),
+            "{problems:?}"
+        );
+        // Without a band before the last: the new tier is named.
+        let out = apply(CASCADE, &[add_tier(Some(1), None, None)]).unwrap();
+        let ConfigError::Invalid { problems, .. } =
+            Config::from_toml(&out, "t", Path::new(".")).unwrap_err()
+        else {
+            panic!("not a validation error")
+        };
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key.starts_with("tasks.m.tiers[1]")),
+            "{problems:?}"
+        );
+        let e = apply(CASCADE, &[add_tier(Some(4), None, None)]).unwrap_err();
+        assert!(e.to_string().contains("tasks.m.tiers"), "{e}");
     }
 
     #[test]

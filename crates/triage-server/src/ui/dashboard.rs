@@ -19,6 +19,10 @@ pub struct Dashboard {
     pub since_start: BTreeMap<String, TaskCounts>,
     /// `None` when the config has no ledger.
     pub windows: Option<Vec<Window>>,
+    /// Ledger rows older than this (unix ms) are not in the windows yet:
+    /// a ledger from before the per-minute totals is being summed into
+    /// them. `None` when every row is counted.
+    pub backfill_before_ms: Option<i64>,
     pub budgets: Vec<BudgetBurn>,
     /// Unix ms at which the ledger windows were read.
     pub now_ms: i64,
@@ -173,6 +177,14 @@ pub(crate) async fn dashboard(State(state): State<Shared>) -> Result<Json<Dashbo
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0);
+    let read_failed = |e: triage_engine::ledger::LedgerError| {
+        tracing::error!(error = %triage_engine::error::chain(&e), "dashboard query failed");
+        ApiError::Internal("the ledger could not be read")
+    };
+    let backfill_before_ms = match &engine.ledger {
+        None => None,
+        Some(ledger) => ledger.minute_backfill_before().await.map_err(read_failed)?,
+    };
     let windows = match &engine.ledger {
         None => None,
         Some(ledger) => {
@@ -181,10 +193,7 @@ pub(crate) async fn dashboard(State(state): State<Shared>) -> Result<Json<Dashbo
                 let (rows, points) = ledger
                     .minute_window(now_ms - seconds * 1000)
                     .await
-                    .map_err(|e| {
-                        tracing::error!(error = %triage_engine::error::chain(&e), "dashboard query failed");
-                        ApiError::Internal("the ledger could not be read")
-                    })?;
+                    .map_err(read_failed)?;
                 out.push(window(name, seconds, &rows, points));
             }
             Some(out)
@@ -205,6 +214,7 @@ pub(crate) async fn dashboard(State(state): State<Shared>) -> Result<Json<Dashbo
     Ok(Json(Dashboard {
         since_start: state.metrics.task_counts(),
         windows,
+        backfill_before_ms,
         budgets,
         now_ms,
     }))
