@@ -9,7 +9,8 @@
 # MINUTES defaults to 20 (120 for two hours); the build profile to debug.
 # Needs TRIAGE_SHARED (clips and the ggml Whisper tiny.en), python3, curl;
 # uses the Silero VAD model when scripts/fetch-silero-vad has cached it
-# (TRIAGE_NO_VAD=1 runs without).
+# (TRIAGE_NO_VAD=1 runs without). TRIAGE_BIN=PATH times that triage binary
+# instead of building one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 minutes="${1:-20}"
@@ -17,12 +18,15 @@ profile="${2:-debug}"
 shared="${TRIAGE_SHARED:-../shared}"
 model="${TRIAGE_WHISPER_MODEL:-$shared/models/whisper-tiny.en/ggml-model-f16.bin}"
 target="${CARGO_TARGET_DIR:-target}"
-if [ "$profile" = release ]; then
+if [ -n "${TRIAGE_BIN:-}" ]; then
+  bin="$TRIAGE_BIN"
+elif [ "$profile" = release ]; then
   cargo build --release --quiet -p triage-cli --bin triage
+  bin="$target/$profile/triage"
 else
   cargo build --quiet -p triage-cli --bin triage
+  bin="$target/$profile/triage"
 fi
-bin="$target/$profile/triage"
 dir="$(mktemp -d)"
 sock="$dir/triage.sock"
 wav="$dir/long.wav"
@@ -67,9 +71,15 @@ idle=$(rss VmRSS)
 started=$(date +%s.%N)
 id=$(curl -sf --unix-socket "$sock" http://t/v1/jobs -F "file=@$wav" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 peak_sampled=$idle
+last_report=$(date +%s)
 while :; do
   now=$(rss VmRSS)
   [ "$now" -gt "$peak_sampled" ] && peak_sampled=$now
+  # A line a minute on stderr, so a two-hour run shows that it moves.
+  if [ $(($(date +%s) - last_report)) -ge 60 ]; then
+    last_report=$(date +%s)
+    echo "long-audio: $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.0f}')" "$started" "$(date +%s.%N)") s, RSS $((now / 1024)) MB, highest $((peak_sampled / 1024)) MB" >&2
+  fi
   status=$(curl -sf --unix-socket "$sock" "http://t/v1/jobs/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')
   case "$status" in succeeded | failed) break ;; esac
   sleep 0.2

@@ -152,6 +152,17 @@ enum ModelsCommand {
         #[arg(long)]
         safetensors: bool,
     },
+    /// Quantise a whisper.cpp (ggml) Whisper model to q8_0 or q5_1, offline.
+    Quantize {
+        /// The f16 or f32 ggml model, e.g. ggml-model-f16.bin.
+        model: PathBuf,
+        /// q8_0 (8.5 bits a weight) or q5_1 (6 bits a weight).
+        #[arg(long = "type", default_value = "q8_0")]
+        quant_type: triage_tools::whisper_quantize::QuantType,
+        /// Where to write it [default: beside MODEL, `-f16` replaced by the type].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -254,5 +265,13 @@ async fn dispatch(cli: Cli, budget: triage_local::ThreadBudget) -> Result<std::p
                     safetensors,
                 },
         } => import::import_ct2(dir, out, assets, safetensors).await,
+        Command::Models {
+            command:
+                ModelsCommand::Quantize {
+                    model,
+                    quant_type,
+                    out,
+                },
+        } => import::quantize(model, quant_type, out).await,
     }
 }

@@ -6,5 +6,7 @@
 //! - [`whisper_import`]: CTranslate2 (faster-whisper) Whisper checkpoints to
 //!   whisper.cpp's ggml file, with a Hugging Face `config.json`, tokenizer
 //!   and, on request, `model.safetensors`.
+//! - [`whisper_quantize`]: a ggml Whisper model to `q8_0` or `q5_1`.
 
 pub mod whisper_import;
+pub mod whisper_quantize;
