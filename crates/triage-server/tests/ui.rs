@@ -17,13 +17,17 @@ const ADMIN: &str = "admin-key-for-tests";
 const USER: &str = "user-key-for-tests";
 
 fn config_text(ledger: &Path, edit: bool) -> String {
+    config_with_ledger(&format!("sqlite://{}", ledger.display()), edit)
+}
+
+fn config_with_ledger(ledger_url: &str, edit: bool) -> String {
     format!(
         r#"# a comment the designer must keep
 [server.ui]
 edit = {edit}
 
 [ledger]
-url = "sqlite://{}"
+url = "{ledger_url}"
 
 [providers.mock]
 kind = "openai_compatible"
@@ -60,8 +64,7 @@ hi = 0.8 # keep me
 name = "strong"
 provider = "mock"
 model = "big"
-"#,
-        ledger.display()
+"#
     )
 }
 
@@ -74,8 +77,13 @@ struct Fixture {
 
 async fn fixture(edit: bool) -> anyhow::Result<Fixture> {
     let dir = tempfile::tempdir()?;
+    let text = config_text(&dir.path().join("ledger.db"), edit);
+    fixture_with(dir, &text).await
+}
+
+async fn fixture_with(dir: tempfile::TempDir, text: &str) -> anyhow::Result<Fixture> {
     let config = dir.path().join("triage.toml");
-    std::fs::write(&config, config_text(&dir.path().join("ledger.db"), edit))?;
+    std::fs::write(&config, text)?;
     let engine = triage_engine::Engine::new(triage_engine::Config::load(&config)?).await?;
     let key = |key: &str, name: &str, admin| ApiKey {
         key: key.into(),
@@ -498,5 +506,186 @@ async fn the_dashboard_counts_what_metrics_and_the_ledger_count() -> anyhow::Res
     let task = &hour["tasks"][0];
     assert_eq!(task["task"], "support");
     assert!(task["p50_ms"].as_f64().is_some(), "{task}");
+    Ok(())
+}
+
+/// `n_ok` greetings (a template answers) and `n_failed` general questions
+/// (the provider does not answer) through `/v1/execute`, committed.
+async fn make_requests(f: &Fixture, n_ok: usize, n_failed: usize) -> anyhow::Result<()> {
+    for i in 0..n_ok + n_failed {
+        let input = if i < n_ok {
+            format!("hello {i}")
+        } else {
+            format!("what is the time {i}")
+        };
+        let (s, _, b) = call(
+            &f.app,
+            unix(post(
+                "/v1/execute",
+                &json!({"task": "support", "input": input}),
+            )?),
+        )
+        .await?;
+        let ok = i < n_ok;
+        assert_eq!(s.is_success(), ok, "{s} {}", String::from_utf8_lossy(&b));
+    }
+    for l in f.state.ledgers() {
+        l.flush().await?;
+    }
+    Ok(())
+}
+
+/// A fresh database on the throwaway PostgreSQL server of the tests.
+async fn fresh_postgres_database() -> anyhow::Result<String> {
+    use sqlx::Executor;
+    let url = std::env::var("TRIAGE_TEST_POSTGRES_URL").map_err(|_| {
+        anyhow::anyhow!(
+            "TRIAGE_TEST_POSTGRES_URL is not set: run `eval \"$(scripts/test-postgres start)\"` (scripts/test does)"
+        )
+    })?;
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&url).await?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let name = format!(
+        "triage_ui_{}_{}",
+        std::process::id(),
+        nanos.as_nanos() % 1_000_000_007
+    );
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await?;
+    admin.close().await;
+    let (base, _) = url
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow::anyhow!("no database in {url}"))?;
+    Ok(format!("{base}/{name}"))
+}
+
+/// The per-minute totals on PostgreSQL: the writer's upsert counts the
+/// requests made, the dashboard shows them, and the schema step that sums
+/// raw rows into `minute_stats` (what an older ledger gets on upgrade) gives
+/// the same numbers. Runs where the build has the PostgreSQL driver
+/// (`--features triage-engine/postgres`, as scripts/test builds).
+#[tokio::test]
+async fn the_dashboard_counts_the_requests_in_a_postgres_ledger() -> anyhow::Result<()> {
+    if !triage_engine::ledger::POSTGRES {
+        eprintln!("skipped: built without the PostgreSQL driver (triage-engine/postgres)");
+        return Ok(());
+    }
+    let url = fresh_postgres_database().await?;
+    let (n_ok, n_failed) = (5, 2);
+    let f = fixture_with(tempfile::tempdir()?, &config_with_ledger(&url, false)).await?;
+    assert!(
+        f.state.ledgers().iter().all(|l| l.is_postgres()),
+        "the fixture's ledger is not the PostgreSQL one"
+    );
+    make_requests(&f, n_ok, n_failed).await?;
+    let (_, _, m) = call(&f.app, unix(get("/metrics")?)).await?;
+    let m = String::from_utf8_lossy(&m).into_owned();
+    let (s, d) = admin_json(&f, get("/ui/api/dashboard")?).await?;
+    assert_eq!(s, StatusCode::OK, "{d}");
+    let failed_metric = metric(
+        &m,
+        r#"triage_task_requests_total{task="support",outcome="error"}"#,
+    );
+    assert_eq!(failed_metric, n_failed as f64, "{m}");
+    for w in 0..2 {
+        let window = &d["windows"][w];
+        assert_eq!(window["requests"], json!(n_ok + n_failed), "{window}");
+        let tasks = window["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 1, "{window}");
+        let t = &tasks[0];
+        assert_eq!(
+            (
+                t["task"].as_str(),
+                t["requests"].as_i64(),
+                t["failed"].as_i64()
+            ),
+            (
+                Some("support"),
+                Some((n_ok + n_failed) as i64),
+                Some(n_failed as i64)
+            ),
+            "{t}"
+        );
+        let greeting = t["tiers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["tier"] == "route:greeting")
+            .unwrap_or_else(|| panic!("no route:greeting tier in {t}"));
+        assert_eq!(greeting["answered"], json!(n_ok), "{greeting}");
+        assert!(t["p50_ms"].as_f64().is_some(), "{t}");
+    }
+    // Minutes: the per-minute series sums to the window.
+    let per_minute: i64 = d["windows"][1]["per_minute"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["requests"].as_i64().unwrap())
+        .sum();
+    assert_eq!(per_minute, (n_ok + n_failed) as i64);
+
+    // As a ledger from before the totals: no tables, step 4 not recorded.
+    {
+        use sqlx::Executor;
+        let pool = sqlx::AnyPool::connect(&url).await?;
+        pool.execute("DROP TABLE minute_stats").await?;
+        pool.execute("DROP TABLE minute_stats_backfill").await?;
+        pool.execute("DELETE FROM triage_migrations WHERE version = 4")
+            .await?;
+        pool.close().await;
+    }
+    // Two replicas start on it: both sum the old rows in the background,
+    // and each chunk is claimed by one of them.
+    let g = fixture_with(tempfile::tempdir()?, &config_with_ledger(&url, false)).await?;
+    let _h = fixture_with(tempfile::tempdir()?, &config_with_ledger(&url, false)).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let again = loop {
+        let (s, again) = admin_json(&g, get("/ui/api/dashboard")?).await?;
+        assert_eq!(s, StatusCode::OK, "{again}");
+        if again["backfill_before_ms"].is_null() {
+            break again;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old rows were not summed: {again}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    for w in 0..2 {
+        let (a, b) = (&d["windows"][w], &again["windows"][w]);
+        assert_eq!(a["requests"], b["requests"], "{a}\n{b}");
+        for (x, y) in a["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(b["tasks"].as_array().unwrap())
+        {
+            assert_eq!(x["requests"], y["requests"]);
+            assert_eq!(x["failed"], y["failed"]);
+            // Same histogram, so the same quantiles.
+            assert_eq!(x["p95_ms"], y["p95_ms"]);
+            let tiers = |t: &Value| -> Vec<(String, i64, i64, i64)> {
+                t["tiers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| {
+                        (
+                            r["tier"].as_str().unwrap_or_default().to_owned(),
+                            r["attempts"].as_i64().unwrap_or(-1),
+                            r["failed_attempts"].as_i64().unwrap_or(-1),
+                            r["answered"].as_i64().unwrap_or(-1),
+                        )
+                    })
+                    .collect()
+            };
+            assert!(!tiers(x).is_empty(), "{x}");
+            assert_eq!(tiers(x), tiers(y));
+            let close = |k: &str| (x[k].as_f64().unwrap() - y[k].as_f64().unwrap()).abs() < 1e-9;
+            assert!(close("cost_usd") && close("all_llm_cost_usd"), "{x}\n{y}");
+        }
+    }
     Ok(())
 }
