@@ -35,6 +35,10 @@ pub struct TranscribeArgs {
     /// Decode everything, silence included (no VAD).
     #[arg(long, conflicts_with = "vad_model")]
     no_vad: bool,
+    /// A file's VAD chunks decoded at once, each on its own decoding state
+    /// with `--threads / N` threads (with a VAD model only).
+    #[arg(long, default_value_t = 1)]
+    parallel_chunks: usize,
     /// Words with start, end and probability in each segment (always on for
     /// verbose_json, which also lists them at the top as `words`).
     #[arg(long)]
@@ -69,11 +73,14 @@ pub async fn run(
         triage_local::resolve::resolve_vad(args.vad_model.as_deref())
             .context("cannot find the VAD model")?
     };
+    let parallel_chunks = args.parallel_chunks;
     let engine = Arc::new(
         tokio::task::spawn_blocking(move || {
             let engine = WhisperEngine::load(&path, threads, device)?;
             match vad {
-                Some(vad) => engine.with_vad(&vad),
+                Some(vad) => engine
+                    .with_vad(&vad)
+                    .map(|e| e.with_parallel_chunks(parallel_chunks)),
                 None => Ok(engine),
             }
         })

@@ -677,3 +677,52 @@ fn decoding_a_file_streams_to_the_same_samples_as_decoding_bytes() -> anyhow::Re
     assert!(matches!(err, Some(AudioError::TooLong { .. })), "{err:?}");
     Ok(())
 }
+
+/// VAD chunks decoded side by side on two states (one thread each) give
+/// the transcript the chunks give one after another, in time order.
+#[test]
+fn chunks_decoded_in_parallel_give_the_sequential_transcript() -> anyhow::Result<()> {
+    let (Some(model), Some(vad), Some(shared)) = (
+        crate::common::whisper_model(),
+        vad_model(),
+        crate::common::shared(),
+    ) else {
+        return Ok(());
+    };
+    // Four clips with a second of silence between them: over 28 s of
+    // speech, so VAD packs it into more than one chunk.
+    let dir = shared.join("data/speech");
+    let mut audio = Vec::new();
+    for clip in [
+        "ljspeech_LJ001-0001.wav",
+        "librivox_ss01_0870.wav",
+        "ljspeech_LJ001-0003.wav",
+        "librivox_ss01_0920.wav",
+    ] {
+        let pcm = speech::decode(std::fs::read(dir.join(clip))?, Some("wav"), None)?;
+        audio.extend_from_slice(&pcm.samples);
+        audio.extend(std::iter::repeat_n(0f32, 16_000));
+    }
+    assert!(audio.len() > 16_000 * 40);
+    let opts = TranscribeOptions::default();
+    let load = || WhisperEngine::load(&model, 2, triage_local::DeviceSpec::Cpu)?.with_vad(&vad);
+    let sequential = load()?.transcribe(&audio, &opts, None)?;
+    let parallel_engine = load()?.with_parallel_chunks(2);
+    let progress = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = progress.clone();
+    let cb: Box<dyn FnMut(i32) + Send> = Box::new(move |p| seen.lock().unwrap().push(p));
+    let parallel = parallel_engine.transcribe(&audio, &opts, Some(cb))?;
+    assert!(!sequential.text.is_empty());
+    assert_eq!(parallel.text, sequential.text);
+    assert!(
+        parallel
+            .segments
+            .windows(2)
+            .all(|w| w[0].start <= w[1].start),
+        "{:?}",
+        parallel.segments
+    );
+    let progress = progress.lock().unwrap();
+    assert!(progress.last().is_some_and(|p| *p > 50), "{progress:?}");
+    Ok(())
+}

@@ -44,7 +44,21 @@ const WINDOW_TAIL_S: f32 = 30.0;
 struct Run<'p> {
     params: FullParams<'p, 'p>,
     position: Arc<Mutex<(usize, usize)>>,
+    progress: Option<Arc<Mutex<Progress>>>,
+    /// Samples in the recording, when known (scales progress).
+    total: Option<usize>,
     state: Option<WhisperState>,
+    segments: Vec<TranscriptSegment>,
+    p_sum: f64,
+    p_n: usize,
+    language: Option<String>,
+}
+
+type Progress = Box<dyn FnMut(i32) + Send>;
+
+/// What one chunk decoded on its own state gave.
+#[derive(Default)]
+struct Decoded {
     segments: Vec<TranscriptSegment>,
     p_sum: f64,
     p_n: usize,
@@ -132,6 +146,9 @@ pub struct WhisperEngine {
     ctx: Arc<WhisperContext>,
     idle: Mutex<Vec<WhisperState>>,
     threads: usize,
+    /// VAD chunks of one window decoded at once, each on its own state with
+    /// a share of `threads` (1: one after another with all of them).
+    chunk_states: usize,
     multilingual: bool,
     eot: i32,
     vad: Option<Mutex<WhisperVadContext>>,
@@ -141,6 +158,7 @@ impl std::fmt::Debug for WhisperEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WhisperEngine")
             .field("threads", &self.threads)
+            .field("chunk_states", &self.chunk_states)
             .field("vad", &self.vad.is_some())
             .finish_non_exhaustive()
     }
@@ -182,6 +200,20 @@ impl Chunk {
             .or(self.pieces.first());
         let sample = piece.map_or(at, |p| p.source + (at - p.at.min(at)).min(p.len));
         (self.base + sample) as f64 / f64::from(SAMPLE_RATE)
+    }
+
+    /// What the decoder gets: the chunk's samples, padded with silence to
+    /// the 100 ms whisper.cpp needs at least.
+    fn input<'a>(&self, audio: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        let data = self.samples(audio);
+        let min = SAMPLE_RATE as usize / 10 + 1;
+        if data.len() < min {
+            let mut padded = data.into_owned();
+            padded.resize(min, 0.0);
+            padded.into()
+        } else {
+            data
+        }
     }
 
     /// The chunk's samples: borrowed when it is one piece, else copied with gaps.
@@ -302,6 +334,7 @@ impl WhisperEngine {
             ctx: Arc::new(ctx),
             idle: Mutex::new(Vec::new()),
             threads: threads.max(1),
+            chunk_states: 1,
             multilingual,
             eot,
             vad: None,
@@ -334,6 +367,18 @@ impl WhisperEngine {
     /// Whether silence is found by a VAD model.
     pub fn has_vad(&self) -> bool {
         self.vad.is_some()
+    }
+
+    /// Decode up to `n` of a recording's VAD chunks at once, each on its own
+    /// decoding state with `threads / n` threads (at least one). whisper.cpp
+    /// splits each matrix product across its threads and waits for all of
+    /// them after every one; Whisper's decoder runs many small products per
+    /// token, so on few cores whole chunks side by side keep the cores
+    /// busier than threads inside one chunk. Only with a VAD model (without
+    /// one there are no chunks); the result is the same text.
+    pub fn with_parallel_chunks(mut self, n: usize) -> Self {
+        self.chunk_states = n.clamp(1, self.threads);
+        self
     }
 
     fn take_state(&self) -> Result<WhisperState, SpeechError> {
@@ -442,8 +487,38 @@ impl WhisperEngine {
         progress: Option<Box<dyn FnMut(i32) + Send>>,
         total: Option<usize>,
     ) -> Run<'p> {
+        let mut params = self.params(opts, self.threads);
+        // Progress on the recording's clock: (chunk start, chunk span) in samples.
+        let position = Arc::new(Mutex::new((0usize, 0usize)));
+        let progress = progress.map(|cb| Arc::new(Mutex::new(cb)));
+        if let (Some(cb), Some(total)) = (progress.clone(), total) {
+            let position = position.clone();
+            params.set_progress_callback_safe(move |p: i32| {
+                let (start, span) = position.lock().map(|g| *g).unwrap_or((0, 0));
+                let done = start as f64 + span as f64 * f64::from(p.clamp(0, 100)) / 100.0;
+                if let Ok(mut cb) = cb.lock() {
+                    cb((100.0 * done / total.max(1) as f64).round().min(100.0) as i32);
+                }
+            });
+        }
+        Run {
+            params,
+            position,
+            progress,
+            total,
+            state: None,
+            segments: Vec::new(),
+            p_sum: 0.0,
+            p_n: 0,
+            language: None,
+        }
+    }
+
+    /// Decoding parameters for `opts` with `threads` threads: greedy, token
+    /// times on, the cancel flag as whisper.cpp's abort callback.
+    fn params<'p>(&self, opts: &'p TranscribeOptions, threads: usize) -> FullParams<'p, 'p> {
         let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
-        params.set_n_threads(self.threads as i32);
+        params.set_n_threads(threads as i32);
         params.set_print_progress(false);
         params.set_print_realtime(false);
         params.set_print_special(false);
@@ -457,16 +532,6 @@ impl WhisperEngine {
             (None, false) => Some("en"),
         };
         params.set_language(language);
-        // Progress on the recording's clock: (chunk start, chunk span) in samples.
-        let position = Arc::new(Mutex::new((0usize, 0usize)));
-        if let (Some(mut cb), Some(total)) = (progress, total) {
-            let position = position.clone();
-            params.set_progress_callback_safe(move |p: i32| {
-                let (start, span) = position.lock().map(|g| *g).unwrap_or((0, 0));
-                let done = start as f64 + span as f64 * f64::from(p.clamp(0, 100)) / 100.0;
-                cb((100.0 * done / total.max(1) as f64).round().min(100.0) as i32);
-            });
-        }
         if let Some(cancel) = opts.cancel.clone() {
             // whisper-rs keeps this closure for the life of the process (its
             // params have no Drop): one small box per request.
@@ -478,15 +543,7 @@ impl WhisperEngine {
             let check: Box<dyn FnMut() -> bool> = Box::new(move || cancel.load(Ordering::Relaxed));
             params.set_abort_callback_safe::<_, Box<dyn FnMut() -> bool>>(check);
         }
-        Run {
-            params,
-            position,
-            state: None,
-            segments: Vec::new(),
-            p_sum: 0.0,
-            p_n: 0,
-            language: None,
-        }
+        params
     }
 
     /// Transcribe the speech in `samples` (which start `base` samples into
@@ -548,7 +605,15 @@ impl WhisperEngine {
             usize::MAX
         };
         let window_end_s = (base + samples.len()) as f64 / f64::from(SAMPLE_RATE);
-        for mut chunk in pack(&spans, max) {
+        let mut chunks = pack(&spans, max);
+        if self.chunk_states > 1 && chunks.len() > 1 {
+            for chunk in &mut chunks {
+                chunk.base = base;
+            }
+            self.decode_parallel(run, samples, &chunks, window_end_s, opts)?;
+            return Ok(consumed);
+        }
+        for mut chunk in chunks {
             if opts.cancelled() {
                 return Err(SpeechError::Cancelled);
             }
@@ -558,16 +623,7 @@ impl WhisperEngine {
             if let Ok(mut g) = run.position.lock() {
                 *g = (base + first, last_end - first);
             }
-            let data = chunk.samples(samples);
-            // whisper.cpp refuses less than 100 ms of audio; pad short chunks with silence.
-            let min = SAMPLE_RATE as usize / 10 + 1;
-            let input: std::borrow::Cow<'_, [f32]> = if data.len() < min {
-                let mut padded = data.into_owned();
-                padded.resize(min, 0.0);
-                padded.into()
-            } else {
-                data
-            };
+            let input = chunk.input(samples);
             let state = match &mut run.state {
                 Some(s) => s,
                 None => run.state.insert(self.take_state()?),
@@ -597,6 +653,107 @@ impl WhisperEngine {
             );
         }
         Ok(consumed)
+    }
+
+    /// Decode a window's chunks [`Self::with_parallel_chunks`] at a time:
+    /// each worker takes its own state and the next chunk not yet taken;
+    /// the results are put in chunk order, so the transcript is the one the
+    /// chunks give one after another.
+    fn decode_parallel(
+        &self,
+        run: &mut Run<'_>,
+        samples: &[f32],
+        chunks: &[Chunk],
+        window_end_s: f64,
+        opts: &TranscribeOptions,
+    ) -> Result<(), SpeechError> {
+        let workers = self.chunk_states.min(chunks.len());
+        let threads = (self.threads / workers).max(1);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done: Vec<Mutex<Option<Decoded>>> = chunks.iter().map(|_| Mutex::new(None)).collect();
+        let progress = run.progress.clone();
+        let total = run.total;
+        let reached = Mutex::new(0usize);
+        let worker = || -> Result<(), SpeechError> {
+            let params = self.params(opts, threads);
+            let mut state = self.take_state()?;
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(chunk) = chunks.get(index) else {
+                    break;
+                };
+                if opts.cancelled() {
+                    self.put_state(state);
+                    return Err(SpeechError::Cancelled);
+                }
+                if let Err(e) = state.full(params.clone(), &chunk.input(samples)) {
+                    // A state that failed mid-way is not reused.
+                    return Err(if opts.cancelled() {
+                        SpeechError::Cancelled
+                    } else {
+                        SpeechError::Decode(e)
+                    });
+                }
+                let mut d = Decoded::default();
+                self.collect(
+                    &state,
+                    chunk,
+                    window_end_s,
+                    opts,
+                    &mut d.segments,
+                    &mut d.p_sum,
+                    &mut d.p_n,
+                );
+                if self.multilingual {
+                    d.language = whisper_rs::get_lang_str(state.full_lang_id_from_state())
+                        .map(str::to_owned);
+                }
+                if let Ok(mut slot) = done[index].lock() {
+                    *slot = Some(d);
+                }
+                if let (Some(cb), Some(total), Ok(mut reached)) = (&progress, total, reached.lock())
+                {
+                    let end = chunk.base + chunk.pieces.last().map_or(0, |p| p.source + p.len);
+                    *reached = (*reached).max(end);
+                    if let Ok(mut cb) = cb.lock() {
+                        cb((100.0 * *reached as f64 / total.max(1) as f64)
+                            .round()
+                            .min(100.0) as i32);
+                    }
+                }
+            }
+            self.put_state(state);
+            Ok(())
+        };
+        // Scoped threads: they borrow the window's samples and end before it
+        // is dropped; whisper.cpp blocks them, so they are not the async
+        // runtime's or the encoders' pool's.
+        let results: Vec<Result<(), SpeechError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers).map(|_| s.spawn(worker)).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+        for r in results {
+            r?;
+        }
+        for slot in done {
+            let d = slot
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unwrap_or_default();
+            run.segments.extend(d.segments);
+            run.p_sum += d.p_sum;
+            run.p_n += d.p_n;
+            if run.language.is_none() {
+                run.language = d.language;
+            }
+        }
+        Ok(())
     }
 
     /// The transcript of a run over `used` samples, its state back in the pool.
