@@ -132,7 +132,10 @@ fn model_file(tensors: &[Tensor], ftype: i32) -> Vec<u8> {
 }
 
 /// Parsed tensors of a written file: (name, type, ne, data bytes).
-fn read_tensors(bytes: &[u8]) -> (Vec<i32>, Vec<u8>, Vec<(String, i32, Vec<i32>, Vec<u8>)>) {
+/// A tensor as the file holds it: name, ggml type, shape, data.
+type ReadTensor = (String, i32, Vec<i32>, Vec<u8>);
+
+fn read_tensors(bytes: &[u8]) -> (Vec<i32>, Vec<u8>, Vec<ReadTensor>) {
     let i32_at = |at: usize| i32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
     let hparams: Vec<i32> = (0..11).map(|i| i32_at(4 + 4 * i)).collect();
     let mut at = 48;
