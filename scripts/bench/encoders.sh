@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Texts/s of triage and of PyTorch transformers on the same models, the same
-# texts and the same thread count, side by side in one run (each triage
-# measurement is followed at once by PyTorch's, so both see the same machine
-# load). Prints JSON lines, then a ratio table. Needs the fixtures venv
+# Texts/s of triage (f32, and with int8 dense layers) and of PyTorch
+# transformers (f32) on the same models, the same texts and the same thread
+# count, side by side in one run (each triage measurement is followed at once
+# by PyTorch's, so all see the same machine load). Prints JSON lines, then a ratio table. Needs the fixtures venv
 # (scripts/fixtures/make.sh) and the shared data (TRIAGE_SHARED, default
 # ../shared) for the tweet and CoNLL text sets.
 #
@@ -57,6 +57,7 @@ for pair in "$minilm sentences" "$minilm tweets" "$distil sentences" "$distil tw
             "$models/toxicity tweets" "$models/ner conll"; do
   read -r model set <<<"$pair"
   RAYON_NUM_THREADS="$threads" "$target/release/examples/bench_encoder" "$model" "$texts/$set.txt" "$seconds" 1,8,32 | tee -a "$out"
+  TRIAGE_BENCH_INT8=1 RAYON_NUM_THREADS="$threads" "$target/release/examples/bench_encoder" "$model" "$texts/$set.txt" "$seconds" 1,8,32 | tee -a "$out"
   OMP_NUM_THREADS="$threads" "$py" scripts/bench/pytorch_bench.py --model "$model" --threads "$threads" \
     --batches 1,8,32 --seconds "$seconds" --texts-file "$texts/$set.txt" --max-length 512 | tee -a "$out"
 done
@@ -70,10 +71,10 @@ for r in rows:
     by.setdefault(key, {})[r["impl"]] = (r["texts_per_s"], r.get("texts_per_cpu_s", 0.0))
 # ratio: texts/s over the wall clock; cpu ratio: texts per CPU-second (user +
 # system of each process), which a busy machine distorts less.
-print(f"{'model':24} {'texts':9} {'batch':>5} {'triage/s':>9} {'torch/s':>8} {'ratio':>6} {'cpu ratio':>9}")
+print(f"{'model':24} {'texts':9} {'batch':>5} {'f32/s':>7} {'int8/s':>7} {'torch/s':>8} {'f32 ×':>6} {'int8 ×':>6} {'cpu f32':>7} {'cpu int8':>8}")
 for (m, s, b), v in sorted(by.items()):
-    t, p = v.get("triage"), v.get("pytorch")
-    if t and p:
-        cpu = f"{t[1] / p[1]:.2f}" if t[1] and p[1] else "-"
-        print(f"{m:24} {s:9} {b:>5} {t[0]:>9.1f} {p[0]:>8.1f} {t[0] / p[0]:>6.2f} {cpu:>9}")
+    t, q, p = v.get("triage"), v.get("triage-int8"), v.get("pytorch")
+    if t and q and p:
+        cpu = lambda x: f"{x[1] / p[1]:.2f}" if x[1] and p[1] else "-"
+        print(f"{m:24} {s:9} {b:>5} {t[0]:>7.1f} {q[0]:>7.1f} {p[0]:>8.1f} {t[0] / p[0]:>6.2f} {q[0] / p[0]:>6.2f} {cpu(t):>7} {cpu(q):>8}")
 PY

@@ -68,6 +68,9 @@ pub struct EvalArgs {
     /// Inputs per forward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Run the encoder's dense layers in int8 (CPU only), as `int8 = true` does.
+    #[arg(long)]
+    int8: bool,
 }
 
 /// Words labelled when their sub-tokens fell past the model's window.
@@ -106,9 +109,12 @@ pub async fn run(args: EvalArgs, device: &candle_core::Device) -> Result<ExitCod
     let dir = triage_local::resolve(&ModelRef::parse(&reference)?)
         .await
         .with_context(|| format!("cannot load model `{reference}`"))?;
-    let model = triage_local::load_model(&reference, device)
+    let mut model = triage_local::load_model(&reference, device)
         .await
         .with_context(|| format!("cannot load model `{reference}`"))?;
+    if args.int8 {
+        model.quantize_int8()?;
+    }
     let report = tokio::task::spawn_blocking(move || -> Result<String> {
         let wanted = args.task.local_task();
         if model.info.task != wanted {

@@ -27,8 +27,9 @@ struct Cli {
     /// Device to run local models on: cpu, cuda, cuda:N or metal.
     #[arg(long, global = true, default_value = "cpu", env = "TRIAGE_DEVICE")]
     device: String,
-    /// Cores to use (default: all): split between the async workers (a quarter,
-    /// at least one), the encoders and, for `serve`, Whisper, never more threads than cores.
+    /// Cores to use (default: all). `serve` splits them between the async
+    /// workers (a quarter, at least one), the encoders and Whisper; other
+    /// commands compute on all of them (their one async worker only waits).
     #[arg(long, global = true, env = "TRIAGE_THREADS")]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -110,6 +111,10 @@ struct InputArgs {
     /// Longest text accepted, in tokens; a longer one is an error for its line.
     #[arg(long, default_value_t = triage_local::DEFAULT_MAX_INPUT_TOKENS)]
     max_input_tokens: usize,
+    /// Run the encoder's dense layers in int8 (CPU only; faster, see
+    /// docs/specialists.md for the accuracy it costs).
+    #[arg(long)]
+    int8: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,11 +188,15 @@ fn main() -> std::process::ExitCode {
         .init();
     // One budget for every pool: the async workers, the encoders' compute
     // pool and whisper.cpp (which only `serve` runs beside the encoders).
-    let budget = triage_local::ThreadBudget::split(
-        cli.threads
-            .unwrap_or_else(triage_local::ThreadBudget::available_cores),
-        matches!(cli.command, Command::Serve(_)),
-    );
+    let cores = cli
+        .threads
+        .unwrap_or_else(triage_local::ThreadBudget::available_cores);
+    let budget = if matches!(cli.command, Command::Serve(_)) {
+        triage_local::ThreadBudget::split(cores, true)
+    } else {
+        // A one-shot command's async worker only waits on its computation.
+        triage_local::ThreadBudget::one_shot(cores)
+    };
     tracing::debug!(?budget, "thread budget");
     // The encoders' pool (rayon) sizes itself from RAYON_NUM_THREADS; no other thread exists yet.
     #[expect(unsafe_code, reason = "set before any thread is spawned")]
@@ -236,8 +245,8 @@ async fn dispatch(cli: Cli, budget: triage_local::ThreadBudget) -> Result<std::p
         Command::Calibrate(args) => audit::calibrate(args).await,
         Command::Serve(args) => serve::run(args, &cli.device, budget.whisper).await,
         Command::Transcribe(args) => {
-            // Transcription alone: whisper.cpp takes the compute share.
-            transcribe::run(args, budget.compute, cli.device.parse()?).await
+            // Transcription alone: whisper.cpp takes every core.
+            transcribe::run(args, budget.whisper, cli.device.parse()?).await
         }
         Command::Embed { io, normalize } => run::texts(io, Job::Embed { normalize }, &device).await,
         Command::Eval(args) => eval::run(args, &device).await,

@@ -58,6 +58,9 @@ impl Specialists {
     /// Load every declared specialist (hub, hub mirror or local folder).
     pub async fn load(local: &IndexMap<String, LocalSpec>) -> Result<Self, EngineError> {
         let mut map = IndexMap::new();
+        // The CPU encoders and whisper.cpp share the compute cores: while a
+        // transcription decodes, the encoders' passes use what it leaves.
+        let share = triage_local::CoreShare::new(triage_local::compute_threads());
         for (name, spec) in local {
             let err = |source: triage_local::LocalError| EngineError::LoadSpecialist {
                 name: name.clone(),
@@ -68,9 +71,14 @@ impl Specialists {
             let specialist = match spec.kind {
                 LocalKind::Classifier | LocalKind::Tagger => {
                     let device = spec.device.open().map_err(err)?;
-                    let handle = triage_local::start_model(&spec.model, &device, spec.batch)
-                        .await
-                        .map_err(err)?;
+                    let handle = triage_local::start_model_shared(
+                        &spec.model,
+                        &device,
+                        spec.batch,
+                        Some(share.clone()),
+                    )
+                    .await
+                    .map_err(err)?;
                     if spec.kind == LocalKind::Classifier {
                         let positive_labels = match &spec.positive_labels {
                             Some(p) => p.clone(),
@@ -100,8 +108,13 @@ impl Specialists {
                     let vad = triage_local::resolve::resolve_vad(spec.vad_model.as_deref())
                         .map_err(err)?;
                     let device = spec.device;
+                    let share = (device == triage_local::DeviceSpec::Cpu).then(|| share.clone());
                     let engine = tokio::task::spawn_blocking(move || {
                         let engine = WhisperEngine::load(&path, threads, device)?;
+                        let engine = match share {
+                            Some(share) => engine.with_core_share(share),
+                            None => engine,
+                        };
                         match vad {
                             Some(vad) => engine.with_vad(&vad),
                             None => Ok(engine),

@@ -233,16 +233,45 @@ fn a_specialist_on_a_gpu_gets_gpu_batches_and_each_limit_can_be_set() -> anyhow:
     assert_eq!(gpu.batch, triage_local::BatchConfig::for_device(true));
     assert!(gpu.batch.max_batch_size > config.local["cpu"].batch.max_batch_size);
     assert!(gpu.batch.max_pass_tokens > config.local["cpu"].batch.max_pass_tokens);
+    // The shipped toxicity specialist runs in int8 on the CPU (not on a GPU).
     assert_eq!(
         config.local["cpu"].batch,
-        triage_local::BatchConfig::default()
+        triage_local::BatchConfig {
+            int8: true,
+            ..triage_local::BatchConfig::default()
+        }
     );
+    assert!(!gpu.batch.int8);
     let tuned = &config.local["tuned"].batch;
     assert_eq!((tuned.max_batch_size, tuned.max_pass_tokens), (64, 4096));
     assert_eq!(tuned.max_batch_tokens, 65_536);
     assert!(
         keys("[local.t]\nmodel = \"toxicity\"\nkind = \"classifier\"\nmax_pass_tokens = 0\n")
             .contains(&"local.t.max_pass_tokens".to_string())
+    );
+    Ok(())
+}
+
+#[test]
+fn int8_weights_are_a_cpu_setting() -> anyhow::Result<()> {
+    let config = Config::from_toml(
+        "[local.t]\nmodel = \"toxicity\"\nkind = \"classifier\"\nint8 = true\n\
+         [local.f]\nmodel = \"toxicity\"\nkind = \"classifier\"\nint8 = false\n",
+        "test.toml",
+        Path::new("/tmp"),
+    )?;
+    assert!(config.local["t"].batch.int8);
+    assert!(
+        !config.local["f"].batch.int8,
+        "int8 = false wins over the default"
+    );
+    let p = problems(
+        "[local.g]\nmodel = \"toxicity\"\nkind = \"classifier\"\ndevice = \"cuda:0\"\nint8 = true\n",
+    );
+    let int8 = p.iter().find(|p| p.key == "local.g.int8");
+    assert!(
+        int8.is_some_and(|p| p.message.contains("CPU") && p.fix.contains("device")),
+        "{p:?}"
     );
     Ok(())
 }

@@ -5,7 +5,9 @@
 //!
 //! SENTENCES is a text file, one sentence a line (scripts/bench/sentences.txt);
 //! batches take consecutive sentences, cycling, as the PyTorch script does.
-//! TRIAGE_BENCH_DEVICE=cuda:0 runs it on a GPU (in F16, as `triage` does).
+//! TRIAGE_BENCH_DEVICE=cuda:0 runs it on a GPU (in F16, as `triage` does);
+//! TRIAGE_BENCH_INT8=1 runs the dense layers in int8 (`int8 = true`), and
+//! reports `"impl": "triage-int8"`.
 #![allow(clippy::print_stdout)] // a benchmark reports on stdout
 
 use std::time::{Duration, Instant};
@@ -33,7 +35,12 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let device_name = std::env::var("TRIAGE_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let device = device_name.parse::<triage_local::DeviceSpec>()?.open()?;
-    let model = LocalModel::load(std::path::Path::new(&dir), &dir, &device)?;
+    let mut model = LocalModel::load(std::path::Path::new(&dir), &dir, &device)?;
+    let int8 = std::env::var("TRIAGE_BENCH_INT8").is_ok_and(|v| v == "1");
+    if int8 {
+        model.quantize_int8()?;
+    }
+    let impl_name = if int8 { "triage-int8" } else { "triage" };
     let set = std::path::Path::new(&sentences_file)
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -74,7 +81,7 @@ fn main() -> anyhow::Result<()> {
         let rate = done as f64 / start.elapsed().as_secs_f64();
         let cpu = cpu_seconds() - cpu_start;
         let per_cpu_s = if cpu > 0.0 { done as f64 / cpu } else { 0.0 };
-        let line = serde_json::json!({"impl": "triage", "model": dir, "device": device_name, "set": set, "batch": batch, "threads": threads, "texts_per_s": rate, "texts_per_cpu_s": per_cpu_s});
+        let line = serde_json::json!({"impl": impl_name, "model": dir, "device": device_name, "set": set, "batch": batch, "threads": threads, "texts_per_s": rate, "texts_per_cpu_s": per_cpu_s});
         println!("{line}");
     }
     Ok(())

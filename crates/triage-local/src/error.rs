@@ -120,6 +120,9 @@ pub enum LocalError {
     #[error("model computation failed")]
     Compute(#[source] candle_core::Error),
 
+    #[error("model `{model}`: {what}")]
+    Unsupported { model: String, what: String },
+
     #[error("model `{model}` is overloaded: its queue of {capacity} requests is full; retry later")]
     Overloaded { model: String, capacity: usize },
 

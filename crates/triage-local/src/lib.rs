@@ -12,6 +12,7 @@ pub mod error;
 mod matmul;
 pub mod metrics;
 pub mod model;
+mod qmatmul;
 pub mod resolve;
 pub mod speech;
 pub mod threads;
@@ -25,7 +26,7 @@ pub use device::{DeviceSpec, encoder_dtype};
 pub use error::{LocalError, Result};
 pub use model::{Activation, LocalModel, ModelInfo};
 pub use resolve::{HubSettings, ModelRef, resolve, resolve_with};
-pub use threads::ThreadBudget;
+pub use threads::{CoreShare, ThreadBudget};
 pub use worker::{BatchConfig, DEFAULT_MAX_INPUT_TOKENS, ModelHandle, Timing};
 
 /// Resolve `reference` (and the base of a delta folder) and load it on `device`.
@@ -45,6 +46,12 @@ pub async fn load_model(reference: &str, device: &candle_core::Device) -> Result
     .map_err(|e| LocalError::Compute(candle_core::Error::Msg(format!("loader panicked: {e}"))))?
 }
 
+/// Threads in the encoders' compute pool (`RAYON_NUM_THREADS`, set from
+/// the [`ThreadBudget`]).
+pub fn compute_threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// The labels of the model `reference` names, read from its config without
 /// loading its weights.
 pub async fn model_labels(reference: &str) -> Result<Vec<String>> {
@@ -58,5 +65,20 @@ pub async fn start_model(
     device: &candle_core::Device,
     batching: BatchConfig,
 ) -> Result<ModelHandle> {
-    ModelHandle::spawn(load_model(reference, device).await?, batching)
+    start_model_shared(reference, device, batching, None).await
+}
+
+/// [`start_model`], its CPU passes sized by `share` (cores whisper.cpp is
+/// not using), not by the whole compute pool.
+pub async fn start_model_shared(
+    reference: &str,
+    device: &candle_core::Device,
+    batching: BatchConfig,
+    share: Option<std::sync::Arc<CoreShare>>,
+) -> Result<ModelHandle> {
+    let mut model = load_model(reference, device).await?;
+    if let Some(share) = share {
+        model.set_core_share(share);
+    }
+    ModelHandle::spawn(model, batching)
 }

@@ -485,6 +485,37 @@ impl LocalModel {
         })
     }
 
+    /// Run the encoder's dense layers in int8 (weights quantised per output,
+    /// activations per row; see `docs/specialists.md` for what it costs in
+    /// accuracy). Only the CPU's `f32` encoder has an int8 form: on a GPU or
+    /// in half precision this is an error.
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        match &mut self.encoder {
+            Encoder::Cpu(cpu) => {
+                cpu.quantize_int8();
+                Ok(())
+            }
+            Encoder::Candle(_) => Err(LocalError::Unsupported {
+                model: self.info.name.clone(),
+                what: "int8 weights run on the CPU in f32 only (not on a GPU or in half precision)"
+                    .to_owned(),
+            }),
+        }
+    }
+
+    /// Size CPU passes by the cores `share` says are free (a GPU encoder
+    /// ignores it).
+    pub fn set_core_share(&mut self, share: std::sync::Arc<crate::CoreShare>) {
+        if let Encoder::Cpu(cpu) = &mut self.encoder {
+            cpu.set_core_share(share);
+        }
+    }
+
+    /// Whether the encoder's dense layers run in int8.
+    pub fn is_int8(&self) -> bool {
+        matches!(&self.encoder, Encoder::Cpu(cpu) if cpu.is_int8())
+    }
+
     /// Change the padded-token budget of one forward pass (at least one
     /// window always runs).
     pub fn set_pass_tokens(&mut self, tokens: usize) {

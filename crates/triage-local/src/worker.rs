@@ -41,6 +41,9 @@ pub struct BatchConfig {
     /// windows) bigger than this runs in several passes, which bounds the
     /// activations' memory (see [`crate::model::PASS_PADDED_TOKENS`]).
     pub max_pass_tokens: usize,
+    /// Run the encoder's dense layers in int8 (CPU `f32` encoders only; see
+    /// [`LocalModel::quantize_int8`]).
+    pub int8: bool,
 }
 
 /// The default `max_input_tokens`.
@@ -60,6 +63,7 @@ impl Default for BatchConfig {
             max_input_tokens: DEFAULT_MAX_INPUT_TOKENS,
             cache_entries: 0,
             max_pass_tokens: crate::model::PASS_PADDED_TOKENS,
+            int8: false,
         }
     }
 }
@@ -141,6 +145,9 @@ impl ModelHandle {
     /// Move `model` onto its own thread and return a handle to it.
     pub fn spawn(mut model: LocalModel, config: BatchConfig) -> Result<Self> {
         model.set_pass_tokens(config.max_pass_tokens);
+        if config.int8 {
+            model.quantize_int8()?;
+        }
         let (tx, rx) = sync_channel(config.queue_capacity.max(1));
         let info = Arc::new(model.info.clone());
         let tokenizer = Arc::new(model.tokenizer.clone());

@@ -158,6 +158,8 @@ pub struct RawLocal {
     pub max_input_tokens: Option<usize>,
     /// Classifiers: recent answers kept for repeat texts (default 0: off).
     pub cache_entries: Option<usize>,
+    /// Classifiers and taggers on the CPU: run the dense layers in int8.
+    pub int8: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,0 +1,510 @@
+//! Int8 dense layers for the CPU encoder: `y = x · w + b` with `w` quantised
+//! once at load (symmetric, one scale per output) and each row of `x`
+//! quantised on the fly (symmetric, one scale per row), multiplied in
+//! integers and scaled back to `f32`.
+//!
+//! Why: at batch 1 a BERT layer is a handful of products of a few dozen
+//! rows with large weight matrices. In `f32` each multiply-add is one lane
+//! of an FMA; with AVX-512 VNNI one `vpdpbusd` does four `u8 × i8`
+//! multiply-adds per lane, and the weights are a quarter of the bytes.
+//!
+//! The integer sums are exact, so the VNNI kernel and the portable one give
+//! bit-identical results: a quantised model answers the same on every CPU,
+//! only slower without VNNI. Activations are stored as `u8` (`q + 128`,
+//! which `vpdpbusd` needs); the `128 · Σ w` this adds to each output is
+//! precomputed per column and taken off.
+
+use rayon::prelude::*;
+
+/// Outputs per block: one 512-bit register of `i32` sums.
+const LANES: usize = 16;
+/// Inputs per `vpdpbusd` step.
+const GROUP: usize = 4;
+/// Rows and blocks of one register tile (4 × 4 accumulators).
+const TILE_ROWS: usize = 4;
+const TILE_BLOCKS: usize = 4;
+/// Below this many multiply-adds a product runs on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+/// A dense layer's weights in int8, packed for the kernel.
+#[derive(Debug)]
+pub(crate) struct QDense {
+    inp: usize,
+    out: usize,
+    /// `inp` in groups of four (the last one padded with zero weights).
+    k4: usize,
+    blocks: usize,
+    /// `[block][k4][LANES][GROUP]`: each step of a block is 64 bytes.
+    packed: Vec<i8>,
+    /// Per output (padded to whole blocks): its weight scale, and
+    /// `128 · Σ_k w_q[k][c]`, and its bias.
+    scale: Vec<f32>,
+    shift: Vec<i32>,
+    bias: Vec<f32>,
+}
+
+impl QDense {
+    /// Quantise `w`, stored `inp × out` row-major, and keep `b`.
+    pub fn quantize(w: &[f32], b: &[f32], inp: usize, out: usize) -> Self {
+        assert_eq!(w.len(), inp * out, "weights are not inp × out");
+        assert_eq!(b.len(), out, "one bias per output");
+        let k4 = inp.div_ceil(GROUP);
+        let blocks = out.div_ceil(LANES);
+        // Row by row (the weights are stored that way), not column by column.
+        let mut max = vec![0.0f32; out];
+        for row in w.chunks_exact(out) {
+            for (m, v) in max.iter_mut().zip(row) {
+                *m = m.max(v.abs());
+            }
+        }
+        let mut scale = vec![1.0f32; blocks * LANES];
+        for (s, &m) in scale.iter_mut().zip(&max) {
+            if m > 0.0 {
+                *s = m / 127.0;
+            }
+        }
+        let mut packed = vec![0i8; blocks * k4 * LANES * GROUP];
+        let mut shift = vec![0i32; blocks * LANES];
+        for k in 0..inp {
+            for c in 0..out {
+                let q = (w[k * out + c] / scale[c]).round().clamp(-127.0, 127.0) as i8;
+                let (blk, lane) = (c / LANES, c % LANES);
+                packed[((blk * k4 + k / GROUP) * LANES + lane) * GROUP + k % GROUP] = q;
+                shift[c] += 128 * i32::from(q);
+            }
+        }
+        Self {
+            inp,
+            out,
+            k4,
+            blocks,
+            packed,
+            scale,
+            shift,
+            bias: {
+                let mut padded = b.to_vec();
+                padded.resize(blocks * LANES, 0.0);
+                padded
+            },
+        }
+    }
+
+    /// `y = x · w + b` for `rows` rows of `x`.
+    pub fn forward(&self, x: &[f32], rows: usize, threads: usize) -> Vec<f32> {
+        assert_eq!(x.len(), rows * self.inp, "input is not rows × inp");
+        let mut y = vec![0f32; rows * self.out];
+        if rows == 0 || self.out == 0 {
+            return y;
+        }
+        let lda = self.k4 * GROUP;
+        let (a, row_scale) = quantize_rows(x, rows, self.inp, lda, threads);
+        let kernel = Kernel::detect();
+        let groups = self.blocks.div_ceil(TILE_BLOCKS);
+        let tasks = if threads > 1 && rows * self.inp * self.out >= PARALLEL_MIN_MACS {
+            threads.min(groups)
+        } else {
+            1
+        };
+        // Each task takes a run of whole groups of blocks (64 outputs) and
+        // fills its own `rows × width` slab, copied into place after: few
+        // tasks, so that a batch of one text is not lost in scheduling.
+        let per_task = groups.div_ceil(tasks);
+        let task = |t: usize| -> (usize, Vec<f32>) {
+            let b_first = t * per_task * TILE_BLOCKS;
+            let b_end = ((t + 1) * per_task * TILE_BLOCKS).min(self.blocks);
+            let width = (b_end - b_first) * LANES;
+            let mut slab = vec![0f32; rows * width];
+            let mut acc = [[[0i32; LANES]; TILE_BLOCKS]; TILE_ROWS];
+            for b0 in (b_first..b_end).step_by(TILE_BLOCKS) {
+                let nb = TILE_BLOCKS.min(b_end - b0);
+                let mut r0 = 0;
+                while r0 < rows {
+                    let nr = TILE_ROWS.min(rows - r0);
+                    kernel.tile(&a, lda, r0, nr, &self.packed, self.k4, b0, nb, &mut acc);
+                    for (r, acc_r) in acc.iter().enumerate().take(nr) {
+                        let at = (r0 + r) * width + (b0 - b_first) * LANES;
+                        let c0 = b0 * LANES;
+                        rescale(
+                            &mut slab[at..at + nb * LANES],
+                            &acc_r[..nb],
+                            &self.shift[c0..c0 + nb * LANES],
+                            &self.scale[c0..c0 + nb * LANES],
+                            &self.bias[c0..c0 + nb * LANES],
+                            row_scale[r0 + r],
+                        );
+                    }
+                    r0 += nr;
+                }
+            }
+            (b_first * LANES, slab)
+        };
+        let slabs: Vec<(usize, Vec<f32>)> = if tasks > 1 {
+            (0..tasks).into_par_iter().map(task).collect()
+        } else {
+            vec![task(0)]
+        };
+        for (c0, slab) in &slabs {
+            let width = slab.len() / rows;
+            let take = width.min(self.out.saturating_sub(*c0));
+            for (dst, src) in y.chunks_exact_mut(self.out).zip(slab.chunks_exact(width)) {
+                dst[*c0..c0 + take].copy_from_slice(&src[..take]);
+            }
+        }
+        y
+    }
+}
+
+/// `dst = (acc − shift) · row_scale · scale + bias`, lane by lane.
+fn rescale(
+    dst: &mut [f32],
+    acc: &[[i32; LANES]],
+    shift: &[i32],
+    scale: &[f32],
+    bias: &[f32],
+    row_scale: f32,
+) {
+    let (dst, _) = dst.as_chunks_mut::<LANES>();
+    let (shift, _) = shift.as_chunks::<LANES>();
+    let (scale, _) = scale.as_chunks::<LANES>();
+    let (bias, _) = bias.as_chunks::<LANES>();
+    pulp::Arch::new().dispatch(|| {
+        for ((((d, v), sh), sc), b) in dst.iter_mut().zip(acc).zip(shift).zip(scale).zip(bias) {
+            for l in 0..LANES {
+                d[l] = (v[l] - sh[l]) as f32 * (row_scale * sc[l]) + b[l];
+            }
+        }
+    });
+}
+
+/// Each row of `x` (`inp` wide) as `u8` codes `q + 128`, `q = round(v / s)`
+/// in ±127 with `s = max |v| / 127`, padded to `lda` with zeros (code 128).
+fn quantize_rows(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    lda: usize,
+    threads: usize,
+) -> (Vec<u8>, Vec<f32>) {
+    // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer
+    // (ties to even), in a form that vectorises.
+    const ROUND: f32 = 12_582_912.0;
+    let mut a = vec![128u8; rows * lda];
+    let mut scales = vec![0f32; rows];
+    let one = |((dst, row), s): ((&mut [u8], &[f32]), &mut f32)| {
+        pulp::Arch::new().dispatch(|| {
+            let mut lanes = [0f32; LANES];
+            let (chunks, rest) = row.as_chunks::<LANES>();
+            for c in chunks {
+                for l in 0..LANES {
+                    lanes[l] = lanes[l].max(c[l].abs());
+                }
+            }
+            let max = rest
+                .iter()
+                .chain(&lanes)
+                .fold(0.0f32, |m, v| m.max(v.abs()));
+            *s = if max > 0.0 { max / 127.0 } else { 1.0 };
+            let inv = 1.0 / *s;
+            for (d, &v) in dst[..inp].iter_mut().zip(row) {
+                // |v · inv| ≤ 127 up to rounding; the clamp keeps it there.
+                let q = ((v * inv).clamp(-127.0, 127.0) + ROUND) - ROUND;
+                *d = (q as i32 + 128) as u8;
+            }
+        });
+    };
+    if threads > 1 && rows >= 64 {
+        a.par_chunks_exact_mut(lda)
+            .zip(x.par_chunks_exact(inp))
+            .zip(scales.par_iter_mut())
+            .for_each(one);
+    } else {
+        a.chunks_exact_mut(lda)
+            .zip(x.chunks_exact(inp))
+            .zip(scales.iter_mut())
+            .for_each(one);
+    }
+    (a, scales)
+}
+
+/// The integer kernel this CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+}
+
+type Acc = [[[i32; LANES]; TILE_BLOCKS]; TILE_ROWS];
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+        {
+            return Self::Vnni;
+        }
+        Self::Portable
+    }
+
+    /// Sums of rows `r0..r0 + nr` of `a` with blocks `b0..b0 + nb` of
+    /// `packed` into `acc[..nr][..nb]`.
+    #[allow(clippy::too_many_arguments)]
+    fn tile(
+        self,
+        a: &[u8],
+        lda: usize,
+        r0: usize,
+        nr: usize,
+        packed: &[i8],
+        k4: usize,
+        b0: usize,
+        nb: usize,
+        acc: &mut Acc,
+    ) {
+        assert!((1..=TILE_ROWS).contains(&nr) && (1..=TILE_BLOCKS).contains(&nb));
+        assert!(
+            lda >= k4 * GROUP && (r0 + nr) * lda <= a.len(),
+            "tile: rows out of bounds"
+        );
+        assert!(
+            (b0 + nb) * k4 * LANES * GROUP <= packed.len(),
+            "tile: blocks out of bounds"
+        );
+        match self {
+            Self::Portable => portable(a, lda, r0, nr, packed, k4, b0, nb, acc),
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => vnni::tile(a, lda, r0, nr, packed, k4, b0, nb, acc),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn portable(
+    a: &[u8],
+    lda: usize,
+    r0: usize,
+    nr: usize,
+    packed: &[i8],
+    k4: usize,
+    b0: usize,
+    nb: usize,
+    acc: &mut Acc,
+) {
+    for (r, acc_r) in acc.iter_mut().enumerate().take(nr) {
+        let row = &a[(r0 + r) * lda..(r0 + r) * lda + k4 * GROUP];
+        for (j, acc_rj) in acc_r.iter_mut().enumerate().take(nb) {
+            let blk = &packed[(b0 + j) * k4 * LANES * GROUP..(b0 + j + 1) * k4 * LANES * GROUP];
+            for (kk, step) in blk.chunks_exact(LANES * GROUP).enumerate() {
+                let av = &row[kk * GROUP..(kk + 1) * GROUP];
+                for (lane, w) in acc_rj.iter_mut().zip(step.chunks_exact(GROUP)) {
+                    *lane += av
+                        .iter()
+                        .zip(w)
+                        .map(|(&x, &w)| i32::from(x) * i32::from(w))
+                        .sum::<i32>();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{Acc, GROUP, LANES, TILE_BLOCKS, TILE_ROWS};
+    use std::arch::x86_64::{
+        __m512i, _mm512_dpbusd_epi32, _mm512_loadu_si512, _mm512_set1_epi32, _mm512_setzero_si512,
+        _mm512_storeu_si512,
+    };
+
+    /// [`super::portable`] with `vpdpbusd`, in register tiles of up to
+    /// 4 rows × 4 blocks.
+    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        unsafe_code,
+        reason = "calls the AVX-512 VNNI kernel, which `Kernel::detect` found on this CPU"
+    )]
+    pub(super) fn tile(
+        a: &[u8],
+        lda: usize,
+        r0: usize,
+        nr: usize,
+        packed: &[i8],
+        k4: usize,
+        b0: usize,
+        nb: usize,
+        acc: &mut Acc,
+    ) {
+        // SAFETY: `Kernel::Vnni` is only chosen when the CPU has avx512f and
+        // avx512vnni; the bounds were checked by `Kernel::tile`.
+        unsafe {
+            match (nr, nb) {
+                (4, 4) => kernel::<4, 4>(a, lda, r0, packed, k4, b0, acc),
+                (4, 3) => kernel::<4, 3>(a, lda, r0, packed, k4, b0, acc),
+                (4, 2) => kernel::<4, 2>(a, lda, r0, packed, k4, b0, acc),
+                (4, _) => kernel::<4, 1>(a, lda, r0, packed, k4, b0, acc),
+                (3, 4) => kernel::<3, 4>(a, lda, r0, packed, k4, b0, acc),
+                (3, 3) => kernel::<3, 3>(a, lda, r0, packed, k4, b0, acc),
+                (3, 2) => kernel::<3, 2>(a, lda, r0, packed, k4, b0, acc),
+                (3, _) => kernel::<3, 1>(a, lda, r0, packed, k4, b0, acc),
+                (2, 4) => kernel::<2, 4>(a, lda, r0, packed, k4, b0, acc),
+                (2, 3) => kernel::<2, 3>(a, lda, r0, packed, k4, b0, acc),
+                (2, 2) => kernel::<2, 2>(a, lda, r0, packed, k4, b0, acc),
+                (2, _) => kernel::<2, 1>(a, lda, r0, packed, k4, b0, acc),
+                (_, 4) => kernel::<1, 4>(a, lda, r0, packed, k4, b0, acc),
+                (_, 3) => kernel::<1, 3>(a, lda, r0, packed, k4, b0, acc),
+                (_, 2) => kernel::<1, 2>(a, lda, r0, packed, k4, b0, acc),
+                (_, _) => kernel::<1, 1>(a, lda, r0, packed, k4, b0, acc),
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has avx512f and avx512vnni; rows `r0..r0 + R` of `a` (each
+    /// `lda ≥ 4·k4` bytes) and blocks `b0..b0 + B` of `packed` are in bounds.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    #[expect(
+        unsafe_code,
+        reason = "raw loads and stores of 64-byte vectors, bounds checked by the caller"
+    )]
+    unsafe fn kernel<const R: usize, const B: usize>(
+        a: &[u8],
+        lda: usize,
+        r0: usize,
+        packed: &[i8],
+        k4: usize,
+        b0: usize,
+        acc: &mut Acc,
+    ) {
+        const { assert!(R <= TILE_ROWS && B <= TILE_BLOCKS) };
+        let step = LANES * GROUP;
+        let mut sums = [[_mm512_setzero_si512(); B]; R];
+        let w = packed.as_ptr();
+        let x = a.as_ptr();
+        for kk in 0..k4 {
+            let mut wv = [_mm512_setzero_si512(); B];
+            for (j, v) in wv.iter_mut().enumerate() {
+                // SAFETY: block b0 + j < b0 + B is in bounds, and so is its step kk < k4.
+                *v = unsafe {
+                    _mm512_loadu_si512(w.add(((b0 + j) * k4 + kk) * step).cast::<__m512i>())
+                };
+            }
+            for (r, sums_r) in sums.iter_mut().enumerate() {
+                // SAFETY: row r0 + r is in bounds and holds at least 4·k4 bytes.
+                let four = unsafe {
+                    x.add((r0 + r) * lda + kk * GROUP)
+                        .cast::<i32>()
+                        .read_unaligned()
+                };
+                let av = _mm512_set1_epi32(four);
+                for (s, &v) in sums_r.iter_mut().zip(&wv) {
+                    *s = _mm512_dpbusd_epi32(*s, av, v);
+                }
+            }
+        }
+        for (sums_r, acc_r) in sums.iter().zip(acc.iter_mut()) {
+            for (s, dst) in sums_r.iter().zip(acc_r.iter_mut()) {
+                // SAFETY: `dst` is 16 i32, the 64 bytes stored.
+                unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast::<__m512i>(), *s) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32, spread: f32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * spread
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], w: &[f32], b: &[f32], rows: usize, inp: usize, out: usize) -> Vec<f32> {
+        let mut y = vec![0f32; rows * out];
+        for r in 0..rows {
+            for c in 0..out {
+                y[r * out + c] = b[c]
+                    + (0..inp)
+                        .map(|k| x[r * inp + k] * w[k * out + c])
+                        .sum::<f32>();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn the_int8_product_is_close_to_the_f32_product() {
+        // Sizes off every tile edge: 7 rows, 45 inputs (not a multiple of 4),
+        // 83 outputs (5 blocks + 3).
+        for (rows, inp, out) in [(7, 45, 83), (1, 768, 64), (33, 64, 16)] {
+            let x = data(rows * inp, 1, 4.0);
+            let w = data(inp * out, 2, 0.2);
+            let b = data(out, 3, 1.0);
+            let want = reference(&x, &w, &b, rows, inp, out);
+            let q = QDense::quantize(&w, &b, inp, out);
+            for threads in [1, 2] {
+                let got = q.forward(&x, rows, threads);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (g, w) in got.iter().zip(&want) {
+                    // Two 8-bit roundings, summed over `inp` terms of random sign.
+                    assert!((g - w).abs() <= 0.02 * scale, "{g} vs {w} (scale {scale})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_gives_the_same_integer_sums() {
+        let (rows, inp, out) = (9, 70, 100);
+        let x = data(rows * inp, 4, 2.0);
+        let w = data(inp * out, 5, 0.3);
+        let q = QDense::quantize(&w, &vec![0.0; out], inp, out);
+        let lda = q.k4 * GROUP;
+        let (a, _) = quantize_rows(&x, rows, inp, lda, 1);
+        let detected = Kernel::detect();
+        for (r0, nr) in [(0, 4), (4, 4), (8, 1), (5, 3), (2, 2)] {
+            for (b0, nb) in [(0, 4), (4, 3), (6, 1), (1, 2)] {
+                let mut want = [[[0; LANES]; TILE_BLOCKS]; TILE_ROWS];
+                Kernel::Portable.tile(&a, lda, r0, nr, &q.packed, q.k4, b0, nb, &mut want);
+                let mut got = [[[0; LANES]; TILE_BLOCKS]; TILE_ROWS];
+                detected.tile(&a, lda, r0, nr, &q.packed, q.k4, b0, nb, &mut got);
+                assert_eq!(
+                    got, want,
+                    "{detected:?} at rows {r0}+{nr}, blocks {b0}+{nb}"
+                );
+                // And the portable sums are the plain dot products.
+                for r in 0..nr {
+                    for j in 0..nb {
+                        for l in 0..LANES {
+                            let c = (b0 + j) * LANES + l;
+                            let direct: i32 = (0..lda)
+                                .map(|k| {
+                                    let wq = q.packed[((c / LANES * q.k4 + k / GROUP) * LANES + l)
+                                        * GROUP
+                                        + k % GROUP];
+                                    i32::from(a[(r0 + r) * lda + k]) * i32::from(wq)
+                                })
+                                .sum();
+                            assert_eq!(want[r][j][l], direct);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_rows_and_zero_weights_give_the_bias() {
+        let q = QDense::quantize(&[0.0; 8 * 20], &[0.5; 20], 8, 20);
+        let y = q.forward(&data(3 * 8, 6, 1.0), 3, 1);
+        assert!(y.iter().all(|&v| v == 0.5));
+        let q = QDense::quantize(&data(8 * 20, 7, 1.0), &[0.25; 20], 8, 20);
+        assert!(q.forward(&[0.0; 2 * 8], 2, 1).iter().all(|&v| v == 0.25));
+    }
+}
