@@ -25,7 +25,8 @@ pub struct TranscribeArgs {
     /// Longest audio accepted, in seconds.
     #[arg(long, default_value_t = 4.0 * 3600.0)]
     max_duration: f64,
-    /// Files decoded at the same time (each has its own decoding state).
+    /// Files decoded at the same time, each on its own decoding state with
+    /// `--threads / N` threads (at least one).
     #[arg(long, default_value_t = 1)]
     parallel: usize,
     /// Silero VAD model (ggml) that skips silence and cuts long audio at
@@ -74,6 +75,8 @@ pub async fn run(
             .context("cannot find the VAD model")?
     };
     let parallel_chunks = args.parallel_chunks;
+    // The cores are shared by the files decoded at once.
+    let threads = (threads / args.parallel.max(1)).max(1);
     let engine = Arc::new(
         tokio::task::spawn_blocking(move || {
             let engine = WhisperEngine::load(&path, threads, device)?;

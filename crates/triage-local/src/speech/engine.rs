@@ -152,6 +152,8 @@ pub struct WhisperEngine {
     multilingual: bool,
     eot: i32,
     vad: Option<Mutex<WhisperVadContext>>,
+    /// Cores shared with the encoders: held while decoding.
+    share: Option<Arc<crate::CoreShare>>,
 }
 
 impl std::fmt::Debug for WhisperEngine {
@@ -295,6 +297,37 @@ fn is_marker(word: &str, depth: &mut i32) -> bool {
     starts_inside || opens || only_symbols
 }
 
+/// Encoder positions per second of audio (whisper.cpp's `audio_ctx` unit):
+/// a mel frame every 10 ms, halved by the encoder's strided convolution.
+const AUDIO_CTX_PER_S: usize = 50;
+/// Positions kept after the audio's end, so the decoder still sees the
+/// silence that lets it close the last segment.
+const AUDIO_CTX_TAIL: usize = 150;
+/// The shortest context given (15 s). Measured on the 13 development clips
+/// with tiny.en (154 words): the clip plus 1.3 s alone makes the decoder
+/// repeat phrases (WER 64%), at least 10 s makes 8 word errors where the
+/// full window makes 6, at least 15 s makes the same 6.
+const AUDIO_CTX_MIN: usize = 750;
+/// The encoder's full context: 30 s.
+const AUDIO_CTX_FULL: usize = 1500;
+
+/// `params` with the encoder's context cut to `samples` of audio plus a
+/// tail, at least [`AUDIO_CTX_MIN`]. whisper.cpp otherwise encodes a full
+/// 30 s window whatever the input's length, and on the CPU that encoder
+/// pass is most of the time a short clip or a short VAD chunk costs
+/// (halving the context halved the time of the development clips). Inputs
+/// longer than that keep the full context, and so does audio without VAD
+/// longer than 30 s (whisper.cpp walks it window by window).
+fn fit_audio_ctx<'a, 'b>(params: &FullParams<'a, 'b>, samples: usize) -> FullParams<'a, 'b> {
+    let mut params = params.clone();
+    let positions = (samples.div_ceil(SAMPLE_RATE as usize / AUDIO_CTX_PER_S) + AUDIO_CTX_TAIL)
+        .max(AUDIO_CTX_MIN);
+    if positions < AUDIO_CTX_FULL {
+        params.set_audio_ctx(positions as i32);
+    }
+    params
+}
+
 impl WhisperEngine {
     /// Load a ggml model file. `threads` is per decoding state. On
     /// `cuda:N` whisper.cpp runs on GPU N with flash attention (its CUDA
@@ -338,6 +371,7 @@ impl WhisperEngine {
             multilingual,
             eot,
             vad: None,
+            share: None,
         })
     }
 
@@ -362,6 +396,13 @@ impl WhisperEngine {
             .map_err(|e| err("not a ggml Silero VAD model?", Some(e)))?;
         self.vad = Some(Mutex::new(vad));
         Ok(self)
+    }
+
+    /// Take this engine's decoding threads out of `share` while it decodes,
+    /// so the encoders beside it use only the cores left.
+    pub fn with_core_share(mut self, share: Arc<crate::CoreShare>) -> Self {
+        self.share = Some(share);
+        self
     }
 
     /// Whether silence is found by a VAD model.
@@ -628,7 +669,10 @@ impl WhisperEngine {
                 Some(s) => s,
                 None => run.state.insert(self.take_state()?),
             };
-            if let Err(e) = state.full(run.params.clone(), &input) {
+            let hold = self.share.as_ref().map(|s| s.hold(self.threads));
+            let decoded = state.full(fit_audio_ctx(&run.params, input.len()), &input);
+            drop(hold);
+            if let Err(e) = decoded {
                 // A state that failed mid-way is not reused.
                 run.state = None;
                 return Err(if opts.cancelled() {
@@ -686,7 +730,11 @@ impl WhisperEngine {
                     self.put_state(state);
                     return Err(SpeechError::Cancelled);
                 }
-                if let Err(e) = state.full(params.clone(), &chunk.input(samples)) {
+                let input = chunk.input(samples);
+                let hold = self.share.as_ref().map(|s| s.hold(threads));
+                let decoded = state.full(fit_audio_ctx(&params, input.len()), &input);
+                drop(hold);
+                if let Err(e) = decoded {
                     // A state that failed mid-way is not reused.
                     return Err(if opts.cancelled() {
                         SpeechError::Cancelled
