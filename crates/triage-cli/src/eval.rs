@@ -68,9 +68,14 @@ pub struct EvalArgs {
     /// Inputs per forward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Run the encoder's dense layers in int8 (CPU only), as `int8 = true` does.
-    #[arg(long)]
+    /// Run the encoder's dense layers in int8 (CPU only), as `int8 = true`
+    /// does. Default: on for the shipped specialists, as `triage serve` runs
+    /// them (the default model, or `--model toxicity`/`ner`).
+    #[arg(long, conflicts_with = "f32")]
     int8: bool,
+    /// Evaluate in f32 even where int8 is the default.
+    #[arg(long)]
+    f32: bool,
 }
 
 /// Words labelled when their sub-tokens fell past the model's window.
@@ -112,7 +117,8 @@ pub async fn run(args: EvalArgs, device: &candle_core::Device) -> Result<ExitCod
     let mut model = triage_local::load_model(&reference, device)
         .await
         .with_context(|| format!("cannot load model `{reference}`"))?;
-    if args.int8 {
+    let shipped = args.model.as_deref().unwrap_or(args.task.name());
+    if args.int8 || (!args.f32 && triage_local::int8_by_default(shipped, device.is_cpu())) {
         model.quantize_int8()?;
     }
     let report = tokio::task::spawn_blocking(move || -> Result<String> {

@@ -112,9 +112,13 @@ struct InputArgs {
     #[arg(long, default_value_t = triage_local::DEFAULT_MAX_INPUT_TOKENS)]
     max_input_tokens: usize,
     /// Run the encoder's dense layers in int8 (CPU only; faster, see
-    /// docs/specialists.md for the accuracy it costs).
-    #[arg(long)]
+    /// docs/specialists.md for the accuracy it costs). Default: on for the
+    /// shipped `toxicity` and `ner`, as `triage serve` runs them.
+    #[arg(long, conflicts_with = "f32")]
     int8: bool,
+    /// Run in f32 even where int8 is the default.
+    #[arg(long)]
+    f32: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -42,7 +42,7 @@ pub async fn texts(io: InputArgs, job: Job, device: &candle_core::Device) -> Res
     let batching = BatchConfig {
         queue_capacity: IN_FLIGHT * 2,
         max_input_tokens: io.max_input_tokens.max(1),
-        int8: io.int8,
+        int8: io.int8 || (!io.f32 && triage_local::int8_by_default(&io.model, device.is_cpu())),
         ..BatchConfig::for_device(!device.is_cpu())
     };
     let handle = triage_local::start_model(&io.model, device, batching)

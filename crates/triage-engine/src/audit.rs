@@ -663,6 +663,52 @@ impl Cached for CachedScores {
     }
 }
 
+/// What both replays start from: the task's cascade, the tier replayed
+/// (picked by `pick`) and the tiers before it, and the prices.
+struct ReplaySetup<'e> {
+    task: &'e Task,
+    c: Cascade,
+    index: usize,
+    tier: Tier,
+    earlier: Earlier<'e>,
+    before: Before,
+    prices: &'e PriceTable,
+    today: String,
+    strongest: Option<Target>,
+    unpriced: Vec<String>,
+}
+
+impl<'e> ReplaySetup<'e> {
+    fn new(
+        engine: &'e Engine,
+        task_name: &str,
+        pick: impl FnOnce(&'e Task) -> Result<(usize, &'e Tier), AuditError>,
+    ) -> Result<Self, AuditError> {
+        let task = engine.task(task_name)?;
+        let c = cascade_of(task)?.clone();
+        let (index, tier) = pick(task)?;
+        let earlier = Earlier::of(engine, task, &c, index)?;
+        let before = Before {
+            tiers: earlier.tiers.iter().map(|e| e.0.name.clone()).collect(),
+            ..Before::default()
+        };
+        let prices = &engine.config.prices;
+        let today = PriceTable::today();
+        Ok(Self {
+            task,
+            index,
+            tier: tier.clone(),
+            before,
+            prices,
+            strongest: strongest(prices, task).cloned(),
+            unpriced: unpriced_after(prices, &c, index, &today),
+            today,
+            earlier,
+            c,
+        })
+    }
+}
+
 impl Replay {
     /// Run the task's local tier (`tier`, else the first) once on each item.
     /// `progress` is called after each item.
@@ -673,20 +719,19 @@ impl Replay {
         items: Vec<Labelled>,
         progress: &mut (dyn FnMut() + Send),
     ) -> Result<Self, AuditError> {
-        let task = engine.task(task_name)?;
-        let c = cascade_of(task)?.clone();
-        let (index, tier) = replay_tier(task, tier)?;
-        let tier = tier.clone();
+        let ReplaySetup {
+            task,
+            c,
+            index,
+            tier,
+            earlier,
+            mut before,
+            prices,
+            today,
+            strongest,
+            unpriced,
+        } = ReplaySetup::new(engine, task_name, |task| replay_tier(task, tier))?;
         let (handle, positive_labels, gpu) = classifier(engine, task, &tier)?;
-        let earlier = Earlier::of(engine, task, &c, index)?;
-        let mut before = Before {
-            tiers: earlier.tiers.iter().map(|e| e.0.name.clone()).collect(),
-            ..Before::default()
-        };
-        let prices = &engine.config.prices;
-        let today = PriceTable::today();
-        let strongest = strongest(prices, task).cloned();
-        let unpriced = unpriced_after(prices, &c, index, &today);
         let mut scored = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
             if earlier
@@ -745,19 +790,20 @@ impl Replay {
         cache_dir: &std::path::Path,
         progress: &mut (dyn FnMut() + Send),
     ) -> Result<(Self, LiveStats), AuditError> {
-        let task = engine.task(task_name)?;
-        let c = cascade_of(task)?.clone();
-        let (index, tier, _) = calibration_tier(task, tier)?;
-        let tier = tier.clone();
-        let earlier = Earlier::of(engine, task, &c, index)?;
-        let mut before = Before {
-            tiers: earlier.tiers.iter().map(|e| e.0.name.clone()).collect(),
-            ..Before::default()
-        };
-        let prices = &engine.config.prices;
-        let today = PriceTable::today();
-        let strongest = strongest(prices, task).cloned();
-        let mut unpriced = unpriced_after(prices, &c, index, &today);
+        let ReplaySetup {
+            task,
+            c,
+            index,
+            tier,
+            earlier,
+            mut before,
+            prices,
+            today,
+            strongest,
+            mut unpriced,
+        } = ReplaySetup::new(engine, task_name, |task| {
+            calibration_tier(task, tier).map(|(index, tier, _)| (index, tier))
+        })?;
         if tier_estimate(prices, &tier, 1, c.labels.len(), &today).is_none() {
             unpriced.insert(0, tier.model_name());
         }

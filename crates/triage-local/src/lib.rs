@@ -46,6 +46,15 @@ pub async fn load_model(reference: &str, device: &candle_core::Device) -> Result
     .map_err(|e| LocalError::Compute(candle_core::Error::Msg(format!("loader panicked: {e}"))))?
 }
 
+/// Whether `reference` runs in int8 unless told otherwise: the shipped
+/// specialists (`toxicity`, `ner`) on the CPU, whose validation scores moved
+/// by less than 0.5 point in int8 (docs/specialists.md). Any other model
+/// stays in f32 until its owner has measured what int8 costs it. The server
+/// config and the CLI both decide by this.
+pub fn int8_by_default(reference: &str, cpu: bool) -> bool {
+    cpu && matches!(reference, "toxicity" | "ner")
+}
+
 /// Threads in the encoders' compute pool (`RAYON_NUM_THREADS`, set from
 /// the [`ThreadBudget`]).
 pub fn compute_threads() -> usize {

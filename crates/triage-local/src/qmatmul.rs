@@ -479,9 +479,9 @@ mod tests {
                     "{detected:?} at rows {r0}+{nr}, blocks {b0}+{nb}"
                 );
                 // And the portable sums are the plain dot products.
-                for r in 0..nr {
-                    for j in 0..nb {
-                        for l in 0..LANES {
+                for (r, want_r) in want.iter().enumerate().take(nr) {
+                    for (j, want_rj) in want_r.iter().enumerate().take(nb) {
+                        for (l, &sum) in want_rj.iter().enumerate() {
                             let c = (b0 + j) * LANES + l;
                             let direct: i32 = (0..lda)
                                 .map(|k| {
@@ -491,7 +491,7 @@ mod tests {
                                     i32::from(a[(r0 + r) * lda + k]) * i32::from(wq)
                                 })
                                 .sum();
-                            assert_eq!(want[r][j][l], direct);
+                            assert_eq!(sum, direct);
                         }
                     }
                 }

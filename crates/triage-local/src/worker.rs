@@ -209,13 +209,25 @@ impl ModelHandle {
         let encoded = if text.len() <= INLINE_TOKENIZE_BYTES {
             self.tokenizer.encode(text, all_windows)?
         } else {
+            // On the compute pool, not tokio's blocking pool (up to 512
+            // threads): many long texts at once queue for the same cores
+            // the encoders use instead of each starting a thread.
             let tokenizer = self.tokenizer.clone();
             let owned = text.to_owned();
-            tokio::task::spawn_blocking(move || tokenizer.encode(&owned, all_windows))
-                .await
-                .map_err(|_| LocalError::Panicked {
-                    model: self.info.name.clone(),
-                })??
+            let (tx, rx) = oneshot::channel();
+            rayon::spawn(move || {
+                let encoded =
+                    catch_unwind(AssertUnwindSafe(|| tokenizer.encode(&owned, all_windows)));
+                let _ = tx.send(encoded);
+            });
+            match rx.await {
+                Ok(Ok(encoded)) => encoded?,
+                Ok(Err(_)) | Err(_) => {
+                    return Err(LocalError::Panicked {
+                        model: self.info.name.clone(),
+                    });
+                }
+            }
         };
         if encoded.input_tokens > self.config.max_input_tokens {
             return Err(self.too_long(encoded.input_tokens));

@@ -19,7 +19,7 @@ const TOL_F16: f32 = 1e-2;
 /// Int8 dense layers (weights per output, activations per row, see
 /// `qmatmul`) against the same F32 PyTorch reference: each product carries
 /// two 8-bit roundings, so these random-weight fixtures move by up to a few
-/// hundredths (largest differences measured: see the commit). The real
+/// hundredths (largest differences measured: 1.0e-2 to 1.8e-2). The real
 /// specialists' accuracy in int8 is measured on validation data
 /// (docs/specialists.md).
 const TOL_INT8: f32 = 5e-2;
@@ -305,7 +305,10 @@ fn minilm_mean_pooled_embeddings_match_sentence_transformers() -> anyhow::Result
     for (precision, tol) in [
         (Precision::F32, TOL),
         (Precision::F16, TOL_F16),
-        (Precision::Int8, TOL_INT8),
+        // For embeddings: 1 − cosine against the reference (worst measured
+        // 0.014: per-row int8 activations cost more for mean-pooled vectors
+        // than for classifier scores, which is why int8 is opt-in for them).
+        (Precision::Int8, 3e-2),
     ] {
         check_minilm(&dir, precision, tol)?;
     }
@@ -330,8 +333,22 @@ fn check_minilm(dir: &std::path::Path, precision: Precision, tol: f32) -> anyhow
         .map(|t| model.tokenizer.encode(t, false))
         .collect::<Result<_, _>>()?;
     let ours = model.embed(&encoded.iter().collect::<Vec<_>>())?;
+    let cos = |a: &[f32], b: &[f32]| {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (na * nb)
+    };
     let mut worst = 0f32;
     for (i, (o, w)) in ours.iter().zip(&want).enumerate() {
+        if precision == Precision::Int8 {
+            // An embedding's unnormalised coordinates are not scores: what
+            // int8 must keep is its direction (cosine against the reference).
+            let c = cos(&o.vector, &f32s(w));
+            assert!(c >= 1.0 - tol, "MiniLM text {i} (Int8): cosine {c}");
+            worst = worst.max(1.0 - c);
+            continue;
+        }
         assert_close(
             &o.vector,
             &f32s(w),
@@ -341,7 +358,12 @@ fn check_minilm(dir: &std::path::Path, precision: Precision, tol: f32) -> anyhow
         worst = worst.max(max_diff(&o.vector, &f32s(w)));
     }
     eprintln!(
-        "all-MiniLM-L6-v2 in {precision:?}: largest difference from sentence-transformers {worst:.2e}"
+        "all-MiniLM-L6-v2 in {precision:?}: largest difference from sentence-transformers {worst:.2e}{}",
+        if precision == Precision::Int8 {
+            " (1 - cosine)"
+        } else {
+            ""
+        }
     );
     let find = |s: &str| texts.iter().position(|t| *t == s);
     let cos = |a: &[f32], b: &[f32]| {

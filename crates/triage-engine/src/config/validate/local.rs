@@ -104,14 +104,12 @@ impl Validator {
                     .max_wait_ms
                     .map_or(defaults.max_wait, std::time::Duration::from_millis),
                 cache_entries: l.cache_entries.unwrap_or(defaults.cache_entries),
-                // The shipped specialists run in int8 on the CPU by default:
-                // their validation macro-F1 / entity F1 moved by less than
-                // 0.5 point (docs/specialists.md). Other models stay in f32
-                // unless asked: nobody has measured what int8 costs them.
                 int8: l.int8.unwrap_or(
                     defaults.int8
-                        || (matches!(l.model.as_str(), "toxicity" | "ner")
-                            && matches!(device, triage_local::DeviceSpec::Cpu)),
+                        || triage_local::int8_by_default(
+                            &l.model,
+                            matches!(device, triage_local::DeviceSpec::Cpu),
+                        ),
                 ),
             };
             if batch.int8 && !matches!(device, triage_local::DeviceSpec::Cpu) {
