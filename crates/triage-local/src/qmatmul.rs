@@ -109,6 +109,9 @@ impl QDense {
         // fills its own `rows × width` slab, copied into place after: few
         // tasks, so that a batch of one text is not lost in scheduling.
         let per_task = groups.div_ceil(tasks);
+        // Every task gets at least one group (8 threads over 12 groups is 6
+        // tasks of 2, not 8 tasks of which the last two start past the end).
+        let tasks = groups.div_ceil(per_task);
         let task = |t: usize| -> (usize, Vec<f32>) {
             let b_first = t * per_task * TILE_BLOCKS;
             let b_end = ((t + 1) * per_task * TILE_BLOCKS).min(self.blocks);
@@ -442,13 +445,14 @@ mod tests {
     fn the_int8_product_is_close_to_the_f32_product() {
         // Sizes off every tile edge: 7 rows, 45 inputs (not a multiple of 4),
         // 83 outputs (5 blocks + 3).
-        for (rows, inp, out) in [(7, 45, 83), (1, 768, 64), (33, 64, 16)] {
+        for (rows, inp, out) in [(7, 45, 83), (1, 768, 64), (33, 64, 16), (20, 64, 768)] {
             let x = data(rows * inp, 1, 4.0);
             let w = data(inp * out, 2, 0.2);
             let b = data(out, 3, 1.0);
             let want = reference(&x, &w, &b, rows, inp, out);
             let q = QDense::quantize(&w, &b, inp, out);
-            for threads in [1, 2] {
+            // More threads than groups, and counts that do not divide them.
+            for threads in [1, 2, 3, 5, 8, 16] {
                 let got = q.forward(&x, rows, threads);
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (g, w) in got.iter().zip(&want) {
