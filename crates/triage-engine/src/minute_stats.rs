@@ -20,7 +20,8 @@ const NB: usize = LATENCY_BUCKETS_MS.len() + 1;
 /// first, while the server runs. (Summed here, inside the migration, 5M
 /// rows held `triage serve` back for 25 s before it was ready.) The cursor
 /// starts just past the newest row there is; every row written from now on
-/// is counted by the writer.
+/// is counted by the writer. A new, empty ledger gets no cursor: there is
+/// nothing to sum, and no backfill runs beside its first writes.
 pub(crate) fn migration() -> String {
     let cols: Vec<String> = (0..NB).map(|i| format!("h{i} BIGINT NOT NULL")).collect();
     format!(
@@ -39,10 +40,12 @@ pub(crate) fn migration() -> String {
     );
     {BACKFILL_TABLE};
     INSERT INTO minute_stats_backfill (id, before_ms)
-        SELECT 1, COALESCE(MAX(newest), 0) + 1 FROM (
-            SELECT MAX(ts_ms) AS newest FROM requests
-            UNION ALL SELECT MAX(ts_ms) AS newest FROM attempts
-        ) AS n",
+        SELECT 1, newest + 1 FROM (
+            SELECT MAX(ts) AS newest FROM (
+                SELECT MAX(ts_ms) AS ts FROM requests
+                UNION ALL SELECT MAX(ts_ms) AS ts FROM attempts
+            ) AS u
+        ) AS n WHERE newest IS NOT NULL",
         cols.join(", ")
     )
 }
