@@ -17,16 +17,9 @@ minutes="${1:-20}"
 profile="${2:-debug}"
 shared="${TRIAGE_SHARED:-../shared}"
 model="${TRIAGE_WHISPER_MODEL:-$shared/models/whisper-tiny.en/ggml-model-f16.bin}"
-target="${CARGO_TARGET_DIR:-target}"
-if [ -n "${TRIAGE_BIN:-}" ]; then
-  bin="$TRIAGE_BIN"
-elif [ "$profile" = release ]; then
-  cargo build --release --quiet -p triage-cli --bin triage
-  bin="$target/$profile/triage"
-else
-  cargo build --quiet -p triage-cli --bin triage
-  bin="$target/$profile/triage"
-fi
+# shellcheck source=scripts/bench/lib.sh
+. scripts/bench/lib.sh
+bin="$(triage_bin "$profile")"
 dir="$(mktemp -d)"
 sock="$dir/triage.sock"
 wav="$dir/long.wav"
@@ -57,15 +50,8 @@ vad_env=()
 if [ "${TRIAGE_NO_VAD:-}" = 1 ]; then
   vad_env=(-u TRIAGE_VAD_MODEL TRIAGE_CACHE="$dir/no-cache")
 fi
-env "${vad_env[@]}" TRIAGE_DATA_DIR="$dir" "$bin" serve --whisper-model "$model" --socket "$sock" \
-  --max-audio-s 10800 >"$dir/log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 1 600); do
-  curl -sf --unix-socket "$sock" http://t/ready >/dev/null 2>&1 && break
-  sleep 0.2
-done
-rss() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$pid/status"; }
+start_serve "$dir" "$sock" env "${vad_env[@]}" TRIAGE_DATA_DIR="$dir" "$bin" serve \
+  --whisper-model "$model" --socket "$sock" --max-audio-s 10800
 sleep 1
 idle=$(rss VmRSS)
 started=$(date +%s.%N)
@@ -78,13 +64,13 @@ while :; do
   # A line a minute on stderr, so a two-hour run shows that it moves.
   if [ $(($(date +%s) - last_report)) -ge 60 ]; then
     last_report=$(date +%s)
-    echo "long-audio: $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.0f}')" "$started" "$(date +%s.%N)") s, RSS $((now / 1024)) MB, highest $((peak_sampled / 1024)) MB" >&2
+    echo "long-audio: $(seconds_since "$started") s, RSS $((now / 1024)) MB, highest $((peak_sampled / 1024)) MB" >&2
   fi
   status=$(curl -sf --unix-socket "$sock" "http://t/v1/jobs/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])')
   case "$status" in succeeded | failed) break ;; esac
   sleep 0.2
 done
-elapsed=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$started" "$(date +%s.%N)")
+elapsed=$(seconds_since "$started")
 hwm=$(rss VmHWM)
 words=$(curl -s --unix-socket "$sock" "http://t/v1/jobs/$id/result" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(len(v.get("text","").split()) if "text" in v else v)')
 echo "long-audio: ${minutes} min through /v1/jobs, $profile build, job $status in ${elapsed} s, ${words} words"

@@ -17,17 +17,9 @@ cd "$(dirname "$0")/../.."
 size_kb="${1:-1000}"
 profile="${2:-release}"
 shared="${TRIAGE_SHARED:-../shared}"
-target="${CARGO_TARGET_DIR:-target}"
-if [ -n "${TRIAGE_BIN:-}" ]; then
-  bin="$TRIAGE_BIN"
-else
-  if [ "$profile" = release ]; then
-    cargo build --release --quiet -p triage-cli --bin triage
-  else
-    cargo build --quiet -p triage-cli --bin triage
-  fi
-  bin="$target/$profile/triage"
-fi
+# shellcheck source=scripts/bench/lib.sh
+. scripts/bench/lib.sh
+bin="$(triage_bin "$profile")"
 dir="$(mktemp -d)"
 sock="$dir/triage.sock"
 python3 - "$shared/data/toxicity/tweeteval-offensive/val.jsonl" "$dir/body.json" "$size_kb" <<'PY'
@@ -45,16 +37,9 @@ json.dump({"input": text}, open(out, "w", encoding="utf-8"))
 print(f"long-input: {len(text.encode()) / 1e3:.0f} KB of text ({i} tweets)", file=sys.stderr)
 PY
 # shellcheck disable=SC2086 # TRIAGE_ARGS is a list of arguments
-TRIAGE_DATA_DIR="$dir" "$bin" serve --socket "$sock" --max-input-tokens 1000000 \
-  --whisper-model "$shared/models/whisper-tiny.en/ggml-model-f16.bin" \
-  ${TRIAGE_ARGS:-} >"$dir/log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 1 600); do
-  curl -sf --unix-socket "$sock" http://t/ready >/dev/null 2>&1 && break
-  sleep 0.2
-done
-rss() { awk -v k="$1:" '$1 == k {print $2}' "/proc/$pid/status"; }
+start_serve "$dir" "$sock" env TRIAGE_DATA_DIR="$dir" "$bin" serve --socket "$sock" \
+  --max-input-tokens 1000000 --whisper-model "$shared/models/whisper-tiny.en/ggml-model-f16.bin" \
+  ${TRIAGE_ARGS:-}
 curl -sf --unix-socket "$sock" http://t/v1/moderations -H 'content-type: application/json' \
   -d '{"input": "warm-up: a short text"}' >/dev/null
 sleep 1
@@ -62,7 +47,7 @@ idle=$(rss VmRSS)
 started=$(date +%s.%N)
 status=$(curl -s -o "$dir/answer.json" -w '%{http_code}' --unix-socket "$sock" \
   http://t/v1/moderations -H 'content-type: application/json' --data-binary "@$dir/body.json")
-elapsed=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$started" "$(date +%s.%N)")
+elapsed=$(seconds_since "$started")
 hwm=$(rss VmHWM)
 echo "long-input: ${size_kb} KB to /v1/moderations, $bin, HTTP $status in ${elapsed} s"
 echo "long-input: RSS idle $((idle / 1024)) MB; peak VmHWM $((hwm / 1024)) MB (above idle: $(((hwm - idle) / 1024)) MB)"
