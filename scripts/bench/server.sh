@@ -13,15 +13,12 @@ seconds="${1:-5}"
 # Two commands: with --example, cargo would build only the example.
 cargo build --release --quiet -p triage-cli --bin triage
 cargo build --release --quiet -p triage-server --example load
+# shellcheck source=scripts/bench/lib.sh
+. scripts/bench/lib.sh
 dir="$(mktemp -d)"
 sock="$dir/triage.sock"
-TRIAGE_DATA_DIR="$dir" target/release/triage serve --config scripts/bench/rule.toml --socket "$sock" >"$dir/log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 1 300); do
-  curl -sf --unix-socket "$sock" http://t/ready >/dev/null 2>&1 && break
-  sleep 0.2
-done
+start_serve "$dir" "$sock" env TRIAGE_DATA_DIR="$dir" target/release/triage serve \
+  --config scripts/bench/rule.toml --socket "$sock"
 for c in 1 8 64; do
   target/release/examples/load "$sock" /health - "$c" "$seconds"
 done
