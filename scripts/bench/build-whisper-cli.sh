@@ -92,6 +92,9 @@ while IFS='=' read -r key value; do
 done < <(env)
 
 if [ "$(cat "$build/.configured" 2>/dev/null)" != "${args[*]}" ]; then
+  # A fresh cache: CMake would keep a variable an earlier run set (e.g.
+  # GGML_LLAMAFILE=ON) when this run does not name it.
+  rm -f "$build/CMakeCache.txt"
   cmake -S "$src" -B "$build" "${args[@]}" >&2
   echo "${args[*]}" > "$build/.configured"
 fi
