@@ -1674,8 +1674,6 @@ mod tests {
         ledger.admit().await.unwrap();
     }
 
-    /// Cap every pooled connection's database at `pages` pages: past it
-    /// SQLite fails a write with SQLITE_FULL, as on a full disk.
     /// Page caps by database file, for connections opened after
     /// [`cap_pages`] (a full disk stays full when the pool replaces a
     /// connection).
@@ -1696,8 +1694,9 @@ mod tests {
         caps.iter().find(|(f, _)| *f == file).map(|(_, p)| *p)
     }
 
-    /// Cap the database at `pages` (default: the pages it has now) on every
-    /// connection, those open and those opened later, as a full disk would.
+    /// Cap the database at `pages` pages (default: the pages it has now) on
+    /// every connection, those open and those opened later: past it SQLite
+    /// fails a write with SQLITE_FULL, as on a full disk.
     async fn cap_pages(ledger: &Ledger, pages: Option<i64>) {
         let mut conns = Vec::new();
         for _ in 0..4 {
