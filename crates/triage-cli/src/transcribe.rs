@@ -40,6 +40,19 @@ pub struct TranscribeArgs {
     /// with `--threads / N` threads (with a VAD model only).
     #[arg(long, default_value_t = 1)]
     parallel_chunks: usize,
+    /// Decode each VAD chunk on its own, without the text before it as the
+    /// decoder's prompt (openai-whisper's `--condition_on_previous_text False`).
+    #[arg(long)]
+    no_previous_text: bool,
+    /// Label who speaks in mono recordings (`Speaker 1:` …) with a speaker
+    /// encoder: `--speaker-model`, else `TRIAGE_SPEAKER_MODEL`, else
+    /// scripts/fetch-speaker-model's cache. Needs VAD. (Stereo files with one
+    /// speaker per channel are labelled without it.)
+    #[arg(long, conflicts_with = "no_vad")]
+    speakers: bool,
+    /// The speaker encoder file (scripts/fetch-speaker-model's safetensors); implies `--speakers`.
+    #[arg(long, conflicts_with = "no_vad")]
+    speaker_model: Option<String>,
     /// Words with start, end and probability in each segment (always on for
     /// verbose_json, which also lists them at the top as `words`).
     #[arg(long)]
@@ -75,15 +88,34 @@ pub async fn run(
             .context("cannot find the VAD model")?
     };
     let parallel_chunks = args.parallel_chunks;
+    let previous_text = !args.no_previous_text;
+    let speakers = if args.speakers || args.speaker_model.is_some() {
+        if vad.is_none() {
+            anyhow::bail!(
+                "--speakers needs a VAD model: pass --vad-model, set TRIAGE_VAD_MODEL or run scripts/fetch-silero-vad"
+            );
+        }
+        Some(
+            triage_local::resolve::resolve_speaker_model(args.speaker_model.as_deref())
+                .context("cannot find the speaker model")?,
+        )
+    } else {
+        None
+    };
     // The cores are shared by the files decoded at once.
     let threads = (threads / args.parallel.max(1)).max(1);
     let engine = Arc::new(
         tokio::task::spawn_blocking(move || {
-            let engine = WhisperEngine::load(&path, threads, device)?;
+            let engine =
+                WhisperEngine::load(&path, threads, device)?.with_previous_text(previous_text);
             match vad {
-                Some(vad) => engine
-                    .with_vad(&vad)
-                    .map(|e| e.with_parallel_chunks(parallel_chunks)),
+                Some(vad) => {
+                    let engine = engine.with_vad(&vad)?.with_parallel_chunks(parallel_chunks);
+                    match speakers {
+                        Some(model) => engine.with_speakers(&model),
+                        None => Ok(engine),
+                    }
+                }
                 None => Ok(engine),
             }
         })

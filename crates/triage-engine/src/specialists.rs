@@ -107,6 +107,12 @@ impl Specialists {
                     });
                     let vad = triage_local::resolve::resolve_vad(spec.vad_model.as_deref())
                         .map_err(err)?;
+                    let speakers = spec
+                        .speaker_model
+                        .as_deref()
+                        .map(|m| triage_local::resolve::resolve_speaker_model(Some(m)))
+                        .transpose()
+                        .map_err(err)?;
                     let device = spec.device;
                     let share = (device == triage_local::DeviceSpec::Cpu).then(|| share.clone());
                     let engine = tokio::task::spawn_blocking(move || {
@@ -115,8 +121,12 @@ impl Specialists {
                             Some(share) => engine.with_core_share(share),
                             None => engine,
                         };
-                        match vad {
-                            Some(vad) => engine.with_vad(&vad),
+                        let engine = match vad {
+                            Some(vad) => engine.with_vad(&vad)?,
+                            None => engine,
+                        };
+                        match speakers {
+                            Some(model) => engine.with_speakers(&model),
                             None => Ok(engine),
                         }
                     })

@@ -275,3 +275,28 @@ fn int8_weights_are_a_cpu_setting() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn only_a_whisper_specialist_takes_a_speaker_model() -> anyhow::Result<()> {
+    let config = Config::from_toml(
+        "[local.w]\nmodel = \"./tiny.bin\"\nkind = \"whisper\"\nspeaker_model = \"./spk.pt\"\n\
+         [local.d]\nmodel = \"./tiny.bin\"\nkind = \"whisper\"\nspeaker_model = \"default\"\n",
+        "test.toml",
+        Path::new("/etc/triage"),
+    )?;
+    // A relative file is read from the config's folder; `default` is kept.
+    assert_eq!(
+        config.local["w"].speaker_model.as_deref(),
+        Some("/etc/triage/./spk.pt")
+    );
+    assert_eq!(config.local["d"].speaker_model.as_deref(), Some("default"));
+    let p = problems(
+        "[local.t]\nmodel = \"toxicity\"\nkind = \"classifier\"\nspeaker_model = \"default\"\n",
+    );
+    let found = p.iter().find(|p| p.key == "local.t.speaker_model");
+    assert!(
+        found.is_some_and(|p| p.message.contains("Whisper") && p.fix.contains("kind")),
+        "{p:?}"
+    );
+    Ok(())
+}

@@ -175,3 +175,79 @@ async fn broken_audio_is_a_client_error() {
         .unwrap_err();
     assert!(text.is_client_error(), "{text}");
 }
+
+/// A mono WAV of `clips` (16 kHz mono 16-bit, from ../shared) one after the
+/// other with a second of silence between them.
+fn mono_wav(clips: &[&str]) -> Vec<u8> {
+    let mut pcm = Vec::new();
+    for clip in clips {
+        let bytes = std::fs::read(shared().join("data/speech").join(clip)).unwrap();
+        // The shared clips are plain 44-byte-header PCM WAVs.
+        assert_eq!(&bytes[..4], b"RIFF");
+        pcm.extend_from_slice(&bytes[44..]);
+        pcm.extend(std::iter::repeat_n(0u8, 32_000));
+    }
+    let mut wav = Vec::with_capacity(44 + pcm.len());
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + pcm.len() as u32).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    wav.extend_from_slice(&1u16.to_le_bytes()); // mono
+    wav.extend_from_slice(&16_000u32.to_le_bytes());
+    wav.extend_from_slice(&32_000u32.to_le_bytes());
+    wav.extend_from_slice(&2u16.to_le_bytes());
+    wav.extend_from_slice(&16u16.to_le_bytes());
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&(pcm.len() as u32).to_le_bytes());
+    wav.extend_from_slice(&pcm);
+    wav
+}
+
+#[tokio::test]
+async fn a_mono_meeting_of_two_voices_is_told_apart_by_speaker() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeOpenAi::start(vec![Reply::Chat {
+        content: "Two readers take turns.".into(),
+        prompt_tokens: 80,
+        completion_tokens: 6,
+    }])
+    .await;
+    // The summary goes to the hosted model (no llama-server needed).
+    let mut config = config(&dir, 1.01);
+    point(&mut config, "openai", &fake.base_url);
+    assert_eq!(
+        config.local["whisper"].speaker_model.as_deref(),
+        Some("default"),
+        "the example labels mono speakers"
+    );
+    let engine = Engine::new(config).await.unwrap();
+    let input = Input::Audio {
+        bytes: mono_wav(&[
+            "librivox_ss01_0870.wav",
+            "ljspeech_LJ001-0001.wav",
+            "librivox_ss01_0890.wav",
+        ]),
+        file_name: Some("meeting.wav".into()),
+    };
+    let e = engine
+        .execute("meeting_notes", input, &Overrides::default())
+        .await
+        .unwrap();
+    let answer = e.answer.to_json();
+    let transcript = answer["transcript"].as_str().unwrap();
+    let lines: Vec<&str> = transcript.lines().collect();
+    assert_eq!(lines.len(), 3, "{transcript}");
+    assert!(
+        lines[0].starts_with("Speaker 1: ") && lines[0].contains("Dashwood"),
+        "{transcript}"
+    );
+    assert!(
+        lines[1].starts_with("Speaker 2: ") && lines[1].contains("Printing"),
+        "{transcript}"
+    );
+    assert!(lines[2].starts_with("Speaker 1: "), "{transcript}");
+    // The hosted summary read who said what.
+    let prompt = serde_json::to_string(&fake.seen().chats).unwrap();
+    assert!(prompt.contains("Speaker 2: "), "{prompt}");
+}

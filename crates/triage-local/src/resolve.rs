@@ -417,17 +417,52 @@ pub fn resolve_vad(configured: Option<&str>) -> Result<Option<PathBuf>> {
     if let Some(p) = std::env::var_os("TRIAGE_VAD_MODEL").filter(|p| !p.is_empty()) {
         return must_exist(PathBuf::from(p));
     }
-    let cache = std::env::var_os("TRIAGE_CACHE")
+    Ok(triage_cache()
+        .map(|c| c.join("silero-vad").join(SILERO_VAD_FILE))
+        .filter(|p| p.is_file()))
+}
+
+/// The file `scripts/fetch-speaker-model` writes: Resemblyzer 0.1.4's encoder.
+pub const SPEAKER_MODEL_FILE: &str = "resemblyzer-0.1.4.safetensors";
+
+/// The speaker encoder for mono speaker labels: `configured` (a file; the
+/// word `default` means the one below), else `TRIAGE_SPEAKER_MODEL`, else
+/// `${TRIAGE_CACHE:-~/.cache/triage}/speaker/resemblyzer-0.1.4.safetensors`.
+/// Unlike the VAD model it is only looked for when speakers are asked for,
+/// so a missing file is an error that says how to get it.
+pub fn resolve_speaker_model(configured: Option<&str>) -> Result<PathBuf> {
+    let path = match configured.filter(|c| *c != "default") {
+        Some(c) => PathBuf::from(c),
+        None => match std::env::var_os("TRIAGE_SPEAKER_MODEL").filter(|p| !p.is_empty()) {
+            Some(p) => PathBuf::from(p),
+            None => triage_cache()
+                .map(|c| c.join("speaker").join(SPEAKER_MODEL_FILE))
+                .unwrap_or_else(|| PathBuf::from(SPEAKER_MODEL_FILE)),
+        },
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(LocalError::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no speaker model file (scripts/fetch-speaker-model fetches it)",
+            ),
+        })
+    }
+}
+
+/// `${TRIAGE_CACHE}`, else `${XDG_CACHE_HOME:-~/.cache}/triage`.
+fn triage_cache() -> Option<PathBuf> {
+    std::env::var_os("TRIAGE_CACHE")
         .map(PathBuf::from)
         .or_else(|| {
             std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
                 .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
                 .map(|c| c.join("triage"))
-        });
-    Ok(cache
-        .map(|c| c.join("silero-vad").join(SILERO_VAD_FILE))
-        .filter(|p| p.is_file()))
+        })
 }
 
 #[cfg(test)]

@@ -731,3 +731,197 @@ fn chunks_decoded_in_parallel_give_the_sequential_transcript() -> anyhow::Result
     assert!(progress.last().is_some_and(|p| *p > 50), "{progress:?}");
     Ok(())
 }
+
+/// Resemblyzer's speaker encoder (`TRIAGE_SPEAKER_MODEL`, which scripts/test
+/// sets from scripts/fetch-speaker-model). Outside CI a missing model skips
+/// loudly.
+fn speaker_model() -> Option<std::path::PathBuf> {
+    match std::env::var_os("TRIAGE_SPEAKER_MODEL").map(std::path::PathBuf::from) {
+        Some(p) if p.is_file() => Some(p),
+        other => {
+            let msg = format!(
+                "speaker model not found (TRIAGE_SPEAKER_MODEL={other:?}); run scripts/fetch-speaker-model"
+            );
+            assert!(std::env::var_os("CI").is_none(), "{msg}");
+            eprintln!("SKIPPED: {msg}");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_speaker_encoder_matches_resemblyzer_in_pytorch() -> anyhow::Result<()> {
+    let (Some(model), Some(shared)) = (speaker_model(), crate::common::shared()) else {
+        return Ok(());
+    };
+    let encoder = speech::SpeakerEncoder::load(&model)?;
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/speaker.json"),
+    )?)?;
+    let clips = fixture["clips"].as_array().expect("clips");
+    assert_eq!(clips.len(), 4);
+    let mut wavs = Vec::new();
+    for clip in clips {
+        let file = clip["file"].as_str().expect("file");
+        let bytes = std::fs::read(shared.join("data/speech").join(file))?;
+        wavs.push(speech::decode(bytes, Some("wav"), None)?.samples);
+    }
+    let refs: Vec<&[f32]> = wavs.iter().map(Vec::as_slice).collect();
+    let embeddings = encoder.embed(&refs)?;
+    for ((clip, got), wav) in clips.iter().zip(&embeddings).zip(&wavs) {
+        let want: Vec<f32> = serde_json::from_value(clip["embedding"].clone())?;
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "{}: embedding differs by {worst}",
+            clip["file"]
+        );
+        // The mel front end on its own, on the first frames (the clip with
+        // its volume raised as the reference did, unpadded: the first
+        // frames do not reach the end).
+        let want_mel: Vec<Vec<f32>> = serde_json::from_value(clip["mel_head"].clone())?;
+        let got_mel = encoder.mel(&speech::speaker::louder(wav));
+        for (g, w) in got_mel.iter().zip(&want_mel) {
+            for (a, b) in g.iter().zip(w) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+                    "{}: mel {a} vs {b}",
+                    clip["file"]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One mono file: each of `clips` after the other, a second of silence between.
+fn mono_conversation(shared: &Path, clips: &[&str]) -> anyhow::Result<(Vec<f32>, Vec<(f64, f64)>)> {
+    let mut samples = Vec::new();
+    let mut spans = Vec::new();
+    for clip in clips {
+        let bytes = std::fs::read(shared.join("data/speech").join(clip))?;
+        let pcm = speech::decode(bytes, Some("wav"), None)?.samples;
+        let start = samples.len() as f64 / 16_000.0;
+        samples.extend_from_slice(&pcm);
+        spans.push((start, samples.len() as f64 / 16_000.0));
+        samples.extend(std::iter::repeat_n(0f32, 16_000));
+    }
+    Ok((samples, spans))
+}
+
+#[test]
+fn speakers_in_a_mono_recording_are_told_apart() -> anyhow::Result<()> {
+    let (Some(model), Some(vad), Some(speakers), Some(shared)) = (
+        crate::common::whisper_model(),
+        vad_model(),
+        speaker_model(),
+        crate::common::shared(),
+    ) else {
+        return Ok(());
+    };
+    let engine = WhisperEngine::load(&model, 2, triage_local::DeviceSpec::Cpu)?
+        .with_vad(&vad)?
+        .with_speakers(&speakers)?;
+    // A man (LibriVox) and a woman (LJ Speech) taking turns.
+    let clips = [
+        "librivox_ss01_0870.wav",
+        "ljspeech_LJ001-0001.wav",
+        "librivox_ss01_0890.wav",
+        "ljspeech_LJ001-0003.wav",
+        "librivox_ss01_0920.wav",
+    ];
+    let (samples, spans) = mono_conversation(&shared, &clips)?;
+    let opts = TranscribeOptions {
+        word_timestamps: true,
+        ..Default::default()
+    };
+    let t = engine.transcribe(&samples, &opts, None)?;
+    // Each clip's segments (by their middle: Whisper's segment edges may
+    // reach into the pause) carry one speaker, the turns alternate, and the
+    // same voice gets the same label.
+    let mut per_clip = Vec::new();
+    for (start, end) in &spans {
+        let labels: std::collections::BTreeSet<&str> = t
+            .segments
+            .iter()
+            .filter(|s| (*start..*end).contains(&((s.start + s.end) / 2.0)))
+            .filter_map(|s| s.speaker.as_deref())
+            .collect();
+        assert_eq!(labels.len(), 1, "clip {start}-{end}: {labels:?}\n{t:#?}");
+        per_clip.push(*labels.iter().next().expect("one label"));
+    }
+    assert_eq!(
+        per_clip,
+        [
+            "Speaker 1",
+            "Speaker 2",
+            "Speaker 1",
+            "Speaker 2",
+            "Speaker 1"
+        ],
+        "{t:#?}"
+    );
+    assert!(t.segments.iter().all(|s| s.speaker.is_some()));
+    // Words were asked for: kept, inside their segments.
+    assert!(
+        t.segments
+            .iter()
+            .all(|s| s.words.as_ref().is_some_and(|w| !w.is_empty()))
+    );
+    let vtt = speech::format::vtt(&t);
+    assert!(vtt.contains("Speaker 2: "), "{vtt}");
+    // Without words asked for, segments carry none (they were only needed
+    // to place the turns), and the labels are the same.
+    let plain = engine.transcribe(&samples, &TranscribeOptions::default(), None)?;
+    assert!(plain.segments.iter().all(|s| s.words.is_none()));
+    let labels = |t: &triage_core::Transcript| -> Vec<Option<String>> {
+        t.segments.iter().map(|s| s.speaker.clone()).collect()
+    };
+    assert_eq!(labels(&plain), labels(&t));
+
+    // One voice throughout: no labels.
+    let (one, _) = mono_conversation(
+        &shared,
+        &[
+            "librivox_ss01_0870.wav",
+            "librivox_ss01_0880.wav",
+            "librivox_ss01_0890.wav",
+            "librivox_ss01_0930.wav",
+        ],
+    )?;
+    let t = engine.transcribe(&one, &TranscribeOptions::default(), None)?;
+    assert!(!t.segments.is_empty());
+    assert!(t.segments.iter().all(|s| s.speaker.is_none()), "{t:#?}");
+    Ok(())
+}
+
+#[test]
+fn speaker_labels_need_vad_and_a_real_model() {
+    let Some(model) = crate::common::whisper_model() else {
+        return;
+    };
+    let engine = WhisperEngine::load(&model, 1, triage_local::DeviceSpec::Cpu).expect("model");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let missing = tmp.path().join("missing.pt");
+    assert!(matches!(
+        engine.with_speakers(&missing),
+        Err(speech::SpeechError::SpeakersWithoutVad)
+    ));
+    let Some(vad) = vad_model() else { return };
+    let engine = WhisperEngine::load(&model, 1, triage_local::DeviceSpec::Cpu)
+        .and_then(|e| e.with_vad(&vad))
+        .expect("model");
+    // Not a safetensors file: a typed load error naming the file.
+    let junk = tmp.path().join("junk.pt");
+    std::fs::write(&junk, b"not a checkpoint").expect("write");
+    match engine.with_speakers(&junk) {
+        Err(e @ speech::SpeechError::LoadSpeaker { .. }) => {
+            assert!(e.to_string().contains("junk.pt"), "{e}");
+        }
+        other => panic!("expected a load error, got {:?}", other.map(|_| ())),
+    }
+}

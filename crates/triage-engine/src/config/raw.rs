@@ -144,6 +144,11 @@ pub struct RawLocal {
     /// Whisper: a Silero VAD model in whisper.cpp's ggml form (default:
     /// `TRIAGE_VAD_MODEL`, else the one `scripts/fetch-silero-vad` caches).
     pub vad_model: Option<String>,
+    /// Whisper: label who speaks in mono recordings with this speaker
+    /// encoder (Resemblyzer's, as safetensors; `"default"`: the one
+    /// `scripts/fetch-speaker-model` caches, or `TRIAGE_SPEAKER_MODEL`).
+    /// Needs a VAD model.
+    pub speaker_model: Option<String>,
     /// Requests waiting for the model beyond this are refused (429).
     pub queue_capacity: Option<usize>,
     /// Most texts in one forward pass.

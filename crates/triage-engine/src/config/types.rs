@@ -69,6 +69,8 @@ pub struct LocalSpec {
     pub threads: Option<usize>,
     /// Whisper's VAD model file, when the config names one.
     pub vad_model: Option<String>,
+    /// Whisper's speaker encoder (`default` or a file), when the config names one.
+    pub speaker_model: Option<String>,
     /// Queue and batch limits of a classifier's or tagger's worker.
     pub batch: triage_local::BatchConfig,
 }

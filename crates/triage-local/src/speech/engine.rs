@@ -11,6 +11,7 @@
 //! here with the standalone VAD context.
 
 use super::audio::SAMPLE_RATE;
+use super::speaker::{self, Embedded, SpeakerEncoder};
 use crate::DeviceSpec;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,11 @@ struct Run<'p> {
     /// Samples in the recording, when known (scales progress).
     total: Option<usize>,
     state: Option<WhisperState>,
+    /// `state` holds this recording's text so far (whisper.cpp's prompt
+    /// history), so the next chunk may be conditioned on it.
+    state_has_text: bool,
+    /// Embedded pieces of speech, when speakers are told apart.
+    pieces: Option<Vec<Embedded>>,
     segments: Vec<TranscriptSegment>,
     p_sum: f64,
     p_n: usize,
@@ -109,6 +115,14 @@ pub enum SpeechError {
         #[source]
         source: Option<whisper_rs::WhisperError>,
     },
+    #[error(
+        "cannot load the speaker model {path}: {why} (Resemblyzer's encoder as safetensors; scripts/fetch-speaker-model makes it)"
+    )]
+    LoadSpeaker { path: String, why: String },
+    #[error("speaker labels for mono audio need a VAD model (the speech is embedded span by span)")]
+    SpeakersWithoutVad,
+    #[error("speaker embedding failed: {0}")]
+    Speaker(String),
     #[error("voice activity detection failed")]
     Vad(#[source] whisper_rs::WhisperError),
     #[error("Whisper decoding failed")]
@@ -149,9 +163,14 @@ pub struct WhisperEngine {
     /// VAD chunks of one window decoded at once, each on its own state with
     /// a share of `threads` (1: one after another with all of them).
     chunk_states: usize,
+    /// Condition each chunk on the text decoded before it (see
+    /// [`Self::with_previous_text`]).
+    previous_text: bool,
     multilingual: bool,
     eot: i32,
     vad: Option<Mutex<WhisperVadContext>>,
+    /// Tells the speakers of a mono recording apart.
+    speakers: Option<Arc<SpeakerEncoder>>,
     /// Cores shared with the encoders: held while decoding.
     share: Option<Arc<crate::CoreShare>>,
 }
@@ -368,9 +387,11 @@ impl WhisperEngine {
             idle: Mutex::new(Vec::new()),
             threads: threads.max(1),
             chunk_states: 1,
+            previous_text: true,
             multilingual,
             eot,
             vad: None,
+            speakers: None,
             share: None,
         })
     }
@@ -406,6 +427,20 @@ impl WhisperEngine {
     }
 
     /// Whether silence is found by a VAD model.
+    /// Label the speakers of mono recordings with this speaker encoder
+    /// (needs a VAD model: set [`Self::with_vad`] first).
+    pub fn with_speakers(mut self, path: &Path) -> Result<Self, SpeechError> {
+        if self.vad.is_none() {
+            return Err(SpeechError::SpeakersWithoutVad);
+        }
+        self.speakers = Some(Arc::new(SpeakerEncoder::load(path)?));
+        Ok(self)
+    }
+
+    pub fn has_speakers(&self) -> bool {
+        self.speakers.is_some()
+    }
+
     pub fn has_vad(&self) -> bool {
         self.vad.is_some()
     }
@@ -419,6 +454,16 @@ impl WhisperEngine {
     /// one there are no chunks); the result is the same text.
     pub fn with_parallel_chunks(mut self, n: usize) -> Self {
         self.chunk_states = n.clamp(1, self.threads);
+        self
+    }
+
+    /// Whether a chunk is decoded with the recording's text before it as
+    /// the decoder's prompt, as openai-whisper's `condition_on_previous_text`
+    /// (on by default there and here). Chunks decoded in parallel
+    /// ([`Self::with_parallel_chunks`]) never are: the text before them is
+    /// not known yet.
+    pub fn with_previous_text(mut self, on: bool) -> Self {
+        self.previous_text = on;
         self
     }
 
@@ -472,7 +517,18 @@ impl WhisperEngine {
         opts: &TranscribeOptions,
         progress: Option<Box<dyn FnMut(i32) + Send>>,
     ) -> Result<Transcript, SpeechError> {
-        let mut run = self.start(opts, progress, Some(samples.len()));
+        self.transcribe_one(samples, opts, progress, self.speakers.is_some())
+    }
+
+    /// [`Self::transcribe`], telling speakers apart only when `diarize`.
+    fn transcribe_one(
+        &self,
+        samples: &[f32],
+        opts: &TranscribeOptions,
+        progress: Option<Box<dyn FnMut(i32) + Send>>,
+        diarize: bool,
+    ) -> Result<Transcript, SpeechError> {
+        let mut run = self.start(opts, progress, Some(samples.len()), diarize);
         let result = self.window(&mut run, samples, 0, true, opts);
         self.finish(run, result.map(|_| samples.len()), opts)
     }
@@ -492,7 +548,7 @@ impl WhisperEngine {
         progress: Option<Box<dyn FnMut(i32) + Send>>,
     ) -> Result<Transcript, StreamError<E>> {
         let window = (WINDOW_S * SAMPLE_RATE as f32) as usize;
-        let mut run = self.start(opts, progress, total_hint);
+        let mut run = self.start(opts, progress, total_hint, self.speakers.is_some());
         let mut buf: Vec<f32> = Vec::with_capacity(window);
         let mut base = 0usize;
         let mut ended = false;
@@ -527,6 +583,7 @@ impl WhisperEngine {
         opts: &'p TranscribeOptions,
         progress: Option<Box<dyn FnMut(i32) + Send>>,
         total: Option<usize>,
+        diarize: bool,
     ) -> Run<'p> {
         let mut params = self.params(opts, self.threads);
         // Progress on the recording's clock: (chunk start, chunk span) in samples.
@@ -548,6 +605,8 @@ impl WhisperEngine {
             progress,
             total,
             state: None,
+            state_has_text: false,
+            pieces: diarize.then(Vec::new),
             segments: Vec::new(),
             p_sum: 0.0,
             p_n: 0,
@@ -639,6 +698,9 @@ impl WhisperEngine {
             };
             (vec![(0, cut)], cut)
         };
+        if let (Some(pieces), Some(encoder)) = (&mut run.pieces, &self.speakers) {
+            pieces.extend(encoder.pieces(samples, base, &spans)?);
+        }
         let max = if self.vad.is_some() {
             (MAX_CHUNK_S * SAMPLE_RATE as f32) as usize
         } else {
@@ -667,11 +729,19 @@ impl WhisperEngine {
             let input = chunk.input(samples);
             let state = match &mut run.state {
                 Some(s) => s,
-                None => run.state.insert(self.take_state()?),
+                None => {
+                    run.state_has_text = false;
+                    run.state.insert(self.take_state()?)
+                }
             };
+            let mut params = fit_audio_ctx(&run.params, input.len());
+            // A pooled state still holds the last recording's text: only this
+            // recording's own text is carried over.
+            params.set_no_context(!(self.previous_text && run.state_has_text));
             let hold = self.share.as_ref().map(|s| s.hold(self.threads));
-            let decoded = state.full(fit_audio_ctx(&run.params, input.len()), &input);
+            let decoded = state.full(params, &input);
             drop(hold);
+            run.state_has_text = decoded.is_ok();
             if let Err(e) = decoded {
                 // A state that failed mid-way is not reused.
                 run.state = None;
@@ -813,6 +883,7 @@ impl WhisperEngine {
     ) -> Result<Transcript, SpeechError> {
         let Run {
             state,
+            pieces,
             mut segments,
             p_sum,
             p_n,
@@ -828,6 +899,17 @@ impl WhisperEngine {
             .or_else(|| opts.language.clone())
             .unwrap_or_else(|| "en".into());
         segments.retain(|s| !s.text.is_empty());
+        if let Some(pieces) = pieces {
+            let labels = speaker::cluster(&pieces, speaker::SAME_SPEAKER);
+            if labels.iter().any(|&l| l > 0) {
+                segments = speaker::label(segments, &pieces, &labels);
+            }
+        }
+        if !opts.word_timestamps {
+            for s in &mut segments {
+                s.words = None;
+            }
+        }
         let text = segments
             .iter()
             .map(|s| s.text.as_str())
@@ -886,7 +968,8 @@ impl WhisperEngine {
                     }
                 }) as Box<dyn FnMut(i32) + Send>
             });
-            parts.push(self.transcribe(samples, opts, cb)?);
+            // The channels are the speakers: no need to tell them apart.
+            parts.push(self.transcribe_one(samples, opts, cb, false)?);
         }
         let rms = |samples: &[f32], start: f64, end: f64| {
             let sr = f64::from(SAMPLE_RATE);
@@ -1086,7 +1169,9 @@ impl WhisperEngine {
                 },
                 no_speech_prob: seg.no_speech_probability(),
                 tokens: opts.token_probs.then_some(tokens),
-                words: opts.word_timestamps.then_some(words_out),
+                // Speaker labels need the words' times even when they are
+                // not asked for; `finish` drops them then.
+                words: (opts.word_timestamps || self.speakers.is_some()).then_some(words_out),
                 speaker: None,
             });
         }

@@ -119,6 +119,20 @@ impl Validator {
                     "remove `int8` or set `device = \"cpu\"`",
                 );
             }
+            if l.speaker_model.is_some() && kind != LocalKind::Whisper {
+                self.problem(
+                    format!("{key}.speaker_model"),
+                    "only a Whisper specialist labels speakers",
+                    "remove `speaker_model` or set `kind = \"whisper\"`",
+                );
+            }
+            let in_config_dir = |v: &String| {
+                if v.starts_with("./") || v.starts_with("../") {
+                    self.base_dir.join(v).display().to_string()
+                } else {
+                    v.clone()
+                }
+            };
             out.insert(
                 name.clone(),
                 LocalSpec {
@@ -127,13 +141,8 @@ impl Validator {
                     device,
                     positive_labels: l.positive_labels.clone(),
                     threads: l.threads,
-                    vad_model: l.vad_model.as_ref().map(|v| {
-                        if v.starts_with("./") || v.starts_with("../") {
-                            self.base_dir.join(v).display().to_string()
-                        } else {
-                            v.clone()
-                        }
-                    }),
+                    vad_model: l.vad_model.as_ref().map(in_config_dir),
+                    speaker_model: l.speaker_model.as_ref().map(in_config_dir),
                     batch,
                 },
             );
