@@ -798,8 +798,11 @@ fn the_speaker_encoder_matches_resemblyzer_in_pytorch() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Samples, and each clip's (start, end) in seconds.
+type Conversation = (Vec<f32>, Vec<(f64, f64)>);
+
 /// One mono file: each of `clips` after the other, a second of silence between.
-fn mono_conversation(shared: &Path, clips: &[&str]) -> anyhow::Result<(Vec<f32>, Vec<(f64, f64)>)> {
+fn mono_conversation(shared: &Path, clips: &[&str]) -> anyhow::Result<Conversation> {
     let mut samples = Vec::new();
     let mut spans = Vec::new();
     for clip in clips {

@@ -435,14 +435,11 @@ pub fn cluster(pieces: &[Embedded], threshold: f32) -> Vec<usize> {
         best
     };
     let mut best: Vec<(usize, f32)> = (0..m).map(|r| best_of(r, &alive, &sim)).collect();
-    loop {
-        let Some((a, (b, s))) = (0..m)
-            .filter(|&r| alive[r])
-            .map(|r| (r, best[r]))
-            .max_by(|x, y| x.1.1.total_cmp(&y.1.1))
-        else {
-            break;
-        };
+    while let Some((a, (b, s))) = (0..m)
+        .filter(|&r| alive[r])
+        .map(|r| (r, best[r]))
+        .max_by(|x, y| x.1.1.total_cmp(&y.1.1))
+    {
         if b == usize::MAX || s < threshold {
             break;
         }
@@ -579,10 +576,11 @@ pub fn label(
             let prev = i.checked_sub(1).map(|p| who[p]);
             let next = who.get(i + 1).copied();
             let lone = prev != Some(who[i]) && next != Some(who[i]);
-            if lone && words[i].end - words[i].start < LONE_WORD_S {
-                if let Some(s) = prev.or(next) {
-                    who[i] = s;
-                }
+            if lone
+                && words[i].end - words[i].start < LONE_WORD_S
+                && let Some(s) = prev.or(next)
+            {
+                who[i] = s;
             }
         }
         // Runs of words with one speaker.
