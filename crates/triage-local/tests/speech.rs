@@ -423,19 +423,13 @@ fn corrupted_files_of_every_format_never_panic() -> anyhow::Result<()> {
 }
 
 /// The Silero VAD model (`TRIAGE_VAD_MODEL`, which scripts/test sets from
-/// scripts/fetch-silero-vad). Outside CI a missing model skips loudly.
+/// scripts/fetch-silero-vad).
 fn vad_model() -> Option<std::path::PathBuf> {
-    match std::env::var_os("TRIAGE_VAD_MODEL").map(std::path::PathBuf::from) {
-        Some(p) if p.is_file() => Some(p),
-        other => {
-            let msg = format!(
-                "VAD model not found (TRIAGE_VAD_MODEL={other:?}); run scripts/fetch-silero-vad"
-            );
-            assert!(std::env::var_os("CI").is_none(), "{msg}");
-            eprintln!("SKIPPED: {msg}");
-            None
-        }
-    }
+    crate::common::model_from_env(
+        "TRIAGE_VAD_MODEL",
+        "VAD model",
+        "run scripts/fetch-silero-vad",
+    )
 }
 
 fn engine_with_vad() -> Option<Arc<WhisperEngine>> {
@@ -733,20 +727,13 @@ fn chunks_decoded_in_parallel_give_the_sequential_transcript() -> anyhow::Result
 }
 
 /// Resemblyzer's speaker encoder (`TRIAGE_SPEAKER_MODEL`, which scripts/test
-/// sets from scripts/fetch-speaker-model). Outside CI a missing model skips
-/// loudly.
+/// sets from scripts/fetch-speaker-model).
 fn speaker_model() -> Option<std::path::PathBuf> {
-    match std::env::var_os("TRIAGE_SPEAKER_MODEL").map(std::path::PathBuf::from) {
-        Some(p) if p.is_file() => Some(p),
-        other => {
-            let msg = format!(
-                "speaker model not found (TRIAGE_SPEAKER_MODEL={other:?}); run scripts/fetch-speaker-model"
-            );
-            assert!(std::env::var_os("CI").is_none(), "{msg}");
-            eprintln!("SKIPPED: {msg}");
-            None
-        }
-    }
+    crate::common::model_from_env(
+        "TRIAGE_SPEAKER_MODEL",
+        "speaker model",
+        "run scripts/fetch-speaker-model",
+    )
 }
 
 #[test]

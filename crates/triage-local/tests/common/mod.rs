@@ -72,12 +72,26 @@ pub fn whisper_model() -> Option<PathBuf> {
     let p = std::env::var_os("TRIAGE_WHISPER_MODEL")
         .map(PathBuf::from)
         .or_else(|| shared().map(|s| s.join("models/whisper-tiny.en/ggml-model-f16.bin")));
-    match p {
+    found(
+        p,
+        "Whisper model",
+        "set TRIAGE_SHARED or TRIAGE_WHISPER_MODEL",
+    )
+}
+
+/// A model file named by the environment variable `var` (scripts/test sets
+/// it from the fetch script `how` names).
+pub fn model_from_env(var: &str, what: &str, how: &str) -> Option<PathBuf> {
+    found(std::env::var_os(var).map(PathBuf::from), what, how)
+}
+
+/// `path` when it is a file; else outside CI the test skips loudly, and in
+/// CI it fails.
+fn found(path: Option<PathBuf>, what: &str, how: &str) -> Option<PathBuf> {
+    match path {
         Some(p) if p.is_file() => Some(p),
         other => {
-            let msg = format!(
-                "Whisper model not found ({other:?}); set TRIAGE_SHARED or TRIAGE_WHISPER_MODEL"
-            );
+            let msg = format!("{what} not found ({other:?}); {how}");
             assert!(std::env::var_os("CI").is_none(), "{msg}");
             eprintln!("SKIPPED: {msg}");
             None
