@@ -426,7 +426,6 @@ impl WhisperEngine {
         self
     }
 
-    /// Whether silence is found by a VAD model.
     /// Label the speakers of mono recordings with this speaker encoder
     /// (needs a VAD model: set [`Self::with_vad`] first).
     pub fn with_speakers(mut self, path: &Path) -> Result<Self, SpeechError> {
@@ -437,10 +436,12 @@ impl WhisperEngine {
         Ok(self)
     }
 
+    /// Whether mono recordings get speaker labels.
     pub fn has_speakers(&self) -> bool {
         self.speakers.is_some()
     }
 
+    /// Whether silence is found by a VAD model.
     pub fn has_vad(&self) -> bool {
         self.vad.is_some()
     }
