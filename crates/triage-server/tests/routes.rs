@@ -79,6 +79,16 @@ async fn state_with(
     whisper: bool,
     limits: Limits,
 ) -> anyhow::Result<Arc<AppState>> {
+    state_with_whisper(batching, whisper.then_some(""), limits).await
+}
+
+/// [`state_with`], with `whisper_extra` (TOML lines) added to the Whisper
+/// specialist when there is one.
+async fn state_with_whisper(
+    batching: Batching,
+    whisper_extra: Option<&str>,
+    limits: Limits,
+) -> anyhow::Result<Arc<AppState>> {
     let model = fixture("distilbert-seq-multilabel");
     let mut config = format!(
         r#"
@@ -118,13 +128,14 @@ local = "tiny"
 map = { toxic = "toxic", insult = "insult", threat = "threat", identity_hate = "identity_hate" }
 "#,
     );
-    if let (true, Some(p)) = (whisper, whisper_model()) {
+    if let (Some(extra), Some(p)) = (whisper_extra, whisper_model()) {
         config.push_str(&format!(
             r#"
 [local.whisper]
 model = "{}"
 kind = "whisper"
 threads = 2
+{extra}
 
 [tasks.transcription]
 strategy = "pipeline"
@@ -955,5 +966,79 @@ async fn a_cancelled_job_stops() -> anyhow::Result<()> {
             "{v}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn transcriptions_of_a_mono_meeting_label_who_speaks() -> anyhow::Result<()> {
+    // The VAD and speaker models come from scripts/test (fetch scripts).
+    let models = ["TRIAGE_VAD_MODEL", "TRIAGE_SPEAKER_MODEL"]
+        .iter()
+        .all(|v| std::env::var_os(v).is_some_and(|p| std::path::Path::new(&p).is_file()));
+    if whisper_model().is_none() || !models {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI provides the VAD and speaker models"
+        );
+        eprintln!(
+            "SKIPPED: no VAD or speaker model (run scripts/fetch-silero-vad, scripts/fetch-speaker-model)"
+        );
+        return Ok(());
+    }
+    let st = state_with_whisper(
+        Batching::default(),
+        Some("speaker_model = \"default\""),
+        default_limits(),
+    )
+    .await?;
+    let app = router(st);
+    // A man, a woman, the man again: 16 kHz mono PCM clips joined with a
+    // second of silence under one WAV header.
+    let mut pcm = Vec::new();
+    for clip in [
+        "librivox_ss01_0870.wav",
+        "ljspeech_LJ001-0001.wav",
+        "librivox_ss01_0890.wav",
+    ] {
+        let bytes = std::fs::read(shared_dir().join("data/speech").join(clip))?;
+        pcm.extend_from_slice(&bytes[44..]);
+        pcm.extend(std::iter::repeat_n(0u8, 32_000));
+    }
+    let mut wav =
+        std::fs::read(shared_dir().join("data/speech/librivox_ss01_0870.wav"))?[..44].to_vec();
+    wav[4..8].copy_from_slice(&(36 + pcm.len() as u32).to_le_bytes());
+    wav[40..44].copy_from_slice(&(pcm.len() as u32).to_le_bytes());
+    wav.extend_from_slice(&pcm);
+    let (ct, body) = multipart(
+        &[("model", "whisper-1"), ("response_format", "verbose_json")],
+        Some(("meeting.wav", &wav)),
+    );
+    let req = Request::post("/v1/audio/transcriptions")
+        .header("content-type", ct)
+        .body(Body::from(body))?;
+    let resp = app.clone().oneshot(req).await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+    let mut turns: Vec<&str> = Vec::new();
+    for seg in v["segments"].as_array().expect("segments") {
+        let who = seg["speaker"]
+            .as_str()
+            .expect("every segment has a speaker");
+        if turns.last() != Some(&who) {
+            turns.push(who);
+        }
+    }
+    assert_eq!(turns, ["Speaker 1", "Speaker 2", "Speaker 1"], "{v}");
+    // The text format reads by turn.
+    let (ct, body) = multipart(
+        &[("model", "whisper-1"), ("response_format", "text")],
+        Some(("meeting.wav", &wav)),
+    );
+    let req = Request::post("/v1/audio/transcriptions")
+        .header("content-type", ct)
+        .body(Body::from(body))?;
+    let resp = app.oneshot(req).await?;
+    let text = String::from_utf8(resp.into_body().collect().await?.to_bytes().to_vec())?;
+    assert!(text.contains("Speaker 2: Printing"), "{text}");
     Ok(())
 }
