@@ -401,16 +401,7 @@ pub const SILERO_VAD_FILE: &str = "ggml-silero-v5.1.2.bin";
 /// `scripts/fetch-silero-vad` has put it there; `None` without one (then
 /// silence is found only when it is digital silence).
 pub fn resolve_vad(configured: Option<&str>) -> Result<Option<PathBuf>> {
-    let must_exist = |p: PathBuf| {
-        if p.is_file() {
-            Ok(Some(p))
-        } else {
-            Err(LocalError::Io {
-                path: p,
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such VAD model file"),
-            })
-        }
-    };
+    let must_exist = |p: PathBuf| existing(p, "no such VAD model file").map(Some);
     if let Some(c) = configured {
         return must_exist(PathBuf::from(c));
     }
@@ -440,15 +431,20 @@ pub fn resolve_speaker_model(configured: Option<&str>) -> Result<PathBuf> {
                 .unwrap_or_else(|| PathBuf::from(SPEAKER_MODEL_FILE)),
         },
     };
+    existing(
+        path,
+        "no speaker model file (scripts/fetch-speaker-model fetches it)",
+    )
+}
+
+/// `path` when it is a file, else a not-found error saying `why`.
+fn existing(path: PathBuf, why: &str) -> Result<PathBuf> {
     if path.is_file() {
         Ok(path)
     } else {
         Err(LocalError::Io {
             path,
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no speaker model file (scripts/fetch-speaker-model fetches it)",
-            ),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, why.to_owned()),
         })
     }
 }

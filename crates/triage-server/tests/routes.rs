@@ -992,33 +992,34 @@ async fn transcriptions_of_a_mono_meeting_label_who_speaks() -> anyhow::Result<(
     )
     .await?;
     let app = router(st);
-    // A man, a woman, the man again: 16 kHz mono PCM clips joined with a
-    // second of silence under one WAV header.
-    let mut pcm = Vec::new();
+    // A man, a woman, the man again, a second of silence after each.
+    let mut samples = Vec::new();
     for clip in [
         "librivox_ss01_0870.wav",
         "ljspeech_LJ001-0001.wav",
         "librivox_ss01_0890.wav",
     ] {
         let bytes = std::fs::read(shared_dir().join("data/speech").join(clip))?;
-        pcm.extend_from_slice(&bytes[44..]);
-        pcm.extend(std::iter::repeat_n(0u8, 32_000));
+        // The shared clips are 16 kHz mono 16-bit PCM after a 44-byte header.
+        samples.extend(
+            bytes[44..]
+                .chunks_exact(2)
+                .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32767.0),
+        );
+        samples.extend(std::iter::repeat_n(0f32, 16_000));
     }
-    let mut wav =
-        std::fs::read(shared_dir().join("data/speech/librivox_ss01_0870.wav"))?[..44].to_vec();
-    wav[4..8].copy_from_slice(&(36 + pcm.len() as u32).to_le_bytes());
-    wav[40..44].copy_from_slice(&(pcm.len() as u32).to_le_bytes());
-    wav.extend_from_slice(&pcm);
-    let (ct, body) = multipart(
-        &[("model", "whisper-1"), ("response_format", "verbose_json")],
-        Some(("meeting.wav", &wav)),
-    );
-    let req = Request::post("/v1/audio/transcriptions")
-        .header("content-type", ct)
-        .body(Body::from(body))?;
-    let resp = app.clone().oneshot(req).await?;
-    assert_eq!(resp.status(), StatusCode::OK);
-    let v: Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+    let wav = wav_bytes(&samples);
+    let post = |format: &str| {
+        let (ct, body) = multipart(
+            &[("model", "whisper-1"), ("response_format", format)],
+            Some(("meeting.wav", &wav)),
+        );
+        Request::post("/v1/audio/transcriptions")
+            .header("content-type", ct)
+            .body(Body::from(body))
+    };
+    let (status, _, v) = call(app.clone(), post("verbose_json")?).await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
     let mut turns: Vec<&str> = Vec::new();
     for seg in v["segments"].as_array().expect("segments") {
         let who = seg["speaker"]
@@ -1030,15 +1031,8 @@ async fn transcriptions_of_a_mono_meeting_label_who_speaks() -> anyhow::Result<(
     }
     assert_eq!(turns, ["Speaker 1", "Speaker 2", "Speaker 1"], "{v}");
     // The text format reads by turn.
-    let (ct, body) = multipart(
-        &[("model", "whisper-1"), ("response_format", "text")],
-        Some(("meeting.wav", &wav)),
-    );
-    let req = Request::post("/v1/audio/transcriptions")
-        .header("content-type", ct)
-        .body(Body::from(body))?;
-    let resp = app.oneshot(req).await?;
-    let text = String::from_utf8(resp.into_body().collect().await?.to_bytes().to_vec())?;
+    let (_, _, text) = call(app, post("text")?).await?;
+    let text = text.as_str().unwrap_or_default();
     assert!(text.contains("Speaker 2: Printing"), "{text}");
     Ok(())
 }

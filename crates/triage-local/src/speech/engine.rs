@@ -436,11 +436,6 @@ impl WhisperEngine {
         Ok(self)
     }
 
-    /// Whether mono recordings get speaker labels.
-    pub fn has_speakers(&self) -> bool {
-        self.speakers.is_some()
-    }
-
     /// Whether silence is found by a VAD model.
     pub fn has_vad(&self) -> bool {
         self.vad.is_some()

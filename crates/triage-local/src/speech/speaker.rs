@@ -499,13 +499,6 @@ pub fn cluster(pieces: &[Embedded], threshold: f32) -> Vec<usize> {
         }
         c
     };
-    let nearest = |e: &[f32], among: &HashMap<usize, (Vec<f32>, f64)>| -> Option<usize> {
-        among
-            .iter()
-            .map(|(g, (c, _))| (*g, cosine(e, &normalised(c.clone()))))
-            .max_by(|x, y| x.1.total_cmp(&y.1).then(y.0.cmp(&x.0)))
-            .map(|(g, _)| g)
-    };
     let all = centroids(&labels);
     let (big, small): (HashMap<_, _>, HashMap<_, _>) =
         all.into_iter().partition(|(_, (_, s))| *s >= MIN_SPEAKER_S);
@@ -516,10 +509,18 @@ pub fn cluster(pieces: &[Embedded], threshold: f32) -> Vec<usize> {
             }
         }
     }
-    let keep = centroids(&labels);
+    // The kept speakers' centroids, normalised once.
+    let keep: Vec<(usize, Vec<f32>)> = centroids(&labels)
+        .into_iter()
+        .map(|(g, (c, _))| (g, normalised(c)))
+        .collect();
     for i in 0..n {
         if labels[i] == usize::MAX {
-            labels[i] = nearest(&pieces[i].embedding, &keep).unwrap_or(0);
+            labels[i] = keep
+                .iter()
+                .map(|(g, c)| (*g, cosine(&pieces[i].embedding, c)))
+                .max_by(|x, y| x.1.total_cmp(&y.1).then(y.0.cmp(&x.0)))
+                .map_or(0, |(g, _)| g);
         }
     }
     // Number speakers in order of first appearance.
