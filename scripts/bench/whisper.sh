@@ -16,7 +16,10 @@
 #   SHOW_TEXTS=1      print every transcript to stderr
 #   VARIANTS='a=ARGS;b=ARGS'  also time triage with these extra `transcribe` arguments
 #                     (e.g. 'parallel2=--parallel 2;q8=--model target/bench-models/q8_0.bin')
-#   LONG=N            time one long recording (the clips N times over, one file) instead
+#   LONG=N            time long recordings (the clips N times over, one file each) instead
+#   ARRANGEMENTS=K    with LONG: K such files, the first in the manifest's order, the others
+#                     in fixed shuffles (default 5; one file's WER swings by points with
+#                     where each clip falls in a decoding window)
 #   BUILD_JOBS=N      parallel compile jobs for whisper-cli (default: all cores)
 #
 # Needs the fixtures venv (scripts/fixtures/make.sh); installs ffmpeg (scripts/system-deps
@@ -54,7 +57,7 @@ extra=()
 [ "${SMOKE:-0}" = 1 ] && extra+=(--only goforward.wav)
 [ "${WITH_FLASH_ATTN:-0}" = 1 ] && extra+=(--with-flash-attn)
 [ "${SHOW_TEXTS:-0}" = 1 ] && extra+=(--show-texts)
-[ -n "${LONG:-}" ] && extra+=(--long "$LONG")
+[ -n "${LONG:-}" ] && extra+=(--long "$LONG" --arrangements "${ARRANGEMENTS:-5}")
 if [ -n "${VARIANTS:-}" ]; then
   IFS=';' read -r -a variants <<<"$VARIANTS"
   for v in "${variants[@]}"; do extra+=(--triage-variant "$v"); done
