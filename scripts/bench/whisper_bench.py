@@ -248,8 +248,8 @@ def main() -> int:
     keep = tempfile.TemporaryDirectory()
     if args.long:
         # One arrangement's WER moves by points with where a clip happens to fall
-        # in a decoding window (one word in three of "ten of clubs" said one way or
-        # another), so several arrangements are pooled.
+        # in a decoding window (the cards clips' "clubs" comes out as "Clovs" after
+        # some neighbours and not after others), so several arrangements are pooled.
         long_refs, long_files = {}, []
         for k in range(max(args.arrangements, 1)):
             order = list(clips)

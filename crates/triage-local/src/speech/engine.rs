@@ -333,10 +333,10 @@ const AUDIO_CTX_FULL: usize = 1500;
 /// tinyBLAS) need the inner dimension of a product to be a multiple of 16;
 /// in the encoder's attention, softmax(QK) times V has the context as that
 /// dimension, so at 1500 (or any other length) it fell back to ggml's
-/// row-by-row dot products. `perf` on a 2.4-minute file put 39 % of the time
-/// in those; aligned, a 28 s cut's encoder pass went from 0.73-0.92 s to
-/// 0.54-0.72 s (whisper-cli `-ac 1488` against the full 1500, same build,
-/// three pairs of runs).
+/// row-by-row dot products (`ggml_vec_dot_f16`, which `perf` put at 39 % of
+/// a 2.4-minute file, the decoder's one-token steps included). Aligned, a
+/// 28 s cut's encoder pass went from 0.73-0.92 s to 0.54-0.72 s (whisper-cli
+/// `-ac 1488` against the full 1500, same build, three pairs of runs).
 const AUDIO_CTX_ALIGN: usize = 16;
 /// The longest aligned context: 29.76 s.
 const AUDIO_CTX_ALIGNED_MAX: usize = AUDIO_CTX_FULL / AUDIO_CTX_ALIGN * AUDIO_CTX_ALIGN;
