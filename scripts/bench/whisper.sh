@@ -57,7 +57,8 @@ extra=()
 [ "${SMOKE:-0}" = 1 ] && extra+=(--only goforward.wav)
 [ "${WITH_FLASH_ATTN:-0}" = 1 ] && extra+=(--with-flash-attn)
 [ "${SHOW_TEXTS:-0}" = 1 ] && extra+=(--show-texts)
-[ -n "${LONG:-}" ] && extra+=(--long "$LONG" --arrangements "${ARRANGEMENTS:-5}")
+[ -n "${LONG:-}" ] && extra+=(--long "$LONG")
+[ -n "${ARRANGEMENTS:-}" ] && extra+=(--arrangements "$ARRANGEMENTS")
 if [ -n "${VARIANTS:-}" ]; then
   IFS=';' read -r -a variants <<<"$VARIANTS"
   for v in "${variants[@]}"; do extra+=(--triage-variant "$v"); done

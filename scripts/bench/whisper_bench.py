@@ -233,9 +233,10 @@ def main() -> int:
                          "model for that variant only)")
     ap.add_argument("--long", type=int, default=0, metavar="N",
                     help="time long recordings instead: the clips N times over, one file each")
-    ap.add_argument("--arrangements", type=int, default=1, metavar="K",
-                    help="with --long: K recordings, the first in the manifest's order, the "
-                         "others each in its own fixed shuffle of the clips (seeds 1..K-1)")
+    ap.add_argument("--arrangements", type=int, default=5, metavar="K",
+                    help="with --long: K recordings (default 5), the first in the manifest's "
+                         "order, the others each in its own fixed shuffle of the clips "
+                         "(seeds 1..K-1)")
     args = ap.parse_args()
 
     manifest = [json.loads(l) for l in (args.data / "manifest.jsonl").read_text().splitlines() if l.strip()]

@@ -1239,6 +1239,7 @@ mod tests {
     #[test]
     fn encoder_contexts_are_aligned_and_leave_a_tail() {
         let s = |secs: f32| (secs * SAMPLE_RATE as f32) as usize;
+        let positions = |secs: f32| (secs * AUDIO_CTX_PER_S as f32) as usize;
         // Short inputs: at least 15 s of context.
         assert_eq!(audio_ctx_for(s(2.0)), Some(752));
         // 20 s of audio plus its 3 s tail, rounded up to a multiple of 16.
@@ -1247,15 +1248,12 @@ mod tests {
         // more than a second to spare.
         let chunk = audio_ctx_for(s(MAX_CHUNK_S)).unwrap();
         assert_eq!(chunk, 1488);
-        assert!(chunk - (MAX_CHUNK_S * 50.0) as usize >= AUDIO_CTX_MIN_TAIL);
+        assert!(chunk - positions(MAX_CHUNK_S) >= AUDIO_CTX_MIN_TAIL);
         for secs in [0.1, 1.0, 7.3, 14.9, 15.1, 25.0, 27.9] {
             let ctx = audio_ctx_for(s(secs)).unwrap();
             assert_eq!(ctx % AUDIO_CTX_ALIGN, 0, "{secs} s");
             assert!(ctx <= AUDIO_CTX_FULL);
-            assert!(
-                ctx >= (secs * 50.0) as usize + AUDIO_CTX_MIN_TAIL,
-                "{secs} s"
-            );
+            assert!(ctx >= positions(secs) + AUDIO_CTX_MIN_TAIL, "{secs} s");
         }
         // Without a second of tail inside 29.76 s, and for audio whisper.cpp
         // walks window by window: the full window.
