@@ -163,6 +163,32 @@ fn without_root_it_names_only_what_is_missing_and_exits_2() -> anyhow::Result<()
     Ok(())
 }
 
+/// LLVM's development package brings `libclang-cpp.so.N`, the C++ library,
+/// without libclang: bindgen cannot load it, so libclang-dev is still
+/// missing (a fresh machine with llvm-14-dev failed the build this way).
+#[test]
+fn libclang_cpp_is_not_libclang() -> anyhow::Result<()> {
+    let root = fake_root(&["cmake", "make", "g++"])?;
+    let cpp = root.path().join("usr/lib/llvm-14/lib/libclang-cpp.so.14");
+    std::fs::create_dir_all(cpp.parent().expect("a parent folder"))?;
+    std::fs::write(&cpp, "")?;
+    let out = system_deps("build", root.path())?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(
+        install_command(&out),
+        Some(vec!["libclang-dev".to_owned()]),
+        "{}",
+        stderr(&out)
+    );
+    // Debian's libclang1-N puts the library under the multiarch folder.
+    let lib = root.path().join("usr/lib/x86_64-linux-gnu/libclang-14.so.1");
+    std::fs::create_dir_all(lib.parent().expect("a parent folder"))?;
+    std::fs::write(&lib, "")?;
+    let out = system_deps("build", root.path())?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    Ok(())
+}
+
 #[test]
 fn with_everything_installed_it_says_nothing() -> anyhow::Result<()> {
     let all: Vec<&str> = PACKAGE_FILES.iter().map(|(p, _)| *p).collect();
