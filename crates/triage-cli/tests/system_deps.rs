@@ -181,7 +181,9 @@ fn libclang_cpp_is_not_libclang() -> anyhow::Result<()> {
         stderr(&out)
     );
     // Debian's libclang1-N puts the library under the multiarch folder.
-    let lib = root.path().join("usr/lib/x86_64-linux-gnu/libclang-14.so.1");
+    let lib = root
+        .path()
+        .join("usr/lib/x86_64-linux-gnu/libclang-14.so.1");
     std::fs::create_dir_all(lib.parent().expect("a parent folder"))?;
     std::fs::write(&lib, "")?;
     let out = system_deps("build", root.path())?;
