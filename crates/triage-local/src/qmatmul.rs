@@ -91,6 +91,12 @@ impl QDense {
 
     /// `y = x · w + b` for `rows` rows of `x`.
     pub fn forward(&self, x: &[f32], rows: usize, threads: usize) -> Vec<f32> {
+        self.forward_with(Kernel::detect(), x, rows, threads)
+    }
+
+    /// [`Self::forward`] on a given kernel (tests run the portable one on
+    /// CPUs that have VNNI too).
+    fn forward_with(&self, kernel: Kernel, x: &[f32], rows: usize, threads: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.inp, "input is not rows × inp");
         let mut y = vec![0f32; rows * self.out];
         if rows == 0 || self.out == 0 {
@@ -98,7 +104,6 @@ impl QDense {
         }
         let lda = self.k4 * GROUP;
         let (a, row_scale) = quantize_rows(x, rows, self.inp, lda, threads);
-        let kernel = Kernel::detect();
         let groups = self.blocks.div_ceil(TILE_BLOCKS);
         let tasks = if threads > 1 && rows * self.inp * self.out >= PARALLEL_MIN_MACS {
             threads.min(groups)
@@ -282,6 +287,11 @@ impl Kernel {
     }
 }
 
+/// The kernel without VNNI: the same sums, written (like the VNNI kernel's
+/// stores) over `acc[..nr][..nb]`, never added to what is there. Each
+/// product `u8 × i8` fits an `i16` (255 · 127 < 2^15), so the compiler turns
+/// these loops into widening multiply-adds for the CPU `pulp` finds (AVX2's
+/// `vpmaddwd`), exact like the VNNI kernel.
 #[allow(clippy::too_many_arguments)]
 fn portable(
     a: &[u8],
@@ -294,22 +304,32 @@ fn portable(
     nb: usize,
     acc: &mut Acc,
 ) {
-    for (r, acc_r) in acc.iter_mut().enumerate().take(nr) {
-        let row = &a[(r0 + r) * lda..(r0 + r) * lda + k4 * GROUP];
-        for (j, acc_rj) in acc_r.iter_mut().enumerate().take(nb) {
-            let blk = &packed[(b0 + j) * k4 * LANES * GROUP..(b0 + j + 1) * k4 * LANES * GROUP];
-            for (kk, step) in blk.chunks_exact(LANES * GROUP).enumerate() {
-                let av = &row[kk * GROUP..(kk + 1) * GROUP];
-                for (lane, w) in acc_rj.iter_mut().zip(step.chunks_exact(GROUP)) {
-                    *lane += av
-                        .iter()
-                        .zip(w)
-                        .map(|(&x, &w)| i32::from(x) * i32::from(w))
-                        .sum::<i32>();
+    let step = LANES * GROUP;
+    pulp::Arch::new().dispatch(|| {
+        for (r, acc_r) in acc.iter_mut().enumerate().take(nr) {
+            let row = &a[(r0 + r) * lda..(r0 + r) * lda + k4 * GROUP];
+            for (j, acc_rj) in acc_r.iter_mut().enumerate().take(nb) {
+                let blk = &packed[(b0 + j) * k4 * step..(b0 + j + 1) * k4 * step];
+                let mut sums = [0i32; LANES];
+                for (w, av) in blk.chunks_exact(step).zip(row.chunks_exact(GROUP)) {
+                    let av = [
+                        i16::from(av[0]),
+                        i16::from(av[1]),
+                        i16::from(av[2]),
+                        i16::from(av[3]),
+                    ];
+                    for (sum, w) in sums.iter_mut().zip(w.chunks_exact(GROUP)) {
+                        let p0 =
+                            i32::from(av[0] * i16::from(w[0])) + i32::from(av[1] * i16::from(w[1]));
+                        let p1 =
+                            i32::from(av[2] * i16::from(w[2])) + i32::from(av[3] * i16::from(w[3]));
+                        *sum += p0 + p1;
+                    }
                 }
+                *acc_rj = sums;
             }
         }
-    }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -451,9 +471,15 @@ mod tests {
             let b = data(out, 3, 1.0);
             let want = reference(&x, &w, &b, rows, inp, out);
             let q = QDense::quantize(&w, &b, inp, out);
-            // More threads than groups, and counts that do not divide them.
-            for threads in [1, 2, 3, 5, 8, 16] {
-                let got = q.forward(&x, rows, threads);
+            // More threads than groups, and counts that do not divide them;
+            // the portable kernel too where the CPU has VNNI (a portable
+            // kernel that added to the last tile's sums gave noise on CPUs
+            // without it, and no test on a VNNI machine saw it).
+            for (threads, kernel) in [1, 2, 3, 5, 8, 16]
+                .into_iter()
+                .flat_map(|t| [(t, Kernel::detect()), (t, Kernel::Portable)])
+            {
+                let got = q.forward_with(kernel, &x, rows, threads);
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (g, w) in got.iter().zip(&want) {
                     // Two 8-bit roundings, summed over `inp` terms of random sign.
@@ -474,14 +500,18 @@ mod tests {
         let detected = Kernel::detect();
         for (r0, nr) in [(0, 4), (4, 4), (8, 1), (5, 3), (2, 2)] {
             for (b0, nb) in [(0, 4), (4, 3), (6, 1), (1, 2)] {
-                let mut want = [[[0; LANES]; TILE_BLOCKS]; TILE_ROWS];
+                // Tiles are written over what the last one left, not added to it.
+                let mut want = [[[7; LANES]; TILE_BLOCKS]; TILE_ROWS];
                 Kernel::Portable.tile(&a, lda, r0, nr, &q.packed, q.k4, b0, nb, &mut want);
-                let mut got = [[[0; LANES]; TILE_BLOCKS]; TILE_ROWS];
+                let mut got = [[[-3; LANES]; TILE_BLOCKS]; TILE_ROWS];
                 detected.tile(&a, lda, r0, nr, &q.packed, q.k4, b0, nb, &mut got);
-                assert_eq!(
-                    got, want,
-                    "{detected:?} at rows {r0}+{nr}, blocks {b0}+{nb}"
-                );
+                for (got_r, want_r) in got.iter().zip(&want).take(nr) {
+                    assert_eq!(
+                        got_r[..nb],
+                        want_r[..nb],
+                        "{detected:?} at rows {r0}+{nr}, blocks {b0}+{nb}"
+                    );
+                }
                 // And the portable sums are the plain dot products.
                 for (r, want_r) in want.iter().enumerate().take(nr) {
                     for (j, want_rj) in want_r.iter().enumerate().take(nb) {
