@@ -257,6 +257,13 @@ impl CpuEncoder {
     /// Run every dense layer of the encoder in int8 (see `qmatmul`):
     /// embeddings, layer norms and attention stay in `f32`.
     pub fn quantize_int8(&mut self) {
+        if !QDense::fast_on_this_cpu() {
+            tracing::warn!(
+                "int8 dense layers: this CPU has no AVX-512 VNNI, so they run a portable \
+                 kernel (same answers, several times slower than f32); set `int8 = false` \
+                 in the specialist's config (or pass `--f32` to the CLI) for speed here"
+            );
+        }
         for layer in &mut self.layers {
             for d in [
                 &mut layer.qkv,
