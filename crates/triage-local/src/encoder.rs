@@ -259,9 +259,10 @@ impl CpuEncoder {
     pub fn quantize_int8(&mut self) {
         if !QDense::fast_on_this_cpu() {
             tracing::warn!(
-                "int8 dense layers: this CPU has no AVX-512 VNNI, so they run a portable \
-                 kernel (same answers, several times slower than f32); set `int8 = false` \
-                 in the specialist's config (or pass `--f32` to the CLI) for speed here"
+                "int8 dense layers: this CPU has neither AVX-512 VNNI nor AVX2, so they run \
+                 a portable kernel (same answers, several times slower than f32); set \
+                 `int8 = false` in the specialist's config (or pass `--f32` to the CLI) for \
+                 speed here"
             );
         }
         for layer in &mut self.layers {
