@@ -139,18 +139,18 @@ impl QDense {
                 let mut r0 = 0;
                 while r0 < rows {
                     let nr = TILE_ROWS.min(rows - r0);
-                    kernel.tile(
-                        &a,
+                    let tile = Tile {
+                        a: &a,
                         lda,
                         r0,
                         nr,
-                        &self.packed,
-                        self.k4,
+                        packed: &self.packed,
+                        k4: self.k4,
                         b0,
                         nb,
-                        &self.shift,
-                        &mut acc,
-                    );
+                        shift: &self.shift,
+                    };
+                    kernel.tile(&tile, &mut acc);
                     for (r, acc_r) in acc.iter().enumerate().take(nr) {
                         let at = (r0 + r) * width + (b0 - b_first) * LANES;
                         let c0 = b0 * LANES;
@@ -268,6 +268,24 @@ enum Kernel {
 
 type Acc = [[[i32; LANES]; TILE_BLOCKS]; TILE_ROWS];
 
+/// What one register tile multiplies: rows `r0..r0 + nr` of the activation
+/// codes `a` (`lda` bytes a row, in the form [`Kernel::prepare`] gave)
+/// with blocks `b0..b0 + nb` of a layer's `packed` weights (`k4` steps a
+/// block); `shift` is the layer's `128 · Σ w` per output, which the AVX2
+/// kernel needs (see [`avx2`]).
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    a: &'a [u8],
+    lda: usize,
+    r0: usize,
+    nr: usize,
+    packed: &'a [i8],
+    k4: usize,
+    b0: usize,
+    nb: usize,
+    shift: &'a [i32],
+}
+
 impl Kernel {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
@@ -313,23 +331,11 @@ impl Kernel {
         all
     }
 
-    /// Sums of rows `r0..r0 + nr` of `a` (as [`Self::prepare`] gave it)
-    /// with blocks `b0..b0 + nb` of `packed` into `acc[..nr][..nb]`. `shift` is the layer's
-    /// `128 · Σ w` per output, which the AVX2 kernel needs (see [`avx2`]).
-    #[allow(clippy::too_many_arguments)]
-    fn tile(
-        self,
-        a: &[u8],
-        lda: usize,
-        r0: usize,
-        nr: usize,
-        packed: &[i8],
-        k4: usize,
-        b0: usize,
-        nb: usize,
-        shift: &[i32],
-        acc: &mut Acc,
-    ) {
+    /// The tile's sums into `acc[..nr][..nb]`.
+    #[inline(always)]
+    fn tile(self, t: &Tile<'_>, acc: &mut Acc) {
+        let (a, lda, r0, nr, packed, k4, b0, nb, shift) =
+            (t.a, t.lda, t.r0, t.nr, t.packed, t.k4, t.b0, t.nb, t.shift);
         assert!((1..=TILE_ROWS).contains(&nr) && (1..=TILE_BLOCKS).contains(&nb));
         assert!(
             shift.len() >= (b0 + nb) * LANES,
@@ -344,11 +350,11 @@ impl Kernel {
             "tile: blocks out of bounds"
         );
         match self {
-            Self::Portable => portable(a, lda, r0, nr, packed, k4, b0, nb, acc),
+            Self::Portable => portable(t, acc),
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => avx2::tile(a, lda, r0, nr, packed, k4, b0, nb, shift, acc),
+            Self::Avx2 => avx2::tile(t, acc),
             #[cfg(target_arch = "x86_64")]
-            Self::Vnni => vnni::tile(a, lda, r0, nr, packed, k4, b0, nb, acc),
+            Self::Vnni => vnni::tile(t, acc),
         }
     }
 }
@@ -358,18 +364,8 @@ impl Kernel {
 /// kernels' stores) over `acc[..nr][..nb]`, never added to what is there.
 /// Each product `u8 × i8` fits an `i16` (255 · 127 < 2^15). Exact, but
 /// several times slower than `f32` (see [`QDense::fast_on_this_cpu`]).
-#[allow(clippy::too_many_arguments)]
-fn portable(
-    a: &[u8],
-    lda: usize,
-    r0: usize,
-    nr: usize,
-    packed: &[i8],
-    k4: usize,
-    b0: usize,
-    nb: usize,
-    acc: &mut Acc,
-) {
+fn portable(t: &Tile<'_>, acc: &mut Acc) {
+    let (a, lda, r0, nr, packed, k4, b0, nb) = (t.a, t.lda, t.r0, t.nr, t.packed, t.k4, t.b0, t.nb);
     let step = LANES * GROUP;
     pulp::Arch::new().dispatch(|| {
         for (r, acc_r) in acc.iter_mut().enumerate().take(nr) {
@@ -400,7 +396,7 @@ fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Acc, GROUP, LANES, TILE_ROWS};
+    use super::{Acc, GROUP, LANES, TILE_ROWS, Tile};
     use std::arch::x86_64::{
         __m256i, _mm256_add_epi32, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16,
         _mm256_set1_epi16, _mm256_set1_epi32, _mm256_setzero_si256, _mm256_sign_epi8,
@@ -414,28 +410,18 @@ mod avx2 {
     /// pair is `|q| × (w · sign q)`: at most `2 · 127 · 127 < 2^15`, exact.
     /// `vpmaddwd` by ones widens the pairs to `i32`. That gives `Σ q · w`;
     /// the other kernels' `Σ (q + 128) · w` is `128 · Σ w` more, which the
-    /// kernel adds from the packed weights' column sums (`shift`).
+    /// kernel adds from the tile's `shift`.
     ///
     /// One block (16 outputs, two 256-bit halves) at a time, for up to 4
     /// rows: 8 accumulators, within AVX2's 16 registers. `a` is the codes
     /// as [`prepare`] lays them out, `2 · lda` bytes a row.
-    #[allow(clippy::too_many_arguments)]
     #[expect(
         unsafe_code,
         reason = "calls the AVX2 kernel, which `Kernel::detect` found on this CPU"
     )]
-    pub(super) fn tile(
-        a: &[u8],
-        lda: usize,
-        r0: usize,
-        nr: usize,
-        packed: &[i8],
-        k4: usize,
-        b0: usize,
-        nb: usize,
-        shift: &[i32],
-        acc: &mut Acc,
-    ) {
+    pub(super) fn tile(t: &Tile<'_>, acc: &mut Acc) {
+        let (a, lda, r0, nr, packed, k4, b0, nb, shift) =
+            (t.a, t.lda, t.r0, t.nr, t.packed, t.k4, t.b0, t.nb, t.shift);
         assert!((r0 + nr) * 2 * lda <= a.len(), "tile: rows out of bounds");
         for j in 0..nb {
             let sh = &shift[(b0 + j) * LANES..(b0 + j + 1) * LANES];
@@ -541,7 +527,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{Acc, GROUP, LANES, TILE_BLOCKS, TILE_ROWS};
+    use super::{Acc, GROUP, LANES, TILE_BLOCKS, TILE_ROWS, Tile};
     use std::arch::x86_64::{
         __m512i, _mm512_dpbusd_epi32, _mm512_loadu_si512, _mm512_set1_epi32, _mm512_setzero_si512,
         _mm512_storeu_si512,
@@ -549,22 +535,13 @@ mod vnni {
 
     /// [`super::portable`] with `vpdpbusd`, in register tiles of up to
     /// 4 rows × 4 blocks.
-    #[allow(clippy::too_many_arguments)]
     #[expect(
         unsafe_code,
         reason = "calls the AVX-512 VNNI kernel, which `Kernel::detect` found on this CPU"
     )]
-    pub(super) fn tile(
-        a: &[u8],
-        lda: usize,
-        r0: usize,
-        nr: usize,
-        packed: &[i8],
-        k4: usize,
-        b0: usize,
-        nb: usize,
-        acc: &mut Acc,
-    ) {
+    pub(super) fn tile(t: &Tile<'_>, acc: &mut Acc) {
+        let (a, lda, r0, nr, packed, k4, b0, nb) =
+            (t.a, t.lda, t.r0, t.nr, t.packed, t.k4, t.b0, t.nb);
         // SAFETY: `Kernel::Vnni` is only chosen when the CPU has avx512f and
         // avx512vnni; the bounds were checked by `Kernel::tile`.
         unsafe {
@@ -710,12 +687,22 @@ mod tests {
             for (b0, nb) in [(0, 4), (4, 3), (6, 1), (1, 2)] {
                 // Tiles are written over what the last one left, not added to it.
                 let mut want = [[[7; LANES]; TILE_BLOCKS]; TILE_ROWS];
-                let (packed, k4, shift) = (&q.packed, q.k4, &q.shift);
-                Kernel::Portable.tile(&a, lda, r0, nr, packed, k4, b0, nb, shift, &mut want);
+                let tile = Tile {
+                    a: &a,
+                    lda,
+                    r0,
+                    nr,
+                    packed: &q.packed,
+                    k4: q.k4,
+                    b0,
+                    nb,
+                    shift: &q.shift,
+                };
+                Kernel::Portable.tile(&tile, &mut want);
                 for &kernel in &kernels {
                     let mut got = [[[-3; LANES]; TILE_BLOCKS]; TILE_ROWS];
                     let a = kernel.prepare(&a, lda);
-                    kernel.tile(&a, lda, r0, nr, packed, k4, b0, nb, shift, &mut got);
+                    kernel.tile(&Tile { a: &a, ..tile }, &mut got);
                     for (got_r, want_r) in got.iter().zip(&want).take(nr) {
                         assert_eq!(
                             got_r[..nb],
