@@ -286,19 +286,37 @@ struct Tile<'a> {
     shift: &'a [i32],
 }
 
+/// Every kernel, fastest first.
+const KERNELS: &[Kernel] = &[
+    #[cfg(target_arch = "x86_64")]
+    Kernel::Vnni,
+    #[cfg(target_arch = "x86_64")]
+    Kernel::Avx2,
+    Kernel::Portable,
+];
+
 impl Kernel {
+    /// Whether this CPU has the instructions the kernel needs.
+    fn runs_here(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
+        }
+    }
+
+    /// The fastest kernel this CPU runs.
     fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-        {
-            return Self::Vnni;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            return Self::Avx2;
-        }
-        Self::Portable
+        KERNELS
+            .iter()
+            .copied()
+            .find(|k| k.runs_here())
+            .unwrap_or(Self::Portable)
     }
 
     /// The activation codes (`rows × lda`, from [`quantize_rows`]) in the
@@ -316,19 +334,12 @@ impl Kernel {
     /// them all).
     #[cfg(test)]
     fn available() -> Vec<Self> {
-        let mut all = vec![Self::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                all.push(Self::Avx2);
-            }
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-            {
-                all.push(Self::Vnni);
-            }
-        }
-        all
+        KERNELS
+            .iter()
+            .rev()
+            .copied()
+            .filter(|k| k.runs_here())
+            .collect()
     }
 
     /// The tile's sums into `acc[..nr][..nb]`.
