@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 clients="${1:-64}"
 target="${CARGO_TARGET_DIR:-target}"
 # PROFILE=debug measures the debug build (for a machine without time for a
-# release build); the figures in the README say which they are.
+# release build); the figures in docs/benchmarks.md say which they are.
 profile="${PROFILE:-release}"
 if [ -n "${NO_BUILD:-}" ]; then
   :

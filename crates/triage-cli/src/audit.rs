@@ -1,19 +1,20 @@
 //! `triage audit` and `triage calibrate`: thin fronts over the engine's
-//! replay, audit and calibration (`triage_engine::audit`, `::calibrate`).
+//! replay, audit and calibration (`triage_audit::audit`, `::calibrate`).
 //! Bad input (unknown labels, empty files, unknown tiers, a config that
 //! cannot be rewritten) is refused before any model loads. Rendering the
 //! reports (HTML, PNG) lives in `report.rs`.
 
-use crate::report;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use triage_engine::audit::{self, AuditOptions, Labelled, Mode, Replay};
-use triage_engine::calibrate::{self, CalibrateOptions, Target};
+use triage_audit::audit::{self, AuditOptions, Labelled, Mode, Replay};
+use triage_audit::calibrate::{self, CalibrateOptions, Target};
+use triage_audit::drift;
+use triage_audit::render::report;
+use triage_audit::task_audit::{self, Shape};
 use triage_engine::config::Task;
-use triage_engine::task_audit::{self, Shape};
 use triage_engine::{Config, Engine, Ledger};
 
 #[derive(Debug, Args)]
@@ -441,32 +442,6 @@ pub async fn calibrate(args: CalibrateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One (tier, shadow tier) line of `triage audit --from-ledger`.
-#[derive(Debug, serde::Serialize)]
-struct ShadowLine {
-    tier: String,
-    shadow_tier: String,
-    checked: i64,
-    agreed: i64,
-    /// Agreement with the next tier: the estimate of local accuracy on traffic.
-    agreement: Option<f64>,
-    /// Wilson 95% interval of the agreement.
-    ci95: Option<[f64; 2]>,
-    /// What `triage calibrate --write` promised (`calibrated_accuracy`).
-    calibrated_accuracy: Option<f64>,
-    warning: Option<String>,
-}
-
-fn wilson(agreed: i64, n: i64) -> Option<[f64; 2]> {
-    if n <= 0 {
-        return None;
-    }
-    let (n, p, z) = (n as f64, agreed as f64 / n as f64, 1.96_f64);
-    let centre = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
-    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / (1.0 + z * z / n);
-    Some([(centre - half).max(0.0), (centre + half).min(1.0)])
-}
-
 async fn from_ledger(args: &AuditArgs) -> Result<ExitCode> {
     let config = Config::load(&args.config)?;
     let task = config.task(&args.task).with_context(|| {
@@ -491,44 +466,11 @@ async fn from_ledger(args: &AuditArgs) -> Result<ExitCode> {
     };
     let ledger = Ledger::open(&url).await?;
     let rows = ledger.shadow_agreement(&args.task, since).await?;
-    let mut lines = Vec::new();
+    let lines = drift::shadow_lines(cascade, rows);
     let mut warned = false;
-    for r in rows {
-        let promised = cascade
-            .tiers
-            .iter()
-            .find(|t| t.name == r.tier)
-            .and_then(|t| t.calibrated_accuracy);
-        let agreement = (r.checked > 0).then(|| r.agreed as f64 / r.checked as f64);
-        let ci95 = wilson(r.agreed, r.checked);
-        let warning = match (agreement, promised, ci95) {
-            (Some(a), Some(p), Some([_, upper])) if a < p => {
-                let sure = if upper < p {
-                    "significantly (the 95% interval lies below it)"
-                } else {
-                    "though within noise so far"
-                };
-                Some(format!(
-                    "tier `{}`: agreement with `{}` is {a:.3} on {} shadow check(s), below the calibrated accuracy {p} {sure}; recalibrate with triage calibrate",
-                    r.tier, r.shadow_tier, r.checked
-                ))
-            }
-            _ => None,
-        };
-        if let Some(w) = &warning {
-            eprintln!("warning: {w}");
-            warned = true;
-        }
-        lines.push(ShadowLine {
-            tier: r.tier,
-            shadow_tier: r.shadow_tier,
-            checked: r.checked,
-            agreed: r.agreed,
-            agreement,
-            ci95,
-            calibrated_accuracy: promised,
-            warning,
-        });
+    for w in lines.iter().filter_map(|l| l.warning.as_deref()) {
+        eprintln!("warning: {w}");
+        warned = true;
     }
     if lines.is_empty() {
         eprintln!(

@@ -6,16 +6,17 @@ mod eval;
 mod import;
 mod input;
 mod manifests;
-mod report;
 mod run;
 mod serve;
 mod train;
+#[cfg(feature = "speech")]
 mod transcribe;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use triage_core::Aggregation;
+use triage_local::{DeviceSpec, ThreadBudget};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,7 +27,7 @@ use triage_core::Aggregation;
 struct Cli {
     /// Device to run local models on: cpu, cuda, cuda:N or metal.
     #[arg(long, global = true, default_value = "cpu", env = "TRIAGE_DEVICE")]
-    device: String,
+    device: DeviceSpec,
     /// Cores to use (default: all). `serve` splits them between the async
     /// workers (a quarter, at least one), the encoders and Whisper; other
     /// commands compute on all of them (their one async worker only waits).
@@ -66,6 +67,7 @@ enum Command {
     /// a unix socket (and TCP with keys).
     Serve(serve::ServeArgs),
     /// Speech to text with Whisper: one JSON object per file (or srt, vtt, txt).
+    #[cfg(feature = "speech")]
     Transcribe(transcribe::TranscribeArgs),
     /// Fine-tune a base encoder into a classifier (HF folder out, calibrated).
     Train(train::TrainArgs),
@@ -174,6 +176,22 @@ enum ModelsCommand {
     },
 }
 
+/// What the global flags give every command, parsed once.
+#[derive(Debug, Clone, Copy)]
+struct Globals {
+    /// Where models run; opened only by the commands that run one, so a
+    /// command that runs none (`config check`) works whatever it names.
+    device: DeviceSpec,
+    /// Cores for the async workers, the encoders and whisper.cpp.
+    budget: ThreadBudget,
+}
+
+impl Globals {
+    fn open_device(&self) -> Result<candle_core::Device> {
+        Ok(self.device.open()?)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Job {
     Moderate { windows: bool },
@@ -192,14 +210,16 @@ fn main() -> std::process::ExitCode {
         .init();
     // One budget for every pool: the async workers, the encoders' compute
     // pool and whisper.cpp (which only `serve` runs beside the encoders).
-    let cores = cli
-        .threads
-        .unwrap_or_else(triage_local::ThreadBudget::available_cores);
+    let cores = cli.threads.unwrap_or_else(ThreadBudget::available_cores);
     let budget = if matches!(cli.command, Command::Serve(_)) {
-        triage_local::ThreadBudget::split(cores, true)
+        ThreadBudget::split(cores, true)
     } else {
         // A one-shot command's async worker only waits on its computation.
-        triage_local::ThreadBudget::one_shot(cores)
+        ThreadBudget::one_shot(cores)
+    };
+    let globals = Globals {
+        device: cli.device,
+        budget,
     };
     tracing::debug!(?budget, "thread budget");
     // The encoders' pool (rayon) sizes itself from RAYON_NUM_THREADS; no other thread exists yet.
@@ -218,7 +238,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(dispatch(cli, budget));
+    let result = runtime.block_on(dispatch(cli.command, globals));
     // Blocking work still running (a job's transcription past the drain
     // deadline) must not hold the exit: `serve` has already committed the
     // ledgers by now.
@@ -232,14 +252,13 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn dispatch(cli: Cli, budget: triage_local::ThreadBudget) -> Result<std::process::ExitCode> {
-    let device = cli.device.parse::<triage_local::DeviceSpec>()?.open()?;
-    match cli.command {
+async fn dispatch(command: Command, globals: Globals) -> Result<std::process::ExitCode> {
+    match command {
         Command::Moderate { io, windows } => {
-            run::texts(io, Job::Moderate { windows }, &device).await
+            run::texts(io, Job::Moderate { windows }, &globals.open_device()?).await
         }
         Command::Entities { io, aggregation } => {
-            run::texts(io, Job::Entities(aggregation), &device).await
+            run::texts(io, Job::Entities(aggregation), &globals.open_device()?).await
         }
         Command::Train(args) => train::run(args).await,
         Command::Execute(args) => engine_cmds::execute(args).await,
@@ -247,13 +266,16 @@ async fn dispatch(cli: Cli, budget: triage_local::ThreadBudget) -> Result<std::p
         Command::Costs(args) => engine_cmds::costs(args).await,
         Command::Audit(args) => audit::audit(args).await,
         Command::Calibrate(args) => audit::calibrate(args).await,
-        Command::Serve(args) => serve::run(args, &cli.device, budget.whisper).await,
+        Command::Serve(args) => serve::run(args, globals.device, globals.budget.whisper).await,
+        #[cfg(feature = "speech")]
         Command::Transcribe(args) => {
             // Transcription alone: whisper.cpp takes every core.
-            transcribe::run(args, budget.whisper, cli.device.parse()?).await
+            transcribe::run(args, globals.budget.whisper, globals.device).await
         }
-        Command::Embed { io, normalize } => run::texts(io, Job::Embed { normalize }, &device).await,
-        Command::Eval(args) => eval::run(args, &device).await,
+        Command::Embed { io, normalize } => {
+            run::texts(io, Job::Embed { normalize }, &globals.open_device()?).await
+        }
+        Command::Eval(args) => eval::run(args, &globals.open_device()?).await,
         Command::Models {
             command:
                 ModelsCommand::Pack {

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use toml::{Table, Value};
 use triage_engine::{Config, default_config};
+use triage_local::DeviceSpec;
 use triage_server::{ApiKey, AppState, Limits};
 
 /// The Whisper model served by default.
@@ -184,13 +185,13 @@ fn table<'a>(t: &'a mut Table, path: &[&str]) -> Result<&'a mut Table> {
 /// gets from `triage config default`, edited where a flag says so.
 async fn default_with_flags(
     args: &ServeArgs,
-    device: &str,
+    device: DeviceSpec,
     whisper_threads: usize,
 ) -> Result<Config> {
     let mut doc: Table =
         toml::from_str(default_config::TOML).context("the embedded default config is not TOML")?;
     for specialist in ["toxicity", "whisper"] {
-        table(&mut doc, &["local", specialist])?.insert("device".into(), device.into());
+        table(&mut doc, &["local", specialist])?.insert("device".into(), device.to_string().into());
     }
     let n = i64::try_from(whisper_threads).unwrap_or(i64::MAX);
     table(&mut doc, &["local", "whisper"])?.insert("threads".into(), n.into());
@@ -248,7 +249,13 @@ async fn default_with_flags(
         .clone()
         .unwrap_or_else(|| DEFAULT_WHISPER.into());
     table(&mut doc, &["local", "whisper"])?.insert("model".into(), whisper.clone().into());
-    if let Err(e) = triage_local::resolve::resolve_whisper(&whisper).await {
+    if !cfg!(feature = "speech") {
+        // A text-only build: the same config without its Whisper parts.
+        eprintln!("note: this triage was built without speech: serving moderation only");
+        table(&mut doc, &["local"])?.remove("whisper");
+        table(&mut doc, &["tasks"])?.remove("transcription");
+        table(&mut doc, &["server"])?.remove("transcription_task");
+    } else if let Err(e) = triage_local::resolve::resolve_whisper(&whisper).await {
         if args.whisper_model.is_some() {
             return Err(e).context("cannot load the Whisper model");
         }
@@ -267,7 +274,7 @@ async fn default_with_flags(
     )?)
 }
 
-pub async fn run(args: ServeArgs, device: &str, whisper_threads: usize) -> Result<ExitCode> {
+pub async fn run(args: ServeArgs, device: DeviceSpec, whisper_threads: usize) -> Result<ExitCode> {
     let (config, what) = match &args.config {
         Some(path) => {
             let mut config = Config::load(path)?;

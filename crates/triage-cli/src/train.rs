@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use triage_local::train::net::HeadKind;
-use triage_local::train::{EpochReport, Progress, TrainConfig};
+use triage_train::net::HeadKind;
+use triage_train::{EpochReport, Progress, TrainConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -160,8 +160,7 @@ pub async fn run(args: TrainArgs) -> Result<ExitCode> {
         bar: Mutex::new(ProgressBar::hidden()),
         stop,
     };
-    let report =
-        tokio::task::spawn_blocking(move || triage_local::train::train(&cfg, &bars)).await??;
+    let report = tokio::task::spawn_blocking(move || triage_train::train(&cfg, &bars)).await??;
     watcher.abort();
     let stdout = std::io::stdout();
     writeln!(stdout.lock(), "{}", serde_json::to_string(&report)?)?;

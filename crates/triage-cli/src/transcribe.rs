@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use triage_local::speech::{self, TranscribeOptions, WhisperEngine};
+use triage_speech::{self as speech, TranscribeOptions, WhisperEngine};
 
 #[derive(Debug, clap::Args)]
 pub struct TranscribeArgs {

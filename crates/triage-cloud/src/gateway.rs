@@ -225,6 +225,28 @@ fn now_std() -> std::time::Instant {
     Instant::now().into_std()
 }
 
+/// One retry/fallback walk: what it is for, and how it is accounted.
+#[derive(Debug, Clone, Copy)]
+struct Walk<'a> {
+    /// `chat`, `chat_stream`, `moderate`, `transcribe`.
+    operation: &'static str,
+    /// The model the caller asked for (kept when a target names none).
+    request_model: &'a str,
+    /// Tokens reserved against the rate limits before each try.
+    estimate: u64,
+    /// Hand the successful attempt back instead of recording it (a stream
+    /// records it when it ends).
+    defer: bool,
+}
+
+/// Who an attempt called.
+#[derive(Debug, Clone, Copy)]
+struct Callee<'a> {
+    provider: &'a str,
+    model: &'a str,
+    operation: &'static str,
+}
+
 impl Gateway {
     /// Providers with later duplicate names replace earlier ones.
     pub fn new(
@@ -299,7 +321,16 @@ impl Gateway {
         };
         let (outcome, _) = self
             .run(
-                ctx, targets, "chat", &req.model, estimate, false, call, bill,
+                ctx,
+                targets,
+                Walk {
+                    operation: "chat",
+                    request_model: &req.model,
+                    estimate,
+                    defer: false,
+                },
+                call,
+                bill,
             )
             .await;
         outcome
@@ -341,10 +372,12 @@ impl Gateway {
             .run(
                 ctx,
                 targets,
-                "chat_stream",
-                &req.model,
-                estimate,
-                true,
+                Walk {
+                    operation: "chat_stream",
+                    request_model: &req.model,
+                    estimate,
+                    defer: true,
+                },
                 call,
                 |_| Bill::default(),
             )
@@ -382,10 +415,12 @@ impl Gateway {
             .run(
                 ctx,
                 targets,
-                "moderate",
-                &req.model,
-                estimate,
-                false,
+                Walk {
+                    operation: "moderate",
+                    request_model: &req.model,
+                    estimate,
+                    defer: false,
+                },
                 call,
                 |_| Bill::default(),
             )
@@ -413,22 +448,29 @@ impl Gateway {
             refused: false,
         };
         let (outcome, _) = self
-            .run(ctx, targets, "transcribe", &req.model, 0, false, call, bill)
+            .run(
+                ctx,
+                targets,
+                Walk {
+                    operation: "transcribe",
+                    request_model: &req.model,
+                    estimate: 0,
+                    defer: false,
+                },
+                call,
+                bill,
+            )
             .await;
         outcome
     }
 
     /// The retry/fallback walk. With `defer`, the successful attempt is not
     /// recorded but handed back, to be recorded when its stream ends.
-    #[allow(clippy::too_many_arguments)]
     async fn run<T, F, Fut>(
         &self,
         ctx: &CallContext,
         targets: &[Target],
-        operation: &'static str,
-        request_model: &str,
-        estimate: u64,
-        defer: bool,
+        walk: Walk<'_>,
         call: F,
         bill: impl Fn(&T) -> Bill,
     ) -> (Outcome<T>, Option<Pending>)
@@ -436,6 +478,12 @@ impl Gateway {
         F: Fn(&Provider, String) -> Fut,
         Fut: Future<Output = Result<T, ProviderError>>,
     {
+        let Walk {
+            operation,
+            request_model,
+            estimate,
+            defer,
+        } = walk;
         let policy = self.inner.policy;
         let deadline = Instant::now() + policy.deadline;
         let mut attempts = Vec::new();
@@ -545,7 +593,16 @@ impl Gateway {
                 let latency = started.elapsed();
                 let record = |outcome, bill: Bill| {
                     self.attempt(
-                        ctx, name, &model, operation, started_at, latency, outcome, bill,
+                        ctx,
+                        Callee {
+                            provider: name,
+                            model: &model,
+                            operation,
+                        },
+                        started_at,
+                        latency,
+                        outcome,
+                        bill,
                     )
                 };
 
@@ -639,18 +696,20 @@ impl Gateway {
         fail(errors, attempts)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attempt(
         &self,
         ctx: &CallContext,
-        provider: &str,
-        model: &str,
-        operation: &'static str,
+        callee: Callee<'_>,
         started_at: SystemTime,
         latency: Duration,
         outcome: AttemptOutcome,
         bill: Bill,
     ) -> Attempt {
+        let Callee {
+            provider,
+            model,
+            operation,
+        } = callee;
         let mut attempt = Attempt {
             request_id: ctx.request_id.clone(),
             task: ctx.task.clone(),
@@ -753,9 +812,11 @@ impl Drop for InFlight<'_> {
         };
         let attempt = self.gateway.attempt(
             self.ctx,
-            self.provider,
-            self.model,
-            self.operation,
+            Callee {
+                provider: self.provider,
+                model: self.model,
+                operation: self.operation,
+            },
             self.started_at,
             self.started.elapsed(),
             outcome,

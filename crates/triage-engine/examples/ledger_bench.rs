@@ -7,7 +7,7 @@
 #![allow(clippy::print_stdout)]
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use triage_engine::ledger::{AttemptRecord, Ledger, RequestRecord};
+use triage_engine::ledger::{AttemptRecord, Ledger, LocalAttempt, RequestRecord};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -30,16 +30,16 @@ async fn main() -> anyhow::Result<()> {
             waited += 1;
         }
         let id = format!("bench-{run}-{i}");
-        ledger.record(AttemptRecord::local(
-            &id,
-            "faq",
-            "intent",
-            "rules",
-            "route",
-            std::time::Duration::from_micros(40),
-            0.0,
-            None,
-        ));
+        ledger.record(AttemptRecord::local(LocalAttempt {
+            request_id: &id,
+            task: "faq",
+            tier: "intent",
+            model: "rules",
+            operation: "route",
+            latency: std::time::Duration::from_micros(40),
+            cost_usd: 0.0,
+            error: None,
+        }));
         ledger.record_request(RequestRecord {
             request_id: id,
             task: "faq".into(),

@@ -5,7 +5,7 @@
 
 use crate::config::{Config, Strategy, Task};
 use crate::error::EngineError;
-use crate::ledger::{AttemptRecord, Ledger, RequestRecord};
+use crate::ledger::{AttemptRecord, Ledger, LocalAttempt, RequestRecord};
 use crate::redact::{self, Restorer};
 use crate::specialists::{Specialist, Specialists};
 use crate::strategy;
@@ -150,33 +150,33 @@ impl Run<'_> {
     /// Record a local tier's run in the ledger and the trace. With the
     /// worker's timing, the tier is charged its share of the batch's compute
     /// and the trace shows queue and compute time apart.
-    #[allow(clippy::too_many_arguments)]
-    pub fn local_step(
-        &mut self,
-        tier: &str,
-        model: &str,
-        operation: &str,
-        specialist: &Specialist,
-        time: impl Into<LocalTime>,
-        decision: Decision,
-        reason: String,
-        score: Option<f64>,
-        error: Option<String>,
-    ) {
-        let LocalTime { elapsed, timing } = time.into();
+    pub fn local_step(&mut self, step: LocalStep<'_>, outcome: StepOutcome) {
+        let LocalStep {
+            tier,
+            model,
+            operation,
+            specialist,
+            time: LocalTime { elapsed, timing },
+            error,
+        } = step;
         let cost = self.compute_cost(specialist, timing.map_or(elapsed, |t| t.compute));
         if let Some(ledger) = &self.engine.ledger {
-            ledger.record(AttemptRecord::local(
-                &self.request_id,
-                &self.task.name,
+            ledger.record(AttemptRecord::local(LocalAttempt {
+                request_id: &self.request_id,
+                task: &self.task.name,
                 tier,
                 model,
                 operation,
-                elapsed,
-                cost,
+                latency: elapsed,
+                cost_usd: cost,
                 error,
-            ));
+            }));
         }
+        let StepOutcome {
+            decision,
+            reason,
+            score,
+        } = outcome;
         self.trace.push(TierTrace {
             tier: tier.into(),
             model: model.into(),
@@ -229,20 +229,47 @@ impl Run<'_> {
                 }
                 let found = spans.len();
                 self.local_step(
-                    "redact",
-                    &format!("local/{name}"),
-                    "tag",
-                    specialist,
-                    (started.elapsed(), timing),
-                    Decision::Ran,
-                    format!("{found} span(s) redacted"),
-                    None,
-                    None,
+                    LocalStep {
+                        tier: "redact",
+                        model: &format!("local/{name}"),
+                        operation: "tag",
+                        specialist,
+                        time: (started.elapsed(), timing).into(),
+                        error: None,
+                    },
+                    StepOutcome {
+                        decision: Decision::Ran,
+                        reason: format!("{found} span(s) redacted"),
+                        score: None,
+                    },
                 );
             }
         }
         Ok(redact::apply(text, spans))
     }
+}
+
+/// A local tier's run, as [`Run::local_step`] records it.
+#[derive(Debug)]
+pub struct LocalStep<'a> {
+    /// The tier or stage name the trace shows.
+    pub tier: &'a str,
+    /// `local/NAME`, or the tier's model name.
+    pub model: &'a str,
+    /// `classify`, `tag`, `transcribe`.
+    pub operation: &'a str,
+    pub specialist: &'a Specialist,
+    pub time: LocalTime,
+    /// Set when the step failed (the ledger row's error).
+    pub error: Option<String>,
+}
+
+/// What a step decided, as its trace line says it.
+#[derive(Debug)]
+pub struct StepOutcome {
+    pub decision: Decision,
+    pub reason: String,
+    pub score: Option<f64>,
 }
 
 /// A local step's wall time, and the worker's account of it when there is one.
@@ -342,6 +369,15 @@ impl Engine {
             budgets,
             background: Default::default(),
         })
+    }
+
+    /// Whether a Whisper specialist can answer plain transcriptions
+    /// (never in a build without the `speech` feature).
+    pub fn transcribes(&self) -> bool {
+        #[cfg(feature = "speech")]
+        return self.transcriber().is_some();
+        #[cfg(not(feature = "speech"))]
+        false
     }
 
     pub fn task(&self, name: &str) -> Result<&Task, EngineError> {

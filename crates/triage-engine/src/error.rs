@@ -30,10 +30,12 @@ pub enum EngineError {
         #[source]
         source: triage_local::LocalError,
     },
+    #[cfg(feature = "speech")]
     #[error("the audio could not be read")]
-    Audio(#[from] triage_local::speech::AudioError),
+    Audio(#[from] triage_speech::AudioError),
+    #[cfg(feature = "speech")]
     #[error("transcription failed")]
-    Speech(#[from] triage_local::speech::SpeechError),
+    Speech(#[from] triage_speech::SpeechError),
     #[error("every hosted model for tier `{tier}` failed")]
     Cloud {
         tier: String,
@@ -83,8 +85,14 @@ pub enum EngineError {
 pub enum LoadError {
     #[error(transparent)]
     Local(#[from] triage_local::LocalError),
+    #[cfg(feature = "speech")]
     #[error(transparent)]
-    Speech(#[from] triage_local::speech::SpeechError),
+    Speech(#[from] triage_speech::SpeechError),
+    /// A Whisper specialist in a build without the `speech` feature.
+    #[error(
+        "this triage was built without speech (the `speech` cargo feature); build it with default features to load Whisper"
+    )]
+    NoSpeech,
     #[error("the loading thread stopped")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -123,9 +131,17 @@ impl EngineError {
             self,
             EngineError::UnknownTask { .. }
                 | EngineError::WrongInput { .. }
-                | EngineError::Audio(_)
                 | EngineError::Override(_)
-        ) || matches!(self, EngineError::Local { source, .. } if matches!(source, triage_local::LocalError::Tokenize(_) | triage_local::LocalError::InputTooLong { .. }))
+        ) || self.is_bad_audio()
+            || matches!(self, EngineError::Local { source, .. } if matches!(source, triage_local::LocalError::Tokenize(_) | triage_local::LocalError::InputTooLong { .. }))
+    }
+
+    /// Whether the caller's audio could not be decoded.
+    pub fn is_bad_audio(&self) -> bool {
+        #[cfg(feature = "speech")]
+        return matches!(self, EngineError::Audio(_));
+        #[cfg(not(feature = "speech"))]
+        false
     }
 
     /// Whether the engine is overloaded (answer 429/503 with Retry-After).

@@ -7,26 +7,23 @@
 // built at most once per request, so its size costs nothing measurable.
 #![allow(clippy::result_large_err)]
 
-pub mod answer_cache;
-pub mod audit;
 pub mod background;
 pub mod budget;
-pub mod calibrate;
 pub mod config;
 pub mod default_config;
 pub mod engine;
 pub mod error;
 pub mod ledger;
-pub mod minute_stats;
 pub mod redact;
 pub mod specialists;
+#[cfg(feature = "speech")]
 pub mod speech;
 pub mod strategy;
-pub mod task_audit;
 
 pub use config::{Config, ConfigError};
 pub use engine::{Engine, Execution, Failure, Input, Overrides};
 pub use error::{EngineError, LoadError};
 pub use ledger::{GroupBy, Ledger};
+#[cfg(feature = "speech")]
 pub use speech::Transcriber;
 pub use triage_core::{ErrorClass, TaskAnswer};

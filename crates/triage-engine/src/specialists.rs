@@ -7,8 +7,9 @@ use crate::error::EngineError;
 use indexmap::IndexMap;
 use std::sync::Arc;
 pub use triage_local::CacheStats;
-use triage_local::speech::WhisperEngine;
 use triage_local::{ModelHandle, ModelRef};
+#[cfg(feature = "speech")]
+use triage_speech::WhisperEngine;
 
 #[derive(Debug, Clone)]
 pub enum Specialist {
@@ -22,6 +23,7 @@ pub enum Specialist {
         handle: ModelHandle,
         gpu: bool,
     },
+    #[cfg(feature = "speech")]
     Whisper {
         engine: Arc<WhisperEngine>,
         gpu: bool,
@@ -36,15 +38,16 @@ impl Specialist {
             Specialist::Classifier { handle, .. } | Specialist::Tagger { handle, .. } => {
                 handle.is_alive()
             }
+            #[cfg(feature = "speech")]
             Specialist::Whisper { .. } => true,
         }
     }
 
     pub fn on_gpu(&self) -> bool {
         match self {
-            Specialist::Classifier { gpu, .. }
-            | Specialist::Tagger { gpu, .. }
-            | Specialist::Whisper { gpu, .. } => *gpu,
+            Specialist::Classifier { gpu, .. } | Specialist::Tagger { gpu, .. } => *gpu,
+            #[cfg(feature = "speech")]
+            Specialist::Whisper { gpu, .. } => *gpu,
         }
     }
 }
@@ -93,59 +96,7 @@ impl Specialists {
                         Specialist::Tagger { handle, gpu }
                     }
                 }
-                LocalKind::Whisper => {
-                    let path = triage_local::resolve::resolve_whisper(&spec.model)
-                        .await
-                        .map_err(err)?;
-                    // Unset: its share of the machine's thread budget.
-                    let threads = spec.threads.unwrap_or_else(|| {
-                        triage_local::ThreadBudget::split(
-                            triage_local::ThreadBudget::available_cores(),
-                            true,
-                        )
-                        .whisper
-                    });
-                    let vad = triage_local::resolve::resolve_vad(spec.vad_model.as_deref())
-                        .map_err(err)?;
-                    let speakers = spec
-                        .speaker_model
-                        .as_deref()
-                        .map(|m| triage_local::resolve::resolve_speaker_model(Some(m)))
-                        .transpose()
-                        .map_err(err)?;
-                    let device = spec.device;
-                    let share = (device == triage_local::DeviceSpec::Cpu).then(|| share.clone());
-                    let engine = tokio::task::spawn_blocking(move || {
-                        let engine = WhisperEngine::load(&path, threads, device)?;
-                        let engine = match share {
-                            Some(share) => engine.with_core_share(share),
-                            None => engine,
-                        };
-                        let engine = match vad {
-                            Some(vad) => engine.with_vad(&vad)?,
-                            None => engine,
-                        };
-                        match speakers {
-                            Some(model) => engine.with_speakers(&model),
-                            None => Ok(engine),
-                        }
-                    })
-                    .await
-                    .map_err(|e| EngineError::LoadSpecialist {
-                        name: name.clone(),
-                        model: spec.model.clone(),
-                        source: e.into(),
-                    })?
-                    .map_err(|e| EngineError::LoadSpecialist {
-                        name: name.clone(),
-                        model: spec.model.clone(),
-                        source: e.into(),
-                    })?;
-                    Specialist::Whisper {
-                        engine: Arc::new(engine),
-                        gpu,
-                    }
-                }
+                LocalKind::Whisper => load_whisper(name, spec, &share, gpu).await?,
             };
             map.insert(name.clone(), specialist);
         }
@@ -196,4 +147,81 @@ async fn positive_labels_of(model: &str, labels: &[String]) -> Vec<String> {
         return vec![labels[1].clone()];
     }
     labels.to_vec()
+}
+
+/// Resolve and load a Whisper specialist, its CPU passes sharing `share`.
+#[cfg(feature = "speech")]
+async fn load_whisper(
+    name: &str,
+    spec: &LocalSpec,
+    share: &Arc<triage_local::CoreShare>,
+    gpu: bool,
+) -> Result<Specialist, EngineError> {
+    let err = |source: triage_local::LocalError| EngineError::LoadSpecialist {
+        name: name.to_owned(),
+        model: spec.model.clone(),
+        source: source.into(),
+    };
+    let path = triage_local::resolve::resolve_whisper(&spec.model)
+        .await
+        .map_err(err)?;
+    // Unset: its share of the machine's thread budget.
+    let threads = spec.threads.unwrap_or_else(|| {
+        triage_local::ThreadBudget::split(triage_local::ThreadBudget::available_cores(), true)
+            .whisper
+    });
+    let vad = triage_local::resolve::resolve_vad(spec.vad_model.as_deref()).map_err(err)?;
+    let speakers = spec
+        .speaker_model
+        .as_deref()
+        .map(|m| triage_local::resolve::resolve_speaker_model(Some(m)))
+        .transpose()
+        .map_err(err)?;
+    let device = spec.device;
+    let share = (device == triage_local::DeviceSpec::Cpu).then(|| share.clone());
+    let engine = tokio::task::spawn_blocking(move || {
+        let engine = WhisperEngine::load(&path, threads, device)?;
+        let engine = match share {
+            Some(share) => engine.with_core_share(share),
+            None => engine,
+        };
+        let engine = match vad {
+            Some(vad) => engine.with_vad(&vad)?,
+            None => engine,
+        };
+        match speakers {
+            Some(model) => engine.with_speakers(&model),
+            None => Ok(engine),
+        }
+    })
+    .await
+    .map_err(|e| EngineError::LoadSpecialist {
+        name: name.to_owned(),
+        model: spec.model.clone(),
+        source: e.into(),
+    })?
+    .map_err(|e| EngineError::LoadSpecialist {
+        name: name.to_owned(),
+        model: spec.model.clone(),
+        source: e.into(),
+    })?;
+    Ok(Specialist::Whisper {
+        engine: Arc::new(engine),
+        gpu,
+    })
+}
+
+/// A build without speech refuses a Whisper specialist by name.
+#[cfg(not(feature = "speech"))]
+async fn load_whisper(
+    name: &str,
+    spec: &LocalSpec,
+    _share: &Arc<triage_local::CoreShare>,
+    _gpu: bool,
+) -> Result<Specialist, EngineError> {
+    Err(EngineError::LoadSpecialist {
+        name: name.to_owned(),
+        model: spec.model.clone(),
+        source: crate::error::LoadError::NoSpeech,
+    })
 }

@@ -11,14 +11,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use triage_core::Transcript;
-use triage_local::speech::WhisperEngine;
+use triage_speech::WhisperEngine;
 
-pub use triage_local::speech::TranscribeOptions;
-pub use triage_local::speech::format;
+pub use triage_speech::TranscribeOptions;
+pub use triage_speech::format;
 
 /// Audio decoded to 16 kHz mono, ready to transcribe.
 #[derive(Debug)]
-pub struct Audio(triage_local::speech::Pcm);
+pub struct Audio(triage_speech::Pcm);
 
 impl Audio {
     pub fn duration_s(&self) -> f64 {
@@ -52,9 +52,7 @@ impl Transcriber {
         extension: Option<&str>,
         limit_s: Option<f64>,
     ) -> Result<Audio, EngineError> {
-        Ok(Audio(triage_local::speech::decode(
-            bytes, extension, limit_s,
-        )?))
+        Ok(Audio(triage_speech::decode(bytes, extension, limit_s)?))
     }
 
     /// Decode a file as it is read, to 16 kHz (a stereo file's channels
@@ -64,10 +62,10 @@ impl Transcriber {
         extension: Option<&str>,
         limit_s: Option<f64>,
     ) -> Result<Audio, EngineError> {
-        let mut pcm = triage_local::speech::decode_file(
+        let mut pcm = triage_speech::decode_file(
             path,
             extension,
-            triage_local::speech::DecodeOptions {
+            triage_speech::DecodeOptions {
                 limit_s,
                 keep_channels: true,
             },
@@ -75,7 +73,7 @@ impl Transcriber {
         if pcm
             .channels
             .as_ref()
-            .is_some_and(|c| !triage_local::speech::channels_apart(c))
+            .is_some_and(|c| !triage_speech::channels_apart(c))
         {
             pcm.channels = None;
         }
@@ -84,7 +82,7 @@ impl Transcriber {
 
     /// Refuse a file that is not audio this build decodes, from its header alone.
     pub fn probe_file(path: &Path, extension: Option<&str>) -> Result<(), EngineError> {
-        Ok(triage_local::speech::probe_file(path, extension)?)
+        Ok(triage_speech::probe_file(path, extension)?)
     }
 
     /// Transcribe decoded audio; `progress` receives percentages.
@@ -156,11 +154,11 @@ pub(crate) fn transcribe_file_with(
     opts: &TranscribeOptions,
     progress: Option<Box<dyn FnMut(i32) + Send>>,
 ) -> Result<Transcript, EngineError> {
-    let decode = triage_local::speech::DecodeOptions {
+    let decode = triage_speech::DecodeOptions {
         limit_s,
         keep_channels: false,
     };
-    let mut stream = triage_local::speech::AudioStream::open_file(path, extension, decode)?;
+    let mut stream = triage_speech::AudioStream::open_file(path, extension, decode)?;
     if stream.declared_channels() == Some(2) {
         drop(stream);
         let audio = Transcriber::decode_file(path, extension, limit_s)?;
@@ -168,13 +166,13 @@ pub(crate) fn transcribe_file_with(
     }
     let total = stream
         .duration_hint_s()
-        .map(|s| (s * f64::from(triage_local::speech::audio::SAMPLE_RATE)) as usize);
+        .map(|s| (s * f64::from(triage_speech::audio::SAMPLE_RATE)) as usize);
     let mut next = |min: usize| stream.next_block(min);
     engine
         .transcribe_stream(&mut next, total, opts, progress)
         .map_err(|e| match e {
-            triage_local::speech::StreamError::Source(a) => EngineError::from(a),
-            triage_local::speech::StreamError::Speech(s) => EngineError::from(s),
+            triage_speech::StreamError::Source(a) => EngineError::from(a),
+            triage_speech::StreamError::Speech(s) => EngineError::from(s),
         })
 }
 
@@ -209,5 +207,51 @@ impl Engine {
             gpu,
             prices: self.config.prices.clone(),
         })
+    }
+}
+
+/// Run a pipeline's transcribe stage: `source` is the audio's bytes, or
+/// the file it was spooled to.
+pub(crate) async fn transcribe_stage(
+    specialist: &Specialist,
+    name: &str,
+    source: Result<Vec<u8>, std::path::PathBuf>,
+    extension: Option<String>,
+    limit_s: Option<f64>,
+) -> Result<Transcript, EngineError> {
+    let Specialist::Whisper { engine, .. } = specialist else {
+        return Err(EngineError::UnknownSpecialist(name.to_owned()));
+    };
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || match source {
+        Ok(bytes) => {
+            let pcm = triage_speech::decode(bytes, extension.as_deref(), limit_s)?;
+            engine
+                .transcribe(&pcm.samples, &TranscribeOptions::default(), None)
+                .map_err(EngineError::from)
+        }
+        Err(path) => transcribe_file_with(
+            &engine,
+            &path,
+            extension.as_deref(),
+            limit_s,
+            &TranscribeOptions::default(),
+            None,
+        ),
+    })
+    .await
+    .map_err(|source| EngineError::Task {
+        what: "transcription",
+        source,
+    })?
+}
+
+/// The transcript as later stages read it: who said what when the
+/// speakers are known, else the plain text.
+pub(crate) fn transcript_text(transcript: &Transcript) -> String {
+    if transcript.segments.iter().any(|s| s.speaker.is_some()) {
+        triage_speech::format::txt(transcript).trim().to_owned()
+    } else {
+        transcript.text.trim().to_owned()
     }
 }

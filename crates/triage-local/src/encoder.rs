@@ -19,7 +19,7 @@
 //! (see `qmatmul`). The model tests compare the results with PyTorch's
 //! within 1e-4 in f32 and 5e-2 in int8.
 
-use crate::matmul::{self, View};
+use crate::matmul::{self, Operand, Product, View};
 use crate::qmatmul::QDense;
 use crate::threads::CoreShare;
 use crate::weights::BertView;
@@ -104,13 +104,19 @@ impl Dense {
             (rows, self.out, self.inp),
             &mut y,
             View::rows(0, self.out),
-            x,
-            View::rows(0, self.inp),
-            &self.w,
-            View::rows(0, self.out),
-            true,
-            1.0,
-            threads,
+            Operand {
+                data: x,
+                view: View::rows(0, self.inp),
+            },
+            Operand {
+                data: &self.w,
+                view: View::rows(0, self.out),
+            },
+            Product {
+                accumulate: true,
+                scale: 1.0,
+                threads,
+            },
         );
         y
     }
@@ -407,26 +413,38 @@ impl CpuEncoder {
                 (qr, len, d),
                 &mut scores,
                 View::rows(0, len),
-                qkv,
-                View::rows(col, w3),
-                qkv,
-                View::transposed(col + h, w3),
-                false,
-                scale,
-                1,
+                Operand {
+                    data: qkv,
+                    view: View::rows(col, w3),
+                },
+                Operand {
+                    data: qkv,
+                    view: View::transposed(col + h, w3),
+                },
+                Product {
+                    accumulate: false,
+                    scale,
+                    threads: 1,
+                },
             );
             softmax_rows(&mut scores, len);
             matmul::gemm(
                 (qr, d, len),
                 out,
                 View::rows(0, d),
-                &scores,
-                View::rows(0, len),
-                qkv,
-                View::rows(col + 2 * h, w3),
-                false,
-                1.0,
-                1,
+                Operand {
+                    data: &scores,
+                    view: View::rows(0, len),
+                },
+                Operand {
+                    data: qkv,
+                    view: View::rows(col + 2 * h, w3),
+                },
+                Product {
+                    accumulate: false,
+                    scale: 1.0,
+                    threads: 1,
+                },
             );
         };
         if threads > 1 && tasks.len() > 1 {

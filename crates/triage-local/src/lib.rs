@@ -1,7 +1,9 @@
 //! Local specialists on candle: BERT and DistilBERT encoders (from
 //! candle-transformers) with sequence- and token-classification heads and
-//! mean pooling, loaded from Hugging Face folders or the hub, each owned by a
-//! worker thread with a batching queue.
+//! mean pooling, int8 kernels, device choice and thread budgets, loaded from
+//! Hugging Face folders or the hub, each owned by a worker thread with a
+//! batching queue. Speech lives in `triage-speech`, training and metrics in
+//! `triage-train`; both build on this crate.
 
 pub mod aggregation;
 pub mod cache;
@@ -10,14 +12,11 @@ pub mod device;
 mod encoder;
 pub mod error;
 mod matmul;
-pub mod metrics;
 pub mod model;
 mod qmatmul;
 pub mod resolve;
-pub mod speech;
 pub mod threads;
 pub mod tokenize;
-pub mod train;
 pub mod weights;
 pub mod worker;
 

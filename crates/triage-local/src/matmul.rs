@@ -36,6 +36,23 @@ impl View {
     }
 }
 
+/// A matrix the product reads: its slice and how to see it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Operand<'a> {
+    pub data: &'a [f32],
+    pub view: View,
+}
+
+/// How the product lands in `dst`: added to it or over it, scaled, on how
+/// many threads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Product {
+    /// Add to `dst` (else overwrite it).
+    pub accumulate: bool,
+    pub scale: f32,
+    pub threads: usize,
+}
+
 /// Work below this many multiply-adds runs on the calling thread: splitting
 /// it costs more than it saves.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
@@ -45,7 +62,6 @@ const PARALLEL_MIN_MACS: usize = 1 << 18;
 /// # Panics
 /// When a view reaches past its slice, or two views of `dst` overlap (a bug
 /// in the caller, caught before any memory is touched).
-#[allow(clippy::too_many_arguments)]
 #[expect(
     unsafe_code,
     reason = "gemm takes raw pointers; every index it reads or writes is bounds-checked \
@@ -55,14 +71,25 @@ pub(crate) fn gemm(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_view: View,
-    lhs: &[f32],
-    lhs_view: View,
-    rhs: &[f32],
-    rhs_view: View,
-    accumulate: bool,
-    scale: f32,
-    threads: usize,
+    lhs: Operand<'_>,
+    rhs: Operand<'_>,
+    how: Product,
 ) {
+    let (
+        Operand {
+            data: lhs,
+            view: lhs_view,
+        },
+        Operand {
+            data: rhs,
+            view: rhs_view,
+        },
+    ) = (lhs, rhs);
+    let Product {
+        accumulate,
+        scale,
+        threads,
+    } = how;
     if m == 0 || n == 0 {
         return;
     }
@@ -147,13 +174,19 @@ mod tests {
             (m, n, k),
             &mut got,
             View::rows(0, n),
-            &a,
-            View::rows(0, k),
-            &b,
-            View::rows(0, n),
-            true,
-            1.0,
-            2,
+            Operand {
+                data: &a,
+                view: View::rows(0, k),
+            },
+            Operand {
+                data: &b,
+                view: View::rows(0, n),
+            },
+            Product {
+                accumulate: true,
+                scale: 1.0,
+                threads: 2,
+            },
         );
         for (g, w) in got.iter().zip(&want) {
             assert!((g - (w + 1.0)).abs() < 1e-3, "{g} vs {w} + 1");
@@ -165,13 +198,19 @@ mod tests {
             (m, n, k),
             &mut got,
             View::rows(0, n),
-            &a,
-            View::rows(0, k),
-            &bt,
-            View::transposed(0, k),
-            false,
-            0.5,
-            1,
+            Operand {
+                data: &a,
+                view: View::rows(0, k),
+            },
+            Operand {
+                data: &bt,
+                view: View::transposed(0, k),
+            },
+            Product {
+                accumulate: false,
+                scale: 0.5,
+                threads: 1,
+            },
         );
         for (g, w) in got.iter().zip(&want) {
             assert!((g - 0.5 * w).abs() < 1e-3);
@@ -187,13 +226,19 @@ mod tests {
             (2, 2, 3),
             &mut c,
             View::rows(0, 2),
-            &a,
-            View::rows(0, 3),
-            &a,
-            View::rows(0, 2),
-            false,
-            1.0,
-            1,
+            Operand {
+                data: &a,
+                view: View::rows(0, 3),
+            },
+            Operand {
+                data: &a,
+                view: View::rows(0, 2),
+            },
+            Product {
+                accumulate: false,
+                scale: 1.0,
+                threads: 1,
+            },
         );
     }
 }

@@ -197,7 +197,7 @@ fn labels_from(cfg: &Value, path: &Path) -> Result<Vec<String>> {
 }
 
 /// Build candle's BERT config from a BERT or DistilBERT `config.json`.
-pub(crate) fn bert_config(cfg: &Value, family: Family, path: &Path) -> Result<bert::Config> {
+pub fn bert_config(cfg: &Value, family: Family, path: &Path) -> Result<bert::Config> {
     let bad = |why: String| LocalError::BadConfig {
         path: path.to_path_buf(),
         why,

@@ -431,19 +431,19 @@ mod avx2 {
         reason = "calls the AVX2 kernel, which `Kernel::detect` found on this CPU"
     )]
     pub(super) fn tile(t: &Tile<'_>, acc: &mut Acc) {
-        let (a, lda, r0, nr, packed, k4, b0, nb, shift) =
-            (t.a, t.lda, t.r0, t.nr, t.packed, t.k4, t.b0, t.nb, t.shift);
-        assert!((r0 + nr) * 2 * lda <= a.len(), "tile: rows out of bounds");
-        for j in 0..nb {
-            let sh = &shift[(b0 + j) * LANES..(b0 + j + 1) * LANES];
+        assert!(
+            (t.r0 + t.nr) * 2 * t.lda <= t.a.len(),
+            "tile: rows out of bounds"
+        );
+        for j in 0..t.nb {
             // SAFETY: `Kernel::Avx2` is only chosen when the CPU has avx2;
             // the bounds were checked by `Kernel::tile`.
             unsafe {
-                match nr {
-                    4 => kernel::<4>(a, lda, r0, packed, k4, b0 + j, sh, j, acc),
-                    3 => kernel::<3>(a, lda, r0, packed, k4, b0 + j, sh, j, acc),
-                    2 => kernel::<2>(a, lda, r0, packed, k4, b0 + j, sh, j, acc),
-                    _ => kernel::<1>(a, lda, r0, packed, k4, b0 + j, sh, j, acc),
+                match t.nr {
+                    4 => kernel::<4>(t, j, acc),
+                    3 => kernel::<3>(t, j, acc),
+                    2 => kernel::<2>(t, j, acc),
+                    _ => kernel::<1>(t, j, acc),
                 }
             }
         }
@@ -469,24 +469,16 @@ mod avx2 {
     /// # Safety
     /// The CPU has avx2; rows `r0..r0 + R` of `a` (each `2 · lda ≥ 8·k4`
     /// bytes, from [`prepare`]) and block `blk` of `packed` are in bounds.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2")]
     #[expect(
         unsafe_code,
         reason = "raw loads and stores of 32-byte vectors, bounds checked by the caller"
     )]
-    unsafe fn kernel<const R: usize>(
-        a: &[u8],
-        lda: usize,
-        r0: usize,
-        packed: &[i8],
-        k4: usize,
-        blk: usize,
-        shift: &[i32],
-        j: usize,
-        acc: &mut Acc,
-    ) {
+    unsafe fn kernel<const R: usize>(t: &Tile<'_>, j: usize, acc: &mut Acc) {
         const { assert!(R <= TILE_ROWS) };
+        let (a, lda, r0, packed, k4) = (t.a, t.lda, t.r0, t.packed, t.k4);
+        let blk = t.b0 + j;
+        let shift = &t.shift[blk * LANES..(blk + 1) * LANES];
         let step = LANES * GROUP;
         let ones = _mm256_set1_epi16(1);
         let mut sums = [[_mm256_setzero_si256(); 2]; R];

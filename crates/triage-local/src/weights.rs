@@ -154,7 +154,9 @@ impl BertView {
     }
 }
 
-pub(crate) fn distilbert_name(bert: &str) -> Option<String> {
+/// The DistilBERT checkpoint name of a BERT tensor name (`None` for a
+/// tensor DistilBERT does not have).
+pub fn distilbert_name(bert: &str) -> Option<String> {
     if bert.starts_with("embeddings.token_type_embeddings") {
         return None;
     }

@@ -10,5 +10,3 @@ mod fuzz;
 mod hub;
 mod reference;
 mod runtime;
-mod speech;
-mod train;

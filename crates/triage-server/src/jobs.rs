@@ -6,9 +6,9 @@
 //! for an hour; the store is bounded.
 
 use crate::error::ApiError;
-use crate::routes::audio::{
-    AudioForm, Upload, audio_error, check_length, read_audio_form, transcriber, transcription_task,
-};
+#[cfg(feature = "speech")]
+use crate::routes::audio::{audio_error, transcriber, transcription_task};
+use crate::routes::upload::{AudioForm, Upload, check_length, read_audio_form};
 use crate::state::Shared;
 use axum::Json;
 use axum::extract::{Multipart, Path, State};
@@ -20,7 +20,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+#[cfg(feature = "speech")]
 use triage_engine::Transcriber;
+#[cfg(feature = "speech")]
 use triage_engine::speech::TranscribeOptions;
 
 const KEEP_FINISHED: Duration = Duration::from_secs(3600);
@@ -121,27 +123,38 @@ pub async fn submit(
     check_length(&state, &headers)?;
     // One line for every audio request: a job keeps its place until it ends.
     let admitted = state.audio.admit()?;
-    let AudioForm {
-        file,
-        language,
-        task,
-        granularities,
-        ..
-    } = read_audio_form(&state, &mut form).await?;
+    let form = read_audio_form(&state, &mut form).await?;
     let engine = state.engine.current();
-    if let Some(name) = task.as_deref()
+    if let Some(name) = form.task.as_deref()
         && name != "transcription"
         && engine.config.tasks.contains_key(name)
     {
         caller.authorize(name)?;
-        return submit_task(&state, engine.clone(), name, file, admitted).await;
+        return submit_task(&state, engine.clone(), name, form.file, admitted).await;
     }
-    if let Some(task) = task.filter(|t| t != "transcription") {
+    if let Some(task) = form.task.as_deref().filter(|t| *t != "transcription") {
         return Err(ApiError::bad(
             format!("task `{task}` is not served (transcription)"),
             Some("task"),
         ));
     }
+    submit_transcription(state, &caller, form, admitted).await
+}
+
+/// A job without a task: transcribe the upload with the Whisper specialist.
+#[cfg(feature = "speech")]
+async fn submit_transcription(
+    state: Shared,
+    caller: &crate::auth::Caller,
+    form: AudioForm,
+    admitted: crate::limits::Admitted,
+) -> Result<Response, ApiError> {
+    let AudioForm {
+        file,
+        language,
+        granularities,
+        ..
+    } = form;
     let task = transcription_task(&state);
     caller.authorize(&task)?;
     let transcriber = transcriber(&state)?;
@@ -211,6 +224,19 @@ pub async fn submit(
         job.finish(status);
     });
     Ok(accepted(&id))
+}
+
+/// A build without speech has no Whisper specialist to transcribe with.
+#[cfg(not(feature = "speech"))]
+async fn submit_transcription(
+    _state: Shared,
+    _caller: &crate::auth::Caller,
+    _form: AudioForm,
+    _admitted: crate::limits::Admitted,
+) -> Result<Response, ApiError> {
+    Err(ApiError::NotReady(
+        "transcription (this triage was built without the `speech` feature)".into(),
+    ))
 }
 
 /// `POST /v1/jobs/{id}/cancel`: a queued job never starts; a running

@@ -100,6 +100,7 @@ impl AppState {
     }
 
     /// Longest audio accepted: the config's `server.max_audio_seconds`, else the limit.
+    #[cfg(feature = "speech")]
     pub(crate) fn max_audio_s(&self) -> f64 {
         self.engine
             .current()

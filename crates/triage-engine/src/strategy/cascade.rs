@@ -4,9 +4,9 @@
 //! last tier always answers. LLM tiers answer moderation through a JSON schema
 //! with the task's labels.
 
-use super::{Called, call, chat, push_hosted};
+use super::{Called, HostedStep, call, chat, push_hosted};
 use crate::config::{Cascade, CascadeKind, Tier, TierKind};
-use crate::engine::{Answered, Input, Run};
+use crate::engine::{Answered, Input, LocalStep, Run, StepOutcome};
 use crate::error::EngineError;
 use crate::ledger::ShadowRecord;
 use crate::specialists::Specialist;
@@ -86,13 +86,17 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
                         // the trace still gets the tier.
                         push_hosted(
                             run,
-                            &tier.name,
-                            tier.model_name(),
-                            Decision::Failed,
-                            reason,
-                            None,
-                            started.elapsed(),
-                            e.1,
+                            HostedStep {
+                                tier: &tier.name,
+                                model: tier.model_name(),
+                                elapsed: started.elapsed(),
+                                cost_usd: e.1,
+                            },
+                            StepOutcome {
+                                decision: Decision::Failed,
+                                reason,
+                                score: None,
+                            },
                         );
                     }
                     // The caller's input is at fault (too long, not tokenizable):
@@ -117,26 +121,34 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
                     timing,
                 };
                 run.local_step(
-                    &tier.name,
-                    &tier.model_name(),
-                    "classify",
-                    &specialist,
-                    time,
-                    decision,
-                    reason,
-                    score,
-                    None,
+                    LocalStep {
+                        tier: &tier.name,
+                        model: &tier.model_name(),
+                        operation: "classify",
+                        specialist: &specialist,
+                        time: time.into(),
+                        error: None,
+                    },
+                    StepOutcome {
+                        decision,
+                        reason,
+                        score,
+                    },
                 );
             }
             None => push_hosted(
                 run,
-                &tier.name,
-                tier.model_name(),
-                decision,
-                reason,
-                score,
-                started.elapsed(),
-                cost,
+                HostedStep {
+                    tier: &tier.name,
+                    model: tier.model_name(),
+                    elapsed: started.elapsed(),
+                    cost_usd: cost,
+                },
+                StepOutcome {
+                    decision,
+                    reason,
+                    score,
+                },
             ),
         }
         if decision == Decision::Accepted {
@@ -227,15 +239,19 @@ async fn tier_verdict(
                 }
                 Err(e) => {
                     run.local_step(
-                        &tier.name,
-                        &tier.model_name(),
-                        "classify",
-                        &specialist,
-                        started.elapsed(),
-                        Decision::Failed,
-                        format!("error: {}", crate::error::chain(&e)),
-                        None,
-                        Some(e.to_string()),
+                        LocalStep {
+                            tier: &tier.name,
+                            model: &tier.model_name(),
+                            operation: "classify",
+                            specialist: &specialist,
+                            time: started.elapsed().into(),
+                            error: Some(e.to_string()),
+                        },
+                        StepOutcome {
+                            decision: Decision::Failed,
+                            reason: format!("error: {}", crate::error::chain(&e)),
+                            score: None,
+                        },
                     );
                     return Err((e, 0.0));
                 }
@@ -385,7 +401,7 @@ async fn tier_verdict(
 /// or, without one, the specialist's positive labels onto the first task
 /// label. `triage audit` and `triage calibrate` score with this too, so
 /// their scores are the ones the cascade decides on.
-pub(crate) fn local_scores(
+pub fn local_scores(
     c: &Cascade,
     tier: &Tier,
     positive_labels: &[String],
@@ -414,7 +430,7 @@ pub(crate) fn local_scores(
 
 /// Whether a score is confident for the band: at or below `lo`, or at or
 /// above `hi`. A tier is accepted when every label's score is.
-pub(crate) fn outside_band(score: f64, lo: f64, hi: f64) -> bool {
+pub fn outside_band(score: f64, lo: f64, hi: f64) -> bool {
     score <= lo || score >= hi
 }
 

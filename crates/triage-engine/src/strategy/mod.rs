@@ -6,13 +6,13 @@ pub mod pipeline;
 pub mod router;
 
 use crate::config::{Handler, Intent, StageKind, Strategy, Task, TierKind};
-use crate::engine::{Answered, Engine, Run, ms};
+use crate::engine::{Answered, Engine, Run, StepOutcome, ms};
 use crate::error::EngineError;
 use std::time::{Duration, Instant};
 use triage_cloud::gateway::{Outcome, Target};
 use triage_cloud::prices::PriceTable;
 use triage_core::llm::{ChatRequest, ChatResponse, Usage};
-use triage_core::trace::{Decision, TierTrace};
+use triage_core::trace::TierTrace;
 
 /// Input tokens are estimated at this many characters per token where no
 /// provider counted them (the usual figure for English with BPE tokenizers).
@@ -123,18 +123,29 @@ pub async fn reserve<'e>(
         })
 }
 
+/// A hosted tier's call, as its trace line shows it.
+#[derive(Debug)]
+pub struct HostedStep<'a> {
+    pub tier: &'a str,
+    /// `provider/model` that answered (or was tried last).
+    pub model: String,
+    pub elapsed: Duration,
+    pub cost_usd: f64,
+}
+
 /// Push a hosted tier's line onto the trace.
-#[allow(clippy::too_many_arguments)]
-pub fn push_hosted(
-    run: &mut Run<'_>,
-    tier: &str,
-    model: String,
-    decision: Decision,
-    reason: String,
-    score: Option<f64>,
-    elapsed: Duration,
-    cost_usd: f64,
-) {
+pub fn push_hosted(run: &mut Run<'_>, step: HostedStep<'_>, outcome: StepOutcome) {
+    let HostedStep {
+        tier,
+        model,
+        elapsed,
+        cost_usd,
+    } = step;
+    let StepOutcome {
+        decision,
+        reason,
+        score,
+    } = outcome;
     run.trace.push(TierTrace {
         tier: tier.to_owned(),
         model,

@@ -3,11 +3,13 @@
 //! or straight to the stronger one when the transcript is not confident) →
 //! people and organisations (NER) → action items.
 
-use super::{Called, chat, push_hosted};
+use super::{Called, HostedStep, chat, push_hosted};
 use crate::config::{Pipeline, StageKind};
-use crate::engine::{Answered, Input, Run};
+use crate::engine::{Answered, Input, LocalStep, Run, StepOutcome};
 use crate::error::EngineError;
 use crate::specialists::Specialist;
+#[cfg(feature = "speech")]
+use crate::speech::{transcribe_stage, transcript_text};
 use regex::Regex;
 use std::sync::LazyLock;
 use std::time::Instant;
@@ -15,7 +17,6 @@ use triage_core::TaskAnswer;
 use triage_core::answer::{ActionItem, PipelineAnswer, TranscriptTurn};
 use triage_core::llm::{Answer, ChatRequest, Message, Role};
 use triage_core::trace::Decision;
-use triage_local::speech::TranscribeOptions;
 
 pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answered, EngineError> {
     let mut text = String::new();
@@ -40,47 +41,17 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                     }
                 };
                 let s = run.engine.specialists.get(specialist)?.clone();
-                let Specialist::Whisper { engine, .. } = &s else {
-                    return Err(EngineError::UnknownSpecialist(specialist.clone()));
-                };
                 let started = Instant::now();
                 let ext = file_name
                     .as_deref()
                     .and_then(|n| n.rsplit_once('.'))
                     .map(|(_, e)| e.to_ascii_lowercase());
                 let limit = run.engine.config.server.max_audio_seconds;
-                let engine = engine.clone();
-                let transcript = tokio::task::spawn_blocking(move || match source {
-                    Ok(bytes) => {
-                        let pcm = triage_local::speech::decode(bytes, ext.as_deref(), limit)?;
-                        engine
-                            .transcribe(&pcm.samples, &TranscribeOptions::default(), None)
-                            .map_err(EngineError::from)
-                    }
-                    Err(path) => crate::speech::transcribe_file_with(
-                        &engine,
-                        &path,
-                        ext.as_deref(),
-                        limit,
-                        &TranscribeOptions::default(),
-                        None,
-                    ),
-                })
-                .await
-                .map_err(|source| EngineError::Task {
-                    what: "transcription",
-                    source,
-                })??;
+                let transcript = transcribe_stage(&s, specialist, source, ext, limit).await?;
                 audio_seconds = transcript.duration_s;
                 confidence = Some(f64::from(transcript.confidence));
                 // With speakers known, later stages read who said what.
-                text = if transcript.segments.iter().any(|s| s.speaker.is_some()) {
-                    triage_local::speech::format::txt(&transcript)
-                        .trim()
-                        .to_owned()
-                } else {
-                    transcript.text.trim().to_owned()
-                };
+                text = transcript_text(&transcript);
                 out.segments = Some(
                     transcript
                         .segments
@@ -94,18 +65,22 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                         .collect(),
                 );
                 run.local_step(
-                    &stage.name,
-                    &format!("local/{specialist}"),
-                    "transcribe",
-                    &s,
-                    started.elapsed(),
-                    Decision::Ran,
-                    format!(
-                        "{:.1} s of audio, confidence {:.3}",
-                        transcript.duration_s, transcript.confidence
-                    ),
-                    Some(f64::from(transcript.confidence)),
-                    None,
+                    LocalStep {
+                        tier: &stage.name,
+                        model: &format!("local/{specialist}"),
+                        operation: "transcribe",
+                        specialist: &s,
+                        time: started.elapsed().into(),
+                        error: None,
+                    },
+                    StepOutcome {
+                        decision: Decision::Ran,
+                        reason: format!(
+                            "{:.1} s of audio, confidence {:.3}",
+                            transcript.duration_s, transcript.confidence
+                        ),
+                        score: Some(f64::from(transcript.confidence)),
+                    },
                 );
                 out.transcript = Some(text.clone());
                 out.transcript_confidence = Some(transcript.confidence);
@@ -160,13 +135,17 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                     Err(e) => {
                         push_hosted(
                             run,
-                            &stage.name,
-                            first_model,
-                            Decision::Failed,
-                            format!("error: {}", crate::error::chain(&e)),
-                            None,
-                            elapsed,
-                            cost_usd,
+                            HostedStep {
+                                tier: &stage.name,
+                                model: first_model,
+                                elapsed,
+                                cost_usd,
+                            },
+                            StepOutcome {
+                                decision: Decision::Failed,
+                                reason: format!("error: {}", crate::error::chain(&e)),
+                                score: None,
+                            },
                         );
                         return Err(e);
                     }
@@ -181,13 +160,17 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                 output_tokens += resp.usage.output_tokens;
                 push_hosted(
                     run,
-                    &stage.name,
-                    format!("{}/{}", resp.provider, resp.model),
-                    Decision::Accepted,
-                    reason,
-                    confidence,
-                    elapsed,
-                    cost_usd,
+                    HostedStep {
+                        tier: &stage.name,
+                        model: format!("{}/{}", resp.provider, resp.model),
+                        elapsed,
+                        cost_usd,
+                    },
+                    StepOutcome {
+                        decision: Decision::Accepted,
+                        reason,
+                        score: confidence,
+                    },
                 );
                 out.summary = Some(summary);
             }
@@ -223,15 +206,19 @@ pub async fn run(run: &mut Run<'_>, p: &Pipeline, input: Input) -> Result<Answer
                 }
                 let n = tagged.entities.len();
                 run.local_step(
-                    &stage.name,
-                    &format!("local/{specialist}"),
-                    "tag",
-                    &s,
-                    started.elapsed(),
-                    Decision::Ran,
-                    format!("{n} entities"),
-                    None,
-                    None,
+                    LocalStep {
+                        tier: &stage.name,
+                        model: &format!("local/{specialist}"),
+                        operation: "tag",
+                        specialist: &s,
+                        time: started.elapsed().into(),
+                        error: None,
+                    },
+                    StepOutcome {
+                        decision: Decision::Ran,
+                        reason: format!("{n} entities"),
+                        score: None,
+                    },
                 );
                 out.entities.extend(by_type);
             }
@@ -298,7 +285,7 @@ fn text_of(input: Input, task: &str) -> Result<String, EngineError> {
 }
 
 /// The answer's key for an entity type (`PER` → `people`).
-pub(crate) fn type_key(ty: &str) -> String {
+pub fn type_key(ty: &str) -> String {
     match ty {
         "PER" => "people".into(),
         "ORG" => "organisations".into(),
@@ -548,4 +535,22 @@ mod tests {
             assert!(md.contains(part), "missing {part:?} in\n{md}");
         }
     }
+}
+
+/// A build without speech loads no Whisper specialist, so no transcribe
+/// stage can run; these keep the pipeline's one path compiling.
+#[cfg(not(feature = "speech"))]
+async fn transcribe_stage(
+    _specialist: &Specialist,
+    name: &str,
+    _source: Result<Vec<u8>, std::path::PathBuf>,
+    _extension: Option<String>,
+    _limit_s: Option<f64>,
+) -> Result<triage_core::Transcript, EngineError> {
+    Err(EngineError::UnknownSpecialist(name.to_owned()))
+}
+
+#[cfg(not(feature = "speech"))]
+fn transcript_text(transcript: &triage_core::Transcript) -> String {
+    transcript.text.trim().to_owned()
 }

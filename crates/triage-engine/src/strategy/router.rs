@@ -2,9 +2,9 @@
 //! optional SQL lookup adds rows to the context, and the route's handler
 //! answers: a template (plain logic, no model) or a hosted model.
 
-use super::{Called, chat, push_hosted};
+use super::{Called, HostedStep, chat, push_hosted};
 use crate::config::{Extractor, Handler, Intent, Retrieve, Router};
-use crate::engine::{Answered, Input, Run};
+use crate::engine::{Answered, Input, LocalStep, Run, StepOutcome};
 use crate::error::EngineError;
 use crate::specialists::Specialist;
 use indexmap::IndexMap;
@@ -25,7 +25,7 @@ const UNSURE: &str = ": classifier unsure (";
 
 /// The classifier's top label in a local intent step's trace reason, so
 /// that `triage audit` can re-score the router at another `min_score`.
-pub(crate) fn classifier_label(reason: &str) -> Option<&str> {
+pub fn classifier_label(reason: &str) -> Option<&str> {
     if let Some((_, rest)) = reason.split_once(UNSURE) {
         return rest
             .strip_suffix(')')
@@ -203,13 +203,17 @@ pub async fn run(run: &mut Run<'_>, r: &Router, input: Input) -> Result<Answered
                     Err(e) => {
                         push_hosted(
                             run,
-                            &tier,
-                            model,
-                            Decision::Failed,
-                            format!("error: {}", crate::error::chain(&e)),
-                            None,
-                            elapsed,
-                            cost_usd,
+                            HostedStep {
+                                tier: &tier,
+                                model,
+                                elapsed,
+                                cost_usd,
+                            },
+                            StepOutcome {
+                                decision: Decision::Failed,
+                                reason: format!("error: {}", crate::error::chain(&e)),
+                                score: None,
+                            },
                         );
                         return Err(e);
                     }
@@ -221,13 +225,17 @@ pub async fn run(run: &mut Run<'_>, r: &Router, input: Input) -> Result<Answered
                 };
                 push_hosted(
                     run,
-                    &tier,
-                    answered_model,
-                    Decision::Accepted,
-                    "model".into(),
-                    None,
-                    elapsed,
-                    cost_usd,
+                    HostedStep {
+                        tier: &tier,
+                        model: answered_model,
+                        elapsed,
+                        cost_usd,
+                    },
+                    StepOutcome {
+                        decision: Decision::Accepted,
+                        reason: "model".into(),
+                        score: None,
+                    },
                 );
                 let value = TaskAnswer::Route(RouteAnswer {
                     route: route_name.clone(),
@@ -343,15 +351,19 @@ async fn intent(run: &mut Run<'_>, r: &Router, text: &str) -> Result<String, Eng
                 None => (default.clone(), format!("route={default}"), None),
             };
             run.local_step(
-                "intent",
-                &format!("local/{specialist}"),
-                "classify",
-                &s,
-                started.elapsed(),
-                Decision::Ran,
-                reason,
-                score,
-                None,
+                LocalStep {
+                    tier: "intent",
+                    model: &format!("local/{specialist}"),
+                    operation: "classify",
+                    specialist: &s,
+                    time: started.elapsed().into(),
+                    error: None,
+                },
+                StepOutcome {
+                    decision: Decision::Ran,
+                    reason,
+                    score,
+                },
             );
             Ok(route)
         }
@@ -409,13 +421,17 @@ async fn intent(run: &mut Run<'_>, r: &Router, text: &str) -> Result<String, Eng
             };
             push_hosted(
                 run,
-                "intent",
-                model,
-                Decision::Ran,
-                reason,
-                None,
-                elapsed,
-                cost_usd,
+                HostedStep {
+                    tier: "intent",
+                    model,
+                    elapsed,
+                    cost_usd,
+                },
+                StepOutcome {
+                    decision: Decision::Ran,
+                    reason,
+                    score: None,
+                },
             );
             Ok(route)
         }
@@ -464,15 +480,19 @@ async fn extract(
                     .map(|x| x.text.clone())
                     .collect();
                 run.local_step(
-                    "extract:ner",
-                    &format!("local/{specialist}"),
-                    "tag",
-                    &s,
-                    t0.elapsed(),
-                    Decision::Ran,
-                    format!("{} {entity}", values.len()),
-                    None,
-                    None,
+                    LocalStep {
+                        tier: "extract:ner",
+                        model: &format!("local/{specialist}"),
+                        operation: "tag",
+                        specialist: &s,
+                        time: t0.elapsed().into(),
+                        error: None,
+                    },
+                    StepOutcome {
+                        decision: Decision::Ran,
+                        reason: format!("{} {entity}", values.len()),
+                        score: None,
+                    },
                 );
                 if !values.is_empty() {
                     fields.insert(field.clone(), values.join(", "));

@@ -2,8 +2,8 @@
 //! tasks, multipart with `task`, `file` and an optional `overrides` JSON
 //! field) → `{"answer", "trace"}`, as `triage execute` prints.
 
-use super::audio::{AudioForm, SLOT_WAIT, check_length, read_audio_form};
 use super::chat::WireChatRequest;
+use super::upload::{AudioForm, SLOT_WAIT, check_length, read_audio_form};
 use super::{run, tier_and_cost};
 use crate::auth::{Caller, tagged};
 use crate::error::ApiError;

@@ -38,7 +38,7 @@ pub(crate) async fn ready(State(state): State<Shared>) -> Response {
         "tasks": engine.config.tasks.keys().collect::<Vec<_>>(),
         "specialists": engine.specialists.map.keys().collect::<Vec<_>>(),
         "moderation": engine.config.server.moderation_task,
-        "transcription": engine.transcriber().is_some(),
+        "transcription": engine.transcribes(),
     }));
     (status, body).into_response()
 }
@@ -73,7 +73,7 @@ pub(crate) async fn models(State(state): State<Shared>) -> Json<Value> {
     if let Some(t) = &server.moderation_task {
         data.extend(MODERATION_MODELS.iter().map(|m| model(m, t)));
     }
-    if engine.transcriber().is_some() {
+    if engine.transcribes() {
         let t = server
             .transcription_task
             .as_deref()

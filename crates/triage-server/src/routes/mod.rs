@@ -2,11 +2,13 @@
 //! moderation, chat and transcription, the native `/v1/execute` and
 //! `/v1/jobs`, models, health, readiness and metrics.
 
+#[cfg(feature = "speech")]
 pub mod audio;
 pub mod chat;
 pub mod execute;
 pub mod info;
 pub mod moderation;
+pub mod upload;
 
 use crate::auth::observe;
 use crate::error::ApiError;
@@ -18,6 +20,15 @@ use axum::middleware;
 use axum::routing::{get, post};
 use std::time::Instant;
 use triage_engine::{Engine, Execution, Input, Overrides};
+
+#[cfg(feature = "speech")]
+use audio::transcriptions;
+
+/// A build without speech answers transcriptions with 503, naming why.
+#[cfg(not(feature = "speech"))]
+async fn transcriptions() -> ApiError {
+    ApiError::NotReady("transcription (this triage was built without the `speech` feature)".into())
+}
 
 /// Build the router.
 pub fn router(state: Shared) -> Router {
@@ -37,7 +48,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route(
             "/v1/audio/transcriptions",
-            post(audio::transcriptions).layer(DefaultBodyLimit::max(audio_limit)),
+            post(transcriptions).layer(DefaultBodyLimit::max(audio_limit)),
         )
         .route(
             "/v1/jobs",

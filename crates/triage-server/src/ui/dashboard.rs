@@ -11,7 +11,7 @@ use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use triage_engine::minute_stats::{MinutePoint, WindowRow, quantile_ms};
+use triage_engine::ledger::minute_stats::{MinutePoint, WindowRow, quantile_ms};
 
 #[derive(Debug, Serialize)]
 pub struct Dashboard {

@@ -1,14 +1,14 @@
 //! Where a training step's time goes: inference forward (candle-transformers),
 //! our trainable forward, and forward + backward, on one batch.
 //!
-//! `cargo run --release -p triage-local --example train_step -- BASE_DIR [BATCH]`
+//! `cargo run --release -p triage-train --example train_step -- BASE_DIR [BATCH]`
 #![allow(clippy::print_stdout)]
 
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 use std::time::Instant;
-use triage_local::train::net::{HeadKind, NetSpec, TrainableNet};
 use triage_local::weights::{Checkpoint, Family};
+use triage_train::net::{HeadKind, NetSpec, TrainableNet};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

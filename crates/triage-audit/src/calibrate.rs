@@ -4,11 +4,11 @@
 //! half-written).
 
 use crate::audit::{BandPoint, Replay, round};
-use crate::config::Config;
 use indexmap::IndexMap;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use triage_engine::config::Config;
 
 /// Grid of candidate bands: `lo` 0–0.5 and `hi` 0.5–1 in steps of 0.01.
 const GRID: usize = 50;
@@ -505,7 +505,7 @@ pub enum WriteError {
         source: toml_edit::TomlError,
     },
     #[error("the edited config would not validate")]
-    Invalid(#[source] crate::config::ConfigError),
+    Invalid(#[source] triage_engine::config::ConfigError),
 }
 
 /// Refuse early when `path` cannot be rewritten in place: the file must be

@@ -9,12 +9,6 @@
 //! through the gateway with a disk cache and a spending cap ([`Mode::Live`]).
 
 use crate::answer_cache::{AnswerCache, Cached};
-use crate::config::{Cascade, CascadeKind, Strategy, Task, Tier, TierKind};
-use crate::engine::{Engine, Input, Overrides};
-use crate::error::EngineError;
-use crate::specialists::Specialist;
-use crate::strategy::cascade::{local_scores, outside_band};
-use crate::strategy::{CHARS_PER_TOKEN, strongest};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,6 +18,12 @@ use triage_cloud::prices::PriceTable;
 use triage_core::TaskAnswer;
 use triage_core::llm::Usage;
 use triage_core::trace::Decision;
+use triage_engine::config::{Cascade, CascadeKind, Strategy, Task, Tier, TierKind};
+use triage_engine::engine::{Engine, Input, Overrides};
+use triage_engine::error::EngineError;
+use triage_engine::specialists::Specialist;
+use triage_engine::strategy::cascade::{local_scores, outside_band};
+use triage_engine::strategy::{CHARS_PER_TOKEN, strongest};
 
 /// Characters of instructions an LLM tier reads besides the item (the
 /// moderation prompt); the same figure the all-LLM counterfactual uses.
@@ -559,22 +559,30 @@ struct Earlier<'e> {
     tiers: Vec<EarlierTier<'e>>,
 }
 
-/// A tier, its bands, its model, the model's positive labels, and whether
-/// it runs on a GPU (for its compute price).
-type EarlierTier<'e> = (
-    Tier,
-    Vec<(f64, f64)>,
-    &'e triage_local::ModelHandle,
-    Vec<String>,
-    bool,
-);
+/// An earlier local tier, as the replay runs it.
+struct EarlierTier<'e> {
+    tier: Tier,
+    /// Its (lo, hi) band per label.
+    bands: Vec<(f64, f64)>,
+    model: &'e triage_local::ModelHandle,
+    /// The model's labels that mean "positive".
+    positive_labels: Vec<String>,
+    /// Whether it runs on a GPU (for its compute price).
+    gpu: bool,
+}
 
 impl<'e> Earlier<'e> {
     fn of(engine: &'e Engine, task: &Task, c: &Cascade, index: usize) -> Result<Self, AuditError> {
         let tiers = c.tiers[..index]
             .iter()
             .map(|t| {
-                classifier(engine, task, t).map(|(h, p, g)| (t.clone(), tier_bands(c, t), h, p, g))
+                classifier(engine, task, t).map(|(model, positive_labels, gpu)| EarlierTier {
+                    tier: t.clone(),
+                    bands: tier_bands(c, t),
+                    model,
+                    positive_labels,
+                    gpu,
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { tiers })
@@ -590,9 +598,11 @@ impl<'e> Earlier<'e> {
         before: &mut Before,
         prices: &PriceTable,
     ) -> Result<bool, AuditError> {
-        for (t, bands, h, p, g) in &self.tiers {
-            let (scores, elapsed) = score(c, t, (*h, p.as_slice()), &item.text, no).await?;
-            before.cost_usd += prices.compute_cost(elapsed, *g);
+        for earlier in &self.tiers {
+            let model = (earlier.model, earlier.positive_labels.as_slice());
+            let (scores, elapsed) = score(c, &earlier.tier, model, &item.text, no).await?;
+            before.cost_usd += prices.compute_cost(elapsed, earlier.gpu);
+            let bands = &earlier.bands;
             if scores
                 .iter()
                 .zip(bands)
@@ -689,7 +699,7 @@ impl<'e> ReplaySetup<'e> {
         let (index, tier) = pick(task)?;
         let earlier = Earlier::of(engine, task, &c, index)?;
         let before = Before {
-            tiers: earlier.tiers.iter().map(|e| e.0.name.clone()).collect(),
+            tiers: earlier.tiers.iter().map(|e| e.tier.name.clone()).collect(),
             ..Before::default()
         };
         let prices = &engine.config.prices;
@@ -872,7 +882,7 @@ impl Replay {
                             "item {}: tier `{}` failed: {}",
                             i + 1,
                             tier.name,
-                            crate::error::chain(&f.error)
+                            triage_engine::error::chain(&f.error)
                         );
                         None
                     }

@@ -9,22 +9,19 @@
 //! Layers that are not trained run once per example and are cached, so an
 //! epoch only pays for the trained layers.
 
-pub mod calibrate;
-pub mod data;
-pub mod net;
-
-use crate::error::LocalError;
-use crate::tokenize::TextTokenizer;
-use crate::weights::{Checkpoint, Family};
+use crate::calibrate;
+use crate::data::{self, Example};
+use crate::net::{self, Dropout, HeadKind, NetSpec, SplitMix64, TrainableNet};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Optimizer;
-use data::Example;
-use net::{Dropout, HeadKind, NetSpec, SplitMix64, TrainableNet};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
+use triage_local::error::LocalError;
+use triage_local::tokenize::TextTokenizer;
+use triage_local::weights::{Checkpoint, Family};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -273,7 +270,8 @@ pub fn train(cfg: &TrainConfig, progress: &dyn Progress) -> Result<TrainReport, 
             what: "tokenizer.json".into(),
         }));
     }
-    let bert_cfg = crate::model::bert_config(&base_cfg, family, &cfg.base_dir.join("config.json"))?;
+    let bert_cfg =
+        triage_local::model::bert_config(&base_cfg, family, &cfg.base_dir.join("config.json"))?;
     let max_length = cfg.max_length.min(bert_cfg.max_position_embeddings);
     let tokenizer = TextTokenizer::from_file(&tokenizer_path, max_length)?;
 
@@ -611,7 +609,7 @@ pub fn hf_name(name: &str, family: Family) -> String {
         }
         Family::DistilBert => {
             if name.starts_with("embeddings.") || name.starts_with("encoder.") {
-                crate::weights::distilbert_name(name)
+                triage_local::weights::distilbert_name(name)
                     .map(|n| format!("distilbert.{n}"))
                     .unwrap_or_default()
             } else {

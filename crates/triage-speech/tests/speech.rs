@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use triage_local::speech::{self, AudioError, TranscribeOptions, WhisperEngine};
+use triage_speech::{self as speech, AudioError, TranscribeOptions, WhisperEngine};
 
 const NUMBERS: &[&str] = &[
     "zero",
@@ -143,7 +143,7 @@ fn word_error_rate_on_the_development_clips_is_at_most_ten_percent() -> anyhow::
 /// whisper.cpp and transcribe two development clips (49 words) with at
 /// most [`QUANT_EXTRA_ERRORS`] more word errors than the f16 model. Two
 /// clips, not all 13: three models over every clip took minutes in a debug
-/// build; the full comparison is in the README (`scripts/bench/whisper.sh`).
+/// build; the full comparison is in docs/benchmarks.md (`scripts/bench/whisper.sh`).
 #[test]
 fn quantised_models_keep_the_word_error_rate_of_the_f16_model() -> anyhow::Result<()> {
     use triage_tools::whisper_quantize::{QuantType, quantize_ggml};

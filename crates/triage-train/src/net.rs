@@ -4,12 +4,12 @@
 //! gradients cannot flow through it; inference keeps using that model, and the
 //! weights trained here are saved under the same Hugging Face names.
 
-use crate::weights::{BertView, Checkpoint, Family};
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_transformers::models::bert;
 use std::cell::RefCell;
 use std::sync::Arc;
+use triage_local::weights::{BertView, Checkpoint, Family};
 
 /// What the head predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

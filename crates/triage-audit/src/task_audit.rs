@@ -15,11 +15,6 @@ use crate::audit::{
     AuditError, AuditOptions, AuditReport, Frontier, KnobPoint, LiveStats, Mode, TierReport,
     percentile, round,
 };
-use crate::config::{Config, Handler, Intent, StageKind, Strategy, Task};
-use crate::engine::{Engine, Input, Overrides};
-use crate::strategy::pipeline::type_key;
-use crate::strategy::router::classifier_label;
-use crate::strategy::{CHARS_PER_TOKEN, strongest};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -28,6 +23,11 @@ use triage_cloud::prices::PriceTable;
 use triage_core::TaskAnswer;
 use triage_core::llm::Usage;
 use triage_core::trace::{Decision, Trace};
+use triage_engine::config::{Config, Handler, Intent, StageKind, Strategy, Task};
+use triage_engine::engine::{Engine, Input, Overrides};
+use triage_engine::strategy::pipeline::type_key;
+use triage_engine::strategy::router::classifier_label;
+use triage_engine::strategy::{CHARS_PER_TOKEN, strongest};
 
 /// Entity types a tagger trained on CoNLL-2003 knows; a gold entity of one of
 /// these that the task does not extract is left out of the scores, any other
@@ -389,15 +389,38 @@ fn input_key(input: &ItemInput) -> String {
     }
 }
 
-/// Hosted parts of the task: (tier name as traced, targets, output tokens,
-/// prompt characters), in the order the task may call them.
-fn hosted_parts(task: &Task) -> Vec<(String, Vec<Target>, u64, usize)> {
+/// The price table, and the day its prices are read for.
+#[derive(Debug, Clone, Copy)]
+struct Pricing<'a> {
+    prices: &'a PriceTable,
+    today: &'a str,
+}
+
+/// A hosted part of a task: a model call the offline engine leaves out.
+#[derive(Debug, Clone)]
+struct HostedPart {
+    /// The tier name as traced: `intent`, `route:NAME`, a stage's name.
+    tier: String,
+    targets: Vec<Target>,
+    /// Output tokens a call is priced at (its `max_tokens`, or a default).
+    output_tokens: u64,
+    /// Characters of the prompt the call sends besides the item's text.
+    prompt_chars: usize,
+}
+
+/// Hosted parts of the task, in the order the task may call them.
+fn hosted_parts(task: &Task) -> Vec<HostedPart> {
     let prompt = |p: &Option<String>| p.as_ref().map_or(PROMPT_CHARS, |s| s.chars().count());
     match &task.strategy {
         Strategy::Router(r) => {
             let mut v = Vec::new();
             if let Intent::Llm { targets, .. } = &r.intent {
-                v.push(("intent".to_owned(), targets.clone(), 16, PROMPT_CHARS));
+                v.push(HostedPart {
+                    tier: "intent".to_owned(),
+                    targets: targets.clone(),
+                    output_tokens: 16,
+                    prompt_chars: PROMPT_CHARS,
+                });
             }
             for (name, route) in &r.routes {
                 if let Handler::Model {
@@ -406,12 +429,12 @@ fn hosted_parts(task: &Task) -> Vec<(String, Vec<Target>, u64, usize)> {
                     max_tokens,
                 } = &route.handler
                 {
-                    v.push((
-                        format!("route:{name}"),
-                        targets.clone(),
-                        max_tokens.map_or(ROUTE_TOKENS, u64::from),
-                        prompt(system_prompt),
-                    ));
+                    v.push(HostedPart {
+                        tier: format!("route:{name}"),
+                        targets: targets.clone(),
+                        output_tokens: max_tokens.map_or(ROUTE_TOKENS, u64::from),
+                        prompt_chars: prompt(system_prompt),
+                    });
                 }
             }
             v
@@ -425,12 +448,12 @@ fn hosted_parts(task: &Task) -> Vec<(String, Vec<Target>, u64, usize)> {
                     system_prompt,
                     max_tokens,
                     ..
-                } => Some((
-                    s.name.clone(),
-                    targets.clone(),
-                    max_tokens.map_or(SUMMARY_TOKENS, u64::from),
-                    prompt(system_prompt),
-                )),
+                } => Some(HostedPart {
+                    tier: s.name.clone(),
+                    targets: targets.clone(),
+                    output_tokens: max_tokens.map_or(SUMMARY_TOKENS, u64::from),
+                    prompt_chars: prompt(system_prompt),
+                }),
                 _ => None,
             })
             .collect(),
@@ -477,17 +500,20 @@ fn worst_case(prices: &PriceTable, task: &Task, item: &TaskItem, today: &str) ->
         Strategy::Router(_) => {
             let intent: f64 = parts
                 .iter()
-                .filter(|p| p.0 == "intent")
-                .map(|p| dearest(&p.1, p.2, p.3))
+                .filter(|p| p.tier == "intent")
+                .map(|p| dearest(&p.targets, p.output_tokens, p.prompt_chars))
                 .sum();
             let route = parts
                 .iter()
-                .filter(|p| p.0 != "intent")
-                .map(|p| dearest(&p.1, p.2, p.3))
+                .filter(|p| p.tier != "intent")
+                .map(|p| dearest(&p.targets, p.output_tokens, p.prompt_chars))
                 .fold(0.0_f64, f64::max);
             intent + route
         }
-        _ => parts.iter().map(|p| dearest(&p.1, p.2, p.3)).sum(),
+        _ => parts
+            .iter()
+            .map(|p| dearest(&p.targets, p.output_tokens, p.prompt_chars))
+            .sum(),
     }
 }
 
@@ -509,7 +535,7 @@ fn all_llm(prices: &PriceTable, task: &Task, o: &Outcome, today: &str) -> f64 {
         }
         _ => hosted_parts(task)
             .iter()
-            .map(|p| p.2)
+            .map(|p| p.output_tokens)
             .max()
             .unwrap_or(SUMMARY_TOKENS),
     };
@@ -620,12 +646,13 @@ pub async fn audit_task(
     let parts = hosted_parts(task);
     let path = parts
         .iter()
-        .map(|(name, targets, _, _)| {
-            let models: Vec<String> = targets
+        .map(|part| {
+            let models: Vec<String> = part
+                .targets
                 .iter()
                 .map(|t| format!("{}/{}", t.provider, t.model))
                 .collect();
-            format!("{name}={}", models.join("|"))
+            format!("{}={}", part.tier, models.join("|"))
         })
         .collect::<Vec<_>>()
         .join(" > ");
@@ -706,8 +733,12 @@ pub async fn audit_task(
         outcomes.push((i, outcome));
         progress();
     }
+    let pricing = Pricing {
+        prices: &prices,
+        today: &today,
+    };
     Ok(report(
-        task, shape, items, &outcomes, left_out, live, &prices, &today,
+        task, shape, items, &outcomes, left_out, live, pricing,
     ))
 }
 
@@ -763,7 +794,6 @@ fn tiers_of(task: &Task) -> Vec<(String, String)> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn report(
     task: &Task,
     shape: &Shape,
@@ -771,9 +801,9 @@ fn report(
     outcomes: &[(usize, Outcome)],
     left_out: usize,
     live: Option<LiveStats>,
-    prices: &PriceTable,
-    today: &str,
+    pricing: Pricing<'_>,
 ) -> AuditReport {
+    let Pricing { prices, today } = pricing;
     let n = outcomes.len();
     let parts = hosted_parts(task);
     let offline = live.is_none();
@@ -785,7 +815,7 @@ fn report(
     for (i, o) in outcomes {
         all += all_llm(prices, task, o, today);
         for (tier, decision, cost, ms) in &o.ran {
-            let stripped = offline && parts.iter().any(|p| &p.0 == tier);
+            let stripped = offline && parts.iter().any(|p| &p.tier == tier);
             let t = tally.entry(tier.clone()).or_default();
             if !stripped {
                 t.cost += cost;
@@ -800,7 +830,13 @@ fn report(
         if offline {
             // What the hosted parts left out of the offline engine would
             // have cost, from the price table.
-            for (name, targets, output, prompt) in &parts {
+            for HostedPart {
+                tier: name,
+                targets,
+                output_tokens: output,
+                prompt_chars: prompt,
+            } in &parts
+            {
                 let runs = match &task.strategy {
                     Strategy::Router(_) => o.route.as_deref() == name.strip_prefix("route:"),
                     _ => true,
@@ -948,7 +984,7 @@ fn report(
             "offline: no hosted provider was called; {} priced from the price table at {CHARS_PER_TOKEN} characters per token plus the prompt, writing its whole max_tokens ({} when unset)",
             parts
                 .iter()
-                .map(|p| p.0.as_str())
+                .map(|p| p.tier.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
             if matches!(shape, Shape::Router { .. }) {
@@ -976,9 +1012,8 @@ fn report(
         "local tiers priced by measured compute time at the [compute] rate; all-LLM path: every item to the strongest priced model of the task (and audio to the dearest per-minute transcription)"
             .into(),
     );
-    let (frontier, setting) = match knob_frontier(
-        task, items, outcomes, offline, accuracy, prices, today,
-    ) {
+    let (frontier, setting) = match knob_frontier(task, items, outcomes, offline, accuracy, pricing)
+    {
         Some((points, setting, why)) => {
             assumptions.push(why);
             (points, Some(setting))
@@ -1055,28 +1090,27 @@ fn knob_grid(configured: f64) -> Vec<f64> {
 /// stage that gates on transcript confidence with two models. Returns the
 /// points, the configured setting's point and what was assumed; `None`
 /// when the task has no such knob.
-#[allow(clippy::too_many_arguments)]
 fn knob_frontier(
     task: &Task,
     items: &[TaskItem],
     outcomes: &[(usize, Outcome)],
     offline: bool,
     accuracy: Option<f64>,
-    prices: &PriceTable,
-    today: &str,
+    pricing: Pricing<'_>,
 ) -> Option<(Vec<KnobPoint>, KnobPoint, String)> {
+    let Pricing { prices, today } = pricing;
     let n = outcomes.len();
     if n == 0 {
         return None;
     }
     let parts = hosted_parts(task);
-    let part = |name: &str| parts.iter().find(|p| p.0 == name);
+    let part = |name: &str| parts.iter().find(|p| p.tier == name);
     let estimate = |name: &str, o: &Outcome, target: usize| {
         part(name)
-            .and_then(|(_, targets, output, prompt)| {
-                targets
-                    .get(target)
-                    .and_then(|t| price(prices, t, o.chars + prompt, *output, today))
+            .and_then(|p| {
+                p.targets.get(target).and_then(|t| {
+                    price(prices, t, o.chars + p.prompt_chars, p.output_tokens, today)
+                })
             })
             .unwrap_or(0.0)
     };
@@ -1165,11 +1199,11 @@ fn knob_frontier(
             let others = |o: &Outcome| {
                 parts
                     .iter()
-                    .filter(|q| q.0 != stage)
+                    .filter(|q| q.tier != stage)
                     .map(|q| {
                         if offline {
                             let second = p.stages.iter().any(|s| {
-                                s.name == q.0
+                                s.name == q.tier
                                     && matches!(&s.kind, StageKind::Summarize {
                                         min_transcript_confidence: Some(m),
                                         targets,
@@ -1177,9 +1211,9 @@ fn knob_frontier(
                                     } if targets.len() > 1
                                         && o.transcript_confidence.is_some_and(|c| c < *m))
                             });
-                            estimate(&q.0, o, usize::from(second))
+                            estimate(&q.tier, o, usize::from(second))
                         } else {
-                            measured(&q.0, o)
+                            measured(&q.tier, o)
                         }
                     })
                     .sum::<f64>()

@@ -7,8 +7,8 @@ use candle_core::Device;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use triage_local::LocalModel;
-use triage_local::train::net::HeadKind;
-use triage_local::train::{Silent, TrainConfig, TrainError, train};
+use triage_train::net::HeadKind;
+use triage_train::{Silent, TrainConfig, TrainError, train};
 
 const GOOD: &[&str] = &["lovely", "great", "kind", "happy", "sunny", "calm"];
 const BAD: &[&str] = &["awful", "idiot", "hate", "stupid", "ugly", "rude"];
@@ -319,8 +319,8 @@ struct StopAfter {
     polls: std::cell::Cell<usize>,
 }
 
-impl triage_local::train::Progress for StopAfter {
-    fn epoch(&self, _report: &triage_local::train::EpochReport) {
+impl triage_train::Progress for StopAfter {
+    fn epoch(&self, _report: &triage_train::EpochReport) {
         self.seen.set(self.seen.get() + 1);
     }
     fn cancelled(&self) -> bool {

@@ -1,10 +1,10 @@
 //! Training data: JSONL read, checked and tokenized before any training starts.
 
-use super::TrainError;
-use crate::tokenize::{TextTokenizer, first_subtokens, join_words};
+use crate::TrainError;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;
+use triage_local::tokenize::{TextTokenizer, first_subtokens, join_words};
 
 /// One tokenized example.
 #[derive(Debug, Clone)]

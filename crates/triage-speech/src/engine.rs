@@ -10,13 +10,13 @@
 //! `whisper_full_with_state`, which the state pool uses; hence it is done
 //! here with the standalone VAD context.
 
-use super::audio::SAMPLE_RATE;
-use super::speaker::{self, Embedded, SpeakerEncoder};
-use crate::DeviceSpec;
+use crate::audio::SAMPLE_RATE;
+use crate::speaker::{self, Embedded, SpeakerEncoder};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use triage_core::{TokenProb, Transcript, TranscriptSegment, Word};
+use triage_local::DeviceSpec;
 use whisper_rs::{
     FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState,
     WhisperVadContext, WhisperVadContextParams, WhisperVadParams,
@@ -61,6 +61,14 @@ struct Run<'p> {
 }
 
 type Progress = Box<dyn FnMut(i32) + Send>;
+
+/// Where [`WhisperEngine::collect`] puts a chunk's segments, and the sums
+/// its confidence is the mean of.
+struct Sink<'a> {
+    segments: &'a mut Vec<TranscriptSegment>,
+    p_sum: &'a mut f64,
+    p_n: &'a mut usize,
+}
 
 /// What one chunk decoded on its own state gave.
 #[derive(Default)]
@@ -130,7 +138,7 @@ pub enum SpeechError {
     #[error("the transcription was cancelled")]
     Cancelled,
     #[error("cannot run Whisper on the requested device")]
-    Device(#[source] crate::LocalError),
+    Device(#[source] triage_local::LocalError),
 }
 
 /// Per-request options.
@@ -172,7 +180,7 @@ pub struct WhisperEngine {
     /// Tells the speakers of a mono recording apart.
     speakers: Option<Arc<SpeakerEncoder>>,
     /// Cores shared with the encoders: held while decoding.
-    share: Option<Arc<crate::CoreShare>>,
+    share: Option<Arc<triage_local::CoreShare>>,
 }
 
 impl std::fmt::Debug for WhisperEngine {
@@ -446,7 +454,7 @@ impl WhisperEngine {
 
     /// Take this engine's decoding threads out of `share` while it decodes,
     /// so the encoders beside it use only the cores left.
-    pub fn with_core_share(mut self, share: Arc<crate::CoreShare>) -> Self {
+    pub fn with_core_share(mut self, share: Arc<triage_local::CoreShare>) -> Self {
         self.share = Some(share);
         self
     }
@@ -782,9 +790,11 @@ impl WhisperEngine {
                 &chunk,
                 window_end_s,
                 opts,
-                &mut run.segments,
-                &mut run.p_sum,
-                &mut run.p_n,
+                Sink {
+                    segments: &mut run.segments,
+                    p_sum: &mut run.p_sum,
+                    p_n: &mut run.p_n,
+                },
             );
         }
         Ok(consumed)
@@ -839,9 +849,11 @@ impl WhisperEngine {
                     chunk,
                     window_end_s,
                     opts,
-                    &mut d.segments,
-                    &mut d.p_sum,
-                    &mut d.p_n,
+                    Sink {
+                        segments: &mut d.segments,
+                        p_sum: &mut d.p_sum,
+                        p_n: &mut d.p_n,
+                    },
                 );
                 if self.multilingual {
                     d.language = whisper_rs::get_lang_str(state.full_lang_id_from_state())
@@ -958,7 +970,7 @@ impl WhisperEngine {
     /// hold different sources ([`channels_apart`]), else its mono mix.
     pub fn transcribe_pcm(
         &self,
-        pcm: &super::Pcm,
+        pcm: &crate::Pcm,
         opts: &TranscribeOptions,
         progress: Option<Box<dyn FnMut(i32) + Send>>,
     ) -> Result<Transcript, SpeechError> {
@@ -1048,17 +1060,19 @@ impl WhisperEngine {
 
     /// Turn the state's segments for `chunk` into transcript segments on the
     /// audio's clock, words and all, without non-speech markers.
-    #[allow(clippy::too_many_arguments)]
     fn collect(
         &self,
         state: &WhisperState,
         chunk: &Chunk,
         duration_s: f64,
         opts: &TranscribeOptions,
-        out: &mut Vec<TranscriptSegment>,
-        p_sum: &mut f64,
-        p_n: &mut usize,
+        sink: Sink<'_>,
     ) {
+        let Sink {
+            segments: out,
+            p_sum,
+            p_n,
+        } = sink;
         for i in 0..state.full_n_segments() {
             let Some(seg) = state.get_segment(i) else {
                 continue;

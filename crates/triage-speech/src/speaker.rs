@@ -8,8 +8,8 @@
 //! `Resemblyzer-0.1.4-py3-none-any.whl` on PyPI; `scripts/fetch-speaker-model`
 //! takes them from there and writes the model's tensors to safetensors.
 
-use super::SpeechError;
-use super::audio::SAMPLE_RATE;
+use crate::SpeechError;
+use crate::audio::SAMPLE_RATE;
 use candle_core::{D, DType, Device, Tensor};
 use realfft::{RealFftPlanner, RealToComplex};
 use std::collections::HashMap;

@@ -2,10 +2,9 @@
 //! SVG and CSS, nothing fetched), a PNG of the frontier plot (rasterised like
 //! `triage eval --out`), or the JSON object.
 
-use crate::eval::{svg_to_png, xml_escape};
-use anyhow::{Context, Result, bail};
+use super::{RenderError, svg_to_png, xml_escape};
+use crate::audit::{AuditReport, Frontier};
 use std::path::Path;
-use triage_engine::audit::{AuditReport, Frontier};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -28,39 +27,40 @@ fn format_of(path: &Path) -> Option<Format> {
 }
 
 /// Refuse a report name we cannot write before any work is done.
-pub fn check_out(path: &Path) -> Result<()> {
+pub fn check_out(path: &Path) -> Result<(), RenderError> {
     if format_of(path).is_none() {
-        bail!(
-            "--out {}: give a file name ending in .html, .png or .json",
-            path.display()
-        );
+        return Err(RenderError::UnknownFormat(path.to_owned()));
     }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     if let Some(d) = dir
         && !d.is_dir()
     {
-        bail!(
-            "--out {}: the folder {} does not exist",
-            path.display(),
-            d.display()
-        );
+        return Err(RenderError::NoFolder {
+            path: path.to_owned(),
+            dir: d.to_owned(),
+        });
     }
     Ok(())
 }
 
-pub fn write(path: &Path, report: &AuditReport) -> Result<()> {
+/// Write `report` to `path` in the format its extension names.
+pub fn write(path: &Path, report: &AuditReport) -> Result<(), RenderError> {
     let bytes = match format_of(path) {
         Some(Format::Html) => html(report).into_bytes(),
-        Some(Format::Png) if report.frontier.is_empty() => bail!(
-            "--out {}: a PNG holds the frontier, and task `{}` has no setting to re-score; use .html or .json",
-            path.display(),
-            report.task
-        ),
+        Some(Format::Png) if report.frontier.is_empty() => {
+            return Err(RenderError::NothingToPlot {
+                path: path.to_owned(),
+                task: report.task.clone(),
+            });
+        }
         Some(Format::Png) => svg_to_png(&frontier_svg(report))?,
-        Some(Format::Json) => serde_json::to_vec_pretty(report)?,
-        None => bail!("--out {}: unknown report format", path.display()),
+        Some(Format::Json) => serde_json::to_vec_pretty(report).map_err(RenderError::Json)?,
+        None => return Err(RenderError::UnknownFormat(path.to_owned())),
     };
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    std::fs::write(path, bytes).map_err(|source| RenderError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// One point of the plot: a band of a moderation cascade's local tier, or a
@@ -79,7 +79,7 @@ struct Point {
 fn points(r: &AuditReport) -> (Vec<Point>, Option<Point>, &'static str, &'static str) {
     match &r.frontier {
         Frontier::Bands(v) => {
-            let band = |p: &triage_engine::audit::BandPoint| Point {
+            let band = |p: &crate::audit::BandPoint| Point {
                 cost: p.cost_per_100k_usd,
                 accuracy: p.local_accuracy,
                 share: p.local_share,
@@ -93,7 +93,7 @@ fn points(r: &AuditReport) -> (Vec<Point>, Option<Point>, &'static str, &'static
             )
         }
         Frontier::Knob(v) => {
-            let knob = |p: &triage_engine::audit::KnobPoint| Point {
+            let knob = |p: &crate::audit::KnobPoint| Point {
                 cost: p.cost_per_100k_usd,
                 accuracy: p.accuracy,
                 share: p.share,
