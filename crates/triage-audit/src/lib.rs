@@ -6,6 +6,11 @@
 //! checks in the ledger, and the reports (HTML, SVG, PNG) they write. The
 //! runtime (`triage-engine`) and the server never link this crate.
 
+// `AuditError` carries the engine's error by value, as `EngineError` carries
+// the local specialist's: built at most once per item, its size costs
+// nothing measurable.
+#![allow(clippy::result_large_err)]
+
 pub mod answer_cache;
 pub mod audit;
 pub mod calibrate;

@@ -126,7 +126,7 @@ pub async fn run(run: &mut Run<'_>, c: &Cascade, input: Input) -> Result<Answere
                         model: &tier.model_name(),
                         operation: "classify",
                         specialist: &specialist,
-                        time: time.into(),
+                        time,
                         error: None,
                     },
                     StepOutcome {
