@@ -186,3 +186,25 @@ fn serve_config_answers_execute_and_reloads_on_sighup() -> anyhow::Result<()> {
     assert!(status.success(), "{status}");
     Ok(())
 }
+
+#[test]
+fn serve_refuses_a_socket_path_that_is_a_regular_file_and_keeps_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("precious.txt");
+    std::fs::write(&file, "do not delete")?;
+    let config = dir.path().join("triage.toml");
+    std::fs::write(&config, greeting_config("hello"))?;
+    let out = Command::new(env!("CARGO_BIN_EXE_triage"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--socket")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .output()?;
+    assert!(!out.status.success(), "{:?}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&file)?, "do not delete");
+    Ok(())
+}

@@ -56,6 +56,8 @@ impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
 pub enum ServeError {
     #[error("another server is already listening on {0}")]
     SocketInUse(PathBuf),
+    #[error("{0} exists and is not a socket: refusing to replace it; choose another --socket path")]
+    NotASocket(PathBuf),
     #[error("cannot listen on {what}")]
     Bind {
         what: String,
@@ -71,20 +73,33 @@ pub enum ServeError {
 }
 
 /// Bind the unix socket: a stale socket file (no server behind it) is
-/// replaced, a live one is an error; the socket gets mode 0660.
+/// replaced, a live one is an error, and anything else at the path (a
+/// regular file, a folder, a symlink, which is never followed) is refused
+/// and left as it is. Folders triage creates for it are 0700; the socket
+/// gets mode 0660.
 pub async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
     let bind_err = |source| ServeError::Bind {
         what: path.display().to_string(),
         source,
     };
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(ServeError::SocketInUse(path.to_path_buf()));
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(ServeError::SocketInUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(bind_err)?;
         }
-        std::fs::remove_file(path).map_err(bind_err)?;
+        Ok(_) => return Err(ServeError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(bind_err)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(bind_err)?;
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
     use std::os::unix::fs::PermissionsExt;

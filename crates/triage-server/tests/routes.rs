@@ -553,6 +553,32 @@ async fn end_to_end_over_a_unix_socket_and_tcp() -> anyhow::Result<()> {
         Some(triage_server::ServeError::SocketInUse(_))
     ));
 
+    // A path that holds anything but a socket is refused and kept: a
+    // regular file, and a symlink (never followed) to one.
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep me")?;
+    let link = dir.path().join("link.sock");
+    std::os::unix::fs::symlink(&file, &link)?;
+    for path in [&file, &link] {
+        let err = triage_server::bind_unix(path).await.err();
+        assert!(
+            matches!(err, Some(triage_server::ServeError::NotASocket(_))),
+            "{path:?}: {err:?}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&file)?, "keep me");
+    assert!(std::fs::symlink_metadata(&link)?.file_type().is_symlink());
+    // A folder triage makes for the socket is the owner's alone.
+    let fresh = dir.path().join("run/triage/t.sock");
+    drop(triage_server::bind_unix(&fresh).await?);
+    assert_eq!(
+        std::fs::metadata(dir.path().join("run/triage"))?
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+
     let body = r#"{"input": "hello"}"#;
     let request = format!(
         "POST /v1/moderations HTTP/1.1\r\nHost: triage\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
