@@ -249,19 +249,22 @@ async fn default_with_flags(
         .clone()
         .unwrap_or_else(|| DEFAULT_WHISPER.into());
     table(&mut doc, &["local", "whisper"])?.insert("model".into(), whisper.clone().into());
-    if !cfg!(feature = "speech") {
-        // A text-only build: the same config without its Whisper parts.
+    // Without Whisper (a text-only build, or the default model not
+    // installed) the same config is served without its Whisper parts.
+    let no_whisper = if !cfg!(feature = "speech") {
         eprintln!("note: this triage was built without speech: serving moderation only");
-        table(&mut doc, &["local"])?.remove("whisper");
-        table(&mut doc, &["tasks"])?.remove("transcription");
-        table(&mut doc, &["server"])?.remove("transcription_task");
+        true
     } else if let Err(e) = triage_local::resolve::resolve_whisper(&whisper).await {
         if args.whisper_model.is_some() {
             return Err(e).context("cannot load the Whisper model");
         }
-        // The default model is not installed: serve moderation only.
         tracing::warn!(error = %e, "no Whisper model: serving moderation only (scripts/serve installs one)");
         eprintln!("warning: transcription disabled: {e}");
+        true
+    } else {
+        false
+    };
+    if no_whisper {
         table(&mut doc, &["local"])?.remove("whisper");
         table(&mut doc, &["tasks"])?.remove("transcription");
         table(&mut doc, &["server"])?.remove("transcription_task");

@@ -157,11 +157,12 @@ async fn load_whisper(
     share: &Arc<triage_local::CoreShare>,
     gpu: bool,
 ) -> Result<Specialist, EngineError> {
-    let err = |source: triage_local::LocalError| EngineError::LoadSpecialist {
+    let fail = |source: crate::error::LoadError| EngineError::LoadSpecialist {
         name: name.to_owned(),
         model: spec.model.clone(),
-        source: source.into(),
+        source,
     };
+    let err = |source: triage_local::LocalError| fail(source.into());
     let path = triage_local::resolve::resolve_whisper(&spec.model)
         .await
         .map_err(err)?;
@@ -195,16 +196,8 @@ async fn load_whisper(
         }
     })
     .await
-    .map_err(|e| EngineError::LoadSpecialist {
-        name: name.to_owned(),
-        model: spec.model.clone(),
-        source: e.into(),
-    })?
-    .map_err(|e| EngineError::LoadSpecialist {
-        name: name.to_owned(),
-        model: spec.model.clone(),
-        source: e.into(),
-    })?;
+    .map_err(|e| fail(e.into()))?
+    .map_err(|e| fail(e.into()))?;
     Ok(Specialist::Whisper {
         engine: Arc::new(engine),
         gpu,

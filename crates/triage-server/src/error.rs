@@ -69,6 +69,12 @@ impl From<EngineError> for ApiError {
 }
 
 impl ApiError {
+    /// Transcription asked of a build without the `speech` feature.
+    #[cfg(not(feature = "speech"))]
+    pub(crate) fn no_speech() -> Self {
+        Self::NotReady("transcription (this triage was built without the `speech` feature)".into())
+    }
+
     pub fn bad(message: impl Into<String>, param: Option<&'static str>) -> Self {
         Self::BadRequest {
             message: message.into(),

@@ -234,9 +234,7 @@ async fn submit_transcription(
     _form: AudioForm,
     _admitted: crate::limits::Admitted,
 ) -> Result<Response, ApiError> {
-    Err(ApiError::NotReady(
-        "transcription (this triage was built without the `speech` feature)".into(),
-    ))
+    Err(ApiError::no_speech())
 }
 
 /// `POST /v1/jobs/{id}/cancel`: a queued job never starts; a running

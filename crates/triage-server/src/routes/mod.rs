@@ -27,7 +27,7 @@ use audio::transcriptions;
 /// A build without speech answers transcriptions with 503, naming why.
 #[cfg(not(feature = "speech"))]
 async fn transcriptions() -> ApiError {
-    ApiError::NotReady("transcription (this triage was built without the `speech` feature)".into())
+    ApiError::no_speech()
 }
 
 /// Build the router.
