@@ -57,6 +57,9 @@ pub enum ErrorKind {
     /// Our side stopped waiting (a tier timeout, the caller went away) after
     /// the request was sent: it may have been answered and billed.
     Cancelled,
+    /// The caller's spending gate (a budget) refused the attempt's ceiling:
+    /// nothing was sent.
+    BudgetExceeded,
 }
 
 impl ErrorKind {

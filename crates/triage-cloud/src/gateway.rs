@@ -38,6 +38,7 @@ use crate::ratelimit::{
     RateLimiter, RateLimits, Reservation, estimate_chat_tokens, estimate_moderation_tokens,
 };
 use crate::retry::RetryPolicy;
+use crate::spend::{Charge, DEFAULT_MAX_TOKENS, SpendGate, SpendHold, UsageBound};
 
 /// One place to send a request: a configured provider and its model.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -60,12 +61,16 @@ impl Target {
     }
 }
 
-/// Who asked, copied into every attempt record.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Who asked, copied into every attempt record, and what holds the money
+/// each attempt may spend.
+#[derive(Debug, Clone, Default)]
 pub struct CallContext {
     pub request_id: String,
     pub task: String,
     pub tier: String,
+    /// Asked to hold every attempt's ceiling before it is sent (budgets);
+    /// `None` spends without asking.
+    pub gate: Option<Arc<dyn SpendGate>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +224,9 @@ struct Pending {
     attempt: Attempt,
     started: Instant,
     reservation: Reservation,
+    /// The money held for it, and the most it may cost.
+    hold: Option<Box<dyn SpendHold>>,
+    ceiling_usd: f64,
 }
 
 fn now_std() -> std::time::Instant {
@@ -234,6 +242,8 @@ struct Walk<'a> {
     request_model: &'a str,
     /// Tokens reserved against the rate limits before each try.
     estimate: u64,
+    /// The most one attempt may bill, for the spending gate.
+    bound: UsageBound,
     /// Hand the successful attempt back instead of recording it (a stream
     /// records it when it ends).
     defer: bool,
@@ -304,6 +314,7 @@ impl Gateway {
         targets: &[Target],
         req: &ChatRequest,
     ) -> Outcome<ChatResponse> {
+        let req = &capped(req);
         let estimate = estimate_chat_tokens(req);
         let call = |provider: &Provider, model: String| {
             let req = ChatRequest {
@@ -327,6 +338,7 @@ impl Gateway {
                     operation: "chat",
                     request_model: &req.model,
                     estimate,
+                    bound: UsageBound::chat(req),
                     defer: false,
                 },
                 call,
@@ -344,6 +356,7 @@ impl Gateway {
         targets: &[Target],
         req: &ChatRequest,
     ) -> Outcome<ChunkStream> {
+        let req = &capped(req);
         let estimate = estimate_chat_tokens(req);
         let call = |provider: &Provider, model: String| {
             let req = ChatRequest {
@@ -376,6 +389,7 @@ impl Gateway {
                     operation: "chat_stream",
                     request_model: &req.model,
                     estimate,
+                    bound: UsageBound::chat(req),
                     defer: true,
                 },
                 call,
@@ -419,6 +433,7 @@ impl Gateway {
                     operation: "moderate",
                     request_model: &req.model,
                     estimate,
+                    bound: UsageBound::moderation(req),
                     defer: false,
                 },
                 call,
@@ -455,6 +470,11 @@ impl Gateway {
                     operation: "transcribe",
                     request_model: &req.model,
                     estimate: 0,
+                    bound: UsageBound {
+                        audio_seconds: audio_seconds_bound(&req.audio),
+                        output_tokens: Some(0),
+                        ..UsageBound::default()
+                    },
                     defer: false,
                 },
                 call,
@@ -482,6 +502,7 @@ impl Gateway {
             operation,
             request_model,
             estimate,
+            bound,
             defer,
         } = walk;
         let policy = self.inner.policy;
@@ -542,6 +563,28 @@ impl Gateway {
                         continue 'targets;
                     }
                 };
+                let ceiling_usd = self.ceiling(name, &model, &bound);
+                let hold = match &ctx.gate {
+                    None => None,
+                    Some(gate) => {
+                        let charge = Charge {
+                            provider: name.to_owned(),
+                            model: model.clone(),
+                            ceiling_usd,
+                        };
+                        match gate.hold(charge).await {
+                            Ok(hold) => Some(hold),
+                            Err(reason) => {
+                                if permit == Permit::Probe {
+                                    slot.breaker().cancel_probe(now_std());
+                                }
+                                let e = ProviderError::new(name, ErrorKind::BudgetExceeded, reason);
+                                errors.entry(key).or_default().push(e);
+                                return fail(errors, attempts);
+                            }
+                        }
+                    }
+                };
                 let reservation = match slot.limiter().reserve(
                     estimate,
                     deadline - now,
@@ -549,6 +592,10 @@ impl Gateway {
                 ) {
                     Ok(reservation) => reservation,
                     Err(wait) => {
+                        // Nothing is sent: nothing is spent.
+                        if let Some(hold) = hold {
+                            hold.settle(0.0);
+                        }
                         if permit == Permit::Probe {
                             slot.breaker().cancel_probe(now.into_std());
                         }
@@ -618,6 +665,8 @@ impl Gateway {
                                 attempt,
                                 started,
                                 reservation,
+                                hold,
+                                ceiling_usd,
                             };
                             return (
                                 Outcome {
@@ -634,7 +683,11 @@ impl Gateway {
                         } else {
                             AttemptOutcome::Answered
                         };
-                        let attempt = record(outcome, b);
+                        let mut attempt = record(outcome, b);
+                        self.meter(&mut attempt, ceiling_usd);
+                        if let Some(hold) = hold {
+                            hold.settle(attempt.cost_usd);
+                        }
                         self.sink(&attempt);
                         attempts.push(attempt);
                         return (
@@ -651,6 +704,13 @@ impl Gateway {
                 let after = now_std();
                 let kind = error.kind;
                 slot.limiter().settle(&reservation, 0, after);
+                if let Some(hold) = hold
+                    && !may_have_billed(kind)
+                {
+                    // Refused with a status (or never sent): not billed. A
+                    // hold dropped here keeps its ceiling as spent.
+                    hold.settle(0.0);
+                }
                 if matches!(kind, ErrorKind::MissingKey | ErrorKind::Unsupported) {
                     // Nothing was sent: no attempt to record, no health signal.
                     if permit == Permit::Probe {
@@ -760,6 +820,30 @@ impl Gateway {
         });
     }
 
+    /// The most one attempt to `provider`/`model` within `bound` can cost:
+    /// at the model's price, else at the provider's dearest (never $0 while
+    /// any price is known).
+    fn ceiling(&self, provider: &str, model: &str, bound: &UsageBound) -> f64 {
+        let today = PriceTable::today();
+        let usage = bound.usage(DEFAULT_MAX_TOKENS);
+        let prices = &self.inner.prices;
+        prices
+            .cost(provider, model, &usage, bound.audio_seconds, &today)
+            .or_else(|| prices.dearest_cost(provider, &usage, bound.audio_seconds, &today))
+            .unwrap_or(0.0)
+    }
+
+    /// An answered chat that reported no usage is counted at its ceiling
+    /// (it was billed, by how much is unknown), with a warning.
+    fn meter(&self, attempt: &mut Attempt, ceiling_usd: f64) {
+        let chat = matches!(attempt.operation, "chat" | "chat_stream");
+        if chat && attempt.usage == Usage::default() && ceiling_usd > attempt.cost_usd {
+            tracing::warn!(provider = %attempt.provider, model = %attempt.model, request_id = %attempt.request_id,
+                ceiling_usd, "the provider reported no usage; the call is counted at its ceiling");
+            attempt.cost_usd = ceiling_usd;
+        }
+    }
+
     fn sink(&self, attempt: &Attempt) {
         if let Some(sink) = &self.inner.sink {
             sink.record(attempt);
@@ -779,9 +863,18 @@ impl Gateway {
             }
         }
         pending.attempt.latency = pending.started.elapsed();
+        let failed = matches!(outcome, AttemptOutcome::Failed { .. });
         pending.attempt.outcome = outcome;
         pending.attempt.usage = usage;
         self.price(&mut pending.attempt);
+        if !failed || usage != Usage::default() {
+            self.meter(&mut pending.attempt, pending.ceiling_usd);
+            if let Some(hold) = pending.hold.take() {
+                hold.settle(pending.attempt.cost_usd);
+            }
+        }
+        // A stream that failed without usage may have been billed for what
+        // it sent: its hold, dropped here, keeps the ceiling.
         self.sink(&pending.attempt);
     }
 }
@@ -824,6 +917,35 @@ impl Drop for InFlight<'_> {
         );
         self.gateway.sink(&attempt);
     }
+}
+
+/// `req` with the output cap triage sends on every chat call: the caller's
+/// (or tier's) `max_tokens`, else [`DEFAULT_MAX_TOKENS`].
+fn capped(req: &ChatRequest) -> ChatRequest {
+    ChatRequest {
+        max_tokens: Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
+        ..req.clone()
+    }
+}
+
+/// Whether a failed attempt may still have been billed: it was sent and no
+/// status said it was refused (a timeout, a cut stream, an unreadable 2xx).
+fn may_have_billed(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::Timeout
+            | ErrorKind::Deadline
+            | ErrorKind::Malformed
+            | ErrorKind::StreamTruncated
+            | ErrorKind::Cancelled
+    )
+}
+
+/// An upper bound on the seconds of audio in `bytes` of an encoded file:
+/// 8 kbit/s is below any codec a hosted transcription accepts at speech
+/// quality (Opus at its lowest voice setting is 6 kbit/s, hence 6).
+fn audio_seconds_bound(bytes: &[u8]) -> f64 {
+    bytes.len() as f64 * 8.0 / 6_000.0
 }
 
 fn total_tokens(usage: &Usage) -> u64 {

@@ -12,6 +12,7 @@ pub mod providers;
 pub mod ratelimit;
 pub mod retry;
 pub mod secret;
+pub mod spend;
 
 pub use breaker::BreakerConfig;
 pub use error::{ErrorKind, ProviderError};
@@ -24,3 +25,4 @@ pub use provider::{ChunkStream, Provider, ProviderConfig, ProviderKind};
 pub use ratelimit::RateLimits;
 pub use retry::RetryPolicy;
 pub use secret::SecretString;
+pub use spend::{Charge, SpendGate, SpendHold};

@@ -267,6 +267,31 @@ impl PriceTable {
             .map(|p| p.cost(usage, audio_seconds))
     }
 
+    /// The cost of a call whose model has no price: at the dearest price in
+    /// force on `date` among the entries naming `provider`, else among all
+    /// entries. `None` only when the table has no price in force at all.
+    pub fn dearest_cost(
+        &self,
+        provider: &str,
+        usage: &Usage,
+        audio_seconds: f64,
+        date: &str,
+    ) -> Option<f64> {
+        let in_force = |named: bool| {
+            self.prices
+                .iter()
+                .filter(|p| p.effective.as_str() <= date)
+                .filter(move |p| !named || p.provider.as_deref() == Some(provider))
+                .filter_map(|p| {
+                    let owner = p.provider.as_deref().unwrap_or(provider);
+                    self.price(owner, &p.model, date)
+                })
+                .map(|p| p.cost(usage, audio_seconds))
+                .fold(None, |m: Option<f64>, c| Some(m.map_or(c, |m| m.max(c))))
+        };
+        in_force(true).or_else(|| in_force(false))
+    }
+
     /// What running locally for `duration` costs.
     pub fn compute_cost(&self, duration: Duration, gpu: bool) -> f64 {
         let rate = if gpu {
@@ -442,6 +467,30 @@ mod tests {
             .cost("openai", "gpt-4o-mini", &odd, 0.0, "2024-08-01")
             .unwrap();
         assert!((c - 10.0 * 0.075 / 1e6).abs() < 1e-15);
+    }
+
+    #[test]
+    fn an_unpriced_model_costs_the_providers_dearest_price_in_force() {
+        let t = table();
+        let usage = Usage {
+            input_tokens: 1_000_000,
+            output_tokens: 1_000_000,
+            ..Usage::default()
+        };
+        // openai's entries in force in 2025: gpt-4o-mini at 0.10 + 0.40 (its
+        // older 0.15 + 0.60 is superseded), whisper-1 with no token price.
+        let c = t.dearest_cost("openai", &usage, 0.0, "2025-06-01").unwrap();
+        assert!((c - 0.50).abs() < 1e-9, "{c}");
+        // In 2024 the older, dearer price was in force.
+        let c = t.dearest_cost("openai", &usage, 0.0, "2024-08-01").unwrap();
+        assert!((c - 0.75).abs() < 1e-9, "{c}");
+        // A provider the table never names: the dearest of every entry.
+        let c = t.dearest_cost("mystery", &usage, 0.0, "2025-06-01").unwrap();
+        assert!((c - 0.50).abs() < 1e-9, "{c}");
+        assert_eq!(
+            PriceTable::default().dearest_cost("openai", &usage, 0.0, "2025-06-01"),
+            None
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 use triage_cloud::breaker::BreakerState;
+use triage_cloud::spend::{DEFAULT_MAX_TOKENS, UsageBound};
 use triage_cloud::{
     AllFailed, Attempt, AttemptOutcome, AttemptSink, BreakerConfig, CallContext, ErrorKind,
     Gateway, Outcome, PriceTable, ProviderConfig, ProviderKind, ProviderSettings, RateLimits,
@@ -492,6 +493,7 @@ fn ctx() -> CallContext {
         request_id: "req-1".into(),
         task: "summarize".into(),
         tier: "cloud".into(),
+        gate: None,
     }
 }
 
@@ -542,6 +544,17 @@ impl Harness {
             );
             let expected = match r.outcome {
                 AttemptOutcome::Failed { .. } if r.usage == Usage::default() => 0.0,
+                // Billed without a usage report: counted at the ceiling of
+                // `request()` as the gateway sent it (capped).
+                _ if r.usage == Usage::default() && r.operation.starts_with("chat") => {
+                    let mut req = request();
+                    req.max_tokens = Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
+                    let bound = UsageBound::chat(&req).usage(DEFAULT_MAX_TOKENS);
+                    self.prices
+                        .cost(&r.provider, &r.model, &bound, 0.0, &today)
+                        .or_else(|| self.prices.dearest_cost(&r.provider, &bound, 0.0, &today))
+                        .unwrap_or(0.0)
+                }
                 _ => self
                     .prices
                     .cost(&r.provider, &r.model, &r.usage, r.audio_seconds, &today)

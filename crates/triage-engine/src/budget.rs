@@ -11,8 +11,9 @@
 //! every replica; otherwise each replica keeps its own (docs/ledger.md).
 
 use crate::ledger::{Ledger, LedgerError, reserve_shared, settle_shared};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use triage_cloud::prices::PriceTable;
+use triage_cloud::spend::{BoxFuture, Charge, SpendGate, SpendHold};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Period {
@@ -114,12 +115,31 @@ pub struct Budgets {
     pub(crate) specs: Vec<BudgetSpec>,
     windows: Mutex<Vec<Window>>,
     shared: Option<Ledger>,
+    /// Dollars providers billed beyond the ceilings held for their calls.
+    overrun_usd: Mutex<f64>,
+}
+
+/// One budget as it stands now (`/metrics`, the dashboard).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BudgetStatus {
+    pub name: String,
+    pub period: &'static str,
+    /// The current window: `YYYY-MM-DD` or `YYYY-MM`.
+    pub window: String,
+    pub usd: f64,
+    /// Settled spending in the window (with a shared store: every replica's,
+    /// as this replica last read it).
+    pub spent_usd: f64,
+    /// Held by this replica's calls in flight.
+    pub reserved_usd: f64,
+    /// `usd - spent - reserved`, never below 0.
+    pub left_usd: f64,
 }
 
 /// Dollars held against budgets for one hosted call.
 #[derive(Debug)]
-pub struct Reservation<'a> {
-    budgets: &'a Budgets,
+pub struct Reservation {
+    budgets: Arc<Budgets>,
     /// (budget index, window id, dollars)
     held: Vec<(usize, String, f64)>,
     /// The hold's id in the shared store.
@@ -127,8 +147,27 @@ pub struct Reservation<'a> {
     settled: bool,
 }
 
-impl Reservation<'_> {
-    /// The call returned: replace the estimate with what it cost.
+impl Reservation {
+    /// The call is over: replace the hold with what it cost, at once in this
+    /// replica's totals and, with a shared store, in the background there
+    /// (until then the store keeps counting the hold, never less).
+    pub fn settle_now(mut self, actual_usd: f64) {
+        self.settled = true;
+        let held = std::mem::take(&mut self.held);
+        self.budgets.release(&held, Some(actual_usd));
+        if let (Some(ledger), Some(id)) = (&self.budgets.shared, self.hold_id.take()) {
+            let ledger = ledger.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = settle_shared(&ledger, &id, Some(actual_usd)).await {
+                        tracing::error!(error = %crate::error::chain(&e), hold = id, "settling a shared budget hold failed; it will count as its ceiling when it expires");
+                    }
+                });
+            }
+        }
+    }
+
+    /// The call returned: replace the hold with what it cost.
     pub async fn settle(mut self, actual_usd: f64) {
         self.settled = true;
         match (&self.budgets.shared, self.hold_id.take()) {
@@ -144,7 +183,7 @@ impl Reservation<'_> {
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         if self.settled {
             return;
@@ -172,6 +211,7 @@ impl Budgets {
             specs,
             windows: Mutex::new(windows),
             shared: None,
+            overrun_usd: Mutex::new(0.0),
         }
     }
 
@@ -228,11 +268,11 @@ impl Budgets {
     /// Hold `estimate_usd` against every budget that applies to a call for
     /// `task` by `key`, or refuse if one of them would pass its limit.
     pub async fn reserve(
-        &self,
+        self: &Arc<Self>,
         task: &str,
         key: Option<&str>,
         estimate_usd: f64,
-    ) -> Result<Reservation<'_>, BudgetError> {
+    ) -> Result<Reservation, BudgetError> {
         let mut reservation = self.reserve_local(task, key, estimate_usd)?;
         if let Some(ledger) = &self.shared
             && !reservation.held.is_empty()
@@ -253,15 +293,15 @@ impl Budgets {
     /// The in-memory check and hold (for a shared store, a fast first check
     /// of this replica's own view; the store decides).
     fn reserve_local(
-        &self,
+        self: &Arc<Self>,
         task: &str,
         key: Option<&str>,
         estimate_usd: f64,
-    ) -> Result<Reservation<'_>, BudgetExceeded> {
+    ) -> Result<Reservation, BudgetExceeded> {
         let mut held = Vec::new();
         if self.specs.is_empty() {
             return Ok(Reservation {
-                budgets: self,
+                budgets: self.clone(),
                 held,
                 hold_id: None,
                 settled: false,
@@ -301,7 +341,7 @@ impl Budgets {
             }
         }
         Ok(Reservation {
-            budgets: self,
+            budgets: self.clone(),
             held,
             hold_id: None,
             settled: false,
@@ -331,6 +371,44 @@ impl Budgets {
         }
     }
 
+    /// Every budget's current window: spent, held and left.
+    pub fn status(&self) -> Vec<BudgetStatus> {
+        let today = PriceTable::today();
+        let windows = self.windows();
+        self.specs
+            .iter()
+            .zip(windows.iter())
+            .map(|(s, w)| {
+                let window = s.period.window(&today);
+                // A window that has not been used since it began is empty.
+                let (spent, reserved) = if w.id == window {
+                    (w.spent, w.reserved)
+                } else {
+                    (0.0, 0.0)
+                };
+                BudgetStatus {
+                    name: s.name.clone(),
+                    period: s.period.as_str(),
+                    window,
+                    usd: s.usd,
+                    spent_usd: spent,
+                    reserved_usd: reserved,
+                    left_usd: (s.usd - spent - reserved).max(0.0),
+                }
+            })
+            .collect()
+    }
+
+    /// Dollars providers billed beyond the ceilings held for their calls,
+    /// since this process started.
+    pub fn overrun_usd(&self) -> f64 {
+        *self.overrun_usd.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn overran(&self, usd: f64) {
+        *self.overrun_usd.lock().unwrap_or_else(PoisonError::into_inner) += usd;
+    }
+
     /// Dollars spent (settled) in each budget's current window, by name.
     pub fn spent(&self) -> Vec<(String, f64)> {
         let windows = self.windows();
@@ -339,6 +417,87 @@ impl Budgets {
             .zip(windows.iter())
             .map(|(s, w)| (s.name.clone(), w.spent))
             .collect()
+    }
+}
+
+/// The gate one request's hosted attempts pass (every strategy, shadow
+/// calls, retries and fallbacks): each attempt holds its ceiling against
+/// the budgets that apply to the task and the caller's key, and settles
+/// what the provider billed.
+#[derive(Debug)]
+pub struct BudgetGate {
+    budgets: Arc<Budgets>,
+    task: String,
+    key: Option<String>,
+    /// The typed reason of the last refusal, for the engine's error.
+    refused: Mutex<Option<BudgetError>>,
+}
+
+impl BudgetGate {
+    pub fn new(budgets: Arc<Budgets>, task: &str, key: Option<&str>) -> Self {
+        Self {
+            budgets,
+            task: task.to_owned(),
+            key: key.map(str::to_owned),
+            refused: Mutex::new(None),
+        }
+    }
+
+    /// Why the gate last refused an attempt (taken once).
+    pub fn take_refusal(&self) -> Option<BudgetError> {
+        self.refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl SpendGate for BudgetGate {
+    fn hold(&self, charge: Charge) -> BoxFuture<'_, Result<Box<dyn SpendHold>, String>> {
+        Box::pin(async move {
+            match self
+                .budgets
+                .reserve(&self.task, self.key.as_deref(), charge.ceiling_usd)
+                .await
+            {
+                Ok(reservation) => Ok(Box::new(BudgetHold {
+                    reservation,
+                    charge,
+                }) as Box<dyn SpendHold>),
+                Err(e) => {
+                    let reason = crate::error::chain(&e);
+                    *self.refused.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                    Err(reason)
+                }
+            }
+        })
+    }
+}
+
+/// One attempt's hold; dropped unsettled, its ceiling counts as spent.
+#[derive(Debug)]
+struct BudgetHold {
+    reservation: Reservation,
+    charge: Charge,
+}
+
+impl SpendHold for BudgetHold {
+    fn settle(self: Box<Self>, usd: f64) {
+        let BudgetHold {
+            reservation,
+            charge,
+        } = *self;
+        // A provider that billed past the output cap triage sent (or
+        // reported more input than the bytes allow): counted at what it
+        // reported, and flagged.
+        let over = usd - charge.ceiling_usd;
+        if over > 1e-9 * charge.ceiling_usd.max(1e-6) {
+            tracing::warn!(provider = %charge.provider, model = %charge.model,
+                ceiling_usd = charge.ceiling_usd, billed_usd = usd,
+                "the provider reported more usage than the call was allowed; the budget counts what it reported");
+            reservation.budgets.overran(over);
+        }
+        reservation.settle_now(usd);
     }
 }
 
@@ -365,10 +524,10 @@ mod tests {
 
     #[tokio::test]
     async fn reserve_then_settle_and_refuse_past_the_limit() {
-        let b = Budgets::new(vec![
+        let b = Arc::new(Budgets::new(vec![
             spec("team-a", 1.0, None, Some("a")),
             spec("moderation", 0.5, Some("moderation"), None),
-        ]);
+        ]));
         // Another key and another task are not counted.
         b.reserve("chat", Some("b"), 10.0)
             .await

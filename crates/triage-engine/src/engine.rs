@@ -126,6 +126,9 @@ pub struct Run<'a> {
     /// Set when a hosted model was called: the request's rows are then
     /// committed before its answer is returned.
     pub hosted: AtomicBool,
+    /// Holds every hosted attempt's ceiling against the budgets that apply
+    /// (`None` without `[[budgets]]`).
+    pub gate: Option<Arc<crate::budget::BudgetGate>>,
 }
 
 impl Run<'_> {
@@ -136,6 +139,10 @@ impl Run<'_> {
             request_id: self.request_id.clone(),
             task: self.task.name.clone(),
             tier: tier.to_owned(),
+            gate: self
+                .gate
+                .clone()
+                .map(|g| g as Arc<dyn triage_cloud::SpendGate>),
         }
     }
 
@@ -328,7 +335,7 @@ pub struct Engine {
     pub gateway: Gateway,
     pub ledger: Option<Ledger>,
     /// `[[budgets]]` and what has been spent against them.
-    pub budgets: crate::budget::Budgets,
+    pub budgets: Arc<crate::budget::Budgets>,
     /// Shadow calls still running after their request was answered.
     pub background: crate::background::Background,
 }
@@ -366,7 +373,7 @@ impl Engine {
             specialists,
             gateway,
             ledger,
-            budgets,
+            budgets: Arc::new(budgets),
             background: Default::default(),
         })
     }
@@ -500,6 +507,13 @@ impl Engine {
             overrides,
             trace: Trace::default(),
             hosted: AtomicBool::new(false),
+            gate: (!self.budgets.is_empty()).then(|| {
+                Arc::new(crate::budget::BudgetGate::new(
+                    self.budgets.clone(),
+                    &task.name,
+                    overrides.key.as_deref(),
+                ))
+            }),
         };
         let result = match &task.strategy {
             Strategy::Cascade(c) => strategy::cascade::run(&mut run, c, input).await,

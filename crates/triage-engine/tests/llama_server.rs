@@ -70,6 +70,7 @@ fn ctx(id: &str) -> CallContext {
         request_id: id.into(),
         task: "llama".into(),
         tier: "cheap".into(),
+        gate: None,
     }
 }
 

@@ -268,20 +268,16 @@ async fn tier_verdict(
                 model: String::new(),
                 input: vec![redacted],
             };
-            let chars = req.input.iter().map(String::len).sum();
-            let reservation = super::reserve(run, &tier.name, targets, chars, 0)
-                .await
-                .map_err(|e| (e, 0.0))?;
             let ctx = run.ctx(&tier.name);
             let Called {
                 result, cost_usd, ..
             } = call(
+                run,
                 &tier.name,
                 tier.timeout,
                 run.engine.gateway.moderate(&ctx, targets, &req),
             )
             .await;
-            reservation.settle(cost_usd).await;
             let resp = result.map_err(|e| (e, cost_usd))?;
             let verdict = resp.results.first().ok_or_else(|| {
                 (
@@ -675,11 +671,18 @@ fn spawn_shadow(
     let c = c.clone();
     let primary = flagged(&c, verdict);
     let primary_score = pivot_score(verdict);
+    let gate = run
+        .gate
+        .clone()
+        .map(|g| g as std::sync::Arc<dyn triage_cloud::SpendGate>);
     run.engine.background.spawn(async move {
+        // The shadow call is paid for: it holds its ceiling against the
+        // request's budgets like any other (refused, it is skipped).
         let ctx = triage_cloud::gateway::CallContext {
             request_id: request_id.clone(),
             task: task.clone(),
             tier: format!("{}(shadow)", next.name),
+            gate,
         };
         let verdict = match &next.kind {
             TierKind::Llm { targets } => {

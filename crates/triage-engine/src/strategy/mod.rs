@@ -9,13 +9,15 @@ use crate::config::{Handler, Intent, StageKind, Strategy, Task, TierKind};
 use crate::engine::{Answered, Engine, Run, StepOutcome, ms};
 use crate::error::EngineError;
 use std::time::{Duration, Instant};
+use triage_cloud::ErrorKind;
 use triage_cloud::gateway::{Outcome, Target};
 use triage_cloud::prices::PriceTable;
 use triage_core::llm::{ChatRequest, ChatResponse, Usage};
 use triage_core::trace::TierTrace;
 
 /// Input tokens are estimated at this many characters per token where no
-/// provider counted them (the usual figure for English with BPE tokenizers).
+/// provider counted them (the usual figure for English with BPE tokenizers),
+/// for the all-LLM counterfactual.
 pub const CHARS_PER_TOKEN: usize = 4;
 
 /// A hosted call's result with what it cost and how long it took.
@@ -26,8 +28,11 @@ pub struct Called<T> {
     pub elapsed: Duration,
 }
 
-/// Await a gateway call under the tier's timeout and price its attempts.
+/// Await a gateway call under the tier's timeout and price its attempts. A
+/// call the budgets refused (at any attempt) fails with the budget's typed
+/// error.
 pub async fn call<T>(
+    run: &Run<'_>,
     tier: &str,
     timeout: Option<Duration>,
     fut: impl std::future::Future<Output = Outcome<T>>,
@@ -50,17 +55,30 @@ pub async fn call<T>(
         None => fut.await,
     };
     let cost_usd = outcome.attempts.iter().map(|a| a.cost_usd).sum();
+    let refusal = match &outcome.result {
+        Err(e) if e.last().is_some_and(|l| l.kind == ErrorKind::BudgetExceeded) => {
+            run.gate.as_ref().and_then(|g| g.take_refusal())
+        }
+        _ => None,
+    };
     Called {
-        result: outcome.result.map_err(|source| EngineError::Cloud {
-            tier: tier.to_owned(),
-            source,
+        result: outcome.result.map_err(|source| match refusal {
+            Some(source) => EngineError::Budget {
+                tier: tier.to_owned(),
+                source,
+            },
+            None => EngineError::Cloud {
+                tier: tier.to_owned(),
+                source,
+            },
         }),
         cost_usd,
         elapsed: started.elapsed(),
     }
 }
 
-/// A chat call for `tier` over its targets, within the budgets.
+/// A chat call for `tier` over its targets, within the budgets (each
+/// attempt holds its ceiling through the run's gate).
 pub async fn chat(
     run: &Run<'_>,
     tier: &str,
@@ -68,59 +86,8 @@ pub async fn chat(
     req: &ChatRequest,
     timeout: Option<Duration>,
 ) -> Called<ChatResponse> {
-    let chars: usize = req.messages.iter().map(|m| m.content.len()).sum();
-    let output = req.max_tokens.map_or(ESTIMATED_OUTPUT_TOKENS, u64::from);
-    let reservation = match reserve(run, tier, targets, chars, output).await {
-        Ok(r) => r,
-        Err(e) => return refused(e),
-    };
     let ctx = run.ctx(tier);
-    let called = call(tier, timeout, run.engine.gateway.chat(&ctx, targets, req)).await;
-    reservation.settle(called.cost_usd).await;
-    called
-}
-
-/// Output tokens a chat call is estimated at when it sets no `max_tokens`.
-pub const ESTIMATED_OUTPUT_TOKENS: u64 = 512;
-
-/// A call the budgets refused: nothing was sent.
-pub fn refused<T>(e: EngineError) -> Called<T> {
-    Called {
-        result: Err(e),
-        cost_usd: 0.0,
-        elapsed: Duration::ZERO,
-    }
-}
-
-/// Reserve a hosted call's estimated cost (the dearest of its targets for
-/// `input_chars` in and `output_tokens` out) against the budgets that apply.
-pub async fn reserve<'e>(
-    run: &Run<'e>,
-    tier: &str,
-    targets: &[Target],
-    input_chars: usize,
-    output_tokens: u64,
-) -> Result<crate::budget::Reservation<'e>, EngineError> {
-    let engine: &'e Engine = run.engine;
-    let prices = &engine.config.prices;
-    let today = PriceTable::today();
-    let usage = Usage {
-        input_tokens: input_chars.div_ceil(CHARS_PER_TOKEN) as u64,
-        output_tokens,
-        ..Usage::default()
-    };
-    let estimate = targets
-        .iter()
-        .filter_map(|t| prices.cost(&t.provider, &t.model, &usage, 0.0, &today))
-        .fold(0.0_f64, f64::max);
-    engine
-        .budgets
-        .reserve(&run.task.name, run.overrides.key.as_deref(), estimate)
-        .await
-        .map_err(|source| EngineError::Budget {
-            tier: tier.to_owned(),
-            source,
-        })
+    call(run, tier, timeout, run.engine.gateway.chat(&ctx, targets, req)).await
 }
 
 /// A hosted tier's call, as its trace line shows it.
