@@ -55,6 +55,11 @@ pub struct CostsArgs {
     /// Print JSON rows instead of a table.
     #[arg(long)]
     json: bool,
+    /// Print the config's budgets instead: per budget, its current window's
+    /// limit, spent, reserved (calls in flight) and left, read from the
+    /// ledger (with a PostgreSQL ledger, the totals every replica shares).
+    #[arg(long, requires = "config")]
+    budgets: bool,
 }
 
 pub async fn execute(args: ExecuteArgs) -> Result<ExitCode> {
@@ -197,6 +202,37 @@ pub(crate) fn since_ms(since: &str) -> Result<i64> {
     bail!("--since `{since}`: give a duration such as 30m, 24h or 7d, or a date YYYY-MM-DD")
 }
 
+/// `triage costs --budgets`.
+async fn budgets_report(config: &Config, url: &str, json: bool) -> Result<ExitCode> {
+    let ledger = Ledger::open(url).await?;
+    let mut budgets = triage_engine::budget::Budgets::new(config.budgets.clone());
+    budgets.attach(&ledger).await?;
+    let status = budgets.stored_status().await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &status)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if status.is_empty() {
+        writeln!(out, "no [[budgets]] in this config")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<24} {:<6} {:<10} {:>12} {:>12} {:>12} {:>12}",
+        "budget", "period", "window", "limit $", "spent $", "reserved $", "left $"
+    )?;
+    for s in &status {
+        writeln!(
+            out,
+            "{:<24} {:<6} {:<10} {:>12.6} {:>12.6} {:>12.6} {:>12.6}",
+            s.name, s.period, s.window, s.usd, s.spent_usd, s.reserved_usd, s.left_usd
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn costs(args: CostsArgs) -> Result<ExitCode> {
     let by: GroupBy = args
         .by
@@ -209,6 +245,11 @@ pub async fn costs(args: CostsArgs) -> Result<ExitCode> {
         (None, Some(u)) => u.clone(),
         (None, None) => triage_engine::config::default_ledger_url(),
     };
+    if args.budgets {
+        let path = args.config.as_ref().context("--budgets needs --config")?;
+        let config = Config::load(path)?;
+        return budgets_report(&config, &url, args.json).await;
+    }
     let since = match &args.since {
         Some(s) => since_ms(s)?,
         None => 0,

@@ -10,7 +10,7 @@
 //! totals and holds are rows in it (`ledger/budget_rows.rs`), shared by
 //! every replica; otherwise each replica keeps its own (docs/ledger.md).
 
-use crate::ledger::{Ledger, LedgerError, reserve_shared, settle_shared};
+use crate::ledger::{Ledger, LedgerError, reserve_shared, settle_shared, shared_window};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use triage_cloud::prices::PriceTable;
 use triage_cloud::spend::{BoxFuture, Charge, SpendGate, SpendHold};
@@ -371,6 +371,23 @@ impl Budgets {
         }
     }
 
+    /// The first budget that applies to `task` and `key` and has nothing
+    /// left (spent and held reach its limit), for work that would only be
+    /// refused later (a job).
+    pub fn spent_for(&self, task: &str, key: Option<&str>) -> Option<BudgetExceeded> {
+        self.status()
+            .into_iter()
+            .zip(&self.specs)
+            .find(|(st, spec)| spec.applies(task, key) && st.left_usd <= 0.0)
+            .map(|(st, spec)| BudgetExceeded {
+                name: spec.name.clone(),
+                period: spec.period.as_str(),
+                usd: spec.usd,
+                spent: st.spent_usd + st.reserved_usd,
+                estimate: 0.0,
+            })
+    }
+
     /// Every budget's current window: spent, held and left.
     pub fn status(&self) -> Vec<BudgetStatus> {
         let today = PriceTable::today();
@@ -397,6 +414,23 @@ impl Budgets {
                 }
             })
             .collect()
+    }
+
+    /// [`Self::status`] as the store holds it: with a shared (PostgreSQL)
+    /// store, every replica's spending and holds read from it now; otherwise
+    /// this process's view (what [`Self::attach`] read from the ledger, plus
+    /// what it has spent since).
+    pub async fn stored_status(&self) -> Result<Vec<BudgetStatus>, LedgerError> {
+        let mut status = self.status();
+        if let Some(ledger) = &self.shared {
+            for (st, spec) in status.iter_mut().zip(&self.specs) {
+                let (spent, held) = shared_window(ledger, spec).await?;
+                st.spent_usd = spent;
+                st.reserved_usd = held;
+                st.left_usd = (spec.usd - spent - held).max(0.0);
+            }
+        }
+        Ok(status)
     }
 
     /// Dollars providers billed beyond the ceilings held for their calls,

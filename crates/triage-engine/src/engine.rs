@@ -79,6 +79,40 @@ pub struct Overrides {
 }
 
 impl Overrides {
+    /// Overrides that can make a request spend more hosted money: a TCP key
+    /// needs `allow_overrides` to send any of them.
+    pub const SPENDING: &[&str] = &["start_tier", "tiers", "hi", "lo", "shadow", "route"];
+    /// Overrides that cannot change what a request spends.
+    pub const FREE: &[&str] = &["request_id"];
+
+    /// The spending overrides this request sets (by name), from
+    /// [`Self::SPENDING`]. The struct is taken apart without `..`: a field
+    /// added later does not compile until it is sorted here, and the test
+    /// `every_override_is_sorted_into_spending_or_free` checks the lists.
+    pub fn spending(&self) -> Vec<&'static str> {
+        let Overrides {
+            start_tier,
+            tiers,
+            hi,
+            lo,
+            shadow,
+            route,
+            request_id: _,
+            key: _,
+        } = self;
+        [
+            ("start_tier", start_tier.is_some()),
+            ("tiers", tiers.is_some()),
+            ("hi", hi.is_some()),
+            ("lo", lo.is_some()),
+            ("shadow", shadow.is_some()),
+            ("route", route.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+
     pub fn validate(&self) -> Result<(), EngineError> {
         for (name, v) in [("hi", self.hi), ("lo", self.lo), ("shadow", self.shadow)] {
             if let Some(v) = v
@@ -610,5 +644,44 @@ mod tests {
         assert_eq!(whole_words(&chars, 10, 15), (10, 15));
         assert_eq!(whole_words(&chars, 6, 12), (4, 15));
         assert_eq!(whole_words(&chars, 16, 19), (16, 19));
+    }
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::Overrides;
+    use std::collections::BTreeSet;
+
+    /// Every field a caller can send (serde's names) is in exactly one of
+    /// the two lists: a new override fails here until it is decided.
+    #[test]
+    fn every_override_is_sorted_into_spending_or_free() {
+        let sent: BTreeSet<String> = serde_json::to_value(Overrides::default())
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        let spending: BTreeSet<String> = Overrides::SPENDING.iter().map(|s| s.to_string()).collect();
+        let free: BTreeSet<String> = Overrides::FREE.iter().map(|s| s.to_string()).collect();
+        assert!(spending.is_disjoint(&free));
+        let sorted: BTreeSet<String> = spending.union(&free).cloned().collect();
+        assert_eq!(sent, sorted, "an override is neither spending nor free");
+    }
+
+    #[test]
+    fn each_spending_override_is_reported_by_name() {
+        for name in Overrides::SPENDING {
+            let value = match *name {
+                "tiers" => serde_json::json!(["a"]),
+                "hi" | "lo" | "shadow" => serde_json::json!(0.5),
+                _ => serde_json::json!("x"),
+            };
+            let o: Overrides = serde_json::from_value(serde_json::json!({ *name: value })).unwrap();
+            assert_eq!(o.spending(), [*name]);
+        }
+        let free: Overrides = serde_json::from_value(serde_json::json!({"request_id": "r"})).unwrap();
+        assert!(free.spending().is_empty());
     }
 }

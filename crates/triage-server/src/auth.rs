@@ -32,19 +32,19 @@ impl Caller {
 
 impl Caller {
     /// The request's overrides, with the caller's key name for budgets. A TCP
-    /// key may skip or widen the local tier (`start_tier`, `tiers`, `lo`,
-    /// `hi`: hosted dollars) only with `allow_overrides`; the unix socket is
-    /// trusted like the machine's own users.
+    /// key may send an override that can spend hosted dollars
+    /// ([`triage_engine::Overrides::SPENDING`]) only with `allow_overrides`;
+    /// the unix socket is trusted like the machine's own users.
     pub fn overrides(
         &self,
         mut o: triage_engine::Overrides,
     ) -> Result<triage_engine::Overrides, ApiError> {
         if let Some(key) = &self.0 {
-            let costly =
-                o.start_tier.is_some() || o.tiers.is_some() || o.lo.is_some() || o.hi.is_some();
-            if costly && !key.allow_overrides {
+            let spending = o.spending();
+            if !spending.is_empty() && !key.allow_overrides {
                 return Err(ApiError::Forbidden(format!(
-                    "overrides start_tier, tiers, lo and hi (key `{}` lacks allow_overrides)",
+                    "override {} (key `{}` lacks allow_overrides)",
+                    spending.join(", "),
                     key.name
                 )));
             }

@@ -130,7 +130,16 @@ pub async fn submit(
         && engine.config.tasks.contains_key(name)
     {
         caller.authorize(name)?;
-        return submit_task(&state, engine.clone(), name, form.file, admitted).await;
+        // The job spends as its submitter: the key's budgets and its name
+        // in the ledger, refused now if a budget is already spent.
+        let overrides = caller.overrides(triage_engine::Overrides::default())?;
+        if let Some(e) = engine.budgets.spent_for(name, overrides.key.as_deref()) {
+            return Err(ApiError::from(triage_engine::EngineError::Budget {
+                tier: "job".into(),
+                source: e.into(),
+            }));
+        }
+        return submit_task(&state, engine.clone(), name, form.file, admitted, overrides).await;
     }
     if let Some(task) = form.task.as_deref().filter(|t| *t != "transcription") {
         return Err(ApiError::bad(
@@ -304,6 +313,7 @@ async fn submit_task(
     task: &str,
     file: Option<Upload>,
     admitted: crate::limits::Admitted,
+    overrides: triage_engine::Overrides,
 ) -> Result<Response, ApiError> {
     let upload = AudioForm::required_file(file)?;
     let takes_audio = engine.task(task).map(|t| t.takes_audio()).unwrap_or(false);
@@ -350,7 +360,7 @@ async fn submit_task(
             *s = Status::Running;
         }
         job.changed.send_replace(0);
-        let status = match crate::routes::execute::run_job(&state, &engine, &task, input).await {
+        let status = match crate::routes::execute::run_job(&state, &engine, &task, input, &overrides).await {
             Ok(v) => {
                 job.progress.store(100, Ordering::Relaxed);
                 Status::Succeeded(v)

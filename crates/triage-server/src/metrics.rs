@@ -325,6 +325,7 @@ impl Metrics {
         &self,
         ledger: Option<&triage_engine::ledger::LedgerHealth>,
         caches: &[(String, CacheStats)],
+        budgets: &triage_engine::budget::Budgets,
     ) -> String {
         let mut out = self.render();
         let body = out
@@ -361,6 +362,7 @@ impl Metrics {
                 }
             }
         }
+        extra.push_str(&budget_metrics(budgets));
         let Some(l) = ledger else {
             out.insert_str(body, &extra);
             return out;
@@ -426,6 +428,53 @@ impl Metrics {
     }
 }
 
+/// Per budget: spent, held by calls in flight and left in its current
+/// window; and the dollars providers billed past their calls' ceilings.
+fn budget_metrics(budgets: &triage_engine::budget::Budgets) -> String {
+    let escape = |v: &str| {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let status = budgets.status();
+    let mut out = String::new();
+    if !status.is_empty() {
+        for (name, help, value) in [
+            (
+                "triage_budget_spent_usd",
+                "Dollars settled against a budget in its current window.",
+                (|s: &triage_engine::budget::BudgetStatus| s.spent_usd) as fn(&_) -> f64,
+            ),
+            (
+                "triage_budget_reserved_usd",
+                "Dollars held against a budget by hosted calls in flight.",
+                |s| s.reserved_usd,
+            ),
+            (
+                "triage_budget_left_usd",
+                "Dollars a budget has left in its current window.",
+                |s| s.left_usd,
+            ),
+            ("triage_budget_limit_usd", "A budget's limit per window.", |s| s.usd),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            for s in &status {
+                out.push_str(&format!(
+                    "{name}{{budget=\"{}\",period=\"{}\"}} {}\n",
+                    escape(&s.name),
+                    s.period,
+                    value(s)
+                ));
+            }
+        }
+    }
+    out.push_str(&format!(
+        "# HELP triage_budget_overrun_usd Dollars providers billed beyond the ceiling held for their calls.\n# TYPE triage_budget_overrun_usd counter\ntriage_budget_overrun_usd_total {}\n",
+        budgets.overrun_usd()
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,7 +507,8 @@ mod tests {
             misses: 3,
             entries: 3,
         };
-        let text = m.render_with(None, &[("toxicity".into(), stats)]);
+        let none = triage_engine::budget::Budgets::new(Vec::new());
+        let text = m.render_with(None, &[("toxicity".into(), stats)], &none);
         assert!(
             text.contains("# TYPE triage_local_cache_hits counter\ntriage_local_cache_hits_total{specialist=\"toxicity\"} 7\n"),
             "{text}"
@@ -468,7 +518,7 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
-        assert!(!m.render_with(None, &[]).contains("cache"));
+        assert!(!m.render_with(None, &[], &none).contains("cache"));
     }
 
     #[test]

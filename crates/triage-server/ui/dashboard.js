@@ -161,9 +161,19 @@ async function dashboardView(root, ctx) {
           h(
             "table",
             {},
-            h("tr", {}, ["budget", "period", "spent", "limit", "burn"].map((c) => h("th", {}, c))),
+            h("tr", {}, ["budget", "period", "spent", "reserved", "left", "limit", "burn"].map((c) => h("th", {}, c))),
             d.budgets.map((b) =>
-              h("tr", {}, h("td", {}, b.name), h("td", {}, b.period), h("td", {}, usd(b.spent_usd)), h("td", {}, usd(b.usd)), h("td", {}, pct(b.usd > 0 ? b.spent_usd / b.usd : null))),
+              h(
+                "tr",
+                { "data-budget": b.name },
+                h("td", {}, b.name),
+                h("td", {}, b.period),
+                h("td", {}, usd(b.spent_usd)),
+                h("td", {}, usd(b.reserved_usd)),
+                h("td", {}, usd(b.left_usd)),
+                h("td", {}, usd(b.usd)),
+                h("td", {}, pct(b.usd > 0 ? (b.spent_usd + b.reserved_usd) / b.usd : null)),
+              ),
             ),
           ),
         )

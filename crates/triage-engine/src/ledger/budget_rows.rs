@@ -192,3 +192,44 @@ pub(crate) async fn settle_shared(
     // estimate and is gone: nothing to add.
     tx.commit().await
 }
+
+/// What the shared store holds for `spec`'s current window: (spent, held by
+/// calls in flight on any replica). A window no replica has used yet is
+/// read from the ledger's rows.
+pub(crate) async fn shared_window(
+    ledger: &Ledger,
+    spec: &BudgetSpec,
+) -> Result<(f64, f64), LedgerError> {
+    let today = PriceTable::today();
+    let win = spec.period.window(&today);
+    let spent: Option<f64> =
+        sqlx::query("SELECT spent_usd FROM triage_budget_spend WHERE name = $1 AND win = $2")
+            .bind(&spec.name)
+            .bind(&win)
+            .fetch_optional(ledger.pool())
+            .await
+            .and_then(|r| r.map(|r| r.try_get(0)).transpose())
+            .map_err(LedgerError::Query)?;
+    let spent = match spent {
+        Some(s) => s,
+        None => {
+            ledger
+                .spent_since(
+                    spec.period.start_ms(&today),
+                    spec.task.as_deref(),
+                    spec.key.as_deref(),
+                )
+                .await?
+        }
+    };
+    let held: f64 = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(usd), 0) AS DOUBLE PRECISION) FROM triage_budget_holds WHERE name = $1 AND win = $2",
+    )
+    .bind(&spec.name)
+    .bind(&win)
+    .fetch_one(ledger.pool())
+    .await
+    .and_then(|r| r.try_get(0))
+    .map_err(LedgerError::Query)?;
+    Ok((spent, held))
+}

@@ -20,7 +20,7 @@ mod reports;
 mod schema;
 mod writer;
 
-pub(crate) use budget_rows::{create_budget_tables, reserve_shared, settle_shared};
+pub(crate) use budget_rows::{create_budget_tables, reserve_shared, settle_shared, shared_window};
 pub use records::*;
 
 use schema::{backfill_minutes, migrate};

@@ -165,6 +165,19 @@ fn chat_targets(task: &Task) -> Vec<&Target> {
     }
 }
 
+/// Every hosted model a task may call and pay for (chat and moderation).
+pub fn hosted_targets(task: &Task) -> Vec<&Target> {
+    let mut v = chat_targets(task);
+    if let Strategy::Cascade(c) = &task.strategy {
+        for t in &c.tiers {
+            if let TierKind::Moderation { targets } = &t.kind {
+                v.extend(targets.iter());
+            }
+        }
+    }
+    v
+}
+
 /// The strongest configured model of a task: the one with the highest price
 /// for a typical call (1k input and 250 output tokens) in the price table.
 pub fn strongest<'a>(prices: &PriceTable, task: &'a Task) -> Option<&'a Target> {

@@ -125,8 +125,9 @@ pub(crate) async fn run_job(
     engine: &triage_engine::Engine,
     task: &str,
     input: Input,
+    overrides: &Overrides,
 ) -> Result<Value, String> {
-    run(state, engine, task, input, &Overrides::default())
+    run(state, engine, task, input, overrides)
         .await
         .map(|e| json!({"answer": e.answer, "trace": e.trace}))
         .map_err(|e| e.to_string())

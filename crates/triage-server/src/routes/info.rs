@@ -49,6 +49,7 @@ pub(crate) async fn metrics(State(state): State<Shared>) -> Response {
         state.metrics.render_with(
             state.ledger_health().as_ref(),
             &state.engine.current().specialists.cache_stats(),
+            &state.engine.current().budgets,
         ),
     )
         .into_response()

@@ -34,6 +34,9 @@ pub struct BudgetBurn {
     pub period: &'static str,
     pub usd: f64,
     pub spent_usd: f64,
+    /// Held by hosted calls in flight.
+    pub reserved_usd: f64,
+    pub left_usd: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -199,16 +202,17 @@ pub(crate) async fn dashboard(State(state): State<Shared>) -> Result<Json<Dashbo
             Some(out)
         }
     };
-    let spent: BTreeMap<String, f64> = engine.budgets.spent().into_iter().collect();
     let budgets = engine
-        .config
         .budgets
-        .iter()
+        .status()
+        .into_iter()
         .map(|b| BudgetBurn {
-            name: b.name.clone(),
-            period: b.period.as_str(),
+            name: b.name,
+            period: b.period,
             usd: b.usd,
-            spent_usd: spent.get(&b.name).copied().unwrap_or(0.0),
+            spent_usd: b.spent_usd,
+            reserved_usd: b.reserved_usd,
+            left_usd: b.left_usd,
         })
         .collect();
     Ok(Json(Dashboard {

@@ -88,7 +88,10 @@ impl Validator {
         };
         let ledger = self.ledger_options(&raw.ledger);
         let raw_store_text = raw.ledger.store_text;
-        let budgets = self.budgets(&raw.budgets, &tasks);
+        let budgets = self.budgets(&raw.budgets, &tasks, &server);
+        if let Some(p) = &prices {
+            self.budgeted_prices(&budgets, &tasks, p, raw.prices_file.as_deref());
+        }
         Some(Config {
             budgets,
             path: None,
@@ -130,10 +133,49 @@ impl Validator {
         url.to_owned()
     }
 
+    /// Every hosted model a budget covers has a price today: an unpriced
+    /// call cannot be held against a budget.
+    fn budgeted_prices(
+        &mut self,
+        budgets: &[crate::budget::BudgetSpec],
+        tasks: &IndexMap<String, Task>,
+        prices: &triage_cloud::prices::PriceTable,
+        prices_file: Option<&Path>,
+    ) {
+        let today = triage_cloud::prices::PriceTable::today();
+        let table = prices_file.map_or_else(
+            || "the config's [[price]] entries (no prices_file)".to_owned(),
+            |f| format!("prices_file {} or the config's [[price]] entries", f.display()),
+        );
+        for (i, b) in budgets.iter().enumerate() {
+            for (name, task) in tasks {
+                if !b.applies(name, b.key.as_deref()) {
+                    continue;
+                }
+                for t in crate::strategy::hosted_targets(task) {
+                    if t.model.is_empty() {
+                        self.problem(
+                            format!("budgets[{i}] ({})", b.name),
+                            format!("task `{name}` calls provider `{}` with whatever model the request names, which cannot be priced in advance", t.provider),
+                            "name the model in the task's tier (model = \"...\") so that its calls can be held against the budget",
+                        );
+                    } else if prices.price(&t.provider, &t.model, &today).is_none() {
+                        self.problem(
+                            format!("budgets[{i}] ({})", b.name),
+                            format!("task `{name}` calls {}/{}, which has no price in {table}: its calls could not be counted against the budget", t.provider, t.model),
+                            format!("add a [[price]] entry with provider = \"{}\" and model = \"{}\"", t.provider, t.model),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     fn budgets(
         &mut self,
         raw: &[super::raw::RawBudget],
         tasks: &IndexMap<String, Task>,
+        server: &super::types::ServerConfig,
     ) -> Vec<crate::budget::BudgetSpec> {
         use crate::budget::{BudgetSpec, Period};
         let mut out = Vec::new();
@@ -151,11 +193,22 @@ impl Validator {
                     continue;
                 }
             };
-            if !(b.usd.is_finite() && b.usd >= 0.0) {
+            if !(b.usd.is_finite() && b.usd > 0.0) {
                 self.problem(
                     format!("{key}.usd"),
-                    format!("{} is not a dollar amount", b.usd),
-                    "give 0 or more",
+                    format!("{} is not a dollar amount above zero", b.usd),
+                    "give an amount above 0 (to stop all hosted calls, remove the hosted tiers)",
+                );
+                continue;
+            }
+            if let Some(k) = &b.key
+                && !server.keys.iter().any(|c| &c.name == k)
+                && !env_key_names().iter().any(|n| n == k)
+            {
+                self.problem(
+                    format!("{key}.key"),
+                    format!("no API key is named `{k}`"),
+                    "name a key of [[server.keys]] or of TRIAGE_API_KEYS (name:key:...)",
                 );
                 continue;
             }
@@ -259,4 +312,20 @@ impl Validator {
             strategy,
         })
     }
+}
+
+/// The key names `TRIAGE_API_KEYS` gives (`name:key:...` entries; a bare
+/// key is named `key{i}`), as `triage serve` reads them.
+fn env_key_names() -> Vec<String> {
+    std::env::var("TRIAGE_API_KEYS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .enumerate()
+        .filter(|(_, e)| !e.is_empty())
+        .map(|(i, e)| match e.split_once(':') {
+            Some((name, _)) => name.to_owned(),
+            None => format!("key{i}"),
+        })
+        .collect()
 }
