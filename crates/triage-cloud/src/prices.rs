@@ -485,7 +485,9 @@ mod tests {
         let c = t.dearest_cost("openai", &usage, 0.0, "2024-08-01").unwrap();
         assert!((c - 0.75).abs() < 1e-9, "{c}");
         // A provider the table never names: the dearest of every entry.
-        let c = t.dearest_cost("mystery", &usage, 0.0, "2025-06-01").unwrap();
+        let c = t
+            .dearest_cost("mystery", &usage, 0.0, "2025-06-01")
+            .unwrap();
         assert!((c - 0.50).abs() < 1e-9, "{c}");
         assert_eq!(
             PriceTable::default().dearest_cost("openai", &usage, 0.0, "2025-06-01"),

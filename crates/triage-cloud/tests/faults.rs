@@ -1727,3 +1727,152 @@ async fn an_attempt_dropped_on_the_wire_is_recorded_as_cancelled() {
     assert_eq!(r.usage, Usage::default());
     assert_eq!(r.cost_usd, 0.0);
 }
+
+/// A spending gate: dollars left, and each hold's ceiling with what it
+/// was settled at (`None`: dropped unsettled, the ceiling counts).
+/// Each hold's ceiling and what it was settled at.
+type Holds = Arc<Mutex<Vec<(f64, Option<f64>)>>>;
+
+#[derive(Debug)]
+struct TestHold {
+    index: usize,
+    ceiling: f64,
+    holds: Holds,
+    gate_left: Arc<Mutex<f64>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct TestGate(Arc<Mutex<f64>>, Holds);
+
+impl triage_cloud::SpendGate for TestGate {
+    fn hold(
+        &self,
+        charge: triage_cloud::Charge,
+    ) -> triage_cloud::spend::BoxFuture<'_, Result<Box<dyn triage_cloud::SpendHold>, String>> {
+        Box::pin(async move {
+            let mut left = lock(&self.0);
+            if charge.ceiling_usd > *left {
+                return Err(format!("{} left, {} asked", *left, charge.ceiling_usd));
+            }
+            *left -= charge.ceiling_usd;
+            let mut holds = lock(&self.1);
+            holds.push((charge.ceiling_usd, None));
+            Ok(Box::new(TestHold {
+                index: holds.len() - 1,
+                ceiling: charge.ceiling_usd,
+                holds: self.1.clone(),
+                gate_left: self.0.clone(),
+            }) as Box<dyn triage_cloud::SpendHold>)
+        })
+    }
+}
+
+impl triage_cloud::SpendHold for TestHold {
+    fn settle(self: Box<Self>, usd: f64) {
+        *lock(&self.gate_left) += self.ceiling - usd;
+        lock(&self.holds)[self.index].1 = Some(usd);
+    }
+}
+
+fn gated(left: f64) -> (CallContext, TestGate) {
+    let gate = TestGate(Arc::new(Mutex::new(left)), Arc::default());
+    let ctx = CallContext {
+        gate: Some(Arc::new(gate.clone())),
+        ..ctx()
+    };
+    (ctx, gate)
+}
+
+/// `request()` as the gateway sends it: capped at the default.
+fn ceiling_of(model_in: f64, model_out: f64) -> f64 {
+    let mut req = request();
+    req.max_tokens = Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
+    let u = UsageBound::chat(&req).usage(DEFAULT_MAX_TOKENS);
+    (u.input_tokens as f64 * model_in + u.output_tokens as f64 * model_out) / 1e6
+}
+
+#[tokio::test]
+async fn every_attempt_holds_its_ceiling_and_settles_what_it_cost() {
+    let usage = Usage {
+        input_tokens: 10,
+        output_tokens: 20,
+        ..Usage::default()
+    };
+    let a = FaultServer::start("primary", vec![status(500), ok_with("hi", usage)])
+        .await
+        .unwrap();
+    let h = harness(vec![a.settings()], policy());
+    let (ctx, gate) = gated(1.0);
+    let out = h
+        .gateway
+        .chat(&ctx, &targets(&[("primary", "model-a")]), &request())
+        .await;
+    assert_eq!(text(&out), "hi");
+    let ceiling = ceiling_of(1.0, 2.0);
+    let cost = (10.0 * 1.0 + 20.0 * 2.0) / 1e6;
+    // The 500 was not billed; the answer settled at its reported usage.
+    let holds = lock(&gate.1).clone();
+    assert_eq!(holds.len(), 2);
+    assert_eq!(holds[0], (ceiling, Some(0.0)));
+    assert!((holds[1].1.unwrap() - cost).abs() < 1e-15);
+    assert!((*lock(&gate.0) - (1.0 - cost)).abs() < 1e-12);
+}
+
+#[tokio::test]
+async fn a_gate_that_refuses_stops_the_call_before_anything_is_sent() {
+    let a = FaultServer::start("primary", vec![ok("never")])
+        .await
+        .unwrap();
+    let b = FaultServer::start("secondary", vec![ok("never")])
+        .await
+        .unwrap();
+    let h = harness(vec![a.settings(), b.settings()], policy());
+    let (ctx, gate) = gated(ceiling_of(1.0, 2.0) / 2.0);
+    let out = h
+        .gateway
+        .chat(
+            &ctx,
+            &targets(&[("primary", "model-a"), ("secondary", "model-b")]),
+            &request(),
+        )
+        .await;
+    assert_eq!(all_failed(&out).kinds(), [ErrorKind::BudgetExceeded]);
+    assert_eq!((a.hits(), b.hits()), (0, 0));
+    assert!(out.attempts.is_empty() && lock(&gate.1).is_empty());
+}
+
+#[tokio::test]
+async fn a_timed_out_attempt_keeps_its_ceiling_and_the_next_holds_its_own() {
+    let a = FaultServer::start("primary", vec![delayed(ok("late"), Duration::from_secs(3))])
+        .await
+        .unwrap();
+    let b = FaultServer::start("secondary", vec![ok("from b")])
+        .await
+        .unwrap();
+    let h = harness(
+        vec![
+            with_timeout(a.settings(), Duration::from_millis(200)),
+            b.settings(),
+        ],
+        RetryPolicy {
+            max_attempts: 1,
+            ..policy()
+        },
+    );
+    let (ctx, gate) = gated(1.0);
+    let out = h
+        .gateway
+        .chat(
+            &ctx,
+            &targets(&[("primary", "model-a"), ("secondary", "model-b")]),
+            &request(),
+        )
+        .await;
+    assert_eq!(text(&out), "from b");
+    let holds = lock(&gate.1).clone();
+    // The timed-out call may have been billed: never settled, its ceiling
+    // stays spent. The fallback held model-b's (dearer) ceiling.
+    assert_eq!(holds[0], (ceiling_of(1.0, 2.0), None));
+    assert_eq!(holds[1].0, ceiling_of(3.0, 6.0));
+    assert!(holds[1].1.is_some());
+}

@@ -436,11 +436,17 @@ impl Budgets {
     /// Dollars providers billed beyond the ceilings held for their calls,
     /// since this process started.
     pub fn overrun_usd(&self) -> f64 {
-        *self.overrun_usd.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .overrun_usd
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn overran(&self, usd: f64) {
-        *self.overrun_usd.lock().unwrap_or_else(PoisonError::into_inner) += usd;
+        *self
+            .overrun_usd
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) += usd;
     }
 
     /// Dollars spent (settled) in each budget's current window, by name.

@@ -663,7 +663,8 @@ mod override_tests {
             .keys()
             .cloned()
             .collect();
-        let spending: BTreeSet<String> = Overrides::SPENDING.iter().map(|s| s.to_string()).collect();
+        let spending: BTreeSet<String> =
+            Overrides::SPENDING.iter().map(|s| s.to_string()).collect();
         let free: BTreeSet<String> = Overrides::FREE.iter().map(|s| s.to_string()).collect();
         assert!(spending.is_disjoint(&free));
         let sorted: BTreeSet<String> = spending.union(&free).cloned().collect();
@@ -681,7 +682,8 @@ mod override_tests {
             let o: Overrides = serde_json::from_value(serde_json::json!({ *name: value })).unwrap();
             assert_eq!(o.spending(), [*name]);
         }
-        let free: Overrides = serde_json::from_value(serde_json::json!({"request_id": "r"})).unwrap();
+        let free: Overrides =
+            serde_json::from_value(serde_json::json!({"request_id": "r"})).unwrap();
         assert!(free.spending().is_empty());
     }
 }

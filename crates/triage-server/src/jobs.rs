@@ -360,7 +360,11 @@ async fn submit_task(
             *s = Status::Running;
         }
         job.changed.send_replace(0);
-        let status = match crate::routes::execute::run_job(&state, &engine, &task, input, &overrides).await {
+        let status = match crate::routes::execute::run_job(
+            &state, &engine, &task, input, &overrides,
+        )
+        .await
+        {
             Ok(v) => {
                 job.progress.store(100, Ordering::Relaxed);
                 Status::Succeeded(v)

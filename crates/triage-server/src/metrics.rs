@@ -455,7 +455,11 @@ fn budget_metrics(budgets: &triage_engine::budget::Budgets) -> String {
                 "Dollars a budget has left in its current window.",
                 |s| s.left_usd,
             ),
-            ("triage_budget_limit_usd", "A budget's limit per window.", |s| s.usd),
+            (
+                "triage_budget_limit_usd",
+                "A budget's limit per window.",
+                |s| s.usd,
+            ),
         ] {
             out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
             for s in &status {

@@ -26,7 +26,7 @@ pub struct ApiKey {
     pub tasks: Vec<String>,
     /// Requests per minute this key may make (token bucket); `None`: unlimited.
     pub rpm: Option<u32>,
-    /// May send overrides that skip or widen the local tier.
+    /// May send overrides that can spend hosted dollars (`Overrides::SPENDING`).
     pub allow_overrides: bool,
     /// May read and change everything the web UI shows (`/ui/api/...`):
     /// named in `TRIAGE_ADMIN_KEYS` or `admin = true` in `[[server.keys]]`.

@@ -76,8 +76,9 @@ pub struct RawKey {
     #[serde(default)]
     pub tasks: Vec<String>,
     pub requests_per_minute: Option<u32>,
-    /// May send overrides that skip or widen the local tier (`start_tier`,
-    /// `tiers`, `lo`, `hi`): they spend hosted dollars.
+    /// May send overrides that can spend hosted dollars
+    /// (`Overrides::SPENDING`: `start_tier`, `tiers`, `lo`, `hi`, `shadow`,
+    /// `route`).
     #[serde(default)]
     pub allow_overrides: bool,
     /// May use the web UI's data and designer over TCP (`/ui/`).

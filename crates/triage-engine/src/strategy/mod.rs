@@ -56,7 +56,10 @@ pub async fn call<T>(
     };
     let cost_usd = outcome.attempts.iter().map(|a| a.cost_usd).sum();
     let refusal = match &outcome.result {
-        Err(e) if e.last().is_some_and(|l| l.kind == ErrorKind::BudgetExceeded) => {
+        Err(e)
+            if e.last()
+                .is_some_and(|l| l.kind == ErrorKind::BudgetExceeded) =>
+        {
             run.gate.as_ref().and_then(|g| g.take_refusal())
         }
         _ => None,
@@ -87,7 +90,13 @@ pub async fn chat(
     timeout: Option<Duration>,
 ) -> Called<ChatResponse> {
     let ctx = run.ctx(tier);
-    call(run, tier, timeout, run.engine.gateway.chat(&ctx, targets, req)).await
+    call(
+        run,
+        tier,
+        timeout,
+        run.engine.gateway.chat(&ctx, targets, req),
+    )
+    .await
 }
 
 /// A hosted tier's call, as its trace line shows it.

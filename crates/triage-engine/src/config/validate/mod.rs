@@ -145,7 +145,12 @@ impl Validator {
         let today = triage_cloud::prices::PriceTable::today();
         let table = prices_file.map_or_else(
             || "the config's [[price]] entries (no prices_file)".to_owned(),
-            |f| format!("prices_file {} or the config's [[price]] entries", f.display()),
+            |f| {
+                format!(
+                    "prices_file {} or the config's [[price]] entries",
+                    f.display()
+                )
+            },
         );
         for (i, b) in budgets.iter().enumerate() {
             for (name, task) in tasks {
