@@ -101,7 +101,8 @@ pub struct Attempt {
     pub outcome: AttemptOutcome,
     pub usage: Usage,
     pub audio_seconds: f64,
-    /// The price table applied to `usage`; 0 when it has no price (logged).
+    /// The price table applied to `usage`; for a model it has no price for,
+    /// the provider's dearest price (logged); 0 only for an empty table.
     pub cost_usd: f64,
 }
 
@@ -814,9 +815,18 @@ impl Gateway {
                 .unwrap_or_else(PoisonError::into_inner);
             if warned.insert(key) {
                 tracing::warn!(provider = %attempt.provider, model = %attempt.model, date = %today,
-                    "the price table has no price for this model; its calls are recorded at $0");
+                    "the price table has no price for this model; its calls are counted at the provider's dearest price");
             }
-            0.0
+            // Never $0: the dearest price in force for the provider.
+            self.inner
+                .prices
+                .dearest_cost(
+                    &attempt.provider,
+                    &attempt.usage,
+                    attempt.audio_seconds,
+                    &today,
+                )
+                .unwrap_or(0.0)
         });
     }
 

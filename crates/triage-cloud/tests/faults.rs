@@ -555,9 +555,14 @@ impl Harness {
                         .or_else(|| self.prices.dearest_cost(&r.provider, &bound, 0.0, &today))
                         .unwrap_or(0.0)
                 }
+                // An unpriced model counts at its provider's dearest price.
                 _ => self
                     .prices
                     .cost(&r.provider, &r.model, &r.usage, r.audio_seconds, &today)
+                    .or_else(|| {
+                        self.prices
+                            .dearest_cost(&r.provider, &r.usage, r.audio_seconds, &today)
+                    })
                     .unwrap_or(0.0),
             };
             assert!(
@@ -1875,4 +1880,33 @@ async fn a_timed_out_attempt_keeps_its_ceiling_and_the_next_holds_its_own() {
     assert_eq!(holds[0], (ceiling_of(1.0, 2.0), None));
     assert_eq!(holds[1].0, ceiling_of(3.0, 6.0));
     assert!(holds[1].1.is_some());
+}
+
+#[tokio::test]
+async fn an_unpriced_model_is_recorded_at_the_dearest_price_never_zero() {
+    let usage = Usage {
+        input_tokens: 1000,
+        output_tokens: 1000,
+        ..Usage::default()
+    };
+    let a = FaultServer::start("primary", vec![ok_with("hi", usage)])
+        .await
+        .unwrap();
+    let h = harness(vec![a.settings()], policy());
+    let out = h
+        .gateway
+        .chat(
+            &ctx(),
+            &targets(&[("primary", "model-unpriced")]),
+            &request(),
+        )
+        .await;
+    assert_eq!(text(&out), "hi");
+    // The table's dearest for this usage: model-b at $3 + $6 per Mtok.
+    assert!(
+        (out.attempts[0].cost_usd - 0.009).abs() < 1e-12,
+        "{:?}",
+        out.attempts[0]
+    );
+    assert_eq!(h.sink.records()[0].cost_usd, out.attempts[0].cost_usd);
 }

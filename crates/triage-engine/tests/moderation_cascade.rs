@@ -359,3 +359,58 @@ async fn shadow_sampling_sends_accepted_items_on_and_records_agreement() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert_eq!(fake.seen().moderations.len(), 2);
 }
+
+#[tokio::test]
+async fn shadow_calls_hold_their_ceiling_against_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeOpenAi::start(vec![
+        Reply::Moderation(vec![("harassment", 0.97)]),
+        Reply::Moderation(vec![("harassment", 0.97)]),
+    ])
+    .await;
+    let mut config = example("moderation.toml", &dir);
+    point(&mut config, "openai", &fake.base_url);
+    // Hosted moderation at $0.01 a call under a $0.015 budget: one shadow
+    // call fits, the second does not.
+    config.prices = std::sync::Arc::new(
+        triage_cloud::PriceTable::from_toml_str(
+            r#"
+[[price]]
+provider = "openai"
+model = "omni-moderation-latest"
+effective = "2024-01-01"
+per_request = 0.01
+"#,
+        )
+        .unwrap(),
+    );
+    config.budgets = vec![triage_engine::budget::BudgetSpec {
+        name: "moderation-daily".into(),
+        period: triage_engine::budget::Period::Day,
+        usd: 0.015,
+        task: Some("moderation".into()),
+        key: None,
+    }];
+    let engine = Engine::new(config).await.unwrap();
+    let all = Overrides {
+        shadow: Some(1.0),
+        ..Overrides::default()
+    };
+    for text_in in [
+        "you are a stupid worthless idiot",
+        "you are a stupid worthless moron",
+    ] {
+        engine
+            .execute("moderation", text(text_in), &all)
+            .await
+            .unwrap();
+        engine.background.idle().await;
+    }
+    assert_eq!(
+        fake.seen().moderations.len(),
+        1,
+        "the second shadow call passed the budget"
+    );
+    let status = engine.budgets.status();
+    assert!((status[0].spent_usd - 0.01).abs() < 1e-12, "{status:?}");
+}
