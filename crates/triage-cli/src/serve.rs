@@ -321,6 +321,7 @@ pub async fn run(args: ServeArgs, device: DeviceSpec, whisper_threads: usize) ->
         spool_dir: args.spool_dir.clone(),
         drain_timeout: std::time::Duration::try_from_secs_f64(args.drain_timeout)
             .context("--drain-timeout must be a number of seconds, 0 or more")?,
+        edge: edge_limits(&config.server.edge),
         ..Limits::default()
     };
     let engine = triage_engine::Engine::new(config)
@@ -336,4 +337,22 @@ pub async fn run(args: ServeArgs, device: DeviceSpec, whisper_threads: usize) ->
     }
     triage_server::serve(state, socket, listen).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `[server]`'s timeouts and caps over the edge's defaults (validated
+/// positive by the config check).
+fn edge_limits(c: &triage_engine::config::EdgeConfig) -> triage_server::edge::EdgeLimits {
+    let d = triage_server::edge::EdgeLimits::default();
+    let secs = |v: Option<f64>, default| {
+        v.and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+            .unwrap_or(default)
+    };
+    triage_server::edge::EdgeLimits {
+        header_read: secs(c.header_read_timeout_s, d.header_read),
+        body_idle: secs(c.body_idle_timeout_s, d.body_idle),
+        request_total: secs(c.request_timeout_s, d.request_total),
+        keep_alive_idle: secs(c.keep_alive_idle_s, d.keep_alive_idle),
+        max_connections_tcp: c.max_connections_tcp.unwrap_or(d.max_connections_tcp),
+        max_connections_socket: c.max_connections_socket.unwrap_or(d.max_connections_socket),
+    }
 }

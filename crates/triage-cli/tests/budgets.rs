@@ -105,7 +105,7 @@ impl Provider {
 
 /// A config with one chat task on the fake, keys `app` (no overrides) and
 /// `ops` (allow_overrides), and `budgets` (TOML) appended.
-fn config(dir: &Path, provider: &str, ledger_url: &str, budgets: &str) -> PathBuf {
+pub(crate) fn config(dir: &Path, provider: &str, ledger_url: &str, budgets: &str) -> PathBuf {
     let path = dir.join("triage.toml");
     let toml = format!(
         r#"
@@ -153,18 +153,18 @@ model = "big"
     path
 }
 
-const APP_KEY: &str = "sk-app-0123456789";
+pub(crate) const APP_KEY: &str = "sk-app-0123456789";
 const OPS_KEY: &str = "sk-ops-0123456789";
 
 /// `triage serve` on a free loopback port; killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) addr: String,
     stderr: PathBuf,
 }
 
 impl Server {
-    fn start(config: &Path, dir: &Path, name: &str) -> Self {
+    pub(crate) fn start(config: &Path, dir: &Path, name: &str) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -181,18 +181,23 @@ impl Server {
             .args(["--listen", &addr])
             .env("TRIAGE_TEST_APP_KEY", APP_KEY)
             .env("TRIAGE_TEST_OPS_KEY", OPS_KEY)
+            // The edge tests' key scoped to one task.
+            .env("TRIAGE_TEST_SCOPED_KEY", "sk-scoped-0123456789")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .unwrap();
-        let server = Self {
+        let mut server = Self {
             child,
             addr,
             stderr,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while server.get("/health", None).map(|(s, _)| s) != Some(200) {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("the server exited ({status}): {}", server.log());
+            }
             assert!(
                 Instant::now() < deadline,
                 "the server did not start: {}",
@@ -203,13 +208,13 @@ impl Server {
         server
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
     /// One request (`line` is `METHOD PATH`), with `headers` (each ending in
     /// CRLF): the status and the body.
-    fn request(
+    pub(crate) fn request(
         &self,
         line: &str,
         headers: &str,
@@ -232,11 +237,11 @@ impl Server {
         Some((status, body))
     }
 
-    fn get(&self, path: &str, key: Option<&str>) -> Option<(u16, String)> {
+    pub(crate) fn get(&self, path: &str, key: Option<&str>) -> Option<(u16, String)> {
         self.request(&format!("GET {path}"), "", b"", key)
     }
 
-    fn post_json(&self, path: &str, body: &Value, key: &str) -> (u16, String) {
+    pub(crate) fn post_json(&self, path: &str, body: &Value, key: &str) -> (u16, String) {
         self.request(
             &format!("POST {path}"),
             "Content-Type: application/json\r\n",

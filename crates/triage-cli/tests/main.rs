@@ -6,6 +6,7 @@
 mod audit;
 mod budgets;
 mod cli;
+mod edge;
 mod eval;
 mod examples;
 mod ledger_crash;

@@ -42,6 +42,12 @@ pub enum ApiError {
     Overloaded { retry_after_s: u64 },
     #[error("{0} is not ready")]
     NotReady(String),
+    /// The request body stopped arriving (`server.body_idle_timeout_s`).
+    #[error("the request body sent nothing for {seconds} s (server.body_idle_timeout_s)")]
+    BodyIdle { seconds: f64 },
+    /// The request was not answered within `server.request_timeout_s`.
+    #[error("the request was not answered within {seconds} s (server.request_timeout_s)")]
+    Deadline { seconds: f64 },
     /// A request the engine could not answer; its class decides the status.
     #[error("{message}")]
     Engine {
@@ -96,6 +102,8 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BodyIdle { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::Deadline { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Engine { class, .. } => match class {
                 ErrorClass::NotFound => StatusCode::NOT_FOUND,
                 ErrorClass::BadInput => StatusCode::BAD_REQUEST,
@@ -130,6 +138,8 @@ impl ApiError {
             Self::Conflict(_) => ("invalid_request_error", "conflict"),
             Self::Overloaded { .. } => ("rate_limit_error", "overloaded"),
             Self::NotReady(_) => ("server_error", "not_ready"),
+            Self::BodyIdle { .. } => ("invalid_request_error", "body_timeout"),
+            Self::Deadline { .. } => ("server_error", "timeout"),
             Self::Engine { class, .. } => match class {
                 ErrorClass::NotFound => ("invalid_request_error", "not_found"),
                 ErrorClass::BadInput => ("invalid_request_error", "invalid_request"),

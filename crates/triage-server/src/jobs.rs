@@ -7,7 +7,8 @@
 
 use crate::error::ApiError;
 #[cfg(feature = "speech")]
-use crate::routes::audio::{audio_error, transcriber, transcription_task};
+use crate::routes::audio::{audio_error, transcriber};
+use crate::routes::transcription_task;
 use crate::routes::upload::{AudioForm, Upload, check_length, read_audio_form};
 use crate::state::Shared;
 use axum::Json;
@@ -121,10 +122,35 @@ pub async fn submit(
     mut form: Multipart,
 ) -> Result<Response, ApiError> {
     check_length(&state, &headers)?;
-    // One line for every audio request: a job keeps its place until it ends.
-    let admitted = state.audio.admit()?;
-    let form = read_audio_form(&state, &mut form).await?;
     let engine = state.engine.current();
+    // When the file begins: the task named before it decides who may upload
+    // (authorised now, before the file is read) and how much (a text task's
+    // upload is bounded like `/v1/execute`'s body); then one line for every
+    // audio request, kept until the job ends.
+    let mut admitted = None;
+    let mut gate = |task: Option<&str>| -> Result<Option<u64>, ApiError> {
+        let limit = match task.filter(|t| *t != "transcription") {
+            Some(name) if engine.config.tasks.contains_key(name) => {
+                caller.authorize(name)?;
+                let takes_audio = engine.task(name).is_ok_and(|t| t.takes_audio());
+                (!takes_audio).then_some(state.limits.moderation_body_bytes as u64)
+            }
+            Some(other) => {
+                return Err(ApiError::bad(
+                    format!("task `{other}` is not served (transcription)"),
+                    Some("task"),
+                ));
+            }
+            None => {
+                caller.authorize(&transcription_task(&state))?;
+                None
+            }
+        };
+        admitted = Some(state.audio.admit()?);
+        Ok(limit)
+    };
+    let form = read_audio_form(&state, &mut form, &mut gate).await?;
+    let admitted = admitted.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
     if let Some(name) = form.task.as_deref()
         && name != "transcription"
         && engine.config.tasks.contains_key(name)

@@ -7,6 +7,7 @@
 //! in-flight requests before exit; SIGHUP reloads the config.
 
 pub mod auth;
+pub mod edge;
 pub mod error;
 pub mod jobs;
 pub mod limits;
@@ -28,6 +29,22 @@ use axum::serve::IncomingStream;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The peer's credentials on the unix socket.
+fn unix_peer(io: &tokio::net::UnixStream) -> Peer {
+    match io.peer_cred() {
+        Ok(c) => Peer::Unix {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        },
+        Err(_) => Peer::Unix {
+            pid: None,
+            uid: u32::MAX,
+            gid: u32::MAX,
+        },
+    }
+}
 
 impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
@@ -147,21 +164,30 @@ pub async fn serve_until(
         return Err(ServeError::NoKeys);
     }
     let hangup_state = state.clone();
+    let edge_limits = state.limits.edge;
     let app = router(state);
     let (tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut tasks = Vec::new();
     if let Some(path) = socket.clone() {
         let listener = bind_unix(&path).await?;
         tracing::info!(socket = %path.display(), "listening on the unix socket");
-        let mut rx = tx.subscribe();
-        let svc = app.clone().into_make_service_with_connect_info::<Peer>();
-        tasks.push(tokio::spawn(async move {
-            axum::serve(listener, svc)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.recv().await;
-                })
-                .await
-        }));
+        let listener = Arc::new(listener);
+        let accept = move || {
+            let listener = listener.clone();
+            async move {
+                let (io, _) = listener.accept().await?;
+                let peer = unix_peer(&io);
+                Ok((io, peer))
+            }
+        };
+        tasks.push(tokio::spawn(edge::serve(
+            accept,
+            app.clone(),
+            edge_limits,
+            edge_limits.max_connections_socket,
+            hangup_state.edge.socket.clone(),
+            tx.subscribe(),
+        )));
     }
     if let Some(addr) = listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -171,15 +197,23 @@ pub async fn serve_until(
                 source,
             })?;
         tracing::info!(%addr, "listening on TCP");
-        let mut rx = tx.subscribe();
-        let svc = app.clone().into_make_service_with_connect_info::<Peer>();
-        tasks.push(tokio::spawn(async move {
-            axum::serve(listener, svc)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.recv().await;
-                })
-                .await
-        }));
+        let listener = Arc::new(listener);
+        let accept = move || {
+            let listener = listener.clone();
+            async move {
+                let (io, addr) = listener.accept().await?;
+                let _ = io.set_nodelay(true);
+                Ok((io, Peer::Tcp(addr)))
+            }
+        };
+        tasks.push(tokio::spawn(edge::serve(
+            accept,
+            app.clone(),
+            edge_limits,
+            edge_limits.max_connections_tcp,
+            hangup_state.edge.tcp.clone(),
+            tx.subscribe(),
+        )));
     }
     let hangup = hangup_state
         .config_path()

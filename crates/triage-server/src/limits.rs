@@ -28,6 +28,8 @@ pub struct Limits {
     /// After SIGTERM: how long in-flight requests, jobs and the ledgers'
     /// last commits may take before the process exits anyway.
     pub drain_timeout: Duration,
+    /// Timeouts and connection caps at the HTTP edge.
+    pub edge: crate::edge::EdgeLimits,
 }
 
 impl Default for Limits {
@@ -42,6 +44,7 @@ impl Default for Limits {
             audio_parallel: 2,
             audio_queue: 16,
             drain_timeout: Duration::from_secs(30),
+            edge: crate::edge::EdgeLimits::default(),
         }
     }
 }

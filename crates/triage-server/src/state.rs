@@ -45,6 +45,8 @@ pub struct AppState {
     pub rate_limits: RateLimits,
     /// Transcriptions decoding now and waiting for a slot.
     pub audio: AudioAdmission,
+    /// Open, refused and timed-out connections per listener.
+    pub edge: crate::edge::EdgeCounts,
     /// Engines a reload replaced, with their ledgers: requests that started
     /// on them may still be writing, so every one is flushed at shutdown.
     pub(crate) retired: std::sync::Mutex<Vec<(std::sync::Weak<Engine>, triage_engine::Ledger)>>,
@@ -70,6 +72,7 @@ impl AppState {
         Arc::new(Self {
             engine: EngineSlot::new(engine),
             audio: AudioAdmission::new(&limits),
+            edge: Default::default(),
             limits,
             keys,
             metrics: Metrics::default(),

@@ -11,9 +11,9 @@ mod types;
 mod validate;
 
 pub use types::{
-    Cascade, CascadeKind, Config, ConfigError, Extractor, Handler, Intent, KeyConfig, LocalKind,
-    LocalSpec, Pipeline, Problem, Retrieve, Route, Router, ServerConfig, Stage, StageKind,
-    Strategy, Task, Tier, TierKind, Value,
+    Cascade, CascadeKind, Config, ConfigError, EdgeConfig, Extractor, Handler, Intent, KeyConfig,
+    LocalKind, LocalSpec, Pipeline, Problem, Retrieve, Route, Router, ServerConfig, Stage,
+    StageKind, Strategy, Task, Tier, TierKind, Value,
 };
 pub use validate::{base_url_override_var, bind_named};
 

@@ -56,6 +56,18 @@ pub struct RawServer {
     /// The web UI at `/ui/` (`[server.ui]`).
     #[serde(default)]
     pub ui: RawUi,
+    /// Seconds a request head may take to arrive (default 10).
+    pub header_read_timeout_s: Option<f64>,
+    /// Seconds a request body may send nothing (default 30).
+    pub body_idle_timeout_s: Option<f64>,
+    /// Seconds a non-audio request may take to be answered (default 120).
+    pub request_timeout_s: Option<f64>,
+    /// Seconds an idle kept-alive connection stays open (default 60).
+    pub keep_alive_idle_s: Option<f64>,
+    /// Open TCP connections at most (default 1024).
+    pub max_connections_tcp: Option<usize>,
+    /// Open unix-socket connections at most (default 1024).
+    pub max_connections_socket: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -99,6 +99,20 @@ pub struct ServerConfig {
     /// `[server.ui] edit`: the web UI's designer may save the config file.
     pub ui_edit: bool,
     pub max_upload_bytes: Option<u64>,
+    /// The HTTP edge's timeouts and connection caps (`None`: the server's
+    /// defaults).
+    pub edge: EdgeConfig,
+}
+
+/// `[server]` timeouts (seconds) and connection caps.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EdgeConfig {
+    pub header_read_timeout_s: Option<f64>,
+    pub body_idle_timeout_s: Option<f64>,
+    pub request_timeout_s: Option<f64>,
+    pub keep_alive_idle_s: Option<f64>,
+    pub max_connections_tcp: Option<usize>,
+    pub max_connections_socket: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

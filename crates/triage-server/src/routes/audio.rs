@@ -2,6 +2,7 @@
 //! verbose_json), answered by the configured Whisper specialist.
 
 use super::info::TRANSCRIPTION_MODELS;
+use super::transcription_task;
 use super::upload::{AudioForm, SLOT_WAIT, check_length, read_audio_form};
 use crate::auth::{Caller, tagged};
 use crate::error::ApiError;
@@ -42,18 +43,6 @@ pub(crate) fn audio_error(e: triage_engine::EngineError) -> ApiError {
     }
 }
 
-/// The task name transcriptions are authorised and counted under.
-pub(crate) fn transcription_task(state: &Shared) -> String {
-    state
-        .engine
-        .current()
-        .config
-        .server
-        .transcription_task
-        .clone()
-        .unwrap_or_else(|| "transcription".to_owned())
-}
-
 /// The Whisper specialist of the current engine, or 503 when it has none.
 pub(crate) fn transcriber(state: &Shared) -> Result<Transcriber, ApiError> {
     state
@@ -74,8 +63,13 @@ pub(crate) async fn transcriptions(
     let transcriber = transcriber(&state)?;
     check_length(&state, &headers)?;
     // Bounded waiting: past `audio_parallel + audio_queue` audio requests
-    // (transcriptions, jobs, pipelines), refuse before reading the body.
-    let _admitted = state.audio.admit()?;
+    // (transcriptions, jobs, pipelines), refuse before reading the file; the
+    // slot is taken once the caller is authorised and the file begins.
+    let mut admitted = None;
+    let mut gate = |_: Option<&str>| -> Result<Option<u64>, ApiError> {
+        admitted = Some(state.audio.admit()?);
+        Ok(None)
+    };
     let AudioForm {
         file,
         model,
@@ -83,7 +77,8 @@ pub(crate) async fn transcriptions(
         language,
         granularities,
         ..
-    } = read_audio_form(&state, &mut form).await?;
+    } = read_audio_form(&state, &mut form, &mut gate).await?;
+    let _admitted = admitted;
     let format = format.unwrap_or_else(|| "json".to_owned());
     let model = model.ok_or_else(|| ApiError::bad("`model` is required", Some("model")))?;
     if !TRANSCRIPTION_MODELS.contains(&model.as_str()) {

@@ -46,16 +46,28 @@ pub async fn execute(State(state): State<Shared>, req: Request) -> Result<Respon
     let mut _slot = None;
     let (task, input, overrides) = if multipart {
         check_length(&state, req.headers())?;
-        _admitted = Some(state.audio.admit()?);
         let mut form = Multipart::from_request(req, &state)
             .await
             .map_err(|e| ApiError::bad(e.body_text(), None))?;
+        // The task (named before the file) is authorised, then admitted,
+        // before any of the file is read.
+        let mut gate = |task: Option<&str>| -> Result<Option<u64>, ApiError> {
+            let task = task.ok_or_else(|| {
+                ApiError::bad(
+                    "`task` is required, before `file` in the form",
+                    Some("task"),
+                )
+            })?;
+            caller.authorize(task)?;
+            _admitted = Some(state.audio.admit()?);
+            Ok(None)
+        };
         let AudioForm {
             file,
             task,
             overrides,
             ..
-        } = read_audio_form(&state, &mut form).await?;
+        } = read_audio_form(&state, &mut form, &mut gate).await?;
         let task = task.ok_or_else(|| ApiError::bad("`task` is required", Some("task")))?;
         let upload = AudioForm::required_file(file)?;
         // The transcription inside the pipeline takes a Whisper slot like
@@ -74,9 +86,7 @@ pub async fn execute(State(state): State<Shared>, req: Request) -> Result<Respon
         _upload = Some(upload);
         (task, input, overrides)
     } else {
-        let bytes = axum::body::Bytes::from_request(req, &state)
-            .await
-            .map_err(|e| ApiError::bad(e.body_text(), None))?;
+        let bytes = bounded_body(req, state.limits.moderation_body_bytes).await?;
         let r: ExecuteRequest = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::bad(
                 format!("the body is not a valid execute request: {e}"),
@@ -131,4 +141,34 @@ pub(crate) async fn run_job(
         .await
         .map(|e| json!({"answer": e.answer, "trace": e.trace}))
         .map_err(|e| e.to_string())
+}
+
+/// Read a body of at most `limit` bytes: a declared length over it is
+/// refused before reading, and reading stops (413) as soon as it passes.
+pub(crate) async fn bounded_body(
+    req: Request,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    let body = http_body_util::Limited::new(req.into_body(), limit);
+    match body.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::TooLarge { limit })
+        }
+        Err(e) => Err(crate::edge::body_error(e.as_ref(), || {
+            ApiError::bad(format!("cannot read the body: {e}"), None)
+        })),
+    }
 }

@@ -44,14 +44,16 @@ pub(crate) async fn ready(State(state): State<Shared>) -> Response {
 }
 
 pub(crate) async fn metrics(State(state): State<Shared>) -> Response {
-    (
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        state.metrics.render_with(
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], {
+        let mut text = state.metrics.render_with(
             state.ledger_health().as_ref(),
             &state.engine.current().specialists.cache_stats(),
             &state.engine.current().budgets,
-        ),
-    )
+        );
+        let at = text.rfind("# EOF").unwrap_or(text.len());
+        text.insert_str(at, &crate::edge::metrics_text(&state.edge));
+        text
+    })
         .into_response()
 }
 

@@ -68,6 +68,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/jobs/{id}/cancel", post(crate::jobs::cancel))
         .merge(crate::ui::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::edge::request_deadline,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -118,4 +122,16 @@ pub(crate) fn tier_and_cost<'a>(runs: impl IntoIterator<Item = &'a Execution>) -
         }
     }
     (tiers.join(","), usd)
+}
+
+/// The task name transcriptions are authorised and counted under.
+pub(crate) fn transcription_task(state: &Shared) -> String {
+    state
+        .engine
+        .current()
+        .config
+        .server
+        .transcription_task
+        .clone()
+        .unwrap_or_else(|| "transcription".to_owned())
 }

@@ -70,15 +70,30 @@ pub(crate) fn check_length(state: &Shared, headers: &HeaderMap) -> Result<(), Ap
     }
 }
 
+/// The most a form's text field (`model`, `task`, `overrides`, ...) may
+/// hold: it is read in chunks and refused (413) as soon as it passes this.
+pub(crate) const MAX_FIELD_BYTES: usize = 64 << 10;
+
+/// What the route decides when the `file` part begins, from the fields
+/// before it (the `task` named so far, `None` when none was): authorise the
+/// caller, take an admission slot, and the byte limit for the file (`None`:
+/// the audio upload limit). An `Err` refuses the request before the file is
+/// read.
+pub(crate) type FileGate<'a> = dyn FnMut(Option<&str>) -> Result<Option<u64>, ApiError> + Send + 'a;
+
 /// Read the form, writing `file` to a temporary file chunk by chunk (memory
 /// stays at one chunk whatever the upload's size); over the upload limit is
-/// a 413 that names it.
+/// a 413 that names it. Text fields are read in chunks up to
+/// [`MAX_FIELD_BYTES`]; `gate` runs when the file part begins, so a caller
+/// the route refuses never has its file read, and a `task` field after the
+/// file is refused (the task decides who may upload and how much).
 pub(crate) async fn read_audio_form(
     state: &Shared,
     form: &mut Multipart,
+    gate: &mut FileGate<'_>,
 ) -> Result<AudioForm, ApiError> {
     use tokio::io::AsyncWriteExt;
-    let limit = state.limits.audio_upload_bytes;
+    let mut limit = state.limits.audio_upload_bytes;
     let mut out = AudioForm::default();
     let too_large = |e: &axum::extract::multipart::MultipartError| {
         e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE
@@ -87,11 +102,19 @@ pub(crate) async fn read_audio_form(
         if too_large(&e) {
             ApiError::UploadTooLarge { limit }
         } else {
-            ApiError::bad(format!("malformed multipart body: {e}"), None)
+            crate::edge::body_error(&e, || {
+                ApiError::bad(format!("malformed multipart body: {e}"), None)
+            })
         }
     })? {
         let name = field.name().unwrap_or_default().to_owned();
         if name == "file" {
+            if out.file.is_some() {
+                return Err(ApiError::bad("the form has two `file` parts", Some("file")));
+            }
+            if let Some(own) = gate(out.task.as_deref())? {
+                limit = own;
+            }
             let file_name = field.file_name().map(str::to_owned);
             let spool = match &state.limits.spool_dir {
                 Some(dir) => tempfile::Builder::new()
@@ -110,12 +133,20 @@ pub(crate) async fn read_audio_form(
                 if too_large(&e) {
                     ApiError::UploadTooLarge { limit }
                 } else {
-                    ApiError::bad(format!("cannot read `file`: {e}"), Some("file"))
+                    crate::edge::body_error(&e, || {
+                        ApiError::bad(format!("cannot read `file`: {e}"), Some("file"))
+                    })
                 }
             })? {
                 bytes += chunk.len() as u64;
                 if bytes > limit {
-                    return Err(ApiError::UploadTooLarge { limit });
+                    return Err(if limit == state.limits.audio_upload_bytes {
+                        ApiError::UploadTooLarge { limit }
+                    } else {
+                        ApiError::TooLarge {
+                            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                        }
+                    });
                 }
                 file.write_all(&chunk).await.map_err(|e| {
                     tracing::error!(error = %e, "cannot write an upload to its spool file");
@@ -133,12 +164,27 @@ pub(crate) async fn read_audio_form(
             });
             continue;
         }
-        // Text fields are small; a large one is a malformed request.
-        let text = field.text().await.unwrap_or_default();
-        if text.len() > 64 << 10 {
+        // Text fields are small: read in chunks, refused past the cap
+        // without reading the rest.
+        let mut bytes = Vec::new();
+        while let Some(chunk) = field.chunk().await.map_err(|e| {
+            crate::edge::body_error(&e, || {
+                ApiError::bad(format!("cannot read the form field `{name}`: {e}"), None)
+            })
+        })? {
+            if bytes.len() + chunk.len() > MAX_FIELD_BYTES {
+                return Err(ApiError::TooLarge {
+                    limit: MAX_FIELD_BYTES,
+                });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| ApiError::bad(format!("the form field `{name}` is not UTF-8"), None))?;
+        if name == "task" && out.file.is_some() {
             return Err(ApiError::bad(
-                format!("the form field `{name}` is over 64 KiB"),
-                None,
+                "`task` must come before `file` in the form: it decides who may upload",
+                Some("task"),
             ));
         }
         let text = Some(text).filter(|t| !t.is_empty());

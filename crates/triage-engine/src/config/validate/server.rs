@@ -58,7 +58,43 @@ impl Validator {
                 );
             }
         }
+        for (field, value) in [
+            ("header_read_timeout_s", raw.header_read_timeout_s),
+            ("body_idle_timeout_s", raw.body_idle_timeout_s),
+            ("request_timeout_s", raw.request_timeout_s),
+            ("keep_alive_idle_s", raw.keep_alive_idle_s),
+        ] {
+            if let Some(v) = value
+                && !(v.is_finite() && v > 0.0 && v <= 86_400.0)
+            {
+                self.problem(
+                    format!("server.{field}"),
+                    format!("{v} is not a number of seconds above 0"),
+                    "give seconds between 0 and 86400, or leave it out for the default",
+                );
+            }
+        }
+        for (field, value) in [
+            ("max_connections_tcp", raw.max_connections_tcp),
+            ("max_connections_socket", raw.max_connections_socket),
+        ] {
+            if value == Some(0) {
+                self.problem(
+                    format!("server.{field}"),
+                    "0 would refuse every connection",
+                    "give at least 1 (default 1024)",
+                );
+            }
+        }
         ServerConfig {
+            edge: super::super::types::EdgeConfig {
+                header_read_timeout_s: raw.header_read_timeout_s,
+                body_idle_timeout_s: raw.body_idle_timeout_s,
+                request_timeout_s: raw.request_timeout_s,
+                keep_alive_idle_s: raw.keep_alive_idle_s,
+                max_connections_tcp: raw.max_connections_tcp,
+                max_connections_socket: raw.max_connections_socket,
+            },
             socket: raw.socket.as_ref().map(|s| {
                 if s.is_absolute() {
                     s.clone()
