@@ -108,7 +108,10 @@ def test_chat_completion(client: OpenAI):
     assert choice.message.refusal is None
     check_usage(reply.usage)
     # What the SDK parsed also validates strictly against its type.
-    ChatCompletion.model_validate(raw.http_response.json())
+    body = raw.http_response.json()
+    ChatCompletion.model_validate(body)
+    # OpenAI's schema has `system_fingerprint` as a string or absent, never null.
+    assert "system_fingerprint" not in body or isinstance(body["system_fingerprint"], str)
 
 
 def test_chat_completion_with_system_message(client: OpenAI):
@@ -133,6 +136,7 @@ def test_chat_completion_streamed(client: OpenAI):
     chunks = list(stream)
     assert chunks
     assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    assert all(c.system_fingerprint is None and "system_fingerprint" not in c.model_fields_set for c in chunks)
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert len({c.id for c in chunks}) == 1
     assert chunks[0].id.startswith("chatcmpl-")
@@ -285,3 +289,13 @@ def test_config_moderation(client: OpenAI):
 def test_config_models_list(client: OpenAI):
     ids = {m.id for m in client.models.list()}
     assert {CHAT_TASK, "moderation", "omni-moderation-latest"} <= ids
+
+
+def test_config_models_retrieve(client: OpenAI):
+    """`client.models.retrieve` (GET /v1/models/{model}) for every listed id."""
+    for listed in client.models.list():
+        model = client.models.retrieve(listed.id)
+        assert model.id == listed.id and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.code == "model_not_found"

@@ -230,6 +230,13 @@ def test_models_list(client: OpenAI):
     assert {"whisper-1", "omni-moderation-latest", "text-moderation-latest"} <= ids
 
 
+def test_models_retrieve(client: OpenAI):
+    whisper = client.models.retrieve("whisper-1")
+    assert isinstance(whisper, Model) and whisper.id == "whisper-1"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
 # -------------------------------------------------------------------- errors
 
 

@@ -417,12 +417,10 @@ key = "app"
             .unwrap()
             .to_owned()
     };
-    let finished = |id: &str| -> Value {
+    let finished = |id: &str, key: &str| -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (_, text) = server
-                .get(&format!("/v1/jobs/{id}"), Some(APP_KEY))
-                .unwrap();
+            let (_, text) = server.get(&format!("/v1/jobs/{id}"), Some(key)).unwrap();
             let v: Value = serde_json::from_str(&text).unwrap();
             if matches!(v["status"].as_str(), Some("succeeded" | "failed")) {
                 return v;
@@ -433,16 +431,31 @@ key = "app"
     };
     // The first job fits (its ceiling is 4096 tokens out, $0.041) and
     // spends $0.041 of the key's $0.05: the uncapped answer stops at the cap.
-    let first = finished(&submit(APP_KEY));
+    let first = finished(&submit(APP_KEY), APP_KEY);
     assert_eq!(first["status"], "succeeded", "{first}");
     // The second does not fit in what is left: it fails without a call.
-    let second = finished(&submit(APP_KEY));
+    let second = finished(&submit(APP_KEY), APP_KEY);
     assert_eq!(second["status"], "failed", "{second}");
     assert!(second.to_string().contains("budget"), "{second}");
     assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
     // Another key's job is not counted against `app`.
-    let other = finished(&submit(OPS_KEY));
+    let other_id = submit(OPS_KEY);
+    let other = finished(&other_id, OPS_KEY);
     assert_eq!(other["status"], "succeeded", "{other}");
+    // A job belongs to its key: another key cannot read or cancel it.
+    let (status, _) = server
+        .get(&format!("/v1/jobs/{other_id}"), Some(APP_KEY))
+        .unwrap();
+    assert_eq!(status, 404);
+    let (status, _) = server
+        .request(
+            &format!("POST /v1/jobs/{other_id}/cancel"),
+            "",
+            b"",
+            Some(APP_KEY),
+        )
+        .unwrap();
+    assert_eq!(status, 404);
     drop(server);
     // The ledger carries the job's key: the key's budget reads it back.
     let stored = stored_budgets(&config);

@@ -239,3 +239,91 @@ fn oversized_bodies_are_refused_before_they_are_read() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("before `file`"), "{text}");
 }
+
+/// A fake OpenAI-compatible provider that refuses every call the way OpenAI
+/// does for a wrong key: 401 with the key echoed, masked.
+fn refusing_provider() -> (String, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|| async {
+            (
+                axum::http::StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({"error": {
+                    "message": "Incorrect API key provided: sk-fak****8899. You can find your API key at https://platform.openai.com/account/api-keys.",
+                    "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})),
+            )
+        }),
+    );
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/v1"), rt)
+}
+
+#[test]
+fn remote_clients_get_a_generic_message_for_provider_failures_and_keys_are_scrubbed() {
+    let (provider, _rt) = refusing_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let path = config(dir.path(), &provider, &ledger, "");
+    let server = Server::start(&path, dir.path(), "p");
+    let body = serde_json::json!({"model": "chat", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, text) = server.post_json("/v1/chat/completions", &body, APP_KEY);
+    assert!(status >= 500, "{status} {text}");
+    assert!(text.contains("request id req-"), "{text}");
+    assert!(
+        !text.contains("sk-fak") && !text.contains("****") && !text.contains("Incorrect API key"),
+        "{text}"
+    );
+    // The detail is in the log, scrubbed of the key.
+    std::thread::sleep(Duration::from_millis(300));
+    let log = server.log();
+    assert!(
+        log.contains("Incorrect API key provided: [key redacted]"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("sk-fak") && !log.contains("****8899"),
+        "{log}"
+    );
+}
+
+#[test]
+fn bearer_is_case_insensitive_and_a_peer_that_keeps_failing_is_slowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "", "k");
+    let lower = server
+        .request(
+            "GET /v1/models",
+            &format!("Authorization: bearer {APP_KEY}\r\n"),
+            b"",
+            None,
+        )
+        .unwrap();
+    assert_eq!(lower.0, 200, "{}", lower.1);
+    for _ in 0..10 {
+        let (status, _) = server.get("/v1/models", Some("sk-wrong-key")).unwrap();
+        assert_eq!(status, 401);
+    }
+    // Past 10 failures in a minute, even the right key waits.
+    let (status, text) = server.get("/v1/models", Some(APP_KEY)).unwrap();
+    assert_eq!(status, 429, "{text}");
+    let log = server.log();
+    assert!(
+        log.contains("WARN") && log.contains("rejected: no valid key"),
+        "{log}"
+    );
+    // /ready over TCP without a key tells the status only.
+    let (_, ready) = server.get("/ready", None).unwrap();
+    assert!(
+        ready.contains("\"status\"") && !ready.contains("tasks"),
+        "{ready}"
+    );
+}

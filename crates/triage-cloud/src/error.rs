@@ -142,13 +142,15 @@ pub struct ProviderError {
 }
 
 impl ProviderError {
+    /// The message is scrubbed of anything that looks like a key
+    /// ([`crate::secret::scrub_secrets`]): providers echo keys in errors.
     pub fn new(provider: impl Into<String>, kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             provider: provider.into(),
             kind,
             status: None,
             retry_after: None,
-            message: message.into(),
+            message: crate::secret::scrub_secrets(&message.into()),
             source: None,
         }
     }

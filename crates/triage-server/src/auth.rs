@@ -54,6 +54,68 @@ impl Caller {
     }
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header (the scheme in any
+/// case, as RFC 9110 has it).
+pub(crate) fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Failed key checks per peer address: past [`Failures::LIMIT`] in
+/// [`Failures::WINDOW`], the peer is answered 429 until the window ends,
+/// without its key being looked at.
+#[derive(Debug, Default)]
+pub struct Failures {
+    by_peer: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, Instant)>>,
+}
+
+impl Failures {
+    pub const LIMIT: u32 = 10;
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+    /// Peers remembered at most (older entries are forgotten first).
+    const MAX_PEERS: usize = 10_000;
+
+    fn map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, (u32, Instant)>>
+    {
+        self.by_peer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `Err(seconds)` while `peer` is past the limit.
+    pub fn allowed(&self, peer: std::net::IpAddr) -> Result<(), u64> {
+        let map = self.map();
+        match map.get(&peer) {
+            Some((n, since)) if *n >= Self::LIMIT && since.elapsed() < Self::WINDOW => {
+                Err((Self::WINDOW - since.elapsed()).as_secs() + 1)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Count a failure; the peer's failures in the current window.
+    pub fn failed(&self, peer: std::net::IpAddr) -> u32 {
+        let mut map = self.map();
+        if map.len() >= Self::MAX_PEERS {
+            map.retain(|_, (_, since)| since.elapsed() < Self::WINDOW);
+            if map.len() >= Self::MAX_PEERS {
+                map.clear();
+            }
+        }
+        let entry = map.entry(peer).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= Self::WINDOW {
+            *entry = (0, Instant::now());
+        }
+        entry.0 += 1;
+        entry.0
+    }
+}
+
 /// A new request id: a UUID v7 (time-ordered, 74 random bits) after `prefix`.
 pub fn request_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
@@ -78,9 +140,23 @@ pub async fn observe(State(state): State<Shared>, req: Request, next: Next) -> R
     let route = req.uri().path().to_owned();
     let span = tracing::info_span!("request", id = %id, method = %req.method(), route = %route);
     let started = Instant::now();
-    let response = authorized(&state, &route, req, next)
+    let remote = matches!(
+        req.extensions()
+            .get::<axum::extract::ConnectInfo<Peer>>()
+            .map(|c| &c.0),
+        Some(Peer::Tcp(_))
+    );
+    let mut response = authorized(&state, &route, req, next)
         .instrument(span.clone())
         .await;
+    if remote
+        && let Some(failure) = response
+            .extensions()
+            .get::<crate::error::ProviderFailure>()
+            .copied()
+    {
+        response = crate::error::generic_provider_failure(response, failure, &id);
+    }
     let label = if KNOWN_ROUTES.contains(&route.as_str()) {
         route.as_str()
     } else {
@@ -107,14 +183,22 @@ async fn authorized(state: &Shared, route: &str, mut req: Request, next: Next) -
         Some(Peer::Tcp(addr))
             if !matches!(route, "/health" | "/ready") && !crate::ui::is_public_asset(route) =>
         {
+            // A peer that failed too often lately waits, whatever it sends.
+            if let Err(retry_after_s) = state.auth_failures.allowed(addr.ip()) {
+                return ApiError::Overloaded { retry_after_s }.into_response();
+            }
             let given = req
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
+                .and_then(bearer);
             let Some(key) = given.and_then(|g| state.find_key(g)) else {
-                tracing::info!(%addr, "rejected: no valid key");
+                let failures = state.auth_failures.failed(addr.ip());
+                state
+                    .edge
+                    .auth_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(%addr, route, failures, given = given.is_some(), "rejected: no valid key");
                 return ApiError::Unauthorized.into_response();
             };
             if let Some(rpm) = key.rpm
@@ -125,8 +209,7 @@ async fn authorized(state: &Shared, route: &str, mut req: Request, next: Next) -
             if crate::ui::is_admin_path(route) && !key.admin {
                 tracing::info!(%addr, key = %key.name, "rejected: the web UI needs an admin key");
                 return ApiError::Forbidden(
-                    "the web UI's data (an admin key is needed: TRIAGE_ADMIN_KEYS or admin = true)"
-                        .into(),
+                    "the web UI's data (an admin key is needed: see docs/serving.md)".into(),
                 )
                 .into_response();
             }

@@ -76,6 +76,8 @@ pub struct ConnectionCounts {
 pub struct EdgeCounts {
     pub tcp: Arc<ConnectionCounts>,
     pub socket: Arc<ConnectionCounts>,
+    /// Requests refused for a missing or wrong key.
+    pub auth_failures: AtomicU64,
 }
 
 /// One listener's accept loop: each connection is served on its own task
@@ -469,5 +471,9 @@ pub(crate) fn metrics_text(counts: &EdgeCounts) -> String {
             ));
         }
     }
+    out.push_str(&format!(
+        "# HELP triage_auth_failures Requests refused for a missing or wrong key.\n# TYPE triage_auth_failures counter\ntriage_auth_failures_total {}\n",
+        counts.auth_failures.load(Ordering::Relaxed)
+    ));
     out
 }

@@ -185,6 +185,37 @@ impl ApiError {
     }
 }
 
+/// Marks a response whose message tells of a hosted provider's failure (its
+/// error text, the variable a key should be in): a remote (TCP) client gets
+/// a generic message with the request id instead, and the detail stays in
+/// the log and the ledger.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProviderFailure {
+    pub kind: &'static str,
+    pub code: &'static str,
+}
+
+/// The generic answer to a TCP client for a provider failure.
+pub(crate) fn generic_provider_failure(
+    mut response: Response,
+    failure: ProviderFailure,
+    request_id: &str,
+) -> Response {
+    let message = format!(
+        "a hosted provider could not answer this request (request id {request_id}); the detail is in the server's log and ledger"
+    );
+    let body = json!({"error": {"message": message, "type": failure.kind, "param": null, "code": failure.code}});
+    let status = response.status();
+    let headers = std::mem::take(response.headers_mut());
+    let mut out = (status, axum::Json(body)).into_response();
+    for (name, value) in headers.iter() {
+        if name != header::CONTENT_LENGTH && name != header::CONTENT_TYPE {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let internal = self.status() == StatusCode::INTERNAL_SERVER_ERROR;
@@ -197,7 +228,25 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let body = json!({"error": {"message": self.public_message(), "type": kind, "param": param, "code": code}});
+        let provider_failure = matches!(
+            &self,
+            Self::Engine {
+                class: ErrorClass::BadGateway
+                    | ErrorClass::Unavailable { .. }
+                    | ErrorClass::NotConfigured
+                    | ErrorClass::Timeout,
+                ..
+            }
+        );
+        if provider_failure {
+            tracing::warn!(error = %self, "a hosted provider failed");
+        }
         let mut response = (self.status(), axum::Json(body)).into_response();
+        if provider_failure {
+            response
+                .extensions_mut()
+                .insert(ProviderFailure { kind, code });
+        }
         if let Some(secs) = self.retry_after_s()
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {

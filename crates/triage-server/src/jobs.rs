@@ -39,6 +39,9 @@ enum Status {
 #[derive(Debug)]
 struct Job {
     task: String,
+    /// The key (by name) that submitted it; `None` on the unix socket. A
+    /// TCP key sees only its own jobs (another's is 404).
+    owner: Option<String>,
     status: Mutex<Status>,
     progress: AtomicU8,
     created_at: u64,
@@ -83,11 +86,18 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    fn get(&self, id: &str) -> Result<Arc<Job>, ApiError> {
+    /// Job `id` as `caller` may see it: a TCP key sees its own jobs only
+    /// (another key's is answered like one that does not exist); the unix
+    /// socket sees every job.
+    fn get(&self, id: &str, caller: &crate::auth::Caller) -> Result<Arc<Job>, ApiError> {
         self.jobs
             .lock()
             .ok()
             .and_then(|j| j.get(id).cloned())
+            .filter(|job| match &caller.0 {
+                Some(key) => job.owner.as_deref() == Some(key.name.as_str()),
+                None => true,
+            })
             .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))
     }
 
@@ -206,7 +216,7 @@ async fn submit_transcription(
     let max = state.max_audio_s();
     let words = granularities.iter().any(|g| g == "word");
 
-    let (id, job) = new_job(&state, &task)?;
+    let (id, job) = new_job(&state, &task, caller.0.as_ref().map(|k| k.name.clone()))?;
     let metrics_state = state.clone();
     tokio::spawn(async move {
         let _admitted = admitted;
@@ -279,7 +289,7 @@ pub async fn cancel(
     axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = state.jobs.get(&id)?;
+    let job = state.jobs.get(&id, &caller)?;
     caller.authorize(&job.task)?;
     if !job.is_done() {
         job.cancel.store(true, Ordering::Relaxed);
@@ -308,13 +318,18 @@ fn accepted(id: &str) -> Response {
 }
 
 /// A queued job for `task`, stored (or 429 when the store is full).
-fn new_job(state: &Shared, task: &str) -> Result<(String, Arc<Job>), ApiError> {
+fn new_job(
+    state: &Shared,
+    task: &str,
+    owner: Option<String>,
+) -> Result<(String, Arc<Job>), ApiError> {
     // UUID v7: time for order, plus 74 random bits so that one client
     // cannot guess another's job.
     let id = crate::auth::request_id("job");
     let (changed, _) = tokio::sync::watch::channel(0u8);
     let job = Arc::new(Job {
         task: task.to_owned(),
+        owner,
         status: Mutex::new(Status::Queued),
         progress: AtomicU8::new(0),
         created_at: SystemTime::now()
@@ -366,7 +381,7 @@ async fn submit_task(
         })?;
         (triage_engine::Input::Text(text), None)
     };
-    let (id, job) = new_job(state, task)?;
+    let (id, job) = new_job(state, task, overrides.key.clone())?;
     let state = state.clone();
     let task = task.to_owned();
     tokio::spawn(async move {
@@ -408,7 +423,7 @@ pub async fn status(
     axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = state.jobs.get(&id)?;
+    let job = state.jobs.get(&id, &caller)?;
     caller.authorize(&job.task)?;
     Ok(Json(job.view(&id)))
 }
@@ -419,7 +434,7 @@ pub async fn result(
     axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let job = state.jobs.get(&id)?;
+    let job = state.jobs.get(&id, &caller)?;
     caller.authorize(&job.task)?;
     let status = job
         .status
@@ -442,7 +457,7 @@ pub async fn events(
     axum::Extension(caller): axum::Extension<crate::auth::Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = state.jobs.get(&id)?;
+    let job = state.jobs.get(&id, &caller)?;
     caller.authorize(&job.task)?;
     let rx = job.changed.subscribe();
     let stream = futures_util::stream::unfold(

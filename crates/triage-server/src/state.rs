@@ -47,6 +47,8 @@ pub struct AppState {
     pub audio: AudioAdmission,
     /// Open, refused and timed-out connections per listener.
     pub edge: crate::edge::EdgeCounts,
+    /// Failed key checks per peer (slowed past a limit).
+    pub auth_failures: crate::auth::Failures,
     /// Engines a reload replaced, with their ledgers: requests that started
     /// on them may still be writing, so every one is flushed at shutdown.
     pub(crate) retired: std::sync::Mutex<Vec<(std::sync::Weak<Engine>, triage_engine::Ledger)>>,
@@ -73,6 +75,7 @@ impl AppState {
             engine: EngineSlot::new(engine),
             audio: AudioAdmission::new(&limits),
             edge: Default::default(),
+            auth_failures: Default::default(),
             limits,
             keys,
             metrics: Metrics::default(),
@@ -115,25 +118,37 @@ impl AppState {
 
     /// The bearer key `given` names: from `TRIAGE_API_KEYS`, or from the
     /// current config's `server.keys` (whose values come from the environment).
+    /// Every key is compared, each in constant time ([`same_secret`]), so
+    /// the time taken tells nothing of how much of a key was right.
     pub fn find_key(&self, given: &str) -> Option<ApiKey> {
-        if let Some(k) = self.keys.iter().find(|k| k.key == given) {
-            return Some(k.clone());
+        let mut found = None;
+        for k in &self.keys {
+            if same_secret(&k.key, given) && found.is_none() {
+                found = Some(k.clone());
+            }
         }
-        self.engine
-            .current()
-            .config
-            .server
-            .keys
-            .iter()
-            .find(|k| k.key.as_ref().is_some_and(|v| v.expose() == given))
-            .map(|k| ApiKey {
-                key: given.to_owned(),
-                name: k.name.clone(),
-                tasks: k.tasks.clone(),
-                rpm: k.requests_per_minute,
-                allow_overrides: k.allow_overrides,
-                admin: k.admin,
-            })
+        if found.is_some() {
+            return found;
+        }
+        let engine = self.engine.current();
+        let mut config_key = None;
+        for k in &engine.config.server.keys {
+            if k.key
+                .as_ref()
+                .is_some_and(|v| same_secret(v.expose(), given))
+                && config_key.is_none()
+            {
+                config_key = Some(k);
+            }
+        }
+        config_key.map(|k| ApiKey {
+            key: given.to_owned(),
+            name: k.name.clone(),
+            tasks: k.tasks.clone(),
+            rpm: k.requests_per_minute,
+            allow_overrides: k.allow_overrides,
+            admin: k.admin,
+        })
     }
 
     /// Whether any bearer key can be used (TCP refuses to start without one).
@@ -147,5 +162,31 @@ impl AppState {
                 .keys
                 .iter()
                 .any(|k| k.key.is_some())
+    }
+}
+
+/// Whether two secrets are equal, in time that depends only on their
+/// lengths (every byte is compared, without an early exit).
+pub fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_equal_only_when_every_byte_is() {
+        assert!(same_secret("sk-abc", "sk-abc"));
+        assert!(!same_secret("sk-abc", "sk-abd"));
+        assert!(!same_secret("sk-abc", "sk-ab"));
+        assert!(!same_secret("sk-ab", "sk-abc"));
+        assert!(!same_secret("", "x"));
+        assert!(same_secret("", ""));
     }
 }

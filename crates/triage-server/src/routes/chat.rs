@@ -221,7 +221,6 @@ pub async fn chat_completions(
                 "finish_reason": finish_reason,
             }],
             "usage": usage,
-            "system_fingerprint": null,
             "triage": {"task": task, "tier": tier, "trace": execution.trace},
         });
         return Ok(tagged(Json(body).into_response(), &tier, usd));
@@ -232,7 +231,6 @@ pub async fn chat_completions(
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "system_fingerprint": null,
             "choices": choices,
         });
         if include_usage {

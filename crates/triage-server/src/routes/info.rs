@@ -13,8 +13,22 @@ pub(crate) async fn health() -> Json<Value> {
 
 /// The tasks, specialists and routes this server answers, and the ledger's
 /// queue. A specialist whose worker has stopped, or a ledger that is failing
-/// or full, answers 503: a load balancer should send work elsewhere.
-pub(crate) async fn ready(State(state): State<Shared>) -> Response {
+/// or full, answers 503: a load balancer should send work elsewhere. Over
+/// TCP without a valid key (a load balancer's probe) only the status is
+/// answered: what the server runs is not told to strangers.
+pub(crate) async fn ready(State(state): State<Shared>, req: axum::extract::Request) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::state::Peer>>();
+    let stranger = match peer.map(|p| &p.0) {
+        Some(crate::state::Peer::Tcp(_)) => !req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::auth::bearer)
+            .is_some_and(|k| state.find_key(k).is_some()),
+        _ => false,
+    };
     let engine = state.engine.current();
     let stopped = engine.specialists.stopped();
     if !stopped.is_empty() {
@@ -32,6 +46,10 @@ pub(crate) async fn ready(State(state): State<Shared>) -> Response {
     } else {
         axum::http::StatusCode::SERVICE_UNAVAILABLE
     };
+    if stranger {
+        let body = Json(json!({"status": if ready { "ready" } else { "ledger_behind" }}));
+        return (status, body).into_response();
+    }
     let body = Json(json!({
         "status": if ready { "ready" } else { "ledger_behind" },
         "ledger": ledger,
@@ -69,6 +87,25 @@ pub(crate) const TRANSCRIPTION_MODELS: &[&str] = &["whisper-1", "whisper"];
 /// `/v1/models`: every task, plus OpenAI's names for the configured
 /// moderation task and Whisper model.
 pub(crate) async fn models(State(state): State<Shared>) -> Json<Value> {
+    Json(json!({"object": "list", "data": model_list(&state)}))
+}
+
+/// `GET /v1/models/{model}`: one model of the list, or 404
+/// `model_not_found` (what `client.models.retrieve` reads).
+pub(crate) async fn model(
+    State(state): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, crate::ApiError> {
+    model_list(&state)
+        .into_iter()
+        .find(|m| m["id"] == id.as_str())
+        .map(Json)
+        .ok_or(crate::ApiError::UnknownModel(id))
+}
+
+/// Every model name this server answers to: its tasks, and OpenAI's names
+/// for the moderation and transcription tasks.
+fn model_list(state: &Shared) -> Vec<Value> {
     let engine = state.engine.current();
     let model = |id: &str, task: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "triage", "task": task});
     let mut data: Vec<Value> = engine.config.tasks.keys().map(|t| model(t, t)).collect();
@@ -83,5 +120,5 @@ pub(crate) async fn models(State(state): State<Shared>) -> Json<Value> {
             .unwrap_or("transcription");
         data.extend(TRANSCRIPTION_MODELS.iter().map(|m| model(m, t)));
     }
-    Json(json!({"object": "list", "data": data}))
+    data
 }

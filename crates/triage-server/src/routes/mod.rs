@@ -42,6 +42,7 @@ pub fn router(state: Shared) -> Router {
         .route("/ready", get(info::ready))
         .route("/metrics", get(info::metrics))
         .route("/v1/models", get(info::models))
+        .route("/v1/models/{model}", get(info::model))
         .route(
             "/v1/moderations",
             post(moderation::moderations).layer(DefaultBodyLimit::max(text_limit)),
