@@ -21,12 +21,12 @@ pub(crate) async fn ready(State(state): State<Shared>, req: axum::extract::Reque
         .extensions()
         .get::<axum::extract::ConnectInfo<crate::state::Peer>>();
     let stranger = match peer.map(|p| &p.0) {
-        Some(crate::state::Peer::Tcp(_)) => !req
+        Some(crate::state::Peer::Tcp(_)) => req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(crate::auth::bearer)
-            .is_some_and(|k| state.find_key(k).is_some()),
+            .is_none_or(|k| state.find_key(k).is_none()),
         _ => false,
     };
     let engine = state.engine.current();
