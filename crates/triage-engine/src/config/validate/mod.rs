@@ -300,7 +300,7 @@ impl Validator {
                 self.problem(
                     format!("{key}.redact"),
                     e,
-                    "use email, phone, card, or ner:SPECIALIST:TYPE (e.g. ner:ner:PER)",
+                    "use email, phone, card, iban, national_id, ip, or ner:SPECIALIST:TYPE (e.g. ner:ner:PER)",
                 );
                 Redaction::default()
             }
