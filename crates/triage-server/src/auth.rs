@@ -217,7 +217,16 @@ async fn authorized(state: &Shared, route: &str, mut req: Request, next: Next) -
             caller = Caller(Some(key));
         }
         Some(Peer::Unix { pid, uid, gid }) => {
-            tracing::debug!(?pid, uid, gid, "request on the unix socket");
+            // Who changed something is kept in the log (the socket has no
+            // keys): every request that is not a read, at info.
+            if matches!(
+                *req.method(),
+                axum::http::Method::GET | axum::http::Method::HEAD
+            ) {
+                tracing::debug!(?pid, uid, gid, "request on the unix socket");
+            } else {
+                tracing::info!(?pid, uid, gid, method = %req.method(), route, "request on the unix socket");
+            }
         }
         _ => {}
     }
@@ -237,6 +246,11 @@ async fn shape_rejection(state: &Shared, route: &str, response: Response) -> Res
             if route.contains("audio") || route.starts_with("/v1/jobs") || route == "/v1/execute" {
                 ApiError::UploadTooLarge {
                     limit: state.limits.audio_upload_bytes,
+                }
+                .into_response()
+            } else if route.starts_with("/ui/") {
+                ApiError::TooLarge {
+                    limit: crate::ui::MAX_BODY_BYTES,
                 }
                 .into_response()
             } else {

@@ -1062,3 +1062,121 @@ async fn transcriptions_of_a_mono_meeting_label_who_speaks() -> anyhow::Result<(
     assert!(text.contains("Speaker 2: Printing"), "{text}");
     Ok(())
 }
+
+/// A small deterministic generator (xorshift), so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Fuzzing the body readers: random JSON-ish bodies to the JSON routes and
+/// random multipart bodies (mangled boundaries, headers, field names and
+/// sizes) to the upload routes. Every answer is a typed 4xx or a 2xx in
+/// OpenAI's error shape, never a 5xx, a hang or a panic.
+#[tokio::test]
+async fn random_json_and_multipart_bodies_get_typed_answers() -> anyhow::Result<()> {
+    let app = router(state(Batching::default(), false).await?);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    const JSON_PIECES: &[&str] = &[
+        "{",
+        "}",
+        "[",
+        "]",
+        "\"input\"",
+        "\"task\"",
+        ":",
+        ",",
+        "\"moderation\"",
+        "null",
+        "1e999",
+        "-0",
+        "\"\\u0000\"",
+        "\"\\ud800\"",
+        "true",
+        "\"overrides\"",
+        "{\"shadow\": 2}",
+        "\"messages\"",
+        "[{\"role\": \"user\", \"content\": 5}]",
+        "\u{feff}",
+        "\"é\"",
+        "  ",
+    ];
+    for round in 0..400 {
+        let body: String = (0..rng.below(24))
+            .map(|_| JSON_PIECES[rng.below(JSON_PIECES.len())])
+            .collect();
+        let route = ["/v1/moderations", "/v1/execute", "/v1/chat/completions"][round % 3];
+        let res = app
+            .clone()
+            .oneshot(
+                Request::post(route)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body.clone()))?,
+            )
+            .await?;
+        let status = res.status();
+        assert!(!status.is_server_error(), "{route} {body:?}: {status}");
+        let bytes = res.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            let v: Value = serde_json::from_slice(&bytes)?;
+            assert!(v["error"]["code"].is_string(), "{route} {body:?}: {v}");
+        }
+    }
+    const NAMES: &[&str] = &["file", "task", "model", "overrides", "language", "x", ""];
+    for round in 0..300 {
+        let boundary = if rng.below(10) == 0 { "" } else { "b0undary" };
+        let mut body = Vec::new();
+        for _ in 0..rng.below(5) {
+            let name = NAMES[rng.below(NAMES.len())];
+            body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+            match rng.below(4) {
+                0 => body.extend_from_slice(b"Content-Disposition: form-data\r\n\r\n"),
+                1 => body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"a.wav\"\r\n\r\n").as_bytes(),
+                ),
+                _ => body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+                ),
+            }
+            let len = [0, 3, 100, 70_000][rng.below(4)];
+            body.extend((0..len).map(|_| rng.next() as u8));
+            body.extend_from_slice(b"\r\n");
+        }
+        if rng.below(3) > 0 {
+            body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        }
+        let route = ["/v1/jobs", "/v1/execute", "/v1/audio/transcriptions"][round % 3];
+        let res = app
+            .clone()
+            .oneshot(
+                Request::post(route)
+                    .header(
+                        "content-type",
+                        format!("multipart/form-data; boundary={boundary}"),
+                    )
+                    .body(Body::from(body))?,
+            )
+            .await?;
+        let status = res.status();
+        assert!(
+            !status.is_server_error() || status == StatusCode::SERVICE_UNAVAILABLE,
+            "{route} round {round}: {status}"
+        );
+        let bytes = res.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            let v: Value = serde_json::from_slice(&bytes)?;
+            assert!(v["error"]["code"].is_string(), "{route} round {round}: {v}");
+        }
+    }
+    Ok(())
+}

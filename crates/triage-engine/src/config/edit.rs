@@ -451,7 +451,14 @@ fn keep(path: &Path, bytes: &[u8]) -> Result<u32, EditError> {
         path: dir.display().to_string(),
         source,
     };
-    std::fs::create_dir_all(&dir).map_err(werr)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(werr)?;
+    }
     let kept = numbered(&dir);
     if let Some((n, p)) = kept.last()
         && std::fs::read(p).is_ok_and(|b| b == bytes)
@@ -475,7 +482,17 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EditError> {
     };
     let done = (|| -> std::io::Result<()> {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
+        // A new file (a kept version) is the owner's alone; a replaced
+        // one keeps its mode.
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?
+        };
         f.write_all(bytes)?;
         f.sync_all()?;
         if let Ok(meta) = std::fs::metadata(path) {

@@ -185,10 +185,17 @@ impl Ledger {
                     .parent()
                     .filter(|d| !d.as_os_str().is_empty())
             {
-                std::fs::create_dir_all(dir).map_err(|source| LedgerError::Folder {
-                    path: dir.display().to_string(),
-                    source,
-                })?;
+                // The data folder is the owner's alone (0700) when triage
+                // makes it; the ledger holds request text and spending.
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|source| LedgerError::Folder {
+                        path: dir.display().to_string(),
+                        source,
+                    })?;
             }
             if path.contains('?') {
                 url.to_owned()
@@ -246,6 +253,9 @@ impl Ledger {
                 .map_err(open_err)?;
         }
         migrate(&pool).await?;
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            owner_only(path.split('?').next().unwrap_or(path));
+        }
         // [`Ledger::admit`] holds new requests back while `pending` (every
         // row until it is committed) is at `max_pending`. Requests admitted
         // together can still overshoot it by their rows, so the channel has a
@@ -392,3 +402,21 @@ impl AttemptSink for Ledger {
 
 #[cfg(test)]
 mod tests;
+
+/// Make a SQLite ledger's files (the database, its WAL and shared memory)
+/// readable by their owner only: they hold request text and spending.
+fn owner_only(file: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if file == ":memory:" {
+        return;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let p = format!("{file}{suffix}");
+        if let Ok(meta) = std::fs::metadata(&p)
+            && meta.permissions().mode() & 0o077 != 0
+            && let Err(e) = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+        {
+            tracing::warn!(file = p, error = %e, "cannot make a ledger file owner-only");
+        }
+    }
+}

@@ -454,3 +454,16 @@ impl AttemptRecord {
         self
     }
 }
+
+#[tokio::test]
+async fn the_data_folder_and_the_ledger_files_are_the_owners_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let url = format!("sqlite://{}", data.join("ledger.db").display());
+    let ledger = Ledger::open(&url).await.unwrap();
+    ledger.flush().await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("ledger.db")), 0o600);
+}

@@ -83,8 +83,13 @@ pub fn is_admin_path(path: &str) -> bool {
     path.starts_with("/ui/api/") || path == "/ui/api"
 }
 
+/// The largest body the web UI's API takes (a designer save, a rollback);
+/// a 413 names this limit.
+pub(crate) const MAX_BODY_BYTES: usize = 1 << 20;
+
 /// The `/ui` routes.
 pub fn routes() -> Router<Shared> {
+    use axum::extract::DefaultBodyLimit;
     Router::new()
         .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
         .route("/ui/", get(|| async { asset("index.html") }))
@@ -93,8 +98,14 @@ pub fn routes() -> Router<Shared> {
         .route("/ui/api/dashboard", get(dashboard::dashboard))
         .route("/ui/api/requests", get(explorer::requests))
         .route("/ui/api/requests/{id}", get(explorer::request))
-        .route("/ui/api/config/edit", post(designer::edit_config))
-        .route("/ui/api/config/rollback", post(designer::rollback))
+        .route(
+            "/ui/api/config/edit",
+            post(designer::edit_config).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
+        .route(
+            "/ui/api/config/rollback",
+            post(designer::rollback).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
         .route("/ui/api/history", get(designer::history))
         .route("/ui/api/history/{number}", get(designer::history_version))
 }
