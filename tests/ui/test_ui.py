@@ -134,9 +134,17 @@ def test_edit_a_band_save_use_it_see_the_diff_and_roll_back(servers, page):
     diff.wait_for()
     assert "- lo = 0.2" in diff.inner_text() and "+ lo = 0.1" in diff.inner_text()
     page.screenshot(path=str(artifacts() / "history-diff.png"), full_page=True)
+    # The audit trail: who saved (the admin key over TCP, from its address), and the diff.
+    change = page.locator('table.changes tr[data-action="save"]').first
+    assert "key " in change.inner_text() and "127.0.0.1" in change.inner_text(), change.inner_text()
     page.locator('tr[data-number="1"] button.rollback').click()
     page.wait_for_selector("text=Rolled back to version 1")
     assert server.config.read_text() == server.original
+    _, _, raw = server.call("GET", "/ui/api/history")
+    changes = json.loads(raw)["changes"]
+    assert [c["action"] for c in changes][-2:] == ["save", "rollback to version 1"], changes
+    diff = changes[-1]["diff"]
+    assert any(l.startswith("-lo = 0.1") for l in diff) and any(l.startswith("+lo = 0.2") for l in diff), diff
     status, body = execute(server)
     assert "(0.2, 0.8)" in body["trace"]["tiers"][0]["reason"], body
 

@@ -167,8 +167,35 @@ pub async fn reload_on_hangup(state: Arc<AppState>, path: PathBuf) {
     };
     while hup.recv().await.is_some() {
         tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
-        if let Err(e) = state.reload(&path).await {
-            tracing::error!(error = %triage_engine::error::chain(&e), "config reload failed");
+        // The newest kept version is what the trail knew before.
+        let before = triage_engine::config::edit::history(&path)
+            .last()
+            .and_then(|v| triage_engine::config::edit::version_text(&path, v.number).ok())
+            .unwrap_or_default();
+        match state.reload(&path).await {
+            Ok(_) => {
+                let after = std::fs::read_to_string(&path).unwrap_or_default();
+                let entry = triage_engine::config::edit::AuditEntry {
+                    at_ms: triage_engine::ledger::millis(std::time::SystemTime::now()),
+                    action: "reload (SIGHUP)".into(),
+                    who: "signal".into(),
+                    from: "local".into(),
+                    number: None,
+                    version: triage_engine::config::edit::version_of(after.as_bytes()),
+                    diff: Vec::new(),
+                };
+                match triage_engine::config::edit::record_change(&path, entry, &before, &after) {
+                    Ok(e) => {
+                        tracing::info!(action = e.action, who = e.who, changed_lines = e.diff.len(), diff = %e.diff.join("\n"), "config changed")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %triage_engine::error::chain(&e), "cannot write the config audit trail")
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %triage_engine::error::chain(&e), "config reload failed");
+            }
         }
     }
 }

@@ -326,6 +326,29 @@ async function historyView(root, ctx) {
     hist.versions.length
       ? h("table", { class: "history" }, h("tr", {}, h("th", {}, "#"), h("th", {}, "kept"), h("th", {}, "version"), h("th", {}, "")), rows)
       : h("p", {}, "No saved versions yet: the first save keeps the file as it is now as version 1."),
+    h("h3", {}, "Changes"),
+    (hist.changes || []).length
+      ? h(
+          "table",
+          { class: "changes" },
+          h("tr", {}, ["when", "what", "who", "from", "version", "lines"].map((c) => h("th", {}, c))),
+          hist.changes
+            .slice()
+            .reverse()
+            .map((c) =>
+              h(
+                "tr",
+                { "data-action": c.action },
+                h("td", {}, new Date(c.at_ms).toLocaleString()),
+                h("td", {}, c.action),
+                h("td", {}, c.who),
+                h("td", {}, c.from),
+                h("td", { class: "mono" }, c.number != null ? `#${c.number} ` : "", c.version.slice(0, 12)),
+                h("td", { title: c.diff.join("\n") }, String(c.diff.length)),
+              ),
+            ),
+        )
+      : h("p", {}, "No changes recorded yet: saves, rollbacks and reloads are kept here with who made them."),
     out,
   );
 }

@@ -851,3 +851,70 @@ model = "gpt-4o-mini"
         assert_eq!(std::fs::read_to_string(&path).unwrap(), CASCADE);
     }
 }
+
+/// One change to the config file, as the audit trail keeps it
+/// (`FILE.history/audit.jsonl`, one JSON object a line, owner-only).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct AuditEntry {
+    /// Unix milliseconds.
+    pub at_ms: i64,
+    /// `save`, `rollback`, `reload (SIGHUP)`.
+    pub action: String,
+    /// The key's name over TCP; `socket uid N pid P`; `signal`.
+    pub who: String,
+    /// The peer's address, `unix socket`, or `local`.
+    pub from: String,
+    /// The kept version the change made current, where there is one.
+    pub number: Option<u32>,
+    pub version: String,
+    /// The change, `+`/`-` lines against the text before (at most 400).
+    pub diff: Vec<String>,
+}
+
+/// The most diff lines an audit entry keeps.
+const AUDIT_DIFF_LINES: usize = 400;
+
+/// Append `entry` to `path`'s audit trail; `before`/`after` make its diff.
+pub fn record_change(
+    path: &Path,
+    mut entry: AuditEntry,
+    before: &str,
+    after: &str,
+) -> Result<AuditEntry, EditError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    entry.diff = diff(before, after)
+        .into_iter()
+        .filter(|(op, _)| *op != ' ')
+        .take(AUDIT_DIFF_LINES)
+        .map(|(op, line)| format!("{op}{line}"))
+        .collect();
+    let dir = history_dir(path);
+    let werr = |source| EditError::Write {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(werr)?;
+    let line = serde_json::to_string(&entry).unwrap_or_default();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(dir.join("audit.jsonl"))
+        .and_then(|mut f| writeln!(f, "{line}"))
+        .map_err(werr)?;
+    Ok(entry)
+}
+
+/// Every change the audit trail holds, oldest first.
+pub fn audit_trail(path: &Path) -> Vec<AuditEntry> {
+    std::fs::read_to_string(history_dir(path).join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}

@@ -120,25 +120,74 @@ fn refused(e: EditError) -> Response {
         .into_response()
 }
 
+/// Who asked for a change, for the audit trail: (who, from).
+type Who = (String, String);
+
+/// The caller as the audit trail names it: the key over TCP, the peer's
+/// uid and pid on the unix socket.
+fn who(
+    caller: &crate::auth::Caller,
+    peer: Option<&axum::extract::ConnectInfo<crate::state::Peer>>,
+) -> Who {
+    match (peer.map(|p| &p.0), &caller.0) {
+        (Some(crate::state::Peer::Tcp(addr)), key) => (
+            key.as_ref()
+                .map_or("no key".to_owned(), |k| format!("key {}", k.name)),
+            addr.to_string(),
+        ),
+        (Some(crate::state::Peer::Unix { pid, uid, .. }), _) => (
+            match pid {
+                Some(p) => format!("socket uid {uid} pid {p}"),
+                None => format!("socket uid {uid}"),
+            },
+            "unix socket".to_owned(),
+        ),
+        (None, _) => ("unknown".to_owned(), "unknown".to_owned()),
+    }
+}
+
 /// Write `text` (made against `version`) and reload the engine; when the new
 /// engine cannot start, the old file is put back and the old engine stays.
+/// A change that took is kept in the audit trail and logged at info.
 async fn save_and_reload(
     state: &Shared,
     path: &std::path::Path,
     version: &str,
     text: &str,
+    (action, (who, from)): (&str, Who),
 ) -> Response {
     let saved = match edit::save(path, version, text) {
         Ok(s) => s,
         Err(e) => return refused(e),
     };
     match state.reload(path).await {
-        Ok(r) => Json(json!({
-            "version": saved.version,
-            "number": saved.number,
-            "reused_specialists": r.reused_specialists,
-        }))
-        .into_response(),
+        Ok(r) => {
+            let entry = edit::AuditEntry {
+                at_ms: triage_engine::ledger::millis(std::time::SystemTime::now()),
+                action: action.to_owned(),
+                who,
+                from,
+                number: Some(saved.number),
+                version: saved.version.clone(),
+                diff: Vec::new(),
+            };
+            let before = String::from_utf8_lossy(&saved.previous);
+            match edit::record_change(path, entry, &before, text) {
+                Ok(e) => {
+                    tracing::info!(action = e.action, who = e.who, from = e.from, number = saved.number,
+                    changed_lines = e.diff.len(), diff = %e.diff.join("\n"), "config changed")
+                }
+                Err(e) => {
+                    tracing::error!(error = %triage_engine::error::chain(&e), "cannot write the config audit trail")
+                }
+            }
+            Json(json!({
+                "version": saved.version,
+                "number": saved.number,
+                "reused_specialists": r.reused_specialists,
+            }))
+            .into_response()
+        }
         Err(e) => {
             if let Err(re) = edit::restore(path, &saved.previous) {
                 tracing::error!(error = %triage_engine::error::chain(&re), "cannot put the previous config back");
@@ -152,8 +201,11 @@ async fn save_and_reload(
 /// with `save`, write and reload.
 pub(crate) async fn edit_config(
     State(state): State<Shared>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<crate::state::Peer>>>,
     Json(req): Json<EditRequest>,
 ) -> Response {
+    let who = who(&caller, peer.as_ref().map(|p| &p.0));
     let path = match editable(&state) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -184,7 +236,7 @@ pub(crate) async fn edit_config(
     if !req.save {
         return Json(json!({"ok": true, "diff": diff_lines(&current, &text)})).into_response();
     }
-    save_and_reload(&state, &path, &req.version, &text).await
+    save_and_reload(&state, &path, &req.version, &text, ("save", who)).await
 }
 
 /// `GET /ui/api/history`: every kept version, and the file's version now.
@@ -198,6 +250,7 @@ pub(crate) async fn history(State(state): State<Shared>) -> Result<Response, Api
         "version": now,
         "editable": state.engine.current().config.server.ui_edit,
         "versions": edit::history(&path),
+        "changes": edit::audit_trail(&path),
     }))
     .into_response())
 }
@@ -230,8 +283,11 @@ pub(crate) async fn history_version(
 /// again (a new version in the history), then reload.
 pub(crate) async fn rollback(
     State(state): State<Shared>,
+    axum::Extension(caller): axum::Extension<crate::auth::Caller>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<crate::state::Peer>>>,
     Json(req): Json<RollbackRequest>,
 ) -> Response {
+    let who = who(&caller, peer.as_ref().map(|p| &p.0));
     let path = match editable(&state) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -241,5 +297,6 @@ pub(crate) async fn rollback(
         Ok(t) => t,
         Err(e) => return refused(e),
     };
-    save_and_reload(&state, &path, &req.version, &text).await
+    let action = format!("rollback to version {}", req.number);
+    save_and_reload(&state, &path, &req.version, &text, (&action, who)).await
 }
