@@ -526,8 +526,10 @@ impl Engine {
         // Kept only when the config asks (`[ledger] store_text`).
         let input_text = if self.config.store_text {
             match &input {
-                Input::Text(t) => Some(t.clone()),
-                Input::Chat(c) => serde_json::to_string(&c.messages).ok(),
+                Input::Text(t) => Some(crate::ledger::capped_text(t, self.config.max_text_bytes)),
+                Input::Chat(c) => serde_json::to_string(&c.messages)
+                    .ok()
+                    .map(|t| crate::ledger::capped_text(&t, self.config.max_text_bytes)),
                 Input::Audio { .. } | Input::AudioFile { .. } => None,
             }
         } else {

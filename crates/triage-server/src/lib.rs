@@ -48,18 +48,7 @@ fn unix_peer(io: &tokio::net::UnixStream) -> Peer {
 
 impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
-        match stream.io().peer_cred() {
-            Ok(c) => Peer::Unix {
-                pid: c.pid(),
-                uid: c.uid(),
-                gid: c.gid(),
-            },
-            Err(_) => Peer::Unix {
-                pid: None,
-                uid: u32::MAX,
-                gid: u32::MAX,
-            },
-        }
+        unix_peer(stream.io())
     }
 }
 

@@ -558,8 +558,9 @@ async fn config_keys_are_scoped_to_their_tasks_over_tcp() -> anyhow::Result<()> 
     )
     .await?;
     assert_eq!(s, StatusCode::OK);
-    // A job keeps its task's scope: a `chat` job submitted on the socket is
-    // not readable with a key scoped to moderation, by any of its routes.
+    // A job belongs to whoever submitted it: a `chat` job submitted on the
+    // socket is not readable with a TCP key, by any of its routes (404, as
+    // for a job that does not exist: its id tells nothing).
     let (content_type, body) = multipart(&[("task", "chat")], ("q.txt", b"hello"));
     let submit = Request::post("/v1/jobs")
         .header("content-type", content_type)
@@ -575,7 +576,7 @@ async fn config_keys_are_scoped_to_their_tasks_over_tcp() -> anyhow::Result<()> 
     ] {
         let req = over_tcp(Request::get(&path).body(Body::empty())?, Some(key))?;
         let (s, _, v) = call(&f.app, req).await?;
-        assert_eq!(s, StatusCode::FORBIDDEN, "{path}: {v}");
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}: {v}");
     }
     let (s, _, _) = call(
         &f.app,

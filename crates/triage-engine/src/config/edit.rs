@@ -389,6 +389,21 @@ pub fn history_dir(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `path`'s history folder, made (owner-only, 0700) if it is not there.
+fn history_folder(path: &Path) -> Result<PathBuf, EditError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = history_dir(path);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| EditError::Write {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    Ok(dir)
+}
+
 /// One kept version.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HistoryEntry {
@@ -446,19 +461,7 @@ pub fn version_text(path: &Path, number: u32) -> Result<String, EditError> {
 /// Keep `bytes` as the next numbered version, unless the newest kept one
 /// is the same.
 fn keep(path: &Path, bytes: &[u8]) -> Result<u32, EditError> {
-    let dir = history_dir(path);
-    let werr = |source| EditError::Write {
-        path: dir.display().to_string(),
-        source,
-    };
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(werr)?;
-    }
+    let dir = history_folder(path)?;
     let kept = numbered(&dir);
     if let Some((n, p)) = kept.last()
         && std::fs::read(p).is_ok_and(|b| b == bytes)
@@ -882,23 +885,18 @@ pub fn record_change(
     after: &str,
 ) -> Result<AuditEntry, EditError> {
     use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
     entry.diff = diff(before, after)
         .into_iter()
         .filter(|(op, _)| *op != ' ')
         .take(AUDIT_DIFF_LINES)
         .map(|(op, line)| format!("{op}{line}"))
         .collect();
-    let dir = history_dir(path);
+    let dir = history_folder(path)?;
     let werr = |source| EditError::Write {
         path: dir.display().to_string(),
         source,
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(werr)?;
     let line = serde_json::to_string(&entry).unwrap_or_default();
     std::fs::OpenOptions::new()
         .append(true)

@@ -129,6 +129,9 @@ pub struct RawLedger {
     /// explorer (default false: only traces, costs and timings are kept).
     #[serde(default)]
     pub store_text: bool,
+    /// The most of a request's text a ledger row keeps (default 65536 bytes;
+    /// the rest is cut, and the cut is marked).
+    pub max_text_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -314,6 +314,8 @@ pub struct Config {
     pub ledger: crate::ledger::LedgerOptions,
     /// `[ledger] store_text`: keep request texts in the ledger.
     pub store_text: bool,
+    /// `[ledger] max_text_bytes`: the most of a text one row keeps.
+    pub max_text_bytes: usize,
     /// Dollar budgets enforced before hosted calls (`[[budgets]]`).
     pub budgets: Vec<crate::budget::BudgetSpec>,
     pub retry: RetryPolicy,

@@ -420,3 +420,23 @@ fn owner_only(file: &str) {
         }
     }
 }
+
+/// The most of a request's text one ledger row keeps by default.
+pub const DEFAULT_MAX_TEXT_BYTES: usize = 64 << 10;
+
+/// `text` cut to at most `max` bytes (at a character boundary), the cut
+/// marked with how much was left out.
+pub fn capped_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… [{} more bytes not kept]",
+        &text[..end],
+        text.len() - end
+    )
+}

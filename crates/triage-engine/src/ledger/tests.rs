@@ -467,3 +467,13 @@ async fn the_data_folder_and_the_ledger_files_are_the_owners_alone() {
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&data.join("ledger.db")), 0o600);
 }
+
+#[test]
+fn stored_text_is_cut_at_a_character_boundary_and_the_cut_is_marked() {
+    use super::capped_text;
+    assert_eq!(capped_text("short", 10), "short");
+    let cut = capped_text("héllo wörld", 2);
+    assert_eq!(cut, "h… [12 more bytes not kept]");
+    let big = "x".repeat(200_000);
+    assert!(capped_text(&big, super::DEFAULT_MAX_TEXT_BYTES).len() < 66_000);
+}

@@ -51,7 +51,9 @@ pub(crate) async fn requests(
         tier: non_empty(q.tier),
         outcome: non_empty(q.outcome),
         before_ms: q.before,
-        limit: q.limit.unwrap_or(50),
+        // A page is at most 200 rows (and each row's text is capped by
+        // `[ledger] max_text_bytes`): a page's size is bounded.
+        limit: q.limit.unwrap_or(50).clamp(1, 200),
     };
     let rows = ledger.recent_requests(&filter).await.map_err(read_failed)?;
     let store_text = state.engine.current().config.store_text;

@@ -88,6 +88,18 @@ impl Validator {
         };
         let ledger = self.ledger_options(&raw.ledger);
         let raw_store_text = raw.ledger.store_text;
+        let raw_max_text_bytes = match raw.ledger.max_text_bytes {
+            Some(0) => {
+                self.problem(
+                    "ledger.max_text_bytes",
+                    "0 would keep no text",
+                    "give at least 1, or set store_text = false",
+                );
+                0
+            }
+            Some(n) => n,
+            None => crate::ledger::DEFAULT_MAX_TEXT_BYTES,
+        };
         let budgets = self.budgets(&raw.budgets, &tasks, &server);
         if let Some(p) = &prices {
             self.budgeted_prices(&budgets, &tasks, p, raw.prices_file.as_deref());
@@ -99,6 +111,7 @@ impl Validator {
             ledger_url,
             ledger,
             store_text: raw_store_text,
+            max_text_bytes: raw_max_text_bytes,
             retry,
             prices: Arc::new(prices?),
             local,
