@@ -19,6 +19,11 @@ use tracing::Instrument;
 pub struct Caller(pub Option<ApiKey>);
 
 impl Caller {
+    /// The key's name over TCP; `None` on the unix socket.
+    pub fn key_name(&self) -> Option<&str> {
+        self.0.as_ref().map(|k| k.name.as_str())
+    }
+
     /// 403 unless this caller's key may use `task`.
     pub fn authorize(&self, task: &str) -> Result<(), ApiError> {
         match &self.0 {

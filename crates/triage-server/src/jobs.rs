@@ -156,7 +156,7 @@ pub async fn submit(
                 None
             }
         };
-        admitted = Some(state.audio.admit()?);
+        admitted = Some(state.audio.admit_as(caller.key_name())?);
         Ok(limit)
     };
     let form = read_audio_form(&state, &mut form, &mut gate).await?;

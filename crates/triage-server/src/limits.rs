@@ -84,15 +84,30 @@ pub struct AudioAdmission {
     slots: Arc<tokio::sync::Semaphore>,
     admitted: Arc<AtomicUsize>,
     capacity: usize,
+    /// Places held per TCP key: one key may hold at most half the line, so
+    /// one caller's stalled uploads cannot lock the others out.
+    by_key: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 /// A request admitted for transcription; dropping it frees its place.
 #[derive(Debug)]
-pub struct Admitted(Arc<AtomicUsize>);
+pub struct Admitted {
+    admitted: Arc<AtomicUsize>,
+    key: Option<(Arc<Mutex<HashMap<String, usize>>>, String)>,
+}
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.admitted.fetch_sub(1, Ordering::AcqRel);
+        if let Some((by_key, key)) = &self.key
+            && let Ok(mut map) = by_key.lock()
+            && let Some(n) = map.get_mut(key)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(key);
+            }
+        }
     }
 }
 
@@ -102,13 +117,43 @@ impl AudioAdmission {
             slots: Arc::new(tokio::sync::Semaphore::new(limits.audio_parallel.max(1))),
             admitted: Arc::new(AtomicUsize::new(0)),
             capacity: limits.audio_parallel.max(1) + limits.audio_queue,
+            by_key: Arc::default(),
         }
     }
 
     /// Take a place in line, or 429 when the line is full.
     pub fn admit(&self) -> Result<Admitted, ApiError> {
+        self.admit_as(None)
+    }
+
+    /// The most places one TCP key may hold at once: half the line.
+    pub fn per_key(&self) -> usize {
+        (self.capacity / 2).max(1)
+    }
+
+    /// [`Self::admit`] for a TCP key (`None`: the unix socket): 429 also
+    /// when the key already holds [`Self::per_key`] places.
+    pub fn admit_as(&self, key: Option<&str>) -> Result<Admitted, ApiError> {
+        let key = match key {
+            Some(k) => {
+                let mut map = self
+                    .by_key
+                    .lock()
+                    .map_err(|_| ApiError::Internal("admission poisoned"))?;
+                let held = map.entry(k.to_owned()).or_insert(0);
+                if *held >= self.per_key() {
+                    return Err(ApiError::Overloaded { retry_after_s: 5 });
+                }
+                *held += 1;
+                Some((self.by_key.clone(), k.to_owned()))
+            }
+            None => None,
+        };
         let before = self.admitted.fetch_add(1, Ordering::AcqRel);
-        let admitted = Admitted(self.admitted.clone());
+        let admitted = Admitted {
+            admitted: self.admitted.clone(),
+            key,
+        };
         if before >= self.capacity {
             return Err(ApiError::Overloaded { retry_after_s: 5 });
         }
@@ -135,6 +180,27 @@ impl AudioAdmission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_key_holds_at_most_half_the_audio_line() {
+        let line = AudioAdmission::new(&Limits {
+            audio_parallel: 2,
+            audio_queue: 6,
+            ..Limits::default()
+        });
+        assert_eq!(line.per_key(), 4);
+        let held: Vec<_> = (0..4)
+            .map(|_| line.admit_as(Some("greedy")).unwrap())
+            .collect();
+        assert!(line.admit_as(Some("greedy")).is_err());
+        // Another key, and the socket, still get in.
+        let other = line.admit_as(Some("admin")).unwrap();
+        let socket = line.admit().unwrap();
+        drop(held);
+        // Places come back when the uploads end.
+        assert!(line.admit_as(Some("greedy")).is_ok());
+        drop((other, socket));
+    }
 
     #[test]
     fn a_key_gets_its_burst_then_waits() {

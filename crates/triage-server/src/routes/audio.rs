@@ -67,7 +67,7 @@ pub(crate) async fn transcriptions(
     // slot is taken once the caller is authorised and the file begins.
     let mut admitted = None;
     let mut gate = |_: Option<&str>| -> Result<Option<u64>, ApiError> {
-        admitted = Some(state.audio.admit()?);
+        admitted = Some(state.audio.admit_as(caller.key_name())?);
         Ok(None)
     };
     let AudioForm {

@@ -59,7 +59,7 @@ pub async fn execute(State(state): State<Shared>, req: Request) -> Result<Respon
                 )
             })?;
             caller.authorize(task)?;
-            _admitted = Some(state.audio.admit()?);
+            _admitted = Some(state.audio.admit_as(caller.key_name())?);
             Ok(None)
         };
         let AudioForm {
