@@ -86,14 +86,17 @@ pub struct AudioAdmission {
     capacity: usize,
     /// Places held per TCP key: one key may hold at most half the line, so
     /// one caller's stalled uploads cannot lock the others out.
-    by_key: Arc<Mutex<HashMap<String, usize>>>,
+    by_key: PerKey,
 }
+
+/// Places held per key.
+type PerKey = Arc<Mutex<HashMap<String, usize>>>;
 
 /// A request admitted for transcription; dropping it frees its place.
 #[derive(Debug)]
 pub struct Admitted {
     admitted: Arc<AtomicUsize>,
-    key: Option<(Arc<Mutex<HashMap<String, usize>>>, String)>,
+    key: Option<(PerKey, String)>,
 }
 
 impl Drop for Admitted {
