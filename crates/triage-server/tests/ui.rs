@@ -689,3 +689,37 @@ async fn the_dashboard_counts_the_requests_in_a_postgres_ledger() -> anyhow::Res
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn socket_edit_off_leaves_saving_to_admin_keys_and_the_trail_names_them() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let text = config_text(&dir.path().join("ledger.db"), true).replacen(
+        "edit = true\n",
+        "edit = true\nsocket_edit = false\n",
+        1,
+    );
+    let f = fixture_with(dir, &text).await?;
+    let (_, cfg) = admin_json(&f, get("/ui/api/config")?).await?;
+    let body = json!({"version": cfg["version"], "save": true,
+        "edits": [{"op": "set_band", "task": "chat", "tier": 0, "lo": 0.1, "hi": 0.9}]});
+    let before = std::fs::read_to_string(&f.config)?;
+    let (s, _, b) = call(&f.app, unix(post("/ui/api/config/edit", &body)?)).await?;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{}", String::from_utf8_lossy(&b));
+    assert!(String::from_utf8_lossy(&b).contains("socket_edit"));
+    assert_eq!(std::fs::read_to_string(&f.config)?, before);
+    // An admin key over TCP may, and the audit trail says who.
+    let (s, v) = admin_json(&f, post("/ui/api/config/edit", &body)?).await?;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, hist) = admin_json(&f, get("/ui/api/history")?).await?;
+    let change = &hist["changes"][0];
+    assert_eq!(change["action"], "save", "{hist}");
+    assert_eq!(change["who"], "key admin", "{hist}");
+    assert!(
+        change["diff"].as_array().is_some_and(|d| d
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.starts_with('+')))),
+        "{hist}"
+    );
+    Ok(())
+}

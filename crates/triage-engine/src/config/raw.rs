@@ -77,6 +77,10 @@ pub struct RawUi {
     /// is read-only).
     #[serde(default)]
     pub edit: bool,
+    /// Whether the unix socket (trusted, no key) may save and roll back
+    /// (default true; false leaves saving to admin keys over TCP, whose
+    /// changes the audit trail names).
+    pub socket_edit: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -98,6 +98,8 @@ pub struct ServerConfig {
     pub max_audio_seconds: Option<f64>,
     /// `[server.ui] edit`: the web UI's designer may save the config file.
     pub ui_edit: bool,
+    /// `[server.ui] socket_edit`: the socket may save (default true).
+    pub ui_socket_edit: bool,
     pub max_upload_bytes: Option<u64>,
     /// The HTTP edge's timeouts and connection caps (`None`: the server's
     /// defaults).

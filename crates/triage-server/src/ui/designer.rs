@@ -50,8 +50,18 @@ fn diff_lines(old: &str, new: &str) -> Vec<DiffLine> {
 }
 
 /// The config file, when editing is on.
-fn editable(state: &Shared) -> Result<PathBuf, ApiError> {
+fn editable(
+    state: &Shared,
+    peer: Option<&axum::extract::ConnectInfo<crate::state::Peer>>,
+) -> Result<PathBuf, ApiError> {
     let engine = state.engine.current();
+    let on_socket = matches!(peer.map(|p| &p.0), Some(crate::state::Peer::Unix { .. }));
+    if on_socket && !engine.config.server.ui_socket_edit {
+        return Err(ApiError::Forbidden(
+            "editing over the unix socket (off: [server.ui] socket_edit = false; save with an admin key over TCP)"
+                .into(),
+        ));
+    }
     let path = engine
         .config
         .path
@@ -206,7 +216,7 @@ pub(crate) async fn edit_config(
     Json(req): Json<EditRequest>,
 ) -> Response {
     let who = who(&caller, peer.as_ref().map(|p| &p.0));
-    let path = match editable(&state) {
+    let path = match editable(&state, peer.as_ref().map(|p| &p.0)) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -288,7 +298,7 @@ pub(crate) async fn rollback(
     Json(req): Json<RollbackRequest>,
 ) -> Response {
     let who = who(&caller, peer.as_ref().map(|p| &p.0));
-    let path = match editable(&state) {
+    let path = match editable(&state, peer.as_ref().map(|p| &p.0)) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };

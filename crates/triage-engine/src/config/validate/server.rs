@@ -110,6 +110,7 @@ impl Validator {
             categories: raw.categories.clone(),
             max_audio_seconds: raw.max_audio_seconds,
             ui_edit: raw.ui.edit,
+            ui_socket_edit: raw.ui.socket_edit.unwrap_or(true),
             max_upload_bytes: raw.max_upload_bytes,
         }
     }
