@@ -87,9 +87,9 @@ fn keys_from_env() -> Result<Vec<ApiKey>> {
             continue;
         }
         let parts: Vec<&str> = entry.split(':').collect();
-        let (name, key) = match parts.as_slice() {
-            [key] => (format!("key{i}"), *key),
-            [name, key, ..] => ((*name).to_owned(), *key),
+        let name = triage_engine::config::env_key_name(i, entry);
+        let key = match parts.as_slice() {
+            [key] | [_, key, ..] => *key,
             [] => continue,
         };
         let tasks = parts

@@ -315,7 +315,8 @@ impl Gateway {
         targets: &[Target],
         req: &ChatRequest,
     ) -> Outcome<ChatResponse> {
-        let req = &capped(req);
+        let req = capped(req);
+        let req = &*req;
         let estimate = estimate_chat_tokens(req);
         let call = |provider: &Provider, model: String| {
             let req = ChatRequest {
@@ -357,7 +358,8 @@ impl Gateway {
         targets: &[Target],
         req: &ChatRequest,
     ) -> Outcome<ChunkStream> {
-        let req = &capped(req);
+        let req = capped(req);
+        let req = &*req;
         let estimate = estimate_chat_tokens(req);
         let call = |provider: &Provider, model: String| {
             let req = ChatRequest {
@@ -930,11 +932,14 @@ impl Drop for InFlight<'_> {
 }
 
 /// `req` with the output cap triage sends on every chat call: the caller's
-/// (or tier's) `max_tokens`, else [`DEFAULT_MAX_TOKENS`].
-fn capped(req: &ChatRequest) -> ChatRequest {
-    ChatRequest {
-        max_tokens: Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
-        ..req.clone()
+/// (or tier's) `max_tokens`, else [`DEFAULT_MAX_TOKENS`] (copied only then).
+fn capped(req: &ChatRequest) -> std::borrow::Cow<'_, ChatRequest> {
+    match req.max_tokens {
+        Some(_) => std::borrow::Cow::Borrowed(req),
+        None => std::borrow::Cow::Owned(ChatRequest {
+            max_tokens: Some(DEFAULT_MAX_TOKENS),
+            ..req.clone()
+        }),
     }
 }
 
@@ -951,9 +956,9 @@ fn may_have_billed(kind: ErrorKind) -> bool {
     )
 }
 
-/// An upper bound on the seconds of audio in `bytes` of an encoded file:
-/// 8 kbit/s is below any codec a hosted transcription accepts at speech
-/// quality (Opus at its lowest voice setting is 6 kbit/s, hence 6).
+/// An upper bound on the seconds of audio in `bytes` of an encoded file, at
+/// 6 kbit/s: below any codec a hosted transcription accepts at speech
+/// quality (Opus's lowest voice setting).
 fn audio_seconds_bound(bytes: &[u8]) -> f64 {
     bytes.len() as f64 * 8.0 / 6_000.0
 }

@@ -152,54 +152,34 @@ impl Reservation {
     /// replica's totals and, with a shared store, in the background there
     /// (until then the store keeps counting the hold, never less).
     pub fn settle_now(mut self, actual_usd: f64) {
+        self.finish(Some(actual_usd));
+    }
+
+    /// Release the hold as `actual` dollars (`None`: at the hold, the call
+    /// may have been billed), here and in the shared store.
+    fn finish(&mut self, actual: Option<f64>) {
         self.settled = true;
         let held = std::mem::take(&mut self.held);
-        self.budgets.release(&held, Some(actual_usd));
+        self.budgets.release(&held, actual);
         if let (Some(ledger), Some(id)) = (&self.budgets.shared, self.hold_id.take()) {
             let ledger = ledger.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    if let Err(e) = settle_shared(&ledger, &id, Some(actual_usd)).await {
+                    if let Err(e) = settle_shared(&ledger, &id, actual).await {
                         tracing::error!(error = %crate::error::chain(&e), hold = id, "settling a shared budget hold failed; it will count as its ceiling when it expires");
                     }
                 });
             }
         }
     }
-
-    /// The call returned: replace the hold with what it cost.
-    pub async fn settle(mut self, actual_usd: f64) {
-        self.settled = true;
-        match (&self.budgets.shared, self.hold_id.take()) {
-            (Some(ledger), Some(id)) => {
-                let held = std::mem::take(&mut self.held);
-                if let Err(e) = settle_shared(ledger, &id, Some(actual_usd)).await {
-                    tracing::error!(error = %crate::error::chain(&e), hold = id, "settling a shared budget hold failed; it will count as its estimate when it expires");
-                }
-                self.budgets.release(&held, Some(actual_usd));
-            }
-            _ => self.budgets.release(&self.held, Some(actual_usd)),
-        }
-    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
         // Dropped mid-call (a timeout, a caller gone): it may have been
-        // billed, so the estimate counts as spent.
-        self.budgets.release(&self.held, None);
-        if let (Some(ledger), Some(id)) = (&self.budgets.shared, self.hold_id.take()) {
-            let ledger = ledger.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    if let Err(e) = settle_shared(&ledger, &id, None).await {
-                        tracing::error!(error = %crate::error::chain(&e), hold = id, "settling a dropped shared budget hold failed; it will count as its estimate when it expires");
-                    }
-                });
-            }
+        // billed, so the hold counts as spent.
+        if !self.settled {
+            self.finish(None);
         }
     }
 }
@@ -572,18 +552,16 @@ mod tests {
         b.reserve("chat", Some("b"), 10.0)
             .await
             .unwrap()
-            .settle(10.0)
-            .await;
+            .settle_now(10.0);
         let r = b.reserve("moderation", Some("a"), 0.3).await.unwrap();
         // Held while in flight: a second call cannot pass the task's limit.
         let e = exceeded(b.reserve("moderation", None, 0.3).await.unwrap_err());
         assert_eq!(e.name, "moderation");
-        r.settle(0.1).await;
+        r.settle_now(0.1);
         b.reserve("moderation", None, 0.3)
             .await
             .unwrap()
-            .settle(0.3)
-            .await;
+            .settle_now(0.3);
         assert_eq!(b.spent()[1].1, 0.4);
         let e = exceeded(b.reserve("chat", Some("a"), 0.95).await.unwrap_err());
         assert_eq!((e.name.as_str(), e.period), ("team-a", "day"));

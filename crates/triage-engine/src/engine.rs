@@ -166,6 +166,14 @@ pub struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// The run's budget gate as the gateway takes it (`None` without
+    /// `[[budgets]]`).
+    pub fn spend_gate(&self) -> Option<Arc<dyn triage_cloud::SpendGate>> {
+        self.gate
+            .clone()
+            .map(|g| g as Arc<dyn triage_cloud::SpendGate>)
+    }
+
     pub fn ctx(&self, tier: &str) -> CallContext {
         // Every hosted call takes a context: that is where money may be spent.
         self.hosted.store(true, Ordering::Relaxed);
@@ -173,10 +181,7 @@ impl Run<'_> {
             request_id: self.request_id.clone(),
             task: self.task.name.clone(),
             tier: tier.to_owned(),
-            gate: self
-                .gate
-                .clone()
-                .map(|g| g as Arc<dyn triage_cloud::SpendGate>),
+            gate: self.spend_gate(),
         }
     }
 

@@ -98,6 +98,17 @@ where
 {
     let slots = Arc::new(Semaphore::new(max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // One builder for every connection of this listener.
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.keep_alive_idle))
+        .keep_alive_timeout(limits.header_read);
     loop {
         let (io, peer) = tokio::select! {
             _ = stop.recv() => break,
@@ -143,16 +154,6 @@ where
                 }
             })
         };
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(limits.keep_alive_idle))
-            .keep_alive_timeout(limits.header_read);
         let io = TokioIo::new(Watched {
             inner: io,
             activity: activity.clone(),

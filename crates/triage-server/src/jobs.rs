@@ -160,12 +160,12 @@ pub async fn submit(
         Ok(limit)
     };
     let form = read_audio_form(&state, &mut form, &mut gate).await?;
+    // The gate ran (there is a file), so the task is served and the caller
+    // may use it: a `task` after the file is refused by the form reader.
     let admitted = admitted.ok_or_else(|| ApiError::bad("`file` is required", Some("file")))?;
     if let Some(name) = form.task.as_deref()
         && name != "transcription"
-        && engine.config.tasks.contains_key(name)
     {
-        caller.authorize(name)?;
         // The job spends as its submitter: the key's budgets and its name
         // in the ledger, refused now if a budget is already spent.
         let overrides = caller.overrides(triage_engine::Overrides::default())?;
@@ -176,12 +176,6 @@ pub async fn submit(
             }));
         }
         return submit_task(&state, engine.clone(), name, form.file, admitted, overrides).await;
-    }
-    if let Some(task) = form.task.as_deref().filter(|t| *t != "transcription") {
-        return Err(ApiError::bad(
-            format!("task `{task}` is not served (transcription)"),
-            Some("task"),
-        ));
     }
     submit_transcription(state, &caller, form, admitted).await
 }
@@ -200,8 +194,8 @@ async fn submit_transcription(
         granularities,
         ..
     } = form;
+    // Authorised by the form's gate before the file was read.
     let task = transcription_task(&state);
-    caller.authorize(&task)?;
     let transcriber = transcriber(&state)?;
     let upload = AudioForm::required_file(file)?;
     // A file that is not audio is a 400 for the submitter, not a failed job.

@@ -334,11 +334,6 @@ impl Metrics {
             .unwrap_or(out.len());
         let mut extra = String::new();
         if !caches.is_empty() {
-            let escape = |v: &str| {
-                v.replace('\\', "\\\\")
-                    .replace('"', "\\\"")
-                    .replace('\n', "\\n")
-            };
             let hits: Vec<u64> = caches.iter().map(|(_, c)| c.hits).collect();
             let misses: Vec<u64> = caches.iter().map(|(_, c)| c.misses).collect();
             for (name, help, values) in [
@@ -428,14 +423,16 @@ impl Metrics {
     }
 }
 
+/// A label value as OpenMetrics text writes it.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// Per budget: spent, held by calls in flight and left in its current
 /// window; and the dollars providers billed past their calls' ceilings.
 fn budget_metrics(budgets: &triage_engine::budget::Budgets) -> String {
-    let escape = |v: &str| {
-        v.replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-    };
     let status = budgets.status();
     let mut out = String::new();
     if !status.is_empty() {

@@ -160,6 +160,23 @@ impl AppState {
 
 /// Reload the config on every SIGHUP, forever (the caller aborts the task at
 /// shutdown). Errors are logged with their causes; the old engine stays.
+/// Keep a config change in the audit trail and log it at info (an error
+/// if the trail cannot be written: the change itself has taken).
+pub(crate) fn audit(
+    path: &Path,
+    change: triage_engine::config::edit::Change<'_>,
+    before: &str,
+    after: &str,
+) {
+    match triage_engine::config::edit::record_change(path, change, before, after) {
+        Ok(e) => tracing::info!(action = e.action, who = e.who, from = e.from, number = ?e.number,
+            changed_lines = e.diff.len(), diff = %e.diff.join("\n"), "config changed"),
+        Err(e) => {
+            tracing::error!(error = %triage_engine::error::chain(&e), "cannot write the config audit trail")
+        }
+    }
+}
+
 pub async fn reload_on_hangup(state: Arc<AppState>, path: PathBuf) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP: config reload disabled");
@@ -175,23 +192,13 @@ pub async fn reload_on_hangup(state: Arc<AppState>, path: PathBuf) {
         match state.reload(&path).await {
             Ok(_) => {
                 let after = std::fs::read_to_string(&path).unwrap_or_default();
-                let entry = triage_engine::config::edit::AuditEntry {
-                    at_ms: triage_engine::ledger::millis(std::time::SystemTime::now()),
-                    action: "reload (SIGHUP)".into(),
-                    who: "signal".into(),
-                    from: "local".into(),
+                let change = triage_engine::config::edit::Change {
+                    action: "reload (SIGHUP)",
+                    who: "signal",
+                    from: "local",
                     number: None,
-                    version: triage_engine::config::edit::version_of(after.as_bytes()),
-                    diff: Vec::new(),
                 };
-                match triage_engine::config::edit::record_change(&path, entry, &before, &after) {
-                    Ok(e) => {
-                        tracing::info!(action = e.action, who = e.who, changed_lines = e.diff.len(), diff = %e.diff.join("\n"), "config changed")
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %triage_engine::error::chain(&e), "cannot write the config audit trail")
-                    }
-                }
+                audit(&path, change, &before, &after);
             }
             Err(e) => {
                 tracing::error!(error = %triage_engine::error::chain(&e), "config reload failed");

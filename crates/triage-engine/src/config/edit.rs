@@ -877,21 +877,40 @@ pub struct AuditEntry {
 /// The most diff lines an audit entry keeps.
 const AUDIT_DIFF_LINES: usize = 400;
 
-/// Append `entry` to `path`'s audit trail; `before`/`after` make its diff.
+/// What changed the config, for [`record_change`].
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    pub action: &'a str,
+    pub who: &'a str,
+    pub from: &'a str,
+    /// The kept version the change made current, where there is one.
+    pub number: Option<u32>,
+}
+
+/// Append `change` to `path`'s audit trail, now, with `after`'s version and
+/// its diff from `before`; the entry as written.
 pub fn record_change(
     path: &Path,
-    mut entry: AuditEntry,
+    change: Change<'_>,
     before: &str,
     after: &str,
 ) -> Result<AuditEntry, EditError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    entry.diff = diff(before, after)
-        .into_iter()
-        .filter(|(op, _)| *op != ' ')
-        .take(AUDIT_DIFF_LINES)
-        .map(|(op, line)| format!("{op}{line}"))
-        .collect();
+    let entry = AuditEntry {
+        at_ms: crate::ledger::millis(std::time::SystemTime::now()),
+        action: change.action.to_owned(),
+        who: change.who.to_owned(),
+        from: change.from.to_owned(),
+        number: change.number,
+        version: version_of(after.as_bytes()),
+        diff: diff(before, after)
+            .into_iter()
+            .filter(|(op, _)| *op != ' ')
+            .take(AUDIT_DIFF_LINES)
+            .map(|(op, line)| format!("{op}{line}"))
+            .collect(),
+    };
     let dir = history_folder(path)?;
     let werr = |source| EditError::Write {
         path: dir.display().to_string(),

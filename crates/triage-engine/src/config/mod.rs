@@ -15,7 +15,7 @@ pub use types::{
     LocalKind, LocalSpec, Pipeline, Problem, Retrieve, Route, Router, ServerConfig, Stage,
     StageKind, Strategy, Task, Tier, TierKind, Value,
 };
-pub use validate::{base_url_override_var, bind_named};
+pub use validate::{base_url_override_var, bind_named, env_key_name};
 
 use std::path::{Path, PathBuf};
 

@@ -38,6 +38,9 @@ pub(crate) async fn create_budget_tables(ledger: &Ledger) -> Result<(), LedgerEr
     Ok(())
 }
 
+/// Dollars held in one budget window by calls in flight, on any replica.
+const HELD_SQL: &str = "SELECT CAST(COALESCE(SUM(usd), 0) AS DOUBLE PRECISION) FROM triage_budget_holds WHERE name = $1 AND win = $2";
+
 fn store_err(source: sqlx::Error) -> BudgetError {
     BudgetError::Store(LedgerError::Query(source))
 }
@@ -124,15 +127,13 @@ pub(crate) async fn reserve_shared(
         .await
         .and_then(|r| r.try_get(0))
         .map_err(store_err)?;
-        let held: f64 = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(usd), 0) AS DOUBLE PRECISION) FROM triage_budget_holds WHERE name = $1 AND win = $2",
-        )
-        .bind(&spec.name)
-        .bind(&win)
-        .fetch_one(&mut *tx)
-        .await
-        .and_then(|r| r.try_get(0))
-        .map_err(store_err)?;
+        let held: f64 = sqlx::query(HELD_SQL)
+            .bind(&spec.name)
+            .bind(&win)
+            .fetch_one(&mut *tx)
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(store_err)?;
         budgets.observe(*i, &win, spent);
         let used = spent + held;
         if used >= spec.usd || used + estimate_usd > spec.usd {
@@ -222,14 +223,12 @@ pub(crate) async fn shared_window(
                 .await?
         }
     };
-    let held: f64 = sqlx::query(
-        "SELECT CAST(COALESCE(SUM(usd), 0) AS DOUBLE PRECISION) FROM triage_budget_holds WHERE name = $1 AND win = $2",
-    )
-    .bind(&spec.name)
-    .bind(&win)
-    .fetch_one(ledger.pool())
-    .await
-    .and_then(|r| r.try_get(0))
-    .map_err(LedgerError::Query)?;
+    let held: f64 = sqlx::query(HELD_SQL)
+        .bind(&spec.name)
+        .bind(&win)
+        .fetch_one(ledger.pool())
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(LedgerError::Query)?;
     Ok((spent, held))
 }

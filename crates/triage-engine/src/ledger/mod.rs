@@ -157,7 +157,7 @@ pub struct Ledger {
     url: String,
 }
 
-pub fn millis(t: SystemTime) -> i64 {
+pub(crate) fn millis(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)

@@ -671,10 +671,7 @@ fn spawn_shadow(
     let c = c.clone();
     let primary = flagged(&c, verdict);
     let primary_score = pivot_score(verdict);
-    let gate = run
-        .gate
-        .clone()
-        .map(|g| g as std::sync::Arc<dyn triage_cloud::SpendGate>);
+    let gate = run.spend_gate();
     run.engine.background.spawn(async move {
         // The shadow call is paid for: it holds its ceiling against the
         // request's budgets like any other (refused, it is skipped).

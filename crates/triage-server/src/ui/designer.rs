@@ -172,25 +172,14 @@ async fn save_and_reload(
     };
     match state.reload(path).await {
         Ok(r) => {
-            let entry = edit::AuditEntry {
-                at_ms: triage_engine::ledger::millis(std::time::SystemTime::now()),
-                action: action.to_owned(),
-                who,
-                from,
+            let change = edit::Change {
+                action,
+                who: &who,
+                from: &from,
                 number: Some(saved.number),
-                version: saved.version.clone(),
-                diff: Vec::new(),
             };
             let before = String::from_utf8_lossy(&saved.previous);
-            match edit::record_change(path, entry, &before, text) {
-                Ok(e) => {
-                    tracing::info!(action = e.action, who = e.who, from = e.from, number = saved.number,
-                    changed_lines = e.diff.len(), diff = %e.diff.join("\n"), "config changed")
-                }
-                Err(e) => {
-                    tracing::error!(error = %triage_engine::error::chain(&e), "cannot write the config audit trail")
-                }
-            }
+            crate::reload::audit(path, change, &before, text);
             Json(json!({
                 "version": saved.version,
                 "number": saved.number,

@@ -341,9 +341,15 @@ fn env_key_names() -> Vec<String> {
         .map(str::trim)
         .enumerate()
         .filter(|(_, e)| !e.is_empty())
-        .map(|(i, e)| match e.split_once(':') {
-            Some((name, _)) => name.to_owned(),
-            None => format!("key{i}"),
-        })
+        .map(|(i, e)| env_key_name(i, e))
         .collect()
+}
+
+/// The name of entry `i` of `TRIAGE_API_KEYS`: its first field, or `key{i}`
+/// for a bare key.
+pub fn env_key_name(i: usize, entry: &str) -> String {
+    match entry.split_once(':') {
+        Some((name, _)) => name.to_owned(),
+        None => format!("key{i}"),
+    }
 }
