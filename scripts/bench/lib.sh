@@ -11,7 +11,7 @@ triage_bin() {
     return
   fi
   if [ "$profile" = release ]; then
-    cargo build --release --quiet -p triage-cli --bin triage >&2
+    cargo build --release --quiet -p triage-cli --bin triage --features postgres >&2
   else
     cargo build --quiet -p triage-cli --bin triage >&2
   fi

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds="${1:-5}"
 # Two commands: with --example, cargo would build only the example.
-cargo build --release --quiet -p triage-cli --bin triage
+cargo build --release --quiet -p triage-cli --bin triage --features postgres
 cargo build --release --quiet -p triage-server --example load
 # shellcheck source=scripts/bench/lib.sh
 . scripts/bench/lib.sh

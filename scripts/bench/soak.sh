@@ -17,7 +17,7 @@ profile="${PROFILE:-release}"
 if [ -n "${NO_BUILD:-}" ]; then
   :
 elif [ "$profile" = release ]; then
-  cargo build --release --quiet -p triage-cli --bin triage
+  cargo build --release --quiet -p triage-cli --bin triage --features postgres
   cargo build --release --quiet -p triage-server --example load
 else
   cargo build --quiet -p triage-cli --bin triage

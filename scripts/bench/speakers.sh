@@ -16,7 +16,7 @@ ggml="${WHISPER_GGML:-$shared/models/whisper-tiny.en/ggml-model-f16.bin}"
 export TRIAGE_VAD_MODEL="${TRIAGE_VAD_MODEL:-$(scripts/fetch-silero-vad)}"
 export TRIAGE_SPEAKER_MODEL="${TRIAGE_SPEAKER_MODEL:-$(scripts/fetch-speaker-model)}"
 if [ -z "${TRIAGE_BIN:-}" ]; then
-  cargo build --release --quiet -p triage-cli --bin triage
+  cargo build --release --quiet -p triage-cli --bin triage --features postgres
   TRIAGE_BIN=target/release/triage
 fi
 exec python3 scripts/bench/speakers.py --triage "$TRIAGE_BIN" --model "$ggml" \

@@ -18,7 +18,7 @@ profile="${PROFILE:-debug}"
 target="${CARGO_TARGET_DIR:-target}"
 if [ -z "${NO_BUILD:-}" ]; then
   if [ "$profile" = release ]; then
-    cargo build --release --quiet -p triage-cli --bin triage
+    cargo build --release --quiet -p triage-cli --bin triage --features postgres
   else
     cargo build --quiet -p triage-cli --bin triage
   fi

@@ -49,7 +49,7 @@ fi
 cli="$(scripts/bench/build-whisper-cli.sh)"
 
 if [ -z "${TRIAGE_BIN:-}" ]; then
-  cargo build --release --quiet -p triage-cli --bin triage
+  cargo build --release --quiet -p triage-cli --bin triage --features postgres
   TRIAGE_BIN=target/release/triage
 fi
 

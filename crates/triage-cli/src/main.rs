@@ -18,6 +18,13 @@ use std::path::PathBuf;
 use triage_core::Aggregation;
 use triage_local::{DeviceSpec, ThreadBudget};
 
+/// mimalloc instead of glibc's malloc: a request that needs no model is
+/// mostly small allocations (headers, JSON, the trace, the ledger row), and
+/// glibc's free and consolidation were 15% of the server's time on a rule
+/// task under load (perf, 2026-12-08; docs/benchmarks.md has the figures).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "triage",

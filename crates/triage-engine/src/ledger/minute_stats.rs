@@ -215,20 +215,21 @@ pub(crate) struct Counted<'a> {
 }
 
 #[derive(Debug, Clone, Default)]
-struct Sum {
-    n: i64,
-    cost: f64,
-    all: f64,
-    latency: f64,
-    h: [i64; NB],
+pub(crate) struct Sum {
+    pub n: i64,
+    pub cost: f64,
+    pub all: f64,
+    pub latency: f64,
+    pub h: [i64; NB],
 }
 
-/// Add `rows` to their minutes' totals (an upsert per distinct key).
-pub(crate) async fn add(
-    conn: &mut sqlx::AnyConnection,
-    rows: &[Counted<'_>],
-) -> Result<(), sqlx::Error> {
-    let mut sums: BTreeMap<(i64, &str, &str, &str, &str), Sum> = BTreeMap::new();
+/// A batch's sums, by (minute, kind, task, tier, decision).
+pub(crate) type Sums<'a> = BTreeMap<(i64, &'a str, &'a str, &'a str, &'a str), Sum>;
+
+/// Sum `rows` by minute and key, in memory: one upsert per key and batch,
+/// however many rows the batch has.
+pub(crate) fn sum<'a>(rows: &[Counted<'a>]) -> Sums<'a> {
+    let mut sums: Sums<'a> = BTreeMap::new();
     for r in rows {
         let s = sums
             .entry((
@@ -245,19 +246,35 @@ pub(crate) async fn add(
         s.latency += r.latency_ms;
         s.h[bucket_of(r.latency_ms)] += 1;
     }
-    if sums.is_empty() {
-        return Ok(());
-    }
+    sums
+}
+
+/// The upsert that adds one key's sums to its minute: parameters minute,
+/// kind, task, tier, decision, n, cost, all-LLM cost, latency sum, then the
+/// histogram's buckets.
+pub(crate) fn upsert_sql() -> String {
     let params: Vec<String> = (1..=9 + NB).map(|i| format!("${i}")).collect();
-    // Constant column names; values are bound.
-    let sql = format!(
+    format!(
         "INSERT INTO minute_stats (minute, kind, task, tier, decision, n, cost_usd, all_llm_cost_usd, latency_ms_sum, {})
          VALUES ({})
          {}",
         histogram_columns(),
         params.join(", "),
         add_on_conflict()
-    );
+    )
+}
+
+/// Add `rows` to their minutes' totals (an upsert per distinct key).
+pub(crate) async fn add(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[Counted<'_>],
+) -> Result<(), sqlx::Error> {
+    let sums = sum(rows);
+    if sums.is_empty() {
+        return Ok(());
+    }
+    // Constant column names; values are bound.
+    let sql = upsert_sql();
     for ((minute, kind, task, tier, decision), s) in sums {
         let mut q = sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(minute)

@@ -18,6 +18,7 @@ pub mod minute_stats;
 mod records;
 mod reports;
 mod schema;
+mod sqlite_writer;
 mod writer;
 
 pub(crate) use budget_rows::{create_budget_tables, reserve_shared, settle_shared, shared_window};
@@ -33,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, mpsc, oneshot};
 use triage_cloud::gateway::{Attempt, AttemptSink};
-use writer::{Msg, Queued, hard_bound, writer};
+use writer::{Msg, Queued, Sink, hard_bound, writer};
 
 /// Whether this build can open a PostgreSQL ledger (the `postgres`
 /// feature); tests in other crates, which cannot see the feature, ask this.
@@ -253,9 +254,27 @@ impl Ledger {
                 .map_err(open_err)?;
         }
         migrate(&pool).await?;
-        if let Some(path) = url.strip_prefix("sqlite://") {
-            owner_only(path.split('?').next().unwrap_or(path));
-        }
+        let sink = match url.strip_prefix("sqlite://") {
+            Some(path) => {
+                let file = path.split('?').next().unwrap_or(path);
+                owner_only(file);
+                // The writer's own connection (an in-memory database is one
+                // per connection: its rows go through the pool).
+                if file == ":memory:" {
+                    Sink::Pool(pool.clone())
+                } else {
+                    let open_err = |e: rusqlite::Error| LedgerError::Open {
+                        url: url.to_owned(),
+                        source: sqlx::Error::Configuration(Box::new(e)),
+                    };
+                    Sink::Sqlite(Box::new(writer::SqliteSink::new(
+                        sqlite_writer::SqliteWriter::open(file).map_err(open_err)?,
+                        sqlite_writer::Checkpointer::open(file).map_err(open_err)?,
+                    )))
+                }
+            }
+            None => Sink::Pool(pool.clone()),
+        };
         // [`Ledger::admit`] holds new requests back while `pending` (every
         // row until it is committed) is at `max_pending`. Requests admitted
         // together can still overshoot it by their rows, so the channel has a
@@ -272,7 +291,7 @@ impl Ledger {
             refused: AtomicU64::new(0),
             failing: Mutex::new(None),
         });
-        tokio::spawn(writer(pool.clone(), rx, shared.clone()));
+        tokio::spawn(writer(sink, rx, shared.clone()));
         // Only a ledger with rows from before the per-minute totals has a
         // cursor; a new one has none, and no backfill runs beside its writer.
         let backfill = crate::ledger::minute_stats::backfill_before(&pool)

@@ -327,6 +327,19 @@ pub(super) async fn page_cap(conn: &mut sqlx::AnyConnection) -> Option<i64> {
     caps.iter().find(|(f, _)| *f == file).map(|(_, p)| *p)
 }
 
+/// The cap [`cap_pages`] set for the database file `file`, for the
+/// writer's own connection.
+pub(super) fn page_cap_for(file: &str) -> Option<i64> {
+    let caps = PAGE_CAPS.lock().unwrap();
+    if caps.is_empty() {
+        return None;
+    }
+    let want = std::fs::canonicalize(file).ok()?;
+    caps.iter()
+        .find(|(f, _)| std::fs::canonicalize(f).ok().as_ref() == Some(&want))
+        .map(|(_, p)| *p)
+}
+
 /// Cap the database at `pages` pages (default: the pages it has now) on
 /// every connection, those open and those opened later: past it SQLite
 /// fails a write with SQLITE_FULL, as on a full disk.
@@ -476,4 +489,89 @@ fn stored_text_is_cut_at_a_character_boundary_and_the_cut_is_marked() {
     assert_eq!(cut, "h… [12 more bytes not kept]");
     let big = "x".repeat(200_000);
     assert!(capped_text(&big, super::DEFAULT_MAX_TEXT_BYTES).len() < 66_000);
+}
+
+#[tokio::test]
+async fn hosted_rows_and_flushes_are_fsynced_local_rows_are_not() {
+    let (dir, ledger) = temp_ledger(LedgerOptions::default()).await;
+    let file = dir.path().join("ledger.db");
+    let mut w = sqlite_writer::SqliteWriter::open(file.to_str().unwrap()).unwrap();
+    let local = |id: &str| {
+        writer::Queued::Attempt(
+            Box::new(AttemptRecord {
+                provider: "local".into(),
+                ..rec(id, "local", 0.0, "answered")
+            }),
+            1,
+        )
+    };
+    // Local rows alone: NORMAL (a kill -9 keeps them; a power cut may not).
+    let mut rows = vec![
+        local("l1"),
+        writer::Queued::Request(Box::new(request("l1", None)), 1),
+    ];
+    let durable = rows.iter().any(writer::Queued::hosted);
+    assert!(!durable);
+    let (report, e) = w.write(&mut rows, durable);
+    assert!(e.is_none() && rows.is_empty() && report.written == 2);
+    assert_eq!(w.synchronous(), 1);
+    // A hosted attempt in the batch: FULL, fsync'd before it is reported.
+    let mut rows = vec![
+        local("l2"),
+        writer::Queued::Attempt(Box::new(rec("h1", "llm", 0.01, "answered")), 2),
+    ];
+    let durable = rows.iter().any(writer::Queued::hosted);
+    assert!(durable);
+    let (report, _) = w.write(&mut rows, durable);
+    assert_eq!((report.written, w.synchronous()), (2, 2));
+    // And back.
+    let mut rows = vec![local("l3")];
+    w.write(&mut rows, false);
+    assert_eq!(w.synchronous(), 1);
+    // What the writer connection committed, the pool reads, totals included.
+    assert_eq!(count(&ledger, "attempts").await, 4);
+    let n: i64 = sqlx::query("SELECT SUM(n) FROM minute_stats WHERE kind = 'attempt'")
+        .fetch_one(&ledger.pool)
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap();
+    assert_eq!(n, 4);
+}
+
+#[tokio::test]
+async fn the_checkpointer_keeps_the_wal_short_beside_the_writer() {
+    let (dir, _ledger) = temp_ledger(LedgerOptions::default()).await;
+    let file = dir.path().join("ledger.db");
+    let wal = dir.path().join("ledger.db-wal");
+    let wal_bytes = || std::fs::metadata(&wal).unwrap().len();
+    let mut w = sqlite_writer::SqliteWriter::open(file.to_str().unwrap()).unwrap();
+    let mut next = 0;
+    let mut write = |w: &mut sqlite_writer::SqliteWriter, n: usize| {
+        let mut rows: Vec<writer::Queued> = (next..next + n)
+            .map(|i| writer::Queued::Request(Box::new(request(&format!("q{i}"), None)), 1))
+            .collect();
+        next += n;
+        let (report, e) = w.write(&mut rows, false);
+        assert!(e.is_none() && report.written == n);
+    };
+    // The writer never checkpoints: its WAL grows past SQLite's automatic
+    // checkpoint (1,000 pages, 4 MB), batch after batch.
+    let mut sizes = Vec::new();
+    for _ in 0..20 {
+        write(&mut w, 4000);
+        sizes.push(wal_bytes());
+    }
+    assert!(sizes.windows(2).all(|p| p[1] > p[0]), "{sizes:?}");
+    let grown = sizes[19];
+    assert!(grown > 6 << 20, "{sizes:?}");
+    // The checkpointer copies it back and, past its bound, restarts it: the
+    // next writes start the WAL over instead of growing it.
+    let mut checkpointer = sqlite_writer::Checkpointer::open(file.to_str().unwrap())
+        .unwrap()
+        .restarting_past(100);
+    assert!(checkpointer.run().unwrap() > 1000);
+    write(&mut w, 4000);
+    write(&mut w, 4000);
+    assert_eq!(wal_bytes(), grown);
 }

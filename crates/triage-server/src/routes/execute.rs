@@ -26,6 +26,13 @@ struct ExecuteRequest {
     overrides: Option<Overrides>,
 }
 
+/// The answer of `POST /v1/execute`.
+#[derive(Debug, serde::Serialize)]
+struct ExecuteAnswer<'a> {
+    answer: &'a triage_core::TaskAnswer,
+    trace: &'a triage_core::trace::Trace,
+}
+
 /// `POST /v1/execute`.
 pub async fn execute(State(state): State<Shared>, req: Request) -> Result<Response, ApiError> {
     let caller = req
@@ -117,11 +124,12 @@ pub async fn execute(State(state): State<Shared>, req: Request) -> Result<Respon
     let overrides = caller.overrides(overrides)?;
     let execution = run(&state, &engine, &task, input, &overrides).await?;
     let (tier, usd) = tier_and_cost([&execution]);
-    let mut response = tagged(
-        Json(json!({"answer": execution.answer, "trace": execution.trace})).into_response(),
-        &tier,
-        usd,
-    );
+    // Serialised straight from the execution (no JSON tree built first).
+    let body = ExecuteAnswer {
+        answer: &execution.answer,
+        trace: &execution.trace,
+    };
+    let mut response = tagged(Json(body).into_response(), &tier, usd);
     if let Ok(v) = axum::http::HeaderValue::from_str(&execution.request_id) {
         response.headers_mut().insert("x-request-id", v);
     }
