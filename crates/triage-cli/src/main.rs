@@ -36,7 +36,7 @@ struct Cli {
     #[arg(long, global = true, default_value = "cpu", env = "TRIAGE_DEVICE")]
     device: DeviceSpec,
     /// Cores to use (default: all). `serve` splits them between the async
-    /// workers (a quarter, at least one), the encoders and Whisper; other
+    /// workers (a core per four, at least two threads), the encoders and Whisper; other
     /// commands compute on all of them (their one async worker only waits).
     #[arg(long, global = true, env = "TRIAGE_THREADS")]
     threads: Option<usize>,

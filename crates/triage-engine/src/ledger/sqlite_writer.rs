@@ -20,17 +20,19 @@
 //! 3.9-4.6 ms against 2.2-2.5 ms without (64 clients, rule task, 15 s).
 
 use super::minute_stats::{self, Counted};
-use super::writer::{Fate, Queued, Written, counted, fate};
+use super::writer::{
+    ATTEMPT_COLUMNS, Fate, Queued, REQUEST_COLUMNS, SHADOW_COLUMNS, Written, counted, fate,
+    insert_sql,
+};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use std::time::Duration;
-
-pub(super) const ATTEMPT_INSERT: &str = "INSERT INTO attempts (request_id, seq, ts_ms, task, tier, provider, model, operation, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, audio_seconds, latency_ms, cost_usd, outcome, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
-pub(super) const REQUEST_INSERT: &str = "INSERT INTO requests (request_id, ts_ms, task, answered_by, model, outcome, latency_ms, cost_usd, all_llm_cost_usd, caller_id, key_name, trace, input_text) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
-pub(super) const SHADOW_INSERT: &str = "INSERT INTO shadow (request_id, ts_ms, task, tier, shadow_tier, agree, score, shadow_score) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
 /// The writer's own connection to a SQLite ledger.
 pub(super) struct SqliteWriter {
     conn: Connection,
+    /// One row's INSERT per table (attempts, requests, shadow), the same
+    /// columns as PostgreSQL's multi-row inserts.
+    inserts: [String; 3],
     /// Whether the connection is at `synchronous = FULL` now.
     full: bool,
     #[cfg(test)]
@@ -59,6 +61,11 @@ impl SqliteWriter {
         conn.set_prepared_statement_cache_capacity(8);
         Ok(Self {
             conn,
+            inserts: [
+                insert_sql("attempts", ATTEMPT_COLUMNS, 1),
+                insert_sql("requests", REQUEST_COLUMNS, 1),
+                insert_sql("shadow", SHADOW_COLUMNS, 1),
+            ],
             full: true,
             #[cfg(test)]
             file: file.to_owned(),
@@ -144,7 +151,7 @@ impl SqliteWriter {
             for row in rows.iter().filter(|r| r.table_order() == kind) {
                 match row {
                     Queued::Attempt(a, seq) => {
-                        tx.prepare_cached(ATTEMPT_INSERT)?.execute(params![
+                        tx.prepare_cached(&self.inserts[0])?.execute(params![
                             a.request_id,
                             seq,
                             a.ts_ms,
@@ -165,7 +172,7 @@ impl SqliteWriter {
                         ])?;
                     }
                     Queued::Request(r, ts) => {
-                        tx.prepare_cached(REQUEST_INSERT)?.execute(params![
+                        tx.prepare_cached(&self.inserts[1])?.execute(params![
                             r.request_id,
                             ts,
                             r.task,
@@ -182,7 +189,7 @@ impl SqliteWriter {
                         ])?;
                     }
                     Queued::Shadow(s, ts) => {
-                        tx.prepare_cached(SHADOW_INSERT)?.execute(params![
+                        tx.prepare_cached(&self.inserts[2])?.execute(params![
                             s.request_id,
                             ts,
                             s.task,
