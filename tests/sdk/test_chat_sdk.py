@@ -16,8 +16,6 @@ and over the unix socket. Run through scripts/test-sdk, which starts both server
 """
 
 import json
-import os
-from dataclasses import dataclass
 
 import httpx
 import openai
@@ -25,34 +23,13 @@ import pytest
 from openai import OpenAI
 from openai.types import ModerationCreateResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from servers import ChatServer
 
 CHAT_TASK = "chat"
 # The name of the one tier of the chat task in tests/sdk/chat.toml (x-triage-tier).
 CHAT_TIER = "smollm2"
 MAX_TOKENS = 16
 HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
-
-
-@dataclass(frozen=True)
-class ChatServer:
-    base_url: str
-    key: str
-    socket: str
-
-
-@pytest.fixture(scope="session")
-def chat_server() -> ChatServer:
-    if os.environ.get("TRIAGE_SDK_SKIP_CHAT") == "1":
-        pytest.skip("no llama-server (TRIAGE_SKIP_LLAMA=1)")
-    names = ["TRIAGE_SDK_CHAT_BASE_URL", "TRIAGE_SDK_CHAT_KEY", "TRIAGE_SDK_CHAT_SOCKET"]
-    missing = [n for n in names if not os.environ.get(n)]
-    if missing:
-        pytest.fail(f"run through scripts/test-sdk (missing {', '.join(missing)})", pytrace=False)
-    return ChatServer(
-        base_url=os.environ["TRIAGE_SDK_CHAT_BASE_URL"],
-        key=os.environ["TRIAGE_SDK_CHAT_KEY"],
-        socket=os.environ["TRIAGE_SDK_CHAT_SOCKET"],
-    )
 
 
 @pytest.fixture(scope="module", params=["tcp", "unix"])

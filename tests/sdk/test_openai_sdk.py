@@ -11,10 +11,8 @@ scripts/test-sdk, which starts the server and sets:
   TRIAGE_SDK_FLAG_THRESHOLD  the server's --flag-threshold
 """
 
-import os
 import re
 import wave
-from dataclasses import dataclass
 
 import httpx
 import openai
@@ -22,6 +20,7 @@ import pytest
 from openai import OpenAI
 from openai.types import Model, Moderation, ModerationCreateResponse
 from openai.types.audio import Transcription, TranscriptionSegment, TranscriptionVerbose
+from servers import Server
 
 # Clear-cut for the default toxicity specialist (offensive score ~0.95 and ~0.03).
 INSULT = "you are a disgusting worthless idiot"
@@ -43,36 +42,6 @@ CATEGORIES = {
     "violence",
     "violence/graphic",
 }
-
-
-@dataclass(frozen=True)
-class Server:
-    base_url: str
-    key: str
-    socket: str
-    clip: str
-    flag_threshold: float
-
-
-@pytest.fixture(scope="session")
-def server() -> Server:
-    names = [
-        "TRIAGE_SDK_BASE_URL",
-        "TRIAGE_SDK_KEY",
-        "TRIAGE_SDK_SOCKET",
-        "TRIAGE_SDK_CLIP",
-        "TRIAGE_SDK_FLAG_THRESHOLD",
-    ]
-    missing = [n for n in names if not os.environ.get(n)]
-    if missing:
-        pytest.fail(f"run through scripts/test-sdk (missing {', '.join(missing)})", pytrace=False)
-    return Server(
-        base_url=os.environ["TRIAGE_SDK_BASE_URL"],
-        key=os.environ["TRIAGE_SDK_KEY"],
-        socket=os.environ["TRIAGE_SDK_SOCKET"],
-        clip=os.environ["TRIAGE_SDK_CLIP"],
-        flag_threshold=float(os.environ["TRIAGE_SDK_FLAG_THRESHOLD"]),
-    )
 
 
 @pytest.fixture(scope="module", params=["tcp", "unix"])

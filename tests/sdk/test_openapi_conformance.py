@@ -22,7 +22,6 @@ scripts/test-sdk.
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import httpx
 import pytest
 from jsonschema import Draft202012Validator
 from openapi_schema_validator import OAS30Validator
+from servers import ChatServer, Server
 
 HERE = Path(__file__).parent / "openapi"
 PINNED = HERE / "openai-1.2.0.json"
@@ -178,28 +178,16 @@ def clients(base_url: str, key: str, socket: str):
 
 
 @pytest.fixture(scope="module", params=["tcp", "unix"])
-def http(request):
-    names = ["TRIAGE_SDK_BASE_URL", "TRIAGE_SDK_KEY", "TRIAGE_SDK_SOCKET", "TRIAGE_SDK_CLIP"]
-    missing = [n for n in names if not os.environ.get(n)]
-    if missing:
-        pytest.fail(f"run through scripts/test-sdk (missing {', '.join(missing)})", pytrace=False)
-    all_ = clients(os.environ["TRIAGE_SDK_BASE_URL"], os.environ["TRIAGE_SDK_KEY"], os.environ["TRIAGE_SDK_SOCKET"])
+def http(request, server: Server):
+    all_ = clients(server.base_url, server.key, server.socket)
     yield all_[request.param]
     for c in all_.values():
         c.close()
 
 
 @pytest.fixture(scope="module", params=["tcp", "unix"])
-def chat_http(request):
-    if os.environ.get("TRIAGE_SDK_SKIP_CHAT") == "1":
-        pytest.skip("no llama-server (TRIAGE_SKIP_LLAMA=1)")
-    names = ["TRIAGE_SDK_CHAT_BASE_URL", "TRIAGE_SDK_CHAT_KEY", "TRIAGE_SDK_CHAT_SOCKET"]
-    missing = [n for n in names if not os.environ.get(n)]
-    if missing:
-        pytest.fail(f"run through scripts/test-sdk (missing {', '.join(missing)})", pytrace=False)
-    all_ = clients(
-        os.environ["TRIAGE_SDK_CHAT_BASE_URL"], os.environ["TRIAGE_SDK_CHAT_KEY"], os.environ["TRIAGE_SDK_CHAT_SOCKET"]
-    )
+def chat_http(request, chat_server: ChatServer):
+    all_ = clients(chat_server.base_url, chat_server.key, chat_server.socket)
     yield all_[request.param]
     for c in all_.values():
         c.close()
@@ -251,8 +239,8 @@ def test_unknown_model_is_an_error_body(http: httpx.Client):
     assert error["code"] == "model_not_found"
 
 
-def test_wrong_key_is_an_error_body():
-    with httpx.Client(base_url=os.environ["TRIAGE_SDK_BASE_URL"], headers={"Authorization": "Bearer wrong"}) as c:
+def test_wrong_key_is_an_error_body(server: Server):
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": "Bearer wrong"}) as c:
         error = check_error(c.get("/models"), 401)
     assert error["code"] == "invalid_api_key"
 
@@ -260,23 +248,23 @@ def test_wrong_key_is_an_error_body():
 # ----------------------------------------------------------- transcriptions
 
 
-def transcribe(http: httpx.Client, response_format: str, **extra) -> httpx.Response:
-    clip = Path(os.environ["TRIAGE_SDK_CLIP"])
+def transcribe(http: httpx.Client, server: Server, response_format: str, **extra) -> httpx.Response:
+    clip = Path(server.clip)
     data = {"model": "whisper-1", "response_format": response_format, **extra}
     files = {"file": (clip.name, clip.read_bytes(), "audio/wav")}
     return http.post("/audio/transcriptions", data=data, files=files)
 
 
-def test_transcription_json(http: httpx.Client):
-    body = json_answer(transcribe(http, "json"))
+def test_transcription_json(http: httpx.Client, server: Server):
+    body = json_answer(transcribe(http, server, "json"))
     pinned("/audio/transcriptions", "post").check(body)
     assert "forward" in body["text"].lower()
 
 
 @pytest.mark.parametrize("granularity", [None, "word"])
-def test_transcription_verbose_json(http: httpx.Client, granularity):
+def test_transcription_verbose_json(http: httpx.Client, server: Server, granularity):
     extra = {"timestamp_granularities[]": granularity} if granularity else {}
-    body = json_answer(transcribe(http, "verbose_json", **extra))
+    body = json_answer(transcribe(http, server, "verbose_json", **extra))
     pinned("/audio/transcriptions", "post").check(body)
     supplement("TranscriptionVerbose").check(body)
     assert body["segments"]
@@ -284,20 +272,20 @@ def test_transcription_verbose_json(http: httpx.Client, granularity):
         assert body["words"]
 
 
-def test_transcription_text_formats(http: httpx.Client):
-    text = transcribe(http, "text")
+def test_transcription_text_formats(http: httpx.Client, server: Server):
+    text = transcribe(http, server, "text")
     assert text.status_code == 200 and text.headers["content-type"].startswith("text/plain")
     assert "forward" in text.text.lower()
-    srt = transcribe(http, "srt")
+    srt = transcribe(http, server, "srt")
     assert srt.status_code == 200 and srt.headers["content-type"].startswith("text/plain")
     assert re.match(r"1\r?\n\d\d:\d\d:\d\d,\d{3} --> \d\d:\d\d:\d\d,\d{3}\r?\n\S", srt.text), srt.text
-    vtt = transcribe(http, "vtt")
+    vtt = transcribe(http, server, "vtt")
     assert vtt.status_code == 200 and vtt.headers["content-type"].startswith("text/vtt")
     assert re.match(r"WEBVTT\r?\n\r?\n(\S+\r?\n)?\d\d:\d\d(:\d\d)?\.\d{3} --> ", vtt.text), vtt.text
 
 
-def test_transcription_errors(http: httpx.Client):
-    check_error(transcribe(http, "yaml"), 400)
+def test_transcription_errors(http: httpx.Client, server: Server):
+    check_error(transcribe(http, server, "yaml"), 400)
     broken = {"file": ("x.wav", b"RIFF\x00\x00\x00\x00WAVEnot audio", "audio/wav")}
     response = http.post("/audio/transcriptions", data={"model": "whisper-1"}, files=broken)
     assert response.status_code in (400, 415), response.text

@@ -118,21 +118,16 @@ pub(crate) async fn reserve_shared(
     let mut tx = ledger.pool().begin().await.map_err(store_err)?;
     for (i, spec) in &applicable {
         let win = spec.period.window(&today);
-        let spent: f64 = sqlx::query(
+        let spent = window_usd(
+            &mut *tx,
             "SELECT spent_usd FROM triage_budget_spend WHERE name = $1 AND win = $2 FOR UPDATE",
+            spec,
+            &win,
         )
-        .bind(&spec.name)
-        .bind(&win)
-        .fetch_one(&mut *tx)
         .await
-        .and_then(|r| r.try_get(0))
         .map_err(store_err)?;
-        let held: f64 = sqlx::query(HELD_SQL)
-            .bind(&spec.name)
-            .bind(&win)
-            .fetch_one(&mut *tx)
+        let held = window_usd(&mut *tx, HELD_SQL, spec, &win)
             .await
-            .and_then(|r| r.try_get(0))
             .map_err(store_err)?;
         budgets.observe(*i, &win, spent);
         let used = spent + held;
@@ -223,12 +218,27 @@ pub(crate) async fn shared_window(
                 .await?
         }
     };
-    let held: f64 = sqlx::query(HELD_SQL)
-        .bind(&spec.name)
-        .bind(&win)
-        .fetch_one(ledger.pool())
+    let held = window_usd(ledger.pool(), HELD_SQL, spec, &win)
         .await
-        .and_then(|r| r.try_get(0))
         .map_err(LedgerError::Query)?;
     Ok((spent, held))
+}
+
+/// Dollars `sql` reads from its one row for `spec`'s budget and window
+/// (bound as `$1` and `$2`).
+async fn window_usd<'c, E>(
+    conn: E,
+    sql: &'static str,
+    spec: &BudgetSpec,
+    win: &str,
+) -> Result<f64, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
+    sqlx::query(sql)
+        .bind(&spec.name)
+        .bind(win)
+        .fetch_one(conn)
+        .await
+        .and_then(|r| r.try_get(0))
 }

@@ -21,8 +21,8 @@
 
 use super::minute_stats::{self, Counted};
 use super::writer::{
-    ATTEMPT_COLUMNS, Fate, Queued, REQUEST_COLUMNS, SHADOW_COLUMNS, Written, counted, fate,
-    insert_sql,
+    ATTEMPT_COLUMNS, OneByOne, Queued, REQUEST_COLUMNS, SHADOW_COLUMNS, Written, all_written,
+    counted, insert_sql,
 };
 use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use std::time::Duration;
@@ -33,6 +33,8 @@ pub(super) struct SqliteWriter {
     /// One row's INSERT per table (attempts, requests, shadow), the same
     /// columns as PostgreSQL's multi-row inserts.
     inserts: [String; 3],
+    /// The per-minute totals' upsert.
+    upsert: String,
     /// Whether the connection is at `synchronous = FULL` now.
     full: bool,
     #[cfg(test)]
@@ -48,16 +50,8 @@ impl std::fmt::Debug for SqliteWriter {
 impl SqliteWriter {
     /// Open the ledger file the pool has created and migrated.
     pub(super) fn open(file: &str) -> Result<Self, rusqlite::Error> {
-        let conn = Connection::open_with_flags(
-            file,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | OpenFlags::SQLITE_OPEN_URI,
-        )?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = connect(file)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        // The [`Checkpointer`] checkpoints, never the writer's commits.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.set_prepared_statement_cache_capacity(8);
         Ok(Self {
             conn,
@@ -66,6 +60,7 @@ impl SqliteWriter {
                 insert_sql("requests", REQUEST_COLUMNS, 1),
                 insert_sql("shadow", SHADOW_COLUMNS, 1),
             ],
+            upsert: minute_stats::upsert_sql(),
             full: true,
             #[cfg(test)]
             file: file.to_owned(),
@@ -86,47 +81,18 @@ impl SqliteWriter {
         if let Err(e) = self.set_sync(durable) {
             return (Written::default(), Some(e));
         }
-        match self.batch(rows) {
-            Ok(()) => {
-                let written = rows.len();
-                rows.clear();
-                return (
-                    Written {
-                        written,
-                        rejected: 0,
-                    },
-                    None,
-                );
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, rows = rows.len(), "ledger batch refused; writing its rows one by one");
+        let refused = match self.batch(rows) {
+            Ok(()) => return (all_written(rows), None),
+            Err(e) => e,
+        };
+        let mut one = OneByOne::after(&refused, rows.len(), database_fault, row_error);
+        for row in std::mem::take(rows) {
+            if let Some(row) = one.next(row) {
+                let result = self.batch(std::slice::from_ref(&row));
+                one.tried(row, result);
             }
         }
-        let mut report = Written::default();
-        let mut kept = Vec::new();
-        let mut last_db_error = None;
-        for row in rows.drain(..) {
-            if last_db_error.is_some() {
-                kept.push(row);
-                continue;
-            }
-            let result = self.batch(std::slice::from_ref(&row));
-            match fate(&result, report.written, database_fault, row_error) {
-                Fate::Written => report.written += 1,
-                Fate::Dropped => {
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, row = %row.describe(), "the ledger refused a row; dropped");
-                    }
-                    report.rejected += 1;
-                }
-                Fate::Kept => {
-                    kept.push(row);
-                    last_db_error = result.err();
-                }
-            }
-        }
-        *rows = kept;
-        (report, last_db_error)
+        one.finish(rows)
     }
 
     fn set_sync(&mut self, full: bool) -> Result<(), rusqlite::Error> {
@@ -204,9 +170,8 @@ impl SqliteWriter {
             }
         }
         let counted: Vec<Counted<'_>> = counted(rows);
-        let upsert = minute_stats::upsert_sql();
         for ((minute, kind, task, tier, decision), s) in minute_stats::sum(&counted) {
-            let mut stmt = tx.prepare_cached(&upsert)?;
+            let mut stmt = tx.prepare_cached(&self.upsert)?;
             let mut values: Vec<rusqlite::types::Value> = vec![
                 minute.into(),
                 kind.to_owned().into(),
@@ -265,16 +230,8 @@ impl std::fmt::Debug for Checkpointer {
 
 impl Checkpointer {
     pub(super) fn open(file: &str) -> Result<Self, rusqlite::Error> {
-        let conn = Connection::open_with_flags(
-            file,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | OpenFlags::SQLITE_OPEN_URI,
-        )?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(Self {
-            conn,
+            conn: connect(file)?,
             restart_frames: RESTART_FRAMES,
         })
     }
@@ -303,6 +260,21 @@ impl Checkpointer {
                 r.get::<_, i64>(1)
             })
     }
+}
+
+/// A connection to the ledger file the pool has created and migrated, for
+/// the writer or the checkpointer: it never checkpoints on its own commits
+/// (the [`Checkpointer`] does), and waits up to 5 s for a lock.
+fn connect(file: &str) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    Ok(conn)
 }
 
 /// SQLite's primary result code (the low byte of an extended one).

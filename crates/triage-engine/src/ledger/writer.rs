@@ -263,27 +263,77 @@ pub(super) struct Written {
     pub(super) rejected: usize,
 }
 
-/// What becomes of one row written on its own after its batch was refused.
-#[derive(Debug, PartialEq)]
-pub(super) enum Fate {
-    Written,
-    /// The row's own fault (a constraint), or the database took another row
-    /// of the batch: the database works and this row is bad.
-    Dropped,
-    /// The database is failing: kept, with the rest, to be retried.
-    Kept,
+/// A batch that went in whole: `rows` is emptied and counted.
+pub(super) fn all_written(rows: &mut Vec<Queued>) -> Written {
+    let written = rows.len();
+    rows.clear();
+    Written {
+        written,
+        rejected: 0,
+    }
 }
 
-pub(super) fn fate<E>(
-    result: &Result<(), E>,
-    written_so_far: usize,
+/// The rows of a refused batch, written again one by one (each driver's
+/// writer tries them; this decides what becomes of each): a row the
+/// database takes is written; a row it refuses for the row's own fault (a
+/// constraint), or while it takes others, is logged and dropped; once it
+/// fails for its own state (a full disk, a lost connection), that row and
+/// every one after it are kept, untried, with the error.
+pub(super) struct OneByOne<E> {
+    report: Written,
+    kept: Vec<Queued>,
+    error: Option<E>,
     database_fault: fn(&E) -> bool,
     row_error: fn(&E) -> bool,
-) -> Fate {
-    match result {
-        Ok(()) => Fate::Written,
-        Err(e) if !database_fault(e) && (row_error(e) || written_so_far > 0) => Fate::Dropped,
-        Err(_) => Fate::Kept,
+}
+
+impl<E: std::fmt::Display> OneByOne<E> {
+    /// After `refused` refused a batch of `rows` rows.
+    pub(super) fn after(
+        refused: &E,
+        rows: usize,
+        database_fault: fn(&E) -> bool,
+        row_error: fn(&E) -> bool,
+    ) -> Self {
+        tracing::warn!(error = %refused, rows, "ledger batch refused; writing its rows one by one");
+        Self {
+            report: Written::default(),
+            kept: Vec::new(),
+            error: None,
+            database_fault,
+            row_error,
+        }
+    }
+
+    /// `row`, when it is to be tried; `None` once the database has failed
+    /// (the row is then kept).
+    pub(super) fn next(&mut self, row: Queued) -> Option<Queued> {
+        if self.error.is_some() {
+            self.kept.push(row);
+            return None;
+        }
+        Some(row)
+    }
+
+    /// What writing `row` on its own gave.
+    pub(super) fn tried(&mut self, row: Queued, result: Result<(), E>) {
+        let Err(e) = result else {
+            self.report.written += 1;
+            return;
+        };
+        if !(self.database_fault)(&e) && ((self.row_error)(&e) || self.report.written > 0) {
+            tracing::error!(error = %e, row = %row.describe(), "the ledger refused a row; dropped");
+            self.report.rejected += 1;
+        } else {
+            self.kept.push(row);
+            self.error = Some(e);
+        }
+    }
+
+    /// The report; `rows` now holds what is kept.
+    pub(super) fn finish(self, rows: &mut Vec<Queued>) -> (Written, Option<E>) {
+        *rows = self.kept;
+        (self.report, self.error)
     }
 }
 
@@ -297,47 +347,18 @@ pub(super) async fn write_rows(
     pool: &AnyPool,
     rows: &mut Vec<Queued>,
 ) -> (Written, Option<sqlx::Error>) {
-    match write_batch(pool, rows).await {
-        Ok(()) => {
-            let written = rows.len();
-            rows.clear();
-            return (
-                Written {
-                    written,
-                    rejected: 0,
-                },
-                None,
-            );
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, rows = rows.len(), "ledger batch refused; writing its rows one by one");
+    let refused = match write_batch(pool, rows).await {
+        Ok(()) => return (all_written(rows), None),
+        Err(e) => e,
+    };
+    let mut one = OneByOne::after(&refused, rows.len(), is_database_fault, is_row_error);
+    for row in std::mem::take(rows) {
+        if let Some(row) = one.next(row) {
+            let result = insert_rows(pool, std::slice::from_ref(&row)).await;
+            one.tried(row, result);
         }
     }
-    let mut report = Written::default();
-    let mut kept = Vec::new();
-    let mut last_db_error = None;
-    for row in rows.drain(..) {
-        if last_db_error.is_some() {
-            kept.push(row);
-            continue;
-        }
-        let result = insert_rows(pool, std::slice::from_ref(&row)).await;
-        match fate(&result, report.written, is_database_fault, is_row_error) {
-            Fate::Written => report.written += 1,
-            Fate::Dropped => {
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, row = %row.describe(), "the ledger refused a row; dropped");
-                }
-                report.rejected += 1;
-            }
-            Fate::Kept => {
-                kept.push(row);
-                last_db_error = result.err();
-            }
-        }
-    }
-    *rows = kept;
-    (report, last_db_error)
+    one.finish(rows)
 }
 
 /// Whether the database failed for its own state (a full disk, an I/O error,
